@@ -1,0 +1,24 @@
+# Set up and run memlm on a fresh machine. `make train` runs the main job, `make test` the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a machine without an NVIDIA GPU take the CPU build of torch that pip finds locally,
+# instead of letting `torch>=2.6` pull a multi-GB CUDA build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
+
+.PHONY: setup train test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+train: setup
+	$(VENV)/bin/memlm train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -n 2 $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs

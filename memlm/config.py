@@ -1,0 +1,398 @@
+"""Model configuration: nested dataclasses, presets, validation and dotted overrides.
+
+Every component kind is a string, so a config round-trips through JSON and TOML
+(`to_dict` / `from_dict`, `save` / `load`). `validate` runs at build time and raises
+`ConfigError` naming the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POSITION_KINDS = ("none", "learned", "sinusoidal", "rope", "xpos", "t5", "tupe")
+NORM_KINDS = ("layernorm", "rmsnorm", "scalenorm")
+NORM_PLACEMENTS = ("pre", "post")
+FEEDFORWARD_KINDS = ("gelu", "relu2", "swiglu", "geglu", "none")
+BACKENDS = ("auto", "eager", "sdpa", "flex")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or an impossible combination of values."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field_name = field_name
+        super().__init__(f"invalid config: {field_name}={value!r}; {allowed}")
+
+
+@dataclass
+class AttentionConfig:
+    heads: int = 8
+    """Number of query heads."""
+    kv_heads: int | None = None
+    """Key/value heads: None = heads (multi-head), 1 = multi-query (arXiv 1911.02150), else grouped."""
+    head_dim: int | None = None
+    """Width of one head; None = model width / heads."""
+    qk_norm: bool = False
+    """QK-norm (arXiv 2010.04245): L2-normalise q and k per head, scale the scores by a learnable g."""
+    qk_norm_scale: float | None = None
+    """Initial g for QK-norm; None = log2(L^2 - L) with L = seq_len, as in the paper."""
+    dropout: float = 0.0
+    """Dropout on the attention probabilities (training only)."""
+    forgetful: float = 0.0
+    """Forgetful causal masking (arXiv 2210.13432): max mask ratio eta; 0 = off. Training only."""
+    backend: str = "auto"
+    """Attention kernel: auto, eager (reference), sdpa, flex."""
+
+
+@dataclass
+class PositionConfig:
+    kind: str = "rope"
+    """Position scheme: none, learned, sinusoidal, rope, xpos, t5, tupe."""
+    rope_base: float = 10000.0
+    """RoPE / xPos frequency base."""
+    rope_dim: int | None = None
+    """Head dimensions rotated by RoPE / xPos; None = the whole head."""
+    xpos_gamma: float = 0.4
+    """xPos decay parameter gamma (arXiv 2212.10554)."""
+    xpos_scale_base: float = 512.0
+    """xPos scale base: the decay exponent is distance / scale_base."""
+    t5_buckets: int = 32
+    """T5 relative bias: number of log-spaced distance buckets."""
+    t5_max_distance: int = 128
+    """T5 relative bias: distances from here on share the last bucket."""
+    t5_shared: bool = True
+    """T5 relative bias: one table shared by all layers (True) or one per layer."""
+    tupe_t5: bool = False
+    """TUPE-R: add the T5 relative bias to TUPE's untied positional term."""
+
+
+@dataclass
+class NormConfig:
+    kind: str = "layernorm"
+    """Normalisation: layernorm, rmsnorm, scalenorm (arXiv 1910.05895)."""
+    placement: str = "pre"
+    """pre (normalise the sublayer input) or post (normalise after the residual add)."""
+    final: bool = True
+    """Normalise the last hidden state before the output head (pre-norm only)."""
+    eps: float = 1e-5
+    """Numerical epsilon of the norm."""
+
+
+@dataclass
+class FeedForwardConfig:
+    kind: str = "gelu"
+    """Feed-forward: gelu, relu2 (squared ReLU, arXiv 2109.08668), swiglu, geglu, none."""
+    mult: float = 4.0
+    """Hidden width = mult * model width (gated kinds use 2/3 of it, rounded to 8)."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    """Vocabulary size (bytes 0..255 plus end-of-document 256)."""
+    width: int = 512
+    """Model width (d_model)."""
+    layers: int = 12
+    """Number of transformer blocks."""
+    seq_len: int = 512
+    """Training segment length."""
+    max_positions: int | None = None
+    """Largest position a learned or TUPE table covers; None = seq_len."""
+    bias: bool = True
+    """Biases in linear layers and norms; False = bias-free everywhere (Cramming, arXiv 2212.14034)."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    dropout: float = 0.0
+    """Dropout on embeddings and residual branches (training only)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections use init_std / sqrt(2 * layers)."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    feedforward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+
+    # ----- derived values -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.width // self.attention.heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.attention.kv_heads or self.attention.heads
+
+    @property
+    def positions_limit(self) -> int:
+        return self.max_positions or self.seq_len
+
+    # ----- validation -----------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        """Raise ConfigError for the first invalid field; return self when all is well."""
+        a, p, n, f = self.attention, self.position, self.norm, self.feedforward
+        for name, value in [("vocab_size", self.vocab_size), ("width", self.width),
+                            ("layers", self.layers), ("seq_len", self.seq_len),
+                            ("attention.heads", a.heads)]:
+            _positive_int(name, value)
+        _choice("position.kind", p.kind, POSITION_KINDS)
+        _choice("norm.kind", n.kind, NORM_KINDS)
+        _choice("norm.placement", n.placement, NORM_PLACEMENTS)
+        _choice("feedforward.kind", f.kind, FEEDFORWARD_KINDS)
+        _choice("attention.backend", a.backend, BACKENDS)
+        if a.head_dim is None and self.width % a.heads:
+            raise ConfigError("attention.heads", a.heads,
+                              f"must divide width={self.width} (or set attention.head_dim)")
+        if a.head_dim is not None:
+            _positive_int("attention.head_dim", a.head_dim)
+        if a.kv_heads is not None:
+            _positive_int("attention.kv_heads", a.kv_heads)
+            if a.heads % a.kv_heads:
+                raise ConfigError("attention.kv_heads", a.kv_heads,
+                                  f"must divide attention.heads={a.heads}")
+        for name, value in [("dropout", self.dropout), ("attention.dropout", a.dropout),
+                            ("attention.forgetful", a.forgetful)]:
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(name, value, "must lie in [0, 1)")
+        if a.backend == "flex" and a.dropout > 0:
+            raise ConfigError("attention.dropout", a.dropout,
+                              "the flex backend has no attention dropout; use 0 or backend eager/sdpa")
+        if a.qk_norm_scale is not None and a.qk_norm_scale <= 0:
+            raise ConfigError("attention.qk_norm_scale", a.qk_norm_scale, "must be > 0")
+        if self.max_positions is not None:
+            _positive_int("max_positions", self.max_positions)
+        if p.kind in ("rope", "xpos"):
+            rope_dim = p.rope_dim if p.rope_dim is not None else self.head_dim
+            if rope_dim <= 0 or rope_dim % 2 or rope_dim > self.head_dim:
+                raise ConfigError("position.rope_dim", p.rope_dim,
+                                  f"must be even and in [2, head_dim={self.head_dim}]")
+            if p.rope_base <= 1:
+                raise ConfigError("position.rope_base", p.rope_base, "must be > 1")
+        if p.kind == "xpos":
+            if p.xpos_gamma <= 0:
+                raise ConfigError("position.xpos_gamma", p.xpos_gamma, "must be > 0")
+            if p.xpos_scale_base <= 0:
+                raise ConfigError("position.xpos_scale_base", p.xpos_scale_base, "must be > 0")
+        if p.kind in ("t5", "tupe"):
+            _positive_int("position.t5_buckets", p.t5_buckets)
+            if p.t5_max_distance <= p.t5_buckets // 2:
+                raise ConfigError("position.t5_max_distance", p.t5_max_distance,
+                                  f"must exceed t5_buckets / 2 = {p.t5_buckets // 2}")
+        if p.tupe_t5 and p.kind != "tupe":
+            raise ConfigError("position.tupe_t5", p.tupe_t5, "only applies with position.kind='tupe'")
+        if f.mult <= 0:
+            raise ConfigError("feedforward.mult", f.mult, "must be > 0")
+        if n.eps <= 0:
+            raise ConfigError("norm.eps", n.eps, "must be > 0")
+        if self.init_std <= 0:
+            raise ConfigError("init_std", self.init_std, "must be > 0")
+        return self
+
+    # ----- serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, prefix="")
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON (.json) or TOML (.toml; None values are left out)."""
+        path = Path(path)
+        if path.suffix == ".toml":
+            path.write_text(to_toml(self.to_dict()))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.suffix == ".toml":
+            return cls.from_dict(tomllib.loads(path.read_text()))
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        """A copy with dotted overrides applied (`{"attention.kv_heads": 1}`) and validated."""
+        return apply_overrides(self, overrides)
+
+    # ----- presets for QK-norm --------------------------------------------------------
+    def qk_norm_init(self) -> float:
+        if self.attention.qk_norm_scale is not None:
+            return self.attention.qk_norm_scale
+        length = max(self.seq_len, 2)
+        return math.log2(length * length - length)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(name, value, "must be a positive integer")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, value, f"allowed: {', '.join(allowed)}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", data, "must be a table/dict")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(prefix + key, value, f"unknown field; known: {', '.join(sorted(names))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, prefix + key + ".")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for nested config dicts of scalars (None values are left out)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+# ----- overrides ----------------------------------------------------------------------
+
+def apply_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """Apply `{"attention.kv_heads": 1, "layers": 2}` (also `attention__kv_heads`) to a copy.
+
+    Strings are converted to the field's type, so CLI text works too ("1", "true", "none").
+    """
+    data = config.to_dict()
+    for raw_key, value in overrides.items():
+        path = raw_key.replace("__", ".").split(".")
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                _set_path(data, path + [sub_key], sub_value, ModelConfig)
+        else:
+            _set_path(data, path, value, ModelConfig)
+    return ModelConfig.from_dict(data).validate()
+
+
+def _set_path(data: dict, path: list[str], value: Any, cls: type) -> None:
+    dotted = ".".join(path)
+    node, node_cls = data, cls
+    for i, key in enumerate(path):
+        hints = typing.get_type_hints(node_cls)
+        if key not in hints:
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(node_cls)))
+            raise ConfigError(dotted, value, f"unknown field; known at this level: {known}")
+        if i == len(path) - 1:
+            node[key] = _coerce(dotted, value, hints[key])
+        else:
+            if not dataclasses.is_dataclass(hints[key]):
+                raise ConfigError(dotted, value, f"{'.'.join(path[:i + 1])} is not a section")
+            node, node_cls = node[key], hints[key]
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and value.lower() in ("none", "null"):
+        return None
+    for option in options:
+        if option is bool:
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off"):
+                return False
+        elif option in (int, float):
+            try:
+                return option(value)
+            except ValueError:
+                continue
+        elif option is str:
+            return value
+    raise ConfigError(name, value, f"expected {hint}")
+
+
+# ----- presets ------------------------------------------------------------------------
+
+SIZES = {
+    # name: (layers, width, heads, seq_len)
+    "tiny": dict(layers=4, width=128, heads=4, seq_len=256),
+    "small": dict(layers=12, width=512, heads=8, seq_len=512),
+    "base": dict(layers=12, width=768, heads=12, seq_len=1024),
+}
+
+
+def _vanilla(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """GPT-2-style baseline: learned absolute positions, LayerNorm, GELU, biases, multi-head."""
+    return ModelConfig(
+        width=width, layers=layers, seq_len=seq_len, bias=True,
+        attention=AttentionConfig(heads=heads),
+        position=PositionConfig(kind="learned"),
+        norm=NormConfig(kind="layernorm"),
+        feedforward=FeedForwardConfig(kind="gelu"),
+    )
+
+
+def _seed(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """The programme's choices: bias-free, ScaleNorm, QK-norm, squared ReLU, multi-query, RoPE."""
+    return ModelConfig(
+        width=width, layers=layers, seq_len=seq_len, bias=False,
+        attention=AttentionConfig(heads=heads, kv_heads=1, qk_norm=True),
+        position=PositionConfig(kind="rope"),
+        norm=NormConfig(kind="scalenorm"),
+        feedforward=FeedForwardConfig(kind="relu2"),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {}
+for _size, _shape in SIZES.items():
+    PRESETS[f"vanilla-{_size}"] = (lambda s=_shape: _vanilla(**s))
+    PRESETS[f"seed-{_size}"] = (lambda s=_shape: _seed(**s))
+
+
+def presets() -> list[str]:
+    """The preset names, in a stable order."""
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError("preset", name, f"allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def resolve(preset_or_config: str | ModelConfig, **overrides: Any) -> ModelConfig:
+    """A validated config from a preset name or a config, with dotted overrides applied."""
+    if isinstance(preset_or_config, str):
+        config = get_preset(preset_or_config)
+    elif isinstance(preset_or_config, ModelConfig):
+        config = preset_or_config
+    else:
+        raise TypeError(f"expected a preset name or ModelConfig, got {type(preset_or_config).__name__}")
+    return apply_overrides(config, overrides)

@@ -1,0 +1,75 @@
+"""Autoregressive sampling with the model's state as key/value cache (and memory).
+
+The prompt runs once through the model with a state; every new token then costs one
+position of compute. temperature=0 is greedy; top_k and top_p (nucleus, "The Curious Case
+of Neural Text Degeneration", arXiv 1904.09751) filter the distribution before sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memlm.memory.state import State
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> logits with everything outside top-k / the top-p nucleus set to -inf."""
+    if top_k is not None:
+        if top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the first token always
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, state: State | None = None,
+             generator: torch.Generator | None = None, return_state: bool = False):
+    """Return prompt + max_new_tokens sampled ids: (B, T + N) for a (B, T) prompt, (T + N,) for (T,).
+
+    `state` continues an earlier stream (its cache/memory precedes the prompt); by default a
+    fresh state is made. With return_state=True, also return the state after the last token.
+    """
+    squeeze = prompt_ids.dim() == 1
+    ids = prompt_ids[None] if squeeze else prompt_ids
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    try:
+        state = state if state is not None else model.init_state(ids.shape[0], device=ids.device)
+        out = model(ids, state=state)
+        pieces = [ids]
+        for step in range(max_new_tokens):
+            next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+            pieces.append(next_ids)
+            if step + 1 < max_new_tokens:
+                out = model(next_ids, state=out.state)
+            else:
+                out = model(next_ids, state=out.state) if return_state else out
+        result = torch.cat(pieces, dim=1)
+    finally:
+        model.train(was_training)
+    result = result[0] if squeeze else result
+    return (result, out.state) if return_state else result

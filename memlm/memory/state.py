@@ -1,0 +1,72 @@
+"""The state a model carries from one segment to the next.
+
+One `State` per batch of streams: the absolute stream position of the next token, one dict
+of named tensors per layer (key/value cache, later memories), and per row the position at
+which its current document started (`row_start`), so `reset(mask)` forgets a row's past
+without touching the others. All rows advance together, so positions are plain ints and
+reading them never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class State:
+    position: int
+    """Absolute stream position of the next token (same for every row)."""
+    row_start: torch.Tensor
+    """(B,) long: positions before row_start[b] are invisible to row b."""
+    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """Per layer: named tensors, e.g. 'k', 'v' of shape (B, Hkv, T_cache, D)."""
+    masked: bool = False
+    """True once some row was reset: attention must then apply row_start (a Python flag, so
+    models that never reset keep the unmasked fast kernels without a device sync)."""
+
+    @classmethod
+    def empty(cls, batch_size: int, num_layers: int, device: torch.device | str | None = None) -> "State":
+        return cls(position=0, row_start=torch.zeros(batch_size, dtype=torch.long, device=device),
+                   layers=[{} for _ in range(num_layers)])
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_start.shape[0]
+
+    def detach(self) -> "State":
+        """A copy whose tensors carry no gradient history (no backpropagation through time)."""
+        return self._map(lambda t: t.detach())
+
+    def to(self, device: torch.device | str) -> "State":
+        return self._map(lambda t: t.to(device))
+
+    def reset(self, mask: torch.Tensor) -> "State":
+        """Forget the past of the rows where mask (B,) is True: they start a new document."""
+        if mask.shape != (self.batch_size,):
+            raise ValueError(f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
+        row_start = torch.where(mask.to(self.row_start.device), self.position, self.row_start)
+        return State(self.position, row_start, [dict(layer) for layer in self.layers], masked=True)
+
+    def _map(self, fn) -> "State":
+        return State(self.position, fn(self.row_start),
+                     [{name: fn(t) for name, t in layer.items()} for layer in self.layers], self.masked)
+
+    def state_dict(self) -> dict:
+        """Tensors and the position, for a training checkpoint."""
+        tensors = {"row_start": self.row_start}
+        for i, layer in enumerate(self.layers):
+            tensors.update({f"layers.{i}.{name}": t for name, t in layer.items()})
+        return {"position": self.position, "num_layers": len(self.layers), "masked": self.masked,
+                "tensors": tensors}
+
+    @classmethod
+    def from_state_dict(cls, data: dict) -> "State":
+        tensors = data["tensors"]
+        layers: list[dict[str, torch.Tensor]] = [{} for _ in range(data["num_layers"])]
+        for key, t in tensors.items():
+            if key.startswith("layers."):
+                _, index, name = key.split(".", 2)
+                layers[int(index)][name] = t
+        return cls(data["position"], tensors["row_start"], layers, data.get("masked", True))

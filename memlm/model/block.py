@@ -1,0 +1,45 @@
+"""One transformer block: attention and feed-forward sublayers with residual connections.
+
+Pre-norm (GPT-2, "Language Models are Unsupervised Multitask Learners") by default; post-norm
+("Attention Is All You Need", arXiv 1706.03762) as an option. A block whose feed-forward
+kind is `none` has attention only (the persistent-memory layers of memlm.memory use it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memlm.config import ModelConfig
+from memlm.model.attention import Attention, SegmentContext
+from memlm.model.feedforward import FeedForward
+from memlm.model.norms import make_norm
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        n, f = config.norm, config.feedforward
+        self.pre_norm = n.placement == "pre"
+        self.attn_norm = make_norm(n.kind, config.width, n.eps, config.bias)
+        self.attention = Attention(config, layer)
+        self.feedforward = None
+        if f.kind != "none":
+            self.ff_norm = make_norm(n.kind, config.width, n.eps, config.bias)
+            self.feedforward = FeedForward(f.kind, config.width, f.mult, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: SegmentContext,
+                cache: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict | None]:
+        """x: (B, T, W) -> (B, T, W), plus this layer's new state (None without a state)."""
+        if self.pre_norm:
+            h, cache = self.attention(self.attn_norm(x), ctx, cache)
+            x = x + self.dropout(h)
+            if self.feedforward is not None:
+                x = x + self.dropout(self.feedforward(self.ff_norm(x)))
+        else:
+            h, cache = self.attention(x, ctx, cache)
+            x = self.attn_norm(x + self.dropout(h))
+            if self.feedforward is not None:
+                x = self.ff_norm(x + self.dropout(self.feedforward(x)))
+        return x, cache

@@ -1,0 +1,148 @@
+"""Attention kernels behind one signature: eager (the reference), sdpa and flex.
+
+All three compute, for queries at relative positions 0..Tq-1 and keys at
+k_offset..k_offset+Tk-1 (k_offset <= 0 when a cache or memory precedes the segment):
+
+    out = softmax(scale * q k^T + bias, masked) v
+
+where key j is visible to query i iff k_offset + j <= i (causal) and, when a key mask is
+given, key_mask[b, j] is True or the key is the query itself (a token always sees itself).
+`bias` is an additive (H or 1, Tq, Tk) score term (T5 relative bias, TUPE).
+Keys and values may have fewer heads than queries (grouped / multi-query attention).
+
+`flex` uses torch FlexAttention ("FlexAttention: The Flexibility of PyTorch with the
+Performance of FlashAttention", PyTorch blog 2024 / arXiv 2412.05496): the causal structure
+goes in a cached block mask, the bias and key mask in a score_mod, so block sparsity holds
+even with forgetful masking. FlexAttention has no backward on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("eager", "sdpa", "flex")
+
+
+def visibility(q_len: int, k_len: int, k_offset: int, key_mask: torch.Tensor | None,
+               device: torch.device) -> torch.Tensor:
+    """Bool mask (1 or B, 1, Tq, Tk): True where query i may attend key j."""
+    q_pos = torch.arange(q_len, device=device)[:, None]
+    k_pos = torch.arange(k_offset, k_offset + k_len, device=device)[None, :]
+    causal = k_pos <= q_pos  # (Tq, Tk)
+    if key_mask is None:
+        return causal[None, None]
+    return causal & (key_mask[:, None, None, :] | (k_pos == q_pos))  # (B, 1, Tq, Tk)
+
+
+def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
+    """Reference: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)  # (B, H, Tk, D)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, Tq, Tk)
+    if bias is not None:
+        scores = scores + bias.float()
+    scores = scores.masked_fill(~visibility(Tq, Tk, k_offset, key_mask, q.device), float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
+
+
+def sdpa_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
+    """torch.nn.functional.scaled_dot_product_attention; flash/efficient kernels when plain causal."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    plain = bias is None and key_mask is None
+    if plain and k_offset == 0 and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              dropout_p=dropout_p, enable_gqa=gqa)
+    if plain and k_offset + Tk <= 1:  # every key precedes or is the only query: nothing to mask
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
+    mask = visibility(Tq, Tk, k_offset, key_mask, q.device)
+    if bias is None:
+        attn_mask = mask
+    else:
+        attn_mask = bias[None].to(q.dtype).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
+                                          dropout_p=dropout_p, enable_gqa=gqa)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_block_mask(q_len: int, k_len: int, k_offset: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx + k_offset <= q_idx
+
+    return create_block_mask(causal, None, None, q_len, k_len, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
+    """FlexAttention: block mask for causality, score_mod for bias and key mask."""
+    from torch.nn.attention.flex_attention import flex_attention as flex_eager
+    if dropout_p > 0:
+        raise ValueError("the flex attention backend has no dropout; use eager or sdpa")
+    Tq, Tk = q.shape[2], k.shape[2]
+    block_mask = _causal_block_mask(Tq, Tk, k_offset, str(q.device))
+
+    score_mod = None
+    if bias is not None or key_mask is not None:
+        bias_heads = 0 if bias is None else bias.shape[0]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if bias is not None:
+                score = score + (bias[h if bias_heads > 1 else 0, q_idx, kv_idx]).to(score.dtype)
+            if key_mask is not None:
+                keep = key_mask[b, kv_idx] | (kv_idx + k_offset == q_idx)
+                score = torch.where(keep, score, float("-inf"))
+            return score
+
+    if q.is_cuda:
+        kernel = _compiled_flex()
+    else:  # the unfused reference path; it warns that it is not compiled, which is the point here
+        kernel = functools.partial(_quiet, flex_eager)
+    return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                  enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return fn(*args, **kwargs)
+
+
+KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex": flex_attention}
+
+
+def choose_backend(requested: str, q: torch.Tensor, *, has_bias: bool, has_mask: bool,
+                   dropout_p: float) -> str:
+    """auto: flex on CUDA for biases and masks over at least one 128-block of queries (short
+    decode steps would recompile it for every cache length), sdpa otherwise."""
+    if requested != "auto":
+        return requested
+    if q.is_cuda and (has_bias or has_mask) and dropout_p == 0 and q.shape[2] >= 128:
+        return "flex"
+    return "sdpa"
+
+
+def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
+    """Dispatch to one kernel. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+    name = choose_backend(backend, q, has_bias=bias is not None, has_mask=key_mask is not None,
+                          dropout_p=dropout_p)
+    return KERNELS[name](q, k, v, k_offset=k_offset, bias=bias, key_mask=key_mask, scale=scale,
+                         dropout_p=dropout_p)

@@ -1,0 +1,176 @@
+"""The decoder-only language model that assembles every switch of ModelConfig.
+
+    input_ids (B, T)
+        -> token embedding (+ learned / sinusoidal positions)
+        -> N x Block [norm -> attention(+ state) -> residual, norm -> feed-forward -> residual]
+        -> final norm -> output head (tied to the embedding by default)
+        -> logits (B, T, vocab)
+
+Forgetful causal masking ("Forgetful Causal Masking Makes Causal Language Models Better
+Zero-Shot Learners", Liu et al., arXiv 2210.13432) is drawn here once per forward: in
+training, each row draws a ratio r ~ U[0, eta] and hides each of its segment's keys with
+probability r from every query but the key's own position. Keys held in a state are never
+hidden. Init follows GPT-2: normal(0, 0.02), residual output projections scaled by
+1/sqrt(2 * layers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.config import ModelConfig
+from memlm.memory.state import State
+from memlm.model.attention import SegmentContext
+from memlm.model.block import Block
+from memlm.model.norms import make_norm
+from memlm.model.positions import AbsolutePositions, T5RelativeBias, TupeBias
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, T, vocab)."""
+    loss: torch.Tensor | None
+    """Mean cross-entropy in nats over targets != -100, or None without targets."""
+    aux_loss: torch.Tensor
+    """Extra training losses (span penalty, reconstruction); 0 when none."""
+    state: State | None
+    """What the next segment needs; None when no state was passed."""
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        c, p = config, config.position
+        self.embed = nn.Embedding(c.vocab_size, c.width)
+        self.positions = AbsolutePositions(p.kind, c.width, c.positions_limit) \
+            if p.kind in ("learned", "sinusoidal") else None
+        self.relative_bias = None
+        if p.kind == "t5" or (p.kind == "tupe" and p.tupe_t5):
+            tables = 1 if p.t5_shared else c.layers
+            self.relative_bias = nn.ModuleList(
+                T5RelativeBias(c.attention.heads, p.t5_buckets, p.t5_max_distance) for _ in range(tables))
+        self.tupe = TupeBias(c.width, c.attention.heads, c.head_dim, c.positions_limit) \
+            if p.kind == "tupe" else None
+        self.dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.layers))
+        self.final_norm = make_norm(c.norm.kind, c.width, c.norm.eps, c.bias) \
+            if c.norm.final and c.norm.placement == "pre" else nn.Identity()
+        self.head = nn.Linear(c.width, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if c.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(2 * self.config.layers) if getattr(module, "residual_projection", False) else 1
+            nn.init.normal_(module.weight, 0.0, std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+
+    # ----- state ----------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """Empty memory for `batch_size` streams. For a model without memory mechanisms the
+        state is a growing key/value cache."""
+        device = device if device is not None else self.embed.weight.device
+        return State.empty(batch_size, len(self.blocks), device)
+
+    # ----- forward --------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                state: State | None = None) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if state is not None and state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
+        q_start = state.position if state is not None else 0
+        device = input_ids.device
+
+        x = self.embed(input_ids)  # (B, T, W)
+        if self.positions is not None:
+            x = x + self.positions(q_start, T, device).to(x.dtype)
+        x = self.dropout(x)
+
+        ctx = SegmentContext(
+            q_start=q_start,
+            row_start=state.row_start if state is not None and state.masked else None,
+            keep=self._forgetful_keep(B, T, device),
+            bias=self._bias_provider(q_start, T, device),
+        )
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, layer_state = block(x, ctx, state.layers[i] if state is not None else None)
+            layers.append(layer_state)
+        logits = self.head(self.final_norm(x))  # (B, T, vocab)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100)
+        new_state = None
+        if state is not None:
+            new_state = State(q_start + T, state.row_start, layers, state.masked)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=torch.zeros((), device=device),
+                           state=new_state)
+
+    def _forgetful_keep(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+        eta = self.config.attention.forgetful
+        if not self.training or eta == 0:
+            return None
+        ratio = torch.rand(batch, 1, device=device) * eta  # (B, 1)
+        return torch.rand(batch, length, device=device) >= ratio  # (B, T)
+
+    def _bias_provider(self, q_start: int, q_len: int, device: torch.device):
+        """(layer, k_offset, Tk) -> (H, Tq, Tk) bias or None; shared terms computed once."""
+        if self.relative_bias is None and self.tupe is None:
+            return lambda layer, k_offset, k_len: None
+        computed: dict = {}
+
+        def bias(layer: int, k_offset: int, k_len: int) -> torch.Tensor:
+            table = 0 if len(self.relative_bias or ()) <= 1 else layer
+            key = (table, k_offset, k_len)
+            if key not in computed:
+                total = None
+                if self.relative_bias is not None:
+                    total = self.relative_bias[table](q_len, k_len, k_offset, device)
+                if self.tupe is not None:
+                    term = self.tupe(q_start, q_len, q_start + k_offset, k_len)
+                    total = term if total is None else total + term
+                computed[key] = total
+            return computed[key]
+
+        return bias
+
+    # ----- accounting -----------------------------------------------------------------
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); non_embedding drops token/position tables."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if non_embedding:
+            total -= self.embed.weight.numel()
+            if self.positions is not None and self.positions.table is not None:
+                total -= self.positions.table.weight.numel()
+        return total
+
+    def flops_per_token(self, context: int | None = None) -> float:
+        """Training FLOPs per token: 6 x matmul weights + 12 x layers x heads x head_dim x context
+        (the PaLM / nanoGPT estimate; forward + backward)."""
+        c = self.config
+        context = context or c.seq_len
+        matmul = sum(block_linear.weight.numel() for block_linear in self.blocks.modules()
+                     if isinstance(block_linear, nn.Linear)) + self.head.weight.numel()
+        attention = 12 * c.layers * c.attention.heads * c.head_dim * context
+        return 6 * matmul + attention
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, context: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return tokens_per_second * self.flops_per_token(context) / peak_flops

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+POSITION_KINDS = ["none", "learned", "sinusoidal", "rope", "xpos", "t5", "tupe"]
+
+
+def tiny_overrides(**extra):
+    """A model small enough for many tests a second on a CPU."""
+    base = {"layers": 2, "width": 32, "seq_len": 64, "attention.heads": 4}
+    base.update(extra)
+    return base
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

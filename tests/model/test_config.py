@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+import memlm
+from memlm.config import ConfigError, ModelConfig, apply_overrides, get_preset, resolve
+
+
+def test_presets_cover_both_families_and_three_sizes():
+    names = memlm.presets()
+    for family in ("vanilla", "seed"):
+        for size in ("tiny", "small", "base"):
+            assert f"{family}-{size}" in names
+
+
+def test_preset_shapes_and_choices():
+    small = get_preset("vanilla-small")
+    assert (small.layers, small.width, small.attention.heads) == (12, 512, 8)
+    base = get_preset("seed-base")
+    assert (base.layers, base.width) == (12, 768)
+    seed = get_preset("seed-small")
+    assert (seed.bias, seed.norm.kind, seed.attention.qk_norm, seed.feedforward.kind,
+            seed.kv_heads, seed.position.kind) == (False, "scalenorm", True, "relu2", 1, "rope")
+    vanilla = get_preset("vanilla-tiny")
+    assert (vanilla.bias, vanilla.norm.kind, vanilla.feedforward.kind, vanilla.kv_heads,
+            vanilla.position.kind) == (True, "layernorm", "gelu", vanilla.attention.heads, "learned")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_config_round_trips_through_files(tmp_path, suffix):
+    config = resolve("seed-tiny", **{"attention.kv_heads": 2, "position.kind": "tupe",
+                                     "position.tupe_t5": True, "max_positions": 512})
+    path = tmp_path / f"config{suffix}"
+    config.save(path)
+    assert ModelConfig.load(path) == config
+
+
+def test_dotted_and_dunder_overrides_with_string_values():
+    config = resolve("seed-tiny", **{"attention.kv_heads": "2", "norm__kind": "rmsnorm", "bias": "true",
+                                     "attention.head_dim": "none", "feedforward": {"mult": "2.5"}})
+    assert config.attention.kv_heads == 2 and config.norm.kind == "rmsnorm" and config.bias is True
+    assert config.attention.head_dim is None and config.feedforward.mult == 2.5
+    built = memlm.build("seed-tiny", layers=1)
+    assert built.config.layers == 1 and len(built.blocks) == 1
+
+
+def test_to_dict_is_json_serialisable_with_string_kinds():
+    data = get_preset("seed-small").to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["position"]["kind"] == "rope"
+
+
+BAD = [
+    ({"layers": 0}, "layers"),
+    ({"width": -4}, "width"),
+    ({"attention.heads": 3}, "attention.heads"),  # 128 % 3 != 0
+    ({"attention.kv_heads": 3}, "attention.kv_heads"),
+    ({"attention.dropout": 1.5}, "attention.dropout"),
+    ({"attention.forgetful": -0.1}, "attention.forgetful"),
+    ({"attention.backend": "cuda"}, "attention.backend"),
+    ({"attention.backend": "flex", "attention.dropout": 0.1}, "attention.dropout"),
+    ({"attention.qk_norm_scale": 0.0}, "attention.qk_norm_scale"),
+    ({"position.kind": "alibi"}, "position.kind"),
+    ({"position.rope_dim": 7}, "position.rope_dim"),
+    ({"position.rope_dim": 64}, "position.rope_dim"),  # head_dim is 32
+    ({"position.rope_base": 1.0}, "position.rope_base"),
+    ({"position.kind": "xpos", "position.xpos_gamma": 0.0}, "position.xpos_gamma"),
+    ({"position.kind": "t5", "position.t5_max_distance": 8}, "position.t5_max_distance"),
+    ({"position.tupe_t5": True}, "position.tupe_t5"),
+    ({"norm.kind": "batchnorm"}, "norm.kind"),
+    ({"norm.placement": "sandwich"}, "norm.placement"),
+    ({"norm.eps": 0.0}, "norm.eps"),
+    ({"feedforward.kind": "relu3"}, "feedforward.kind"),
+    ({"feedforward.mult": 0.0}, "feedforward.mult"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"max_positions": 0}, "max_positions"),
+    ({"init_std": -1.0}, "init_std"),
+    ({"attention.nope": 1}, "attention.nope"),
+    ({"layers": "many"}, "layers"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD, ids=[f for _, f in BAD])
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        memlm.build("seed-tiny", **overrides)
+    assert info.value.field_name == field
+    assert field in str(info.value)
+
+
+def test_unknown_preset_lists_the_allowed_names():
+    with pytest.raises(ConfigError, match="seed-tiny"):
+        memlm.build("seed-huge")
+
+
+def test_overrides_do_not_mutate_the_original():
+    config = get_preset("seed-tiny")
+    changed = apply_overrides(config, {"layers": 1})
+    assert config.layers == 4 and changed.layers == 1
