@@ -1,0 +1,59 @@
+"""GPU-only: flex and sdpa against eager with gradients, float32 and bf16 (run on the device).
+
+Prints a table of max differences (`pytest -s tests/gpu`); skipped on machines without CUDA.
+"""
+
+import pytest
+import torch
+
+import memlm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = {
+    "t5": {"position.kind": "t5"},
+    "tupe": {"position.kind": "tupe"},
+    "tupe+t5": {"position.kind": "tupe", "position.tupe_t5": True},
+    "rope": {"position.kind": "rope"},
+    "xpos": {"position.kind": "xpos"},
+    "forgetful(rope)": {"position.kind": "rope", "attention.forgetful": 0.3},
+    "forgetful(t5)": {"position.kind": "t5", "attention.forgetful": 0.3},
+}
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # relative L2 error
+RESULTS = []
+
+
+def run(backend, case, dtype, ids):
+    torch.manual_seed(0)
+    model = memlm.build("seed-tiny", layers=2, width=128, seq_len=256, max_positions=256,
+                        **{"attention.heads": 4, "attention.kv_heads": 2, "attention.backend": backend},
+                        **CASES[case]).cuda().train()
+    torch.manual_seed(1)  # the same forgetful-masking draw for every backend
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(ids, targets=ids)
+    out.loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.float().detach(), grads
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_backend_matches_eager_with_gradients(backend, case, dtype):
+    ids = torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(2)).cuda()
+    ref_logits, ref_grads = run("eager", case, dtype, ids)
+    logits, grads = run(backend, case, dtype, ids)
+    assert grads.keys() == ref_grads.keys()
+    logit_err = rel(logits, ref_logits)
+    grad_err = max(rel(grads[n], ref_grads[n]) for n in ref_grads)
+    worst = max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n]))
+    max_abs = (logits - ref_logits).abs().max().item()
+    RESULTS.append((backend, case, str(dtype).split(".")[-1], max_abs, logit_err, grad_err, worst))
+    print(f"\n{backend:5s} {case:16s} {str(dtype):15s} logits max|d|={max_abs:.2e} rel={logit_err:.2e} "
+          f"grads max rel={grad_err:.2e} ({worst})")
+    assert logit_err < TOLERANCE[dtype]
+    assert grad_err < TOLERANCE[dtype] * 2
