@@ -1,0 +1,232 @@
+"""Prepared corpora: one token file per split, cached on disk and described by a manifest.
+
+Layout of a prepared corpus, ``<cache_dir>/<key>/``::
+
+    manifest.json        sources, fractions, per split: documents, bytes, tokens, SHA-1 of the contents
+    train.tokens         uint16 little-endian ids: documents concatenated, each followed by EOD
+    train.docs.npy       int64 offset of each document's first token in train.tokens
+    validation.* test.*  the same for the other splits
+
+`key` is a hash of the source spec (kinds, absolute paths, filters), the split fractions and
+the file format. A build is reused while its manifest matches the key and the sources'
+stamp (name, size and mtime of every file read); otherwise it is rebuilt in place. Every
+file is written under a temporary name and renamed into place; the old manifest is removed
+before a rebuild starts and the new one written last, so a crash never leaves files that
+a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import DataError
+from .sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Document, Source, parse_spec
+from .splits import DEFAULT_FRACTIONS, SPLITS, assign_split, check_fractions
+from .tokenizer import EOD, VOCAB_SIZE, ByteTokenizer
+
+FORMAT = 1
+TOKEN_DTYPE = np.dtype("<u2")
+MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$MEMLM_CACHE`` if set, else ``~/.cache/memlm``."""
+    return Path(os.environ.get("MEMLM_CACHE") or Path.home() / ".cache" / "memlm").expanduser()
+
+
+@dataclass
+class TokenSplit:
+    """One split: its documents' tokens concatenated, each document followed by `EOD`."""
+
+    name: str
+    tokens: np.ndarray  # (N,) uint16; an np.memmap when loaded from the cache
+    doc_starts: np.ndarray  # (D,) int64 offset of each document's first token
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class PreparedCorpus:
+    """A corpus tokenised into the cache. `rebuilt` says whether this call built it."""
+
+    path: Path
+    manifest: dict
+    rebuilt: bool
+
+    def split(self, name: str) -> TokenSplit:
+        """The tokens of split `name` (train, validation or test), memory-mapped read-only."""
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}: choose one of {', '.join(SPLITS)}")
+        info = self.manifest["splits"][name]
+        if info["documents"] == 0:
+            total = sum(s["documents"] for s in self.manifest["splits"].values())
+            fractions = ", ".join(f"{k} {v:g}" for k, v in self.manifest["fractions"].items())
+            raise DataError(
+                f"split {name!r} has no documents (the corpus has {total} documents, fractions {fractions}): "
+                f"give it a larger fraction or use more documents"
+            )
+        tokens = np.memmap(self.path / f"{name}.tokens", dtype=TOKEN_DTYPE, mode="r")
+        return TokenSplit(name, tokens, np.load(self.path / f"{name}.docs.npy"))
+
+
+def prepare(
+    data: str | os.PathLike | Sequence[str | os.PathLike] = "stdlib",
+    cache_dir: str | os.PathLike | None = None,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    *,
+    include: Sequence[str] = DEFAULT_INCLUDE,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> PreparedCorpus:
+    """Tokenise the corpus `data` into train/validation/test token files, or reuse the cached ones.
+
+    data: "stdlib", a file, a directory or an archive, or several (comma-separated or a list);
+        see `memlm.data.sources`. include / exclude: glob patterns for directories and zips.
+    cache_dir: where builds live; None = ``$MEMLM_CACHE`` or ``~/.cache/memlm``.
+    fractions: (train, validation, test) share of documents, by a hash of each document's name.
+        Empty documents are skipped; every other document is followed by `EOD` in its split.
+    rebuild: build even if a matching cache exists. progress: show a progress bar while building.
+    """
+    fractions = check_fractions(fractions)
+    sources = parse_spec(data, include, exclude)
+    key = _sha1_json({"format": FORMAT, "sources": [s.key for s in sources], "fractions": fractions})
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = path / key[:16]
+    stamp = _sha1_json([s.stamp() for s in sources])
+    manifest = None if rebuild else _load_manifest(path, key, stamp)
+    if manifest is not None:
+        return PreparedCorpus(path, manifest, rebuilt=False)
+    start = time.perf_counter()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        splits = _build(sources, fractions, path, progress)
+        manifest = {
+            "format": FORMAT,
+            "key": key,
+            "stamp": stamp,
+            "sources": [s.key for s in sources],
+            "fractions": dict(zip(SPLITS, fractions)),
+            "tokenizer": {"kind": "byte", "vocab_size": VOCAB_SIZE, "eod": EOD, "dtype": "uint16"},
+            "splits": splits,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        with _atomic_open(path / MANIFEST) as f:
+            f.write(json.dumps(manifest, indent=2).encode())
+    except OSError as e:  # reading errors are DataErrors already: this is the cache (permissions, full disk)
+        raise DataError(f"cannot write the cache directory {path}: {e.strerror or e}") from None
+    log.info(
+        "prepared %s in %.1fs: %s",
+        path,
+        manifest["build_seconds"],
+        ", ".join(f"{k} {v['documents']} docs / {v['tokens']} tokens" for k, v in splits.items()),
+    )
+    return PreparedCorpus(path, manifest, rebuilt=True)
+
+
+def _sha1_json(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _load_manifest(path: Path, key: str, stamp: str) -> dict | None:
+    """The manifest at `path` if it describes this key and stamp and all its files are whole."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        if (manifest["format"], manifest["key"], manifest["stamp"]) != (FORMAT, key, stamp):
+            return None
+        for name, info in manifest["splits"].items():
+            if info["documents"] and (path / f"{name}.tokens").stat().st_size != info["tokens"] * TOKEN_DTYPE.itemsize:
+                return None
+            if info["documents"] and not (path / f"{name}.docs.npy").is_file():
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest
+
+
+@contextmanager
+def _atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file next to `path`: on success fsync'ed and renamed to `path`, on error removed."""
+    f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, path)
+    except BaseException:
+        Path(f.name).unlink(missing_ok=True)
+        raise
+
+
+class _SplitWriter:
+    """Appends documents to one split's token file and counts what it wrote."""
+
+    tokenizer = ByteTokenizer()
+    eod = np.array([EOD], TOKEN_DTYPE).tobytes()
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.starts: list[int] = []
+        self.tokens = self.bytes = 0
+        self.sha1 = hashlib.sha1()
+
+    def add(self, doc: Document) -> None:
+        ids = self.tokenizer.encode(doc.data, dtype=TOKEN_DTYPE)  # (n,)
+        self.file.write(memoryview(ids))
+        self.file.write(self.eod)
+        self.starts.append(self.tokens)
+        self.tokens += len(ids) + 1
+        self.bytes += len(ids)
+        self.sha1.update(f"{doc.name}\0{len(ids)}\0".encode("utf-8", "surrogateescape"))
+        self.sha1.update(doc.data)
+
+    def summary(self) -> dict:
+        return {
+            "documents": len(self.starts), "bytes": self.bytes, "tokens": self.tokens, "sha1": self.sha1.hexdigest()
+        }
+
+
+def _build(sources: list[Source], fractions: tuple[float, float, float], path: Path, progress: bool) -> dict:
+    """Tokenise every document of `sources` into the split files under `path`; per-split summaries."""
+    (path / MANIFEST).unlink(missing_ok=True)
+    columns = (TextColumn("tokenising {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with ExitStack() as stack:
+        writers = {name: _SplitWriter(stack.enter_context(_atomic_open(path / f"{name}.tokens"))) for name in SPLITS}
+        console = Console(stderr=True)
+        bar = stack.enter_context(Progress(*columns, console=console, transient=True, disable=not progress))
+        for source in sources:
+            task = bar.add_task(source.label, total=source.count())
+            count = 0
+            for doc in source.documents():
+                bar.advance(task)
+                if len(doc.data):
+                    writers[doc.split or assign_split(doc.name, fractions)].add(doc)
+                    count += 1
+            if count == 0:
+                raise DataError(
+                    f"empty corpus: {source} has no non-empty text documents "
+                    f"(empty files, binary files and files outside the include/exclude globs are skipped)"
+                )
+    for name, writer in writers.items():
+        with _atomic_open(path / f"{name}.docs.npy") as f:
+            np.save(f, np.array(writer.starts, np.int64))
+    return {name: writer.summary() for name, writer in writers.items()}
