@@ -22,6 +22,8 @@ NORM_KINDS = ("layernorm", "rmsnorm", "scalenorm")
 NORM_PLACEMENTS = ("pre", "post")
 FEEDFORWARD_KINDS = ("gelu", "relu2", "swiglu", "geglu", "none")
 BACKENDS = ("auto", "eager", "sdpa", "flex")
+MEMORY_SCHEDULES = ("constant", "linear")
+FEEDBACK_MODES = ("none", "memory", "add")
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,27 @@ class FeedForwardConfig:
 
 
 @dataclass
+class MemoryConfig:
+    length: int = 0
+    """Transformer-XL memory (arXiv 1901.02860): earlier positions each layer attends to; 0 = off."""
+    lengths: list[int] | None = None
+    """Memory length per layer, bottom to top; overrides length and schedule (arXiv 2007.03356)."""
+    schedule: str = "constant"
+    """Lengths by depth when `lengths` is unset: constant, or linear from min_length (bottom) to length (top)."""
+    min_length: int = 0
+    """Memory length of the bottom layer for the linear schedule."""
+    eval_multiplier: float = 1.0
+    """Memory lengths are multiplied by this in evaluation mode (longer memory at test time)."""
+    feedback: str = "none"
+    """Layerwise feedback: none; memory (layer i's memory is the previous segments' output of layer
+    i+1, the top layer's its own output); add (add the previous segment's output of layer i+1 to
+    layer i's input, position by position)."""
+    persistent: int = 0
+    """Persistent memory (arXiv 1907.01470): learned key/value vectors per layer and key/value head,
+    without positions, always visible; 0 = off. Set feedforward.kind=none to let them replace it."""
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 257
     """Vocabulary size (bytes 0..255 plus end-of-document 256)."""
@@ -118,6 +141,7 @@ class ModelConfig:
     position: PositionConfig = field(default_factory=PositionConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     feedforward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     # ----- derived values -------------------------------------------------------------
     @property
@@ -131,6 +155,26 @@ class ModelConfig:
     @property
     def positions_limit(self) -> int:
         return self.max_positions or self.seq_len
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether the state carries hidden states between segments (any recurrent memory)."""
+        m = self.memory
+        return bool(m.lengths and any(m.lengths)) or m.length > 0 or m.feedback != "none"
+
+    def memory_lengths(self, training: bool = True) -> list[int]:
+        """Memory length of each layer, bottom to top, for training or evaluation mode."""
+        m = self.memory
+        if m.lengths is not None:
+            lengths = list(m.lengths)
+        elif m.schedule == "linear" and self.layers > 1:
+            lengths = [round(m.min_length + (m.length - m.min_length) * i / (self.layers - 1))
+                       for i in range(self.layers)]
+        else:
+            lengths = [m.length] * self.layers
+        if not training and m.eval_multiplier != 1.0:
+            lengths = [int(round(n * m.eval_multiplier)) for n in lengths]
+        return lengths
 
     # ----- validation -----------------------------------------------------------------
     def validate(self) -> "ModelConfig":
@@ -187,11 +231,37 @@ class ModelConfig:
             raise ConfigError("position.tupe_t5", p.tupe_t5, "only applies with position.kind='tupe'")
         if f.mult <= 0:
             raise ConfigError("feedforward.mult", f.mult, "must be > 0")
+        self._validate_memory()
         if n.eps <= 0:
             raise ConfigError("norm.eps", n.eps, "must be > 0")
         if self.init_std <= 0:
             raise ConfigError("init_std", self.init_std, "must be > 0")
         return self
+
+    def _validate_memory(self) -> None:
+        m = self.memory
+        _choice("memory.schedule", m.schedule, MEMORY_SCHEDULES)
+        _choice("memory.feedback", m.feedback, FEEDBACK_MODES)
+        for name, value in [("memory.length", m.length), ("memory.min_length", m.min_length),
+                            ("memory.persistent", m.persistent)]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(name, value, "must be an integer >= 0")
+        if m.lengths is not None:
+            if (not isinstance(m.lengths, (list, tuple)) or len(m.lengths) != self.layers
+                    or any(not isinstance(n, int) or n < 0 for n in m.lengths)):
+                raise ConfigError("memory.lengths", m.lengths,
+                                  f"must be a list of {self.layers} integers >= 0, one per layer")
+        if m.schedule == "linear" and m.min_length > m.length:
+            raise ConfigError("memory.min_length", m.min_length, f"must not exceed memory.length={m.length}")
+        if m.feedback == "memory" and not any(self.memory_lengths()):
+            raise ConfigError("memory.feedback", m.feedback,
+                              "feedback into memory needs memory.length (or lengths) > 0")
+        if m.eval_multiplier <= 0:
+            raise ConfigError("memory.eval_multiplier", m.eval_multiplier, "must be > 0")
+        if self.recurrent and self.position.kind == "learned":
+            raise ConfigError("position.kind", "learned",
+                              "a learned absolute table cannot follow a stream past max_positions; "
+                              "with recurrent memory use rope, xpos, t5, tupe, sinusoidal or none")
 
     # ----- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -323,6 +393,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if type(None) in options and value.lower() in ("none", "null"):
         return None
     for option in options:
+        if typing.get_origin(option) is list:
+            try:
+                return [int(v) for v in value.strip("[] ").split(",") if v.strip()]
+            except ValueError:
+                continue
         if option is bool:
             if value.lower() in ("true", "1", "yes", "on"):
                 return True

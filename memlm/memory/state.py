@@ -21,7 +21,11 @@ class State:
     row_start: torch.Tensor
     """(B,) long: positions before row_start[b] are invisible to row b."""
     layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    """Per layer: named tensors, e.g. 'k', 'v' of shape (B, Hkv, T_cache, D)."""
+    """Per layer: named tensors: a key/value cache 'k', 'v' (B, Hkv, T_cache, D) for models
+    without recurrent memory; for recurrent ones 'mem' (B, M, W) rolled memory, 'pending'
+    (B, T_p, W) inputs of the unfinished segment, 'feedback' (B, T, W) for additive feedback,
+    and on the top layer 'top' (B, T_p, W) its pending outputs and optionally 'external'
+    (B, M, W), a tensor the user supplies as the top layer's feedback memory."""
     masked: bool = False
     """True once some row was reset: attention must then apply row_start (a Python flag, so
     models that never reset keep the unmasked fast kernels without a device sync)."""
@@ -46,8 +50,15 @@ class State:
         """Forget the past of the rows where mask (B,) is True: they start a new document."""
         if mask.shape != (self.batch_size,):
             raise ValueError(f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
-        row_start = torch.where(mask.to(self.row_start.device), self.position, self.row_start)
-        return State(self.position, row_start, [dict(layer) for layer in self.layers], masked=True)
+        mask = mask.to(self.row_start.device)
+        row_start = torch.where(mask, self.position, self.row_start)
+        layers = []
+        for layer in self.layers:
+            layer = dict(layer)
+            if "feedback" in layer:  # additive feedback is not keyed by position: clear it
+                layer["feedback"] = layer["feedback"] * (~mask).to(layer["feedback"].dtype)[:, None, None]
+            layers.append(layer)
+        return State(self.position, row_start, layers, masked=True)
 
     def _map(self, fn) -> "State":
         return State(self.position, fn(self.row_start),

@@ -6,9 +6,17 @@
   q and k are L2-normalised per head and the scores multiplied by a learnable scalar g
   (one per layer) in place of 1/sqrt(d); g starts at log2(L^2 - L), L the training length.
 
-The layer computes q, k, v for the segment, prepends what its state holds (a key/value
-cache; later the memory sources of memlm.memory), applies the position scheme to the whole
-key range and calls one kernel. Keys are cached before rotation, so rotary and xPos are
+- Persistent memory: "Augmenting Self-attention with Persistent Memory" (Sukhbaatar et al.,
+  arXiv 1907.01470): N learned key/value vectors per key/value head, without position,
+  always visible, so a layer can store what a feed-forward layer would ("Transformer
+  Feed-Forward Layers Are Key-Value Memories", arXiv 2012.14913). Departure: they are
+  initialised randomly and trained with the rest (the paper rescales them by sqrt(d)).
+
+The layer computes q, k, v for the segment, prepends what its state holds (recurrent
+memory, projected with this layer's weights, or a key/value cache), applies the position
+scheme to the whole key range and calls one kernel; persistent vectors, which have no
+position, are scored against the unrotated queries and merged in exactly through the
+kernel's log-sum-exp. Keys are cached before rotation, so rotary and xPos are
 always applied at distances measured from the current segment.
 """
 
@@ -22,7 +30,7 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.model.kernels import attend
+from memlm.model.kernels import attend, merge_attention
 from memlm.model.positions import Rotary
 
 
@@ -68,41 +76,68 @@ class Attention(nn.Module):
         if p.kind in ("rope", "xpos"):
             self.rotary = Rotary(p.rope_dim or self.head_dim, p.rope_base,
                                  p.xpos_gamma if p.kind == "xpos" else None, p.xpos_scale_base)
+        self.persistent_k = self.persistent_v = None
+        if config.memory.persistent:
+            shape = (self.kv_heads, config.memory.persistent, self.head_dim)
+            self.persistent_k = nn.Parameter(torch.randn(shape) / math.sqrt(self.head_dim))
+            self.persistent_v = nn.Parameter(torch.randn(shape) * config.init_std)
         # TUPE scales content logits by 1/sqrt(2d) to match its positional term.
         self.scale = 1.0 / math.sqrt((2 if p.kind == "tupe" else 1) * self.head_dim)
 
-    def forward(self, x: torch.Tensor, ctx: SegmentContext,
-                cache: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict | None]:
-        """x: (B, T, W) -> (B, T, W); cache: {'k', 'v'} of earlier positions, or None (no state)."""
-        B, T, _ = x.shape
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h (B, T, W) -> q (B, H, T, D), k and v (B, Hkv, T, D); q and k normalised under QK-norm."""
+        B, T, _ = h.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.qkv(h).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if self.qk_scale is not None:
             q = nn.functional.normalize(q, dim=-1)
             k = nn.functional.normalize(k, dim=-1)
+        return q, k, v
 
+    def forward(self, h: torch.Tensor, ctx: SegmentContext, cache: dict[str, torch.Tensor] | None,
+                memory: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
+        """h: (B, T, W) -> (B, T, W).
+
+        cache: {'k', 'v'} of earlier positions (key/value cache of models without recurrent
+        memory), {} to start one, or None (no state). memory: (B, M, W) normalised hidden states
+        of the M positions just before the segment (recurrent memory), projected here with this
+        layer's own weights, as Transformer-XL does.
+        """
+        B, T, _ = h.shape
+        q, k, v = self.project(h)
+        if memory is not None and memory.shape[1]:
+            _, mk, mv = self.project(memory)
+            k = torch.cat([mk, k], dim=2)  # (B, Hkv, M + T, D)
+            v = torch.cat([mv, v], dim=2)
         new_cache = None
         if cache is not None:
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, Hkv, Tc + T, D)
                 v = torch.cat([cache["v"], v], dim=2)
             new_cache = {"k": k, "v": v}
-        cache_len = k.shape[2] - T
-        k_offset = -cache_len
+        past = k.shape[2] - T
+        k_offset = -past
 
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, k_offset)
         scale = self.scale
         if self.qk_scale is not None:
             q = q * self.qk_scale.to(q.dtype)  # g * q̂·k̂ replaces the 1/sqrt(d) scaling
             scale = 1.0
+        q_unrotated = q
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, k_offset)
 
-        y = attend(q, k, v, backend=self.backend, k_offset=k_offset,
-                   bias=ctx.bias(self.layer, k_offset, k.shape[2]),
-                   key_mask=ctx.key_mask(cache_len, T, x.device), scale=scale,
-                   dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, H * D)
+        dropout = self.dropout if self.training else 0.0
+        persistent = self.persistent_k is not None
+        y = attend(q, k, v, backend=self.backend, k_offset=k_offset, bias=ctx.bias(self.layer, k_offset, k.shape[2]),
+                   key_mask=ctx.key_mask(past, T, h.device), scale=scale, dropout_p=dropout,
+                   return_lse=persistent)  # (B, H, T, D)
+        if persistent:  # no position: scored against the unrotated queries, no bias, never masked
+            y, lse = y
+            pk = self.persistent_k if self.qk_scale is None else nn.functional.normalize(self.persistent_k, dim=-1)
+            y = merge_attention(y, lse, q_unrotated, pk[None].to(q.dtype), self.persistent_v[None].to(v.dtype),
+                                scale, dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return self.out(y), new_cache

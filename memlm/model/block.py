@@ -29,16 +29,21 @@ class Block(nn.Module):
             self.feedforward = FeedForward(f.kind, config.width, f.mult, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, ctx: SegmentContext,
-                cache: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict | None]:
-        """x: (B, T, W) -> (B, T, W), plus this layer's new state (None without a state)."""
+    def forward(self, x: torch.Tensor, ctx: SegmentContext, cache: dict[str, torch.Tensor] | None,
+                memory: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
+        """x: (B, T, W) -> (B, T, W), plus the new key/value cache (None without one).
+
+        memory: (B, M, W) residual-stream states of the M positions before the segment (recurrent
+        memory); the attention sees them through this block's own norm and projections.
+        """
         if self.pre_norm:
-            h, cache = self.attention(self.attn_norm(x), ctx, cache)
+            memory = self.attn_norm(memory) if memory is not None else None
+            h, cache = self.attention(self.attn_norm(x), ctx, cache, memory)
             x = x + self.dropout(h)
             if self.feedforward is not None:
                 x = x + self.dropout(self.feedforward(self.ff_norm(x)))
         else:
-            h, cache = self.attention(x, ctx, cache)
+            h, cache = self.attention(x, ctx, cache, memory)
             x = self.attn_norm(x + self.dropout(h))
             if self.feedforward is not None:
                 x = self.ff_norm(x + self.dropout(self.feedforward(x)))

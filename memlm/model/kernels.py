@@ -9,6 +9,8 @@ where key j is visible to query i iff k_offset + j <= i (causal) and, when a key
 given, key_mask[b, j] is True or the key is the query itself (a token always sees itself).
 `bias` is an additive (H or 1, Tq, Tk) score term (T5 relative bias, TUPE).
 Keys and values may have fewer heads than queries (grouped / multi-query attention).
+eager and flex can also return the log-sum-exp of the scores (B, H, Tq), which lets a second
+set of keys (persistent memory) be merged in exactly (`merge_attention`).
 
 `flex` uses torch FlexAttention ("FlexAttention: The Flexibility of PyTorch with the
 Performance of FlashAttention", PyTorch blog 2024 / arXiv 2412.05496): the causal structure
@@ -39,7 +41,8 @@ def visibility(q_len: int, k_len: int, k_offset: int, key_mask: torch.Tensor | N
     return causal & (key_mask[:, None, None, :] | (k_pos == q_pos))  # (B, 1, Tq, Tk)
 
 
-def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
+def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0,
+                    return_lse=False):
     """Reference: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -54,7 +57,8 @@ def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None
     probs = scores.softmax(dim=-1).to(v.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return probs @ v
+    out = probs @ v
+    return (out, scores.logsumexp(dim=-1)) if return_lse else out
 
 
 def sdpa_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
@@ -92,7 +96,8 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
+def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0,
+                   return_lse=False):
     """FlexAttention: block mask for causality, score_mod for bias and key mask."""
     from torch.nn.attention.flex_attention import flex_attention as flex_eager
     if dropout_p > 0:
@@ -117,7 +122,7 @@ def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None,
     else:  # the unfused reference path; it warns that it is not compiled, which is the point here
         kernel = functools.partial(_quiet, flex_eager)
     return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                  enable_gqa=k.shape[1] != q.shape[1])
+                  enable_gqa=k.shape[1] != q.shape[1], return_lse=return_lse)
 
 
 def _quiet(fn, *args, **kwargs):
@@ -140,9 +145,38 @@ def choose_backend(requested: str, q: torch.Tensor, *, has_bias: bool, has_mask:
     return "sdpa"
 
 
-def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
-    """Dispatch to one kernel. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0,
+           return_lse=False):
+    """Dispatch to one kernel. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)
+    [and the log-sum-exp (B, H, Tq) with return_lse; sdpa cannot give it, so eager stands in]."""
     name = choose_backend(backend, q, has_bias=bias is not None, has_mask=key_mask is not None,
                           dropout_p=dropout_p)
+    if return_lse and name == "sdpa":
+        name = "flex" if q.is_cuda and dropout_p == 0 else "eager"
+    kwargs = {"return_lse": True} if return_lse else {}
     return KERNELS[name](q, k, v, k_offset=k_offset, bias=bias, key_mask=key_mask, scale=scale,
-                         dropout_p=dropout_p)
+                         dropout_p=dropout_p, **kwargs)
+
+
+def merge_attention(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Add extra always-visible keys to a finished attention, exactly.
+
+    out (B, H, Tq, D) and lse (B, H, Tq) come from attention over the main keys; q (B, H, Tq, D)
+    are the queries to score the extra keys k, v (B or 1, Hkv, P, D) with. The result equals one
+    softmax over both key sets. Dropout on each part's probabilities equals dropout on the joint.
+    """
+    H = q.shape[1]
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, Tq, P)
+    extra_lse = scores.logsumexp(dim=-1)  # (B, H, Tq)
+    probs = (scores - extra_lse[..., None]).exp().to(v.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    extra = probs @ v  # (B, H, Tq, D)
+    total = torch.logaddexp(lse.float(), extra_lse)
+    w_main = (lse.float() - total).exp()[..., None].to(out.dtype)
+    w_extra = (extra_lse - total).exp()[..., None].to(out.dtype)
+    return w_main * out + w_extra * extra

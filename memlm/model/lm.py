@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.config import ModelConfig
+from memlm.memory import recurrence
 from memlm.memory.state import State
 from memlm.model.attention import SegmentContext
 from memlm.model.block import Block
@@ -106,10 +107,13 @@ class LanguageModel(nn.Module):
             keep=self._forgetful_keep(B, T, device),
             bias=self._bias_provider(q_start, T, device),
         )
-        layers = []
-        for i, block in enumerate(self.blocks):
-            x, layer_state = block(x, ctx, state.layers[i] if state is not None else None)
-            layers.append(layer_state)
+        if state is not None and self.config.recurrent:
+            x, layers = self._recurrent_blocks(x, ctx, state)
+        else:
+            layers = []
+            for i, block in enumerate(self.blocks):
+                x, layer_state = block(x, ctx, state.layers[i] if state is not None else None)
+                layers.append(layer_state)
         logits = self.head(self.final_norm(x))  # (B, T, vocab)
 
         loss = None
@@ -121,6 +125,16 @@ class LanguageModel(nn.Module):
             new_state = State(q_start + T, state.row_start, layers, state.masked)
         return ModelOutput(logits=logits, loss=loss, aux_loss=torch.zeros((), device=device),
                            state=new_state)
+
+    def _recurrent_blocks(self, x: torch.Tensor, ctx: SegmentContext, state: State):
+        """Run the blocks with recurrent memory; return the top output and the next layer states."""
+        inputs = []
+        for block, layer in zip(self.blocks, state.layers):
+            if self.config.memory.feedback == "add":
+                x = recurrence.additive_feedback(layer, x)
+            inputs.append(x)
+            x, _ = block(x, ctx, None, recurrence.memory_source(layer))
+        return x, recurrence.next_layers(self.config, self.training, state.layers, inputs, x)
 
     def _forgetful_keep(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
         eta = self.config.attention.forgetful
