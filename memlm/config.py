@@ -24,6 +24,7 @@ FEEDFORWARD_KINDS = ("gelu", "relu2", "swiglu", "geglu", "none")
 BACKENDS = ("auto", "eager", "sdpa", "flex")
 MEMORY_SCHEDULES = ("constant", "linear")
 FEEDBACK_MODES = ("none", "memory", "add")
+COMPRESS_FNS = ("max", "mean", "conv", "most_used")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,25 @@ class MemoryConfig:
     persistent: int = 0
     """Persistent memory (arXiv 1907.01470): learned key/value vectors per layer and key/value head,
     without positions, always visible; 0 = off. Set feedforward.kind=none to let them replace it."""
+    adaptive_span: bool = False
+    """Adaptive attention span (arXiv 1905.07799): a learned span per head with a soft ramp."""
+    span_max: int | None = None
+    """Largest span a head may learn; None = seq_len + the largest memory length."""
+    span_ramp: int = 32
+    """Width R of the soft ramp at the end of a span."""
+    span_init: float = 0.0
+    """Initial span as a fraction of span_max."""
+    span_penalty: float = 2e-6
+    """Weight of the span penalty (mean learned span in positions, summed over layers) in aux_loss."""
+    compress_rate: int = 0
+    """Compressive memory (arXiv 1911.05507): memories leaving the recurrent memory are compressed
+    by this rate into a compressed memory; 0 = off."""
+    compress_length: int = 0
+    """Compressed memory slots per layer."""
+    compress_fn: str = "conv"
+    """Compression function: max, mean, conv (learned 1D convolution), most_used."""
+    compress_loss: float = 1.0
+    """Weight of the attention-reconstruction loss (trains only the compressor) in aux_loss."""
 
 
 @dataclass
@@ -161,6 +181,11 @@ class ModelConfig:
         """Whether the state carries hidden states between segments (any recurrent memory)."""
         m = self.memory
         return bool(m.lengths and any(m.lengths)) or m.length > 0 or m.feedback != "none"
+
+    @property
+    def span_max(self) -> int:
+        """Largest adaptive span: memory.span_max or seq_len + the longest memory."""
+        return self.memory.span_max or self.seq_len + max(self.memory_lengths(training=False))
 
     def memory_lengths(self, training: bool = True) -> list[int]:
         """Memory length of each layer, bottom to top, for training or evaluation mode."""
@@ -258,6 +283,24 @@ class ModelConfig:
                               "feedback into memory needs memory.length (or lengths) > 0")
         if m.eval_multiplier <= 0:
             raise ConfigError("memory.eval_multiplier", m.eval_multiplier, "must be > 0")
+        if m.adaptive_span:
+            if m.span_max is not None:
+                _positive_int("memory.span_max", m.span_max)
+            _positive_int("memory.span_ramp", m.span_ramp)
+            if not 0.0 <= m.span_init <= 1.0:
+                raise ConfigError("memory.span_init", m.span_init, "must lie in [0, 1]")
+            if m.span_penalty < 0:
+                raise ConfigError("memory.span_penalty", m.span_penalty, "must be >= 0")
+        _choice("memory.compress_fn", m.compress_fn, COMPRESS_FNS)
+        if m.compress_rate:
+            _positive_int("memory.compress_rate", m.compress_rate)
+            _positive_int("memory.compress_length", m.compress_length)
+            if not any(self.memory_lengths()):
+                raise ConfigError("memory.compress_rate", m.compress_rate,
+                                  "compression needs a recurrent memory (memory.length > 0) to compress")
+            if m.feedback == "add":
+                raise ConfigError("memory.compress_rate", m.compress_rate,
+                                  "compressive memory compresses the recurrent memory; feedback=add has none")
         if self.recurrent and self.position.kind == "learned":
             raise ConfigError("position.kind", "learned",
                               "a learned absolute table cannot follow a stream past max_positions; "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memlm.config import ModelConfig
+from memlm.memory import compressive
 
 
 def empty_like_rows(x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +33,8 @@ def empty_like_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def memory_source(layer: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """(B, M + T_p, W) states of the positions before the segment, or None when there are none."""
-    parts = [layer[name] for name in ("mem", "pending") if name in layer and layer[name].shape[1]]
+    """(B, Mc + M + T_p, W) states of the positions before the segment, or None when there are none."""
+    parts = [layer[name] for name in ("cmem", "mem", "pending") if name in layer and layer[name].shape[1]]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -50,34 +50,60 @@ def additive_feedback(layer: dict[str, torch.Tensor], x: torch.Tensor) -> torch.
     return x + F.pad(piece, (0, 0, 0, x.shape[1] - piece.shape[1])).to(x.dtype)
 
 
-def next_layers(config: ModelConfig, training: bool, layers: list[dict[str, torch.Tensor]],
-                inputs: list[torch.Tensor], top: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """The per-layer state after a segment.
+def next_layers(model, layers: list[dict[str, torch.Tensor]], inputs: list[torch.Tensor],
+                top: torch.Tensor) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+    """The per-layer state after a segment, and the compression loss (None when none was computed).
 
     layers: the state before it; inputs[i]: (B, T, W) input of block i; top: (B, T, W) output
     of the last block (before the final norm).
     """
-    L = len(inputs)
+    config, L = model.config, len(inputs)
     pending = [torch.cat([layers[i]["pending"], inputs[i]], dim=1) if "pending" in layers[i] else inputs[i]
                for i in range(L)]
     top_pending = torch.cat([layers[-1]["top"], top], dim=1) if "top" in layers[-1] else top
-    new = [{name: t for name, t in layer.items() if name in ("mem", "feedback", "external")}
+    new = [{name: t for name, t in layer.items() if name in ("cmem", "mem", "feedback", "external")}
            for layer in layers]
     if pending[0].shape[1] < config.seq_len:  # segment unfinished: keep collecting
         for i in range(L):
             new[i]["pending"] = pending[i]
         new[-1]["top"] = top_pending
-        return new
+        return new, None
 
     outputs = pending[1:] + [top_pending]  # outputs[j]: (B, T_seg, W) output of block j
-    mode = config.memory.feedback
-    for i, length in enumerate(config.memory_lengths(training)):
+    mode, rate = config.memory.feedback, config.memory.compress_rate
+    losses = []
+    for i, length in enumerate(config.memory_lengths(model.training)):
         if mode == "memory":
             source = outputs[i + 1] if i + 1 < L else layers[-1].get("external", outputs[-1])
         else:
             source = pending[i]
         mem = torch.cat([new[i]["mem"], source], dim=1) if "mem" in new[i] else source
+        if rate:
+            mem, overflow = compressive.split_overflow(mem, length, rate)
+            if overflow.shape[1]:
+                compressed, loss = compress(model, i, pending[i], overflow)
+                cmem = torch.cat([new[i]["cmem"], compressed], dim=1) if "cmem" in new[i] else compressed
+                new[i]["cmem"] = cmem[:, max(0, cmem.shape[1] - config.memory.compress_length):]
+                if loss is not None:
+                    losses.append(loss)
         new[i]["mem"] = mem[:, max(0, mem.shape[1] - length):] if length else empty_like_rows(source)
         if mode == "add":
             new[i]["feedback"] = outputs[i + 1] if i + 1 < L else outputs[-1]
-    return new
+    return new, (torch.stack(losses).mean() if losses else None)
+
+
+def compress(model, layer: int, segment: torch.Tensor, overflow: torch.Tensor):
+    """Compress `overflow` (B, n*c, W) states of `layer`; the reconstruction loss in training."""
+    block, compressor = model.blocks[layer], model.compressors[layer]
+    frozen_norm = {name: p.detach() for name, p in block.attn_norm.named_parameters()}
+
+    def norm(x):
+        return torch.func.functional_call(block.attn_norm, frozen_norm, (x,)) if block.pre_norm else x
+
+    h = norm(segment.detach())
+    used = compressive.usage(block.attention, h, norm(overflow.detach())) if compressor.kind == "most_used" else None
+    compressed = compressor(overflow.detach(), used)  # (B, n, W)
+    loss = None
+    if model.training and torch.is_grad_enabled() and compressor.kind == "conv":
+        loss = compressive.reconstruction_loss(block.attention, h, norm(overflow), norm(compressed))
+    return compressed, loss

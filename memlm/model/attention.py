@@ -31,6 +31,7 @@ from torch import nn
 
 from memlm.config import ModelConfig
 from memlm.model.kernels import attend, merge_attention
+from memlm.memory.adaptive_span import AdaptiveSpan
 from memlm.model.positions import Rotary
 
 
@@ -76,6 +77,10 @@ class Attention(nn.Module):
         if p.kind in ("rope", "xpos"):
             self.rotary = Rotary(p.rope_dim or self.head_dim, p.rope_base,
                                  p.xpos_gamma if p.kind == "xpos" else None, p.xpos_scale_base)
+        self.span = None
+        if config.memory.adaptive_span:
+            m = config.memory
+            self.span = AdaptiveSpan(self.heads, config.span_max, m.span_ramp, m.span_init)
         self.persistent_k = self.persistent_v = None
         if config.memory.persistent:
             shape = (self.kv_heads, config.memory.persistent, self.head_dim)
@@ -108,6 +113,8 @@ class Attention(nn.Module):
         """
         B, T, _ = h.shape
         q, k, v = self.project(h)
+        if memory is not None and self.span is not None:  # keys past the longest span are masked anyway
+            memory = memory[:, max(0, memory.shape[1] - self.span.limit):]
         if memory is not None and memory.shape[1]:
             _, mk, mv = self.project(memory)
             k = torch.cat([mk, k], dim=2)  # (B, Hkv, M + T, D)
@@ -131,7 +138,11 @@ class Attention(nn.Module):
 
         dropout = self.dropout if self.training else 0.0
         persistent = self.persistent_k is not None
-        y = attend(q, k, v, backend=self.backend, k_offset=k_offset, bias=ctx.bias(self.layer, k_offset, k.shape[2]),
+        bias = ctx.bias(self.layer, k_offset, k.shape[2])
+        if self.span is not None:
+            span_bias = self.span(T, k.shape[2], k_offset, h.device)
+            bias = span_bias if bias is None else bias + span_bias
+        y = attend(q, k, v, backend=self.backend, k_offset=k_offset, bias=bias,
                    key_mask=ctx.key_mask(past, T, h.device), scale=scale, dropout_p=dropout,
                    return_lse=persistent)  # (B, H, T, D)
         if persistent:  # no position: scored against the unrotated queries, no bias, never masked

@@ -25,6 +25,7 @@ from torch import nn
 
 from memlm.config import ModelConfig
 from memlm.memory import recurrence
+from memlm.memory.compressive import Compressor
 from memlm.memory.state import State
 from memlm.model.attention import SegmentContext
 from memlm.model.block import Block
@@ -61,6 +62,9 @@ class LanguageModel(nn.Module):
             if p.kind == "tupe" else None
         self.dropout = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.layers))
+        self.compressors = nn.ModuleList(
+            Compressor(c.memory.compress_fn, c.width, c.memory.compress_rate) for _ in range(c.layers)
+        ) if c.memory.compress_rate else None
         self.final_norm = make_norm(c.norm.kind, c.width, c.norm.eps, c.bias) \
             if c.norm.final and c.norm.placement == "pre" else nn.Identity()
         self.head = nn.Linear(c.width, c.vocab_size, bias=False)
@@ -107,8 +111,11 @@ class LanguageModel(nn.Module):
             keep=self._forgetful_keep(B, T, device),
             bias=self._bias_provider(q_start, T, device),
         )
+        aux_loss = self._span_penalty(device)
         if state is not None and self.config.recurrent:
-            x, layers = self._recurrent_blocks(x, ctx, state)
+            x, layers, compression_loss = self._recurrent_blocks(x, ctx, state)
+            if compression_loss is not None:
+                aux_loss = aux_loss + self.config.memory.compress_loss * compression_loss
         else:
             layers = []
             for i, block in enumerate(self.blocks):
@@ -123,8 +130,7 @@ class LanguageModel(nn.Module):
         new_state = None
         if state is not None:
             new_state = State(q_start + T, state.row_start, layers, state.masked)
-        return ModelOutput(logits=logits, loss=loss, aux_loss=torch.zeros((), device=device),
-                           state=new_state)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, state=new_state)
 
     def _recurrent_blocks(self, x: torch.Tensor, ctx: SegmentContext, state: State):
         """Run the blocks with recurrent memory; return the top output and the next layer states."""
@@ -134,7 +140,26 @@ class LanguageModel(nn.Module):
                 x = recurrence.additive_feedback(layer, x)
             inputs.append(x)
             x, _ = block(x, ctx, None, recurrence.memory_source(layer))
-        return x, recurrence.next_layers(self.config, self.training, state.layers, inputs, x)
+        return (x, *recurrence.next_layers(self, state.layers, inputs, x))
+
+    def _span_penalty(self, device: torch.device) -> torch.Tensor:
+        spans = [block.attention.span for block in self.blocks if block.attention.span is not None]
+        if not spans:
+            return torch.zeros((), device=device)
+        return self.config.memory.span_penalty * torch.stack([s.penalty() for s in spans]).sum()
+
+    # ----- hooks for the trainer --------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        """Keep learned quantities in range (adaptive spans clamped to [0, span_max])."""
+        for block in self.blocks:
+            if block.attention.span is not None:
+                block.attention.span.clamp_()
+
+    def spans(self) -> list[list[float]] | None:
+        """Learned adaptive spans in positions, [layer][head], or None without adaptive span."""
+        if self.blocks[0].attention.span is None:
+            return None
+        return [block.attention.span.span.detach().cpu().tolist() for block in self.blocks]
 
     def _forgetful_keep(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
         eta = self.config.attention.forgetful

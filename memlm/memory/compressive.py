@@ -1,0 +1,86 @@
+"""Compressive memory: "Compressive Transformers for Long-Range Sequence Modelling" (Rae et
+al., arXiv 1911.05507).
+
+Memories pushed out of a layer's recurrent memory are compressed by rate c into a compressed
+memory (oldest slots dropped past `compress_length`) that the layer also attends to, placed
+before the recurrent memory at consecutive positions as in the paper. Compression functions:
+max- and mean-pooling, a learned 1D convolution (kernel = stride = c) and most-used (keep the
+1/c memories that the segment's queries attend to most). The attention-reconstruction loss
+|attn(h, old) - attn(h, C(old))|^2 uses the layer's content attention with every input and
+attention weight detached, so it trains the compressor and nothing else.
+Departure: when the overflow is not a multiple of c, its oldest (overflow mod c) states are
+dropped uncompressed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Compressor(nn.Module):
+    def __init__(self, kind: str, width: int, rate: int):
+        super().__init__()
+        self.kind, self.rate = kind, rate
+        self.conv = nn.Conv1d(width, width, rate, stride=rate) if kind == "conv" else None
+
+    def forward(self, old: torch.Tensor, usage: torch.Tensor | None = None) -> torch.Tensor:
+        """old (B, n * c, W) -> (B, n, W); usage (B, n * c) attention received, for most_used."""
+        c = self.rate
+        if self.kind == "conv":
+            return self.conv(old.transpose(1, 2)).transpose(1, 2)
+        if self.kind == "max":
+            return F.max_pool1d(old.transpose(1, 2), c).transpose(1, 2)
+        if self.kind == "mean":
+            return F.avg_pool1d(old.transpose(1, 2), c).transpose(1, 2)
+        keep = usage.topk(old.shape[1] // c, dim=1).indices.sort(dim=1).values  # (B, n), in order
+        return old.gather(1, keep[..., None].expand(-1, -1, old.shape[2]))
+
+
+def split_overflow(mem: torch.Tensor, length: int, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mem (B, M', W) -> (kept: its last `length` states, overflow: the newest multiple of `rate`
+    of the states before them)."""
+    cut = max(0, mem.shape[1] - length)
+    usable = cut - cut % rate
+    return mem[:, cut:], mem[:, cut - usable:cut]
+
+
+def content_attention(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Position-free attention of queries from h (B, T, W) over memory (B, n, W) with the layer's
+    projections detached -> (B, H, T, D)."""
+    weight = attention.qkv.weight.detach()
+    bias = attention.qkv.bias.detach() if attention.qkv.bias is not None else None
+    H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
+    q = F.linear(h, weight[:H * D], bias[:H * D] if bias is not None else None)
+    kv = F.linear(memory, weight[H * D:], bias[H * D:] if bias is not None else None)
+    k, v = kv.split([Hkv * D, Hkv * D], dim=-1)
+    B, T, n = h.shape[0], h.shape[1], memory.shape[1]
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, n, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    v = v.view(B, n, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    if attention.qk_scale is not None:
+        q, k = F.normalize(q, dim=-1) * attention.qk_scale.detach(), F.normalize(k, dim=-1)
+        scale = 1.0
+    else:
+        scale = D ** -0.5
+    probs = ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, H, T, n)
+    return probs @ v
+
+
+def usage(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Attention each memory state receives from the queries of h, summed over heads: (B, n)."""
+    weight = attention.qkv.weight.detach()
+    H, D = attention.heads, attention.head_dim
+    with torch.no_grad():
+        q = F.linear(h, weight[:H * D]).view(h.shape[0], h.shape[1], H, D).transpose(1, 2)
+        k = F.linear(memory, weight[H * D:H * D + attention.kv_heads * D])
+        k = k.view(memory.shape[0], memory.shape[1], attention.kv_heads, D).transpose(1, 2)
+        k = k.repeat_interleave(H // attention.kv_heads, dim=1)
+        return (q @ k.transpose(-1, -2)).softmax(dim=-1).sum(dim=(1, 2))
+
+
+def reconstruction_loss(attention, h: torch.Tensor, old: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of content attention over the old and the compressed memories."""
+    h, old = h.detach(), old.detach()
+    return (content_attention(attention, h, old) - content_attention(attention, h, compressed)).pow(2).mean()
