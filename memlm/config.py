@@ -488,10 +488,41 @@ def _seed(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
     )
 
 
+def _seed_mem(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """seed plus the memory combination the programme proposes: recurrence with layerwise
+    feedback, per-layer lengths learned by adaptive span, compressive and persistent memory."""
+    config = _seed(layers, width, heads, seq_len)
+    config.memory = MemoryConfig(length=seq_len, feedback="memory", adaptive_span=True,
+                                 span_init=0.5, compress_rate=4, compress_length=seq_len // 4,
+                                 persistent=16)
+    return config
+
+
+def _xl(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """seed plus plain Transformer-XL recurrence with memory = segment length."""
+    config = _seed(layers, width, heads, seq_len)
+    config.memory = MemoryConfig(length=seq_len)
+    return config
+
+
 PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {}
 for _size, _shape in SIZES.items():
     PRESETS[f"vanilla-{_size}"] = (lambda s=_shape: _vanilla(**s))
     PRESETS[f"seed-{_size}"] = (lambda s=_shape: _seed(**s))
+    PRESETS[f"seed-xl-{_size}"] = (lambda s=_shape: _xl(**s))
+    PRESETS[f"seed-mem-{_size}"] = (lambda s=_shape: _seed_mem(**s))
+
+DESCRIPTIONS = {
+    "vanilla": "GPT-2-style baseline: learned positions, LayerNorm, GELU, biases, multi-head",
+    "seed": "bias-free, ScaleNorm, QK-norm, squared ReLU, multi-query, RoPE",
+    "seed-xl": "seed + Transformer-XL recurrent memory of one segment",
+    "seed-mem": "seed + feedback memory, adaptive span, compressive and persistent memory",
+}
+
+
+def describe(name: str) -> str:
+    """One line on what a preset turns on."""
+    return DESCRIPTIONS[name.rsplit("-", 1)[0]]
 
 
 def presets() -> list[str]:

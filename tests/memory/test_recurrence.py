@@ -193,3 +193,21 @@ def test_memory_and_persistent_backends_agree_with_eager(backend):
     fast = build(**extra, **{"attention.backend": backend})
     ids = torch.randint(0, 256, (2, 24))
     torch.testing.assert_close(by_segments(fast, ids, 8)[0], by_segments(ref, ids, 8)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["seed-mem-tiny", "seed-xl-tiny"])
+def test_memory_presets_decode_token_by_token_like_segments(preset):
+    """Every mechanism combined: generation rolls, compresses and trims exactly as training does."""
+    model = memlm.build(preset, layers=2, width=32, seq_len=8, **{"attention.heads": 4, "memory.length": 8},
+                        **({"memory.compress_length": 2} if preset == "seed-mem-tiny" else {})).eval()
+    if model.config.memory.adaptive_span:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attention.span.span.uniform_(0, 12)
+        model.after_optimizer_step()
+    ids = torch.randint(0, 256, (2, 48))
+    segments, seg_state = by_segments(model, ids, 8)
+    tokens, tok_state = by_segments(model, ids, 1)
+    torch.testing.assert_close(tokens, segments, atol=1e-5, rtol=0)
+    if preset == "seed-mem-tiny":
+        assert seg_state.layers[0]["cmem"].shape[1] == 2
