@@ -1,0 +1,111 @@
+"""The run's environment, its markdown table, and the JSON + markdown files it leaves."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+import memlm
+
+COLUMNS = ["model", "shape", "compiled", "train tok/s", "MFU", "peak mem"]
+"""The first columns; then one 'gen tok/s bN' per generation batch size, ratio and notes."""
+
+
+def environment(device: torch.device) -> dict:
+    """Device name, versions, date (UTC) and the git commit of the code that ran."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "memlm": memlm.__version__,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def git_commit() -> str | None:
+    """Short hash of HEAD of memlm's checkout (with '+dirty' for local changes), or None."""
+    root = Path(memlm.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _number(value: float | None, fmt: str = "{:,.0f}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def flop_rate(flops: float) -> str:
+    """54.4e9 -> '54.4 GFLOP/s', 7.9e14 -> '790.0 TFLOP/s'."""
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
+def _bytes(value: int | None) -> str:
+    return "—" if value is None else f"{value / 2 ** 30:.2f} GiB"
+
+
+def row_cells(row: dict, gen_batch_sizes: list[int]) -> list[str]:
+    """One table row: the fixed columns, generation columns, and notes and errors last."""
+    train = row["train"] or {}
+    gen = [_number(row["gen_tokens_per_s"].get(f"b{b}")) for b in gen_batch_sizes]
+    remarks = row["notes"] + [error.splitlines()[0][:120] for error in row["errors"]]
+    return [row["model"], row["shape"], "yes" if row["compiled"] else "no",
+            _number(train.get("tokens_per_s")), _number(row["mfu"], "{:.1%}"), _bytes(train.get("peak_mem_bytes")),
+            *gen, _number(row["ratio"], "{:.2f}x"), "; ".join(remarks).replace("|", "/")]
+
+
+def markdown(result: dict) -> str:
+    """The result as a markdown section: environment lines, the table, then the run's notes."""
+    meta, config, peak = result["meta"], result["config"], result["peak"]
+    batch_sizes = config["gen_batch_sizes"]
+    header = COLUMNS + [f"gen tok/s b{b}" for b in batch_sizes] + ["ratio", "notes"]
+    commit = f", commit {meta['commit']}" if meta["commit"] else ""
+    lines = [
+        f"## memlm bench, {meta['date']}",
+        "",
+        f"- device: {meta['device']}",
+        f"- torch {meta['torch']}, memlm {meta['memlm']}{commit}",
+        f"- peak: {flop_rate(peak['flops'])} ({peak['dtype']} {peak['n']}^3 matmul, measured in this run)",
+        f"- training: {config['steps']} steps x {config['repeats']} repeats (median), AdamW, "
+        f"{'bf16 autocast' if meta['device_type'] == 'cuda' else 'float32'}, random tokens; "
+        f"generation: greedy, prompt {config['gen_prompt_len']}, {config['gen_new_tokens']} new tokens, "
+        f"{config['decode']} decode; ratio = train tok/s / reference GPT's at the same shape",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(row_cells(row, batch_sizes)) + " |" for row in result["rows"]]
+    lines += [""] + [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def write_results(result: dict, out: Path) -> tuple[Path, Path]:
+    """Write <out>/bench-<date>-<device>.json and .md; returns both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = re.sub(r"[^0-9T]", "", result["meta"]["date"].split("+")[0])
+    stem = out / f"bench-{stamp}-{slug(result['meta']['device'])}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown(result))
+    return json_path, md_path

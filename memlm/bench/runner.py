@@ -1,0 +1,196 @@
+"""Run the benchmark: plan the rows, measure each in isolation, add the ratios, report.
+
+For each distinct shape among the presets, the rows are the reference GPT, the presets of
+that shape and the installed peers, in that order. Every row is built just before it is
+measured and freed after (compile caches too), so peak memory is its own. A row that fails
+to build, compile or run keeps its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import sys
+import time
+import traceback
+from typing import Callable
+
+import torch
+import tyro
+
+from memlm.bench.config import BenchConfig, parse_overrides, pick_device, resolve
+from memlm.bench.contenders import REFERENCE, Contender, ContenderSpec, Shape, memlm_spec
+from memlm.bench.measure import measure_generation, measure_training
+from memlm.bench.peers import PEERS, Peer
+from memlm.bench.report import environment, markdown, write_results
+from memlm.bench.timing import measure_peak_flops
+from memlm.config import resolve as resolve_model
+
+Group = tuple[Shape, list[ContenderSpec]]
+
+
+def plan(config: BenchConfig) -> list[Group]:
+    """Rows grouped by shape: the reference first, then the presets, then the installed peers."""
+    shape_overrides = {name: getattr(config, name) for name in ("seq_len", "layers", "width")
+                       if getattr(config, name) is not None}
+    overrides = parse_overrides(config.overrides)
+    groups: dict[Shape, list[ContenderSpec]] = {}
+    for preset in config.presets:
+        model_config = resolve_model(preset, **shape_overrides, **overrides)
+        shape = Shape.of(model_config, config.batch_size)
+        groups.setdefault(shape, [REFERENCE]).append(memlm_spec(preset, model_config))
+    if config.peers:
+        for specs in groups.values():
+            specs.extend(peer.spec for peer in selected_peers(config) if peer.installed())
+    return list(groups.items())
+
+
+def selected_peers(config: BenchConfig) -> list[Peer]:
+    """The peers named in config.peer_names (all when None); an unknown name is an error."""
+    if config.peer_names is None:
+        return PEERS
+    known = [peer.spec.name for peer in PEERS]
+    unknown = [name for name in config.peer_names if name not in known]
+    if unknown:
+        raise ValueError(f"bench: unknown peer {', '.join(unknown)}; known: {', '.join(known)}")
+    return [peer for peer in PEERS if peer.spec.name in config.peer_names]
+
+
+def peer_notes(config: BenchConfig) -> list[str]:
+    """A note for each peer package that is not importable (or for peers switched off)."""
+    if not config.peers:
+        return ["peers off (--no-peers)"]
+    missing = dict.fromkeys(peer.module for peer in selected_peers(config) if not peer.installed())
+    return [f"{module} not installed: its peers skipped (pip install {module.replace('_', '-')})"
+            for module in missing]
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def attempt(row: dict, stage: str, fn: Callable):
+    """fn(), or None with the failure recorded in the row (and its traceback on stderr)."""
+    try:
+        return fn()
+    except Exception as error:  # a failing model is a row of the table, not the end of the run
+        row["errors"].append(f"{stage} failed: {type(error).__name__}: {error}")
+        log(f"{row['model']}: {stage} failed")
+        traceback.print_exc(file=sys.stderr)
+        return None
+
+
+def empty_row(spec: ContenderSpec, shape: Shape, compiled: bool) -> dict:
+    return {"model": spec.name, "kind": spec.kind, "shape": shape.label, "dims": dataclasses.asdict(shape),
+            "compiled": compiled, "params": None, "flops_per_token": None, "train": None, "mfu": None,
+            "gen_tokens_per_s": {}, "ratio": None, "notes": [], "errors": [], "wall_s": None}
+
+
+def measure_row(spec: ContenderSpec, shape: Shape, config: BenchConfig, device: torch.device,
+                peak_flops: float) -> dict:
+    """Build one contender, measure it, free it; the row records what failed on the way."""
+    started = time.perf_counter()
+    row = empty_row(spec, shape, compiled=config.compile and device.type == "cuda")
+    torch.manual_seed(config.seed)
+    contender = attempt(row, "build", lambda: spec.build(shape, device, config.decode))
+    if contender is not None:
+        try:
+            measure_contender(row, contender, shape, config, device, peak_flops)
+        finally:
+            contender.close()
+    del contender
+    release(device)
+    row["wall_s"] = time.perf_counter() - started  # build, compile and every measurement
+    return row
+
+
+def measure_contender(row: dict, contender: Contender, shape: Shape, config: BenchConfig,
+                      device: torch.device, peak_flops: float) -> None:
+    """Fill the row: training rate, MFU and peak memory, then generation at each batch size."""
+    row.update(params=contender.params, flops_per_token=contender.flops_per_token, notes=contender.notes)
+    row["train"] = attempt(row, "train", lambda: measure_training(
+        contender, shape, steps=config.steps, warmup=config.warmup, repeats=config.repeats,
+        compile=row["compiled"], device=device, seed=config.seed))
+    if row["train"] is not None:
+        row["mfu"] = row["train"]["tokens_per_s"] * contender.flops_per_token / peak_flops
+    if not config.generate or contender.decoder is None:
+        return
+    contender.objective.eval()
+    for batch_size in config.gen_batch_sizes:
+        rate = attempt(row, f"generate b{batch_size}", functools.partial(
+            measure_generation, contender.decoder, shape.vocab_size, batch_size=batch_size,
+            prompt_len=config.gen_prompt_len, new_tokens=config.gen_new_tokens, repeats=config.repeats,
+            device=device, seed=config.seed))
+        if rate is not None:
+            row["gen_tokens_per_s"][f"b{batch_size}"] = rate
+
+
+def release(device: torch.device) -> None:
+    """Free what the last row left: Python garbage, compiled graphs, cached device memory."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio = train tokens/s over the reference GPT's at the same shape (None where either is missing)."""
+    reference = next(row["train"] for row in rows if row["kind"] == "reference")
+    for row in rows:
+        if row["train"] is not None and reference is not None:
+            row["ratio"] = row["train"]["tokens_per_s"] / reference["tokens_per_s"]
+
+
+def summary(row: dict) -> str:
+    """One progress line: the row's numbers, or that it failed."""
+    parts = [f"train {row['train']['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}"] if row["train"] else []
+    parts += [f"gen {key} {rate:,.0f} tok/s" for key, rate in row["gen_tokens_per_s"].items()]
+    parts += [f"{len(row['errors'])} failed"] if row["errors"] else []
+    return f"{row['model']}: {', '.join(parts) or 'nothing measured'} ({row['wall_s']:.0f} s)"
+
+
+def measure_all(config: BenchConfig, groups: list[Group], device: torch.device) -> dict:
+    """Measure every planned row on the device; the result object that is written as JSON."""
+    log(f"measuring the matmul peak on {device}")
+    peak = measure_peak_flops(device)
+    rows = []
+    for shape, specs in groups:
+        group_rows = []
+        for spec in specs:
+            log(f"{spec.name} at {shape.label}")
+            group_rows.append(measure_row(spec, shape, config, device, peak["flops"]))
+            log(summary(group_rows[-1]))
+        add_ratios(group_rows)
+        rows += group_rows
+    return {"meta": environment(device), "config": {**dataclasses.asdict(config), "out": str(config.out)},
+            "peak": peak, "rows": rows, "notes": peer_notes(config)}
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Resolve the device defaults, plan and measure; the result as a JSON-ready dict."""
+    device = pick_device(config.device)
+    config = resolve(config, device)
+    return measure_all(config, plan(config), device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`memlm bench`: print the table, write JSON + markdown under --out, with --json print the
+    result as the last line. Exit 2 for a bad option, 1 if a memlm or reference row failed."""
+    config = tyro.cli(BenchConfig, args=argv, prog="memlm bench")
+    device = pick_device(config.device)
+    try:
+        config = resolve(config, device)
+        groups = plan(config)
+    except ValueError as error:  # memlm's ConfigError is a ValueError
+        print(f"memlm bench: {error}", file=sys.stderr)
+        return 2
+    result = measure_all(config, groups, device)
+    json_path, md_path = write_results(result, config.out)
+    print(markdown(result))
+    print(f"wrote {json_path} and {md_path}")
+    if config.json:
+        print(json.dumps(result))
+    failed = [row["model"] for row in result["rows"] if row["errors"] and row["kind"] != "peer"]
+    return 1 if failed else 0

@@ -1,0 +1,54 @@
+"""Timing on the device: CUDA events around a region (no host sync inside it), a wall clock on
+CPU, medians of repeats, and the measured matmul peak that MFU is taken against."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+PEAK_MATMUL = {"cuda": (8192, torch.bfloat16), "cpu": (256, torch.float32)}
+"""Per device type: (n, dtype) of the n x n x n matmul whose best rate is the peak."""
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of fn() on the device: CUDA events recorded around it, one sync at the end."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
+def repeat_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """`seconds(fn)` measured `repeats` times."""
+    return [seconds(fn, device) for _ in range(repeats)]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def measure_peak_flops(device: torch.device, repeats: int = 3, iters: int = 10) -> dict:
+    """The best FLOP/s of an n^3 matmul (bf16 8192^3 on CUDA, float32 256^3 on CPU) over repeats
+    of `iters` products, after a warm-up. Returns {flops, n, dtype}."""
+    n, dtype = PEAK_MATMUL["cuda" if device.type == "cuda" else "cpu"]
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)  # (n, n)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+
+    def products() -> None:
+        for _ in range(iters):
+            torch.mm(a, b)
+
+    products()
+    best = min(repeat_seconds(products, device, repeats))
+    return {"flops": 2 * n ** 3 * iters / best, "n": n, "dtype": str(dtype).removeprefix("torch.")}

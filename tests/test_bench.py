@@ -1,0 +1,219 @@
+"""memlm bench on a tiny CPU shape: the numbers it reports are the ones it measured, the
+reference GPT is what its formula says, and the table and JSON carry every row. No timing
+assertions: CPU speeds are noise."""
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import memlm
+from memlm.bench import BenchConfig, ReferenceGPT, main, markdown, reference, run_bench, runner, write_results
+from memlm.bench.config import resolve
+from memlm.bench.contenders import Contender, ContenderSpec, Shape, dense_flops_per_token
+from memlm.bench.measure import random_tokens
+from memlm.bench.peers import Peer
+
+TINY = dict(device="cpu", presets=["vanilla-tiny", "seed-tiny"], batch_size=2, seq_len=32, layers=2, width=32,
+            steps=3, warmup=1, repeats=2, gen_batch_sizes=[1, 3], gen_prompt_len=4, gen_new_tokens=5, peers=False)
+B, T, L, W, V, STEPS = 2, 32, 2, 32, 257, 3
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_bench(BenchConfig(**TINY))
+
+
+def rows_by_model(result):
+    return {row["model"]: row for row in result["rows"]}
+
+
+def test_rows_are_the_reference_then_each_preset_at_one_shape(result):
+    assert [row["model"] for row in result["rows"]] == ["reference GPT", "memlm vanilla-tiny", "memlm seed-tiny"]
+    assert [row["kind"] for row in result["rows"]] == ["reference", "memlm", "memlm"]
+    for row in result["rows"]:
+        assert row["errors"] == []
+        assert row["dims"] == dict(batch_size=B, seq_len=T, layers=L, width=W, heads=4, vocab_size=V)
+        assert row["compiled"] is False  # compile applies on CUDA only
+        assert row["wall_s"] >= sum(row["train"]["seconds"])
+
+
+def test_tokens_counted_are_batch_times_seq_times_steps_and_the_rate_uses_the_median(result):
+    for row in result["rows"]:
+        train = row["train"]
+        assert train["tokens"] == B * T * STEPS
+        assert len(train["seconds"]) == 2
+        assert train["tokens_per_s"] == pytest.approx(train["tokens"] / statistics.median(train["seconds"]), rel=1e-12)
+        assert train["peak_mem_bytes"] is None  # CPU
+
+
+def test_mfu_is_tokens_per_second_times_flops_per_token_over_the_measured_peak(result):
+    peak = result["peak"]
+    assert (peak["n"], peak["dtype"]) == (256, "float32") and peak["flops"] > 0
+    for row in result["rows"]:
+        assert row["mfu"] == pytest.approx(row["train"]["tokens_per_s"] * row["flops_per_token"] / peak["flops"],
+                                           rel=1e-12)
+    for preset in ("vanilla-tiny", "seed-tiny"):
+        model = memlm.build(preset, layers=L, width=W, seq_len=T)
+        row = rows_by_model(result)[f"memlm {preset}"]
+        assert row["flops_per_token"] == model.flops_per_token(T)
+        assert row["params"] == model.num_parameters()
+
+
+def test_ratio_is_train_rate_over_the_reference_rate(result):
+    rows = result["rows"]
+    assert rows[0]["ratio"] == 1.0
+    for row in rows[1:]:
+        assert row["ratio"] == pytest.approx(row["train"]["tokens_per_s"] / rows[0]["train"]["tokens_per_s"],
+                                             rel=1e-12)
+
+
+def test_generation_is_measured_at_each_batch_size(result):
+    for row in result["rows"]:
+        rates = row["gen_tokens_per_s"]
+        assert sorted(rates) == ["b1", "b3"]
+        assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
+
+
+def test_reference_initial_loss_on_random_tokens_is_near_ln_vocab(result):
+    assert abs(rows_by_model(result)["reference GPT"]["train"]["initial_loss"] - math.log(V)) < 0.3
+    torch.manual_seed(0)
+    model = ReferenceGPT(V, 64, 2, 4, 48)
+    ids = random_tokens(V, (4, 49), torch.device("cpu"), seed=1)  # (B, T + 1)
+    assert ids.unique().numel() > 100  # random ids, not a constant
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    assert abs(loss.item() - math.log(V)) < 0.3
+
+
+@pytest.mark.parametrize("vocab,width,layers,heads,seq", [(257, 32, 2, 4, 32), (100, 48, 3, 6, 20)])
+def test_reference_parameters_and_flops_follow_their_formulas(vocab, width, layers, heads, seq):
+    model = ReferenceGPT(vocab, width, layers, heads, seq)
+    # tied embedding + positions + per block (qkv 3W^2, proj W^2, MLP 8W^2, two bias-free norms) + final norm
+    expected = vocab * width + seq * width + layers * (12 * width ** 2 + 2 * width) + width
+    assert sum(p.numel() for p in model.parameters()) == expected
+    shape = Shape(2, seq, layers, width, heads, vocab)
+    assert dense_flops_per_token(model, shape, seq) == 6 * (12 * layers * width ** 2 + vocab * width) \
+        + 12 * layers * width * seq
+    vanilla = memlm.build("vanilla-tiny", vocab_size=vocab, width=width, layers=layers, seq_len=seq,
+                          **{"attention.heads": heads})
+    assert vanilla.flops_per_token(seq) == dense_flops_per_token(model, shape, seq)  # same matmuls
+
+
+def test_reference_cached_greedy_decoding_equals_the_argmax_of_full_passes():
+    model = ReferenceGPT(V, 32, 2, 4, 32).eval()
+    prompt = torch.randint(0, V, (3, 5))
+    ids = reference.generate(model, prompt, 6)
+    assert ids.shape == (3, 11) and torch.equal(ids[:, :5], prompt)
+    for t in range(5, 11):
+        assert torch.equal(ids[:, t], model(ids[:, :t])[0][:, -1].argmax(-1))
+
+
+def table_lines(text):
+    return [line for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_markdown_has_one_row_per_model_and_names_device_and_torch(result):
+    text = markdown(result)
+    header, *rows = table_lines(text)
+    assert len(rows) == len(result["rows"]) == 3
+    for line, row in zip(rows, result["rows"], strict=True):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[0] == row["model"]
+        assert cells[3] == f"{row['train']['tokens_per_s']:,.0f}"
+        assert cells[-2] == f"{row['ratio']:.2f}x"
+    assert header.split("|")[7:9] == [" gen tok/s b1 ", " gen tok/s b3 "]
+    assert result["meta"]["device"] in text and torch.__version__ in text
+
+
+def test_json_and_markdown_files_round_trip(result, tmp_path):
+    json_path, md_path = write_results(result, tmp_path / "out")
+    assert json.loads(json_path.read_text()) == result
+    assert md_path.read_text() == markdown(result)
+    assert json_path.stem == md_path.stem and json_path.parent == tmp_path / "out"
+
+
+def cli_args(tmp_path):
+    args = ["--device", "cpu", "--presets", "seed-tiny", "--batch-size", "2", "--seq-len", "32", "--layers", "2",
+            "--width", "32", "--steps", "2", "--repeats", "1", "--gen-batch-sizes", "2",
+            "--gen-prompt-len", "4", "--gen-new-tokens", "3", "--no-peers", "--out", str(tmp_path)]
+    return args
+
+
+def test_main_prints_the_result_as_the_last_line_and_writes_it(tmp_path, capsys):
+    assert main(cli_args(tmp_path) + ["--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (written,) = tmp_path.glob("*.json")
+    assert printed == json.loads(written.read_text())
+    assert [row["model"] for row in printed["rows"]] == ["reference GPT", "memlm seed-tiny"]
+    assert printed["rows"][1]["train"]["tokens"] == 2 * 32 * 2
+    assert printed["config"]["peers"] is False and printed["notes"] == ["peers off (--no-peers)"]
+
+
+def test_main_rejects_a_generation_longer_than_the_sequence(tmp_path, capsys):
+    assert main(cli_args(tmp_path) + ["--gen-new-tokens", "40"]) == 2
+    assert "exceeds seq_len = 32" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_device_defaults():
+    cpu = resolve(BenchConfig(), torch.device("cpu"))
+    assert (cpu.presets, cpu.batch_size, cpu.seq_len, cpu.layers, cpu.width, cpu.steps) == \
+        (["vanilla-tiny", "seed-tiny"], 2, 64, 2, 64, 2)
+    cuda = resolve(BenchConfig(), torch.device("cuda"))
+    assert (cuda.presets, cuda.batch_size, cuda.seq_len, cuda.layers, cuda.width, cuda.steps) == \
+        (["vanilla-small", "seed-small"], 32, 512, None, None, 20)
+    assert resolve(BenchConfig(batch_size=5), torch.device("cpu")).batch_size == 5
+
+
+class Exploding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, inputs, targets):
+        raise RuntimeError("kernel exploded")
+
+
+def exploding_contender(shape, device, decode_mode):
+    return Contender(Exploding(), flops_per_token=1.0, params=0)
+
+
+def unbuildable(shape, device, decode_mode):
+    raise ImportError("peer needs a missing extension")
+
+
+def test_failing_and_missing_peers_become_rows_and_notes_not_crashes(monkeypatch):
+    monkeypatch.setattr(runner, "PEERS", [
+        Peer(ContenderSpec("unbuildable peer", "peer", unbuildable), "torch"),
+        Peer(ContenderSpec("exploding peer", "peer", exploding_contender), "torch"),
+        Peer(ContenderSpec("absent peer", "peer", unbuildable), "no_such_peer_package"),
+    ])
+    result = run_bench(BenchConfig(**{**TINY, "presets": ["seed-tiny"], "peers": True, "generate": False}))
+    rows = rows_by_model(result)
+    assert list(rows) == ["reference GPT", "memlm seed-tiny", "unbuildable peer", "exploding peer"]
+    assert rows["unbuildable peer"]["errors"] == ["build failed: ImportError: peer needs a missing extension"]
+    assert rows["exploding peer"]["errors"] == ["train failed: RuntimeError: kernel exploded"]
+    for name in ("unbuildable peer", "exploding peer"):
+        assert (rows[name]["train"], rows[name]["mfu"], rows[name]["ratio"]) == (None, None, None)
+    assert rows["memlm seed-tiny"]["errors"] == [] and rows["memlm seed-tiny"]["ratio"] > 0
+    assert result["notes"] == ["no_such_peer_package not installed: its peers skipped "
+                               "(pip install no-such-peer-package)"]
+    _, *lines = table_lines(markdown(result))
+    assert len(lines) == 4 and "train failed: RuntimeError: kernel exploded" in lines[3]
+
+
+def test_peer_names_pick_peers_and_unknown_names_are_rejected(monkeypatch):
+    monkeypatch.setattr(runner, "PEERS", [
+        Peer(ContenderSpec("first peer", "peer", unbuildable), "torch"),
+        Peer(ContenderSpec("second peer", "peer", unbuildable), "torch"),
+    ])
+    config = resolve(BenchConfig(**{**TINY, "peers": True, "peer_names": ["second peer"]}), torch.device("cpu"))
+    ((shape, specs),) = runner.plan(config)
+    assert shape == Shape(B, T, L, W, 4, V)
+    assert [spec.name for spec in specs] == ["reference GPT", "memlm vanilla-tiny", "memlm seed-tiny", "second peer"]
+    with pytest.raises(ValueError, match="unknown peer third peer; known: first peer, second peer"):
+        runner.plan(resolve(BenchConfig(**{**TINY, "peers": True, "peer_names": ["third peer"]}),
+                            torch.device("cpu")))
