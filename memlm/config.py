@@ -135,6 +135,12 @@ class MemoryConfig:
     """Compression function: max, mean, conv (learned 1D convolution), most_used."""
     compress_loss: float = 1.0
     """Weight of the attention-reconstruction loss (trains only the compressor) in aux_loss."""
+    tokens: int = 0
+    """Memory tokens (Memory Transformer, arXiv 2006.11527): M learned embeddings read before every
+    segment, seen by all its tokens; 0 = off. Cannot be combined with recurrent memory."""
+    tokens_recurrent: bool = False
+    """Recurrent memory tokens (as in the Recurrent Memory Transformer, arXiv 2207.06881): M write
+    tokens after each segment; their outputs are the next segment's memory tokens."""
 
 
 @dataclass
@@ -301,10 +307,30 @@ class ModelConfig:
             if m.feedback == "add":
                 raise ConfigError("memory.compress_rate", m.compress_rate,
                                   "compressive memory compresses the recurrent memory; feedback=add has none")
+        self._validate_memory_tokens()
         if self.recurrent and self.position.kind == "learned":
             raise ConfigError("position.kind", "learned",
                               "a learned absolute table cannot follow a stream past max_positions; "
                               "with recurrent memory use rope, xpos, t5, tupe, sinusoidal or none")
+
+    def _validate_memory_tokens(self) -> None:
+        m = self.memory
+        if not isinstance(m.tokens, int) or isinstance(m.tokens, bool) or m.tokens < 0:
+            raise ConfigError("memory.tokens", m.tokens, "must be an integer >= 0")
+        if not isinstance(m.tokens_recurrent, bool):
+            raise ConfigError("memory.tokens_recurrent", m.tokens_recurrent, "must be true or false")
+        if m.tokens_recurrent and not m.tokens:
+            raise ConfigError("memory.tokens_recurrent", m.tokens_recurrent, "needs memory.tokens > 0")
+        if m.tokens and self.recurrent:
+            raise ConfigError("memory.tokens", m.tokens,
+                              "memory tokens carry the past themselves and cannot be combined with "
+                              "recurrent memory (memory.length, lengths, feedback); combining the two "
+                              "is future work")
+        if m.tokens and self.position.kind == "tupe":
+            raise ConfigError("position.kind", "tupe",
+                              "TUPE's untied term needs an absolute position for every query and key, "
+                              "and memory tokens have none; with memory.tokens use rope, xpos, t5, "
+                              "learned, sinusoidal or none")
 
     # ----- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+CLEARED_ON_RESET = ("feedback", "memory_tokens", "memory_written")
+"""Per-row layer tensors (B, ...) that are not keyed by position, so `row_start` cannot hide
+them: `reset` zeroes (False for bool tensors) the rows it forgets."""
+
+
 @dataclass
 class State:
     position: int
@@ -25,7 +30,9 @@ class State:
     without recurrent memory; for recurrent ones 'mem' (B, M, W) rolled memory, 'pending'
     (B, T_p, W) inputs of the unfinished segment, 'feedback' (B, T, W) for additive feedback,
     and on the top layer 'top' (B, T_p, W) its pending outputs and optionally 'external'
-    (B, M, W), a tensor the user supplies as the top layer's feedback memory."""
+    (B, M, W), a tensor the user supplies as the top layer's feedback memory. Memory tokens
+    (memlm.memory.tokens) keep the current segment's cache 'k', 'v' and, in recurrent mode, on
+    layer 0 'memory_tokens' (B, M, W) and 'memory_written' (B,) bool."""
     masked: bool = False
     """True once some row was reset: attention must then apply row_start (a Python flag, so
     models that never reset keep the unmasked fast kernels without a device sync)."""
@@ -55,8 +62,11 @@ class State:
         layers = []
         for layer in self.layers:
             layer = dict(layer)
-            if "feedback" in layer:  # additive feedback is not keyed by position: clear it
-                layer["feedback"] = layer["feedback"] * (~mask).to(layer["feedback"].dtype)[:, None, None]
+            for name in CLEARED_ON_RESET:  # not keyed by position: clear the forgotten rows
+                if name in layer:
+                    t = layer[name]
+                    forget = mask.to(t.device).view(-1, *[1] * (t.dim() - 1))
+                    layer[name] = torch.where(forget, torch.zeros((), dtype=t.dtype, device=t.device), t)
             layers.append(layer)
         return State(self.position, row_start, layers, masked=True)
 

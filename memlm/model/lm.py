@@ -6,6 +6,9 @@
         -> final norm -> output head (tied to the embedding by default)
         -> logits (B, T, vocab)
 
+A model with memory tokens (memlm.memory.tokens) runs each segment as [read | tokens | write];
+`forward` hands it to that module.
+
 Forgetful causal masking ("Forgetful Causal Masking Makes Causal Language Models Better
 Zero-Shot Learners", Liu et al., arXiv 2210.13432) is drawn here once per forward: in
 training, each row draws a ratio r ~ U[0, eta] and hides each of its segment's keys with
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.memory import recurrence
+from memlm.memory import recurrence, tokens
 from memlm.memory.compressive import Compressor
 from memlm.memory.state import State
 from memlm.model.attention import SegmentContext
@@ -71,6 +74,7 @@ class LanguageModel(nn.Module):
         self.apply(self._init_weights)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.memory_tokens = tokens.MemoryTokens(c) if c.memory.tokens else None
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -97,6 +101,9 @@ class LanguageModel(nn.Module):
         B, T = input_ids.shape
         if state is not None and state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
+        if self.memory_tokens is not None:  # segments run as [read | tokens | write] (memlm.memory.tokens)
+            logits, new_state = tokens.forward(self, input_ids, state)
+            return ModelOutput(logits, self._loss(logits, targets), self._span_penalty(input_ids.device), new_state)
         q_start = state.position if state is not None else 0
         device = input_ids.device
 
@@ -123,14 +130,17 @@ class LanguageModel(nn.Module):
                 layers.append(layer_state)
         logits = self.head(self.final_norm(x))  # (B, T, vocab)
 
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=-100)
+        loss = self._loss(logits, targets)
         new_state = None
         if state is not None:
             new_state = State(q_start + T, state.row_start, layers, state.masked)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, state=new_state)
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+        if targets is None:
+            return None
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
     def _recurrent_blocks(self, x: torch.Tensor, ctx: SegmentContext, state: State):
         """Run the blocks with recurrent memory; return the top output and the next layer states."""

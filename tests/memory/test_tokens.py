@@ -1,0 +1,222 @@
+"""Memory tokens (arXiv 2006.11527) and their recurrent mode (after arXiv 2207.06881)."""
+
+import pytest
+import torch
+
+import memlm
+from memlm.config import ConfigError
+from memlm.model.attention import SegmentContext
+
+M, W, L = 3, 32, 8
+KINDS = ["rope", "t5", "xpos", "none", "learned", "sinusoidal"]
+RELATIVE = ["rope", "t5", "xpos", "none"]
+
+
+def build(recurrent=False, tokens=M, **extra):
+    overrides = {"layers": 2, "width": W, "seq_len": L, "max_positions": 64, "attention.heads": 4,
+                 "memory.tokens": tokens, "memory.tokens_recurrent": recurrent}
+    overrides.update(extra)
+    return memlm.build("seed-tiny", **overrides).eval()
+
+
+def by_segments(model, ids, size, state=None):
+    state = state or model.init_state(ids.shape[0])
+    pieces = []
+    for start in range(0, ids.shape[1], size):
+        out = model(ids[:, start:start + size], state=state)
+        pieces.append(out.logits)
+        state = out.state
+    return torch.cat(pieces, dim=1), state
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_token_by_token_equals_segment_by_segment(kind, recurrent):
+    model = build(recurrent, **{"position.kind": kind})
+    ids = torch.randint(0, 256, (2, 3 * L + 4))  # three segments and a part
+    segments, seg_state = by_segments(model, ids, L)
+    tokens, tok_state = by_segments(model, ids, 1)
+    uneven, _ = by_segments(model, ids, 5)  # pieces that straddle segment boundaries
+    assert segments.shape == (2, 3 * L + 4, 257)
+    torch.testing.assert_close(tokens, segments, atol=1e-5, rtol=0)
+    torch.testing.assert_close(uneven, segments, atol=1e-5, rtol=0)
+    # the state holds the current segment's cache only: M read tokens + 4 tokens
+    assert tok_state.layers[1]["k"].shape[2] == seg_state.layers[1]["k"].shape[2] == M + 4
+    if recurrent:
+        assert seg_state.layers[0]["memory_tokens"].shape == (2, M, W)
+        torch.testing.assert_close(tok_state.layers[0]["memory_tokens"], seg_state.layers[0]["memory_tokens"],
+                                   atol=1e-5, rtol=0)
+    else:
+        assert "memory_tokens" not in seg_state.layers[0]
+    if not recurrent:  # no state: every seq_len piece on its own, at its stream positions
+        torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
+    if not recurrent and kind in RELATIVE:  # ... which for relative positions is model(segment)
+        alone = torch.cat([model(ids[:, s:s + L]).logits for s in range(0, ids.shape[1], L)], dim=1)
+        torch.testing.assert_close(alone, segments, atol=1e-5, rtol=0)
+
+
+def reference(model, ids, read, write):
+    """[read | ids | write] through the blocks as one plain causal sequence (relative positions)."""
+    parts = [read, model.embed(ids)] + ([model.memory_tokens.embedding.expand(ids.shape[0], -1, -1)] if write else [])
+    x = torch.cat(parts, dim=1)
+    ctx = SegmentContext(q_start=0, row_start=None, keep=None,
+                         bias=model._bias_provider(0, x.shape[1], ids.device))
+    for block in model.blocks:
+        x, _ = block(x, ctx, None)
+    T = ids.shape[1]
+    return model.head(model.final_norm(x[:, M:M + T])), x[:, M + T:]
+
+
+@pytest.mark.parametrize("kind", ["rope", "t5"])
+def test_recurrent_memory_tokens_match_their_definition(kind):
+    model = build(True, **{"position.kind": kind})
+    ids = torch.randint(0, 256, (2, 3 * L))
+    logits, state = by_segments(model, ids, L)
+    read = model.memory_tokens.embedding.expand(2, -1, -1)
+    expected = []
+    for s in range(3):
+        seg_logits, read = reference(model, ids[:, s * L:(s + 1) * L], read, write=True)
+        expected.append(seg_logits)
+    torch.testing.assert_close(logits, torch.cat(expected, dim=1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(state.layers[0]["memory_tokens"], read, atol=1e-5, rtol=0)
+    assert "k" not in state.layers[0]  # a completed segment leaves no cache
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_only_recurrent_mode_carries_information_across_segments(recurrent):
+    model = build(recurrent)
+    ids = torch.randint(0, 256, (2, 2 * L))
+    other = ids.clone()
+    other[:, :L] = torch.randint(0, 256, (2, L))
+    a, _ = by_segments(model, ids, L)
+    b, _ = by_segments(model, other, L)
+    assert not torch.allclose(a[:, :L], b[:, :L], atol=1e-3)
+    if recurrent:
+        assert (a[:, L:] - b[:, L:]).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(a[:, L:], b[:, L:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_parameters_and_read_tokens_are_attended(recurrent):
+    torch.manual_seed(1)
+    plain = build(tokens=0)
+    torch.manual_seed(1)
+    model = build(recurrent)
+    assert model.num_parameters() == plain.num_parameters() + M * W
+    ids = torch.randint(0, 256, (2, 11))
+    logits = model(ids).logits
+    assert logits.shape == (2, 11, 257)
+    assert not torch.allclose(logits, plain(ids).logits, atol=1e-4)  # same weights, memory seen
+    with torch.no_grad():
+        model.memory_tokens.embedding.zero_()
+    assert (model(ids).logits - logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("kind", ["rope", "t5"])
+def test_reset_rows_behave_like_a_fresh_state(kind, recurrent):
+    model = build(recurrent, **{"position.kind": kind})
+    ids = torch.randint(0, 256, (2, 3 * L))
+    kept, _ = by_segments(model, ids, L)
+    _, state = by_segments(model, ids[:, :2 * L], L)
+    state = state.reset(torch.tensor([True, False]))
+    if recurrent:
+        assert not state.layers[0]["memory_written"][0] and state.layers[0]["memory_written"][1]
+    logits, _ = by_segments(model, ids[:, 2 * L:], 1, state)  # token by token, through the cache
+    fresh = model(ids[:1, 2 * L:], state=model.init_state(1)).logits
+    torch.testing.assert_close(logits[:1], fresh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1:], kept[1:, 2 * L:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_reset_inside_a_segment_forgets_the_row_past(recurrent):
+    """Row 0 is reset at position L + 4: what follows must not depend on what came before."""
+    model = build(recurrent)
+    ids = torch.randint(0, 256, (2, 3 * L))
+    other = ids.clone()
+    other[0, :L + 4] = torch.randint(0, 256, (L + 4,))
+    results = []
+    for x in (ids, other):
+        _, state = by_segments(model, x[:, :L + 4], 4)
+        state = state.reset(torch.tensor([True, False]))
+        results.append(by_segments(model, x[:, L + 4:], 4, state)[0])
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[0][1], by_segments(model, ids, 4)[0][1, L + 4:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@torch.no_grad()
+def test_backends_agree_with_eager(backend):
+    extra = {"position.kind": "t5", "attention.kv_heads": 2}
+    torch.manual_seed(3)
+    ref = build(True, **extra, **{"attention.backend": "eager"})
+    torch.manual_seed(3)
+    fast = build(True, **extra, **{"attention.backend": backend})
+    ids = torch.randint(0, 256, (2, 2 * L))
+    outputs = []
+    for model in (ref, fast):
+        _, state = by_segments(model, ids, L)
+        state = state.reset(torch.tensor([False, True]))
+        outputs.append(by_segments(model, ids, 3, state)[0])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-4, rtol=1e-4)
+
+
+def test_generation_with_the_cache_equals_recomputation():
+    model = build(True)
+    prompt = torch.randint(0, 256, (2, 5))
+    out = memlm.generate(model, prompt, max_new_tokens=2 * L, temperature=0)
+    for t in range(5, out.shape[1]):  # greedy: each new token is the argmax of a fresh pass over the prefix
+        logits, _ = by_segments(model, out[:, :t], L)
+        assert torch.equal(out[:, t], logits[:, -1].argmax(-1))
+
+
+def test_gradients_cross_segments_within_a_call_and_detach_cuts_them():
+    model = build(True).train()
+    ids = torch.randint(0, 256, (1, 2 * L))
+    embedded = []
+    handle = model.embed.register_forward_hook(lambda module, args, output: embedded.append(output) or output.retain_grad())
+    out = model(ids, state=model.init_state(1))
+    handle.remove()
+    out.logits[:, L:].sum().backward()  # the second segment reaches the first through the memory tokens
+    assert embedded[0].grad[:, :L].abs().sum() > 0
+    assert out.state.layers[0]["memory_tokens"].grad_fn is not None
+    detached = out.state.detach()
+    assert all(t.grad_fn is None and not t.requires_grad for layer in detached.layers for t in layer.values())
+
+
+def test_training_steps_lower_the_loss_in_recurrent_mode():
+    model = build(True).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    initial = model.memory_tokens.embedding.detach().clone()
+    ids = torch.randint(0, 256, (4, 3 * L + 1))
+    losses = []
+    for _ in range(8):
+        state, total = model.init_state(4), 0.0
+        for s in range(0, 3 * L, L):
+            out = model(ids[:, s:s + L], targets=ids[:, s + 1:s + L + 1], state=state)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            state, total = out.state.detach(), total + out.loss.item()
+        losses.append(total / 3)
+    assert losses[-1] < losses[0] - 0.5, losses
+    # the learned memory is trained (through the first segment's read and every write)
+    assert (model.memory_tokens.embedding.detach() - initial).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"memory.tokens": -1}, "memory.tokens"),
+    ({"memory.tokens": 2, "memory.length": 8}, "memory.tokens"),
+    ({"memory.tokens": 2, "memory.lengths": [0, 4]}, "memory.tokens"),
+    ({"memory.tokens": 2, "memory.feedback": "add"}, "memory.tokens"),
+    ({"memory.tokens": 0, "memory.tokens_recurrent": True}, "memory.tokens_recurrent"),
+    ({"memory.tokens": 2, "position.kind": "tupe"}, "position.kind"),
+])
+def test_config_errors(overrides, field):
+    with pytest.raises(ConfigError) as error:
+        build(**{k: v for k, v in overrides.items() if k != "memory.tokens"},
+              tokens=overrides.get("memory.tokens", M))
+    assert error.value.field_name == field
+    if overrides.get("memory.length"):
+        assert "future work" in str(error.value)
