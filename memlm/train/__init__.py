@@ -1,0 +1,11 @@
+"""Training: the loop (`train`, `Trainer`), its config, optimizer, schedules and checkpoints.
+
+    from memlm.train import TrainConfig, train
+    summary = train(memlm.config.resolve("seed-tiny"), TrainConfig(steps=200), preset="seed-tiny")
+"""
+
+from memlm.train.checkpoint import CheckpointError, load_model
+from memlm.train.config import TrainConfig
+from memlm.train.trainer import Trainer, train
+
+__all__ = ["CheckpointError", "TrainConfig", "Trainer", "load_model", "train"]

@@ -1,0 +1,153 @@
+"""Checkpoints: weights as safetensors, trainer state with torch.save, configs as JSON.
+
+    <run>/checkpoints/
+        step-00000400/        one directory per kept checkpoint
+            model.safetensors   weights; the output head tied to the embedding is stored once
+            trainer.pt          optimizer, step / token / time counters, each rank's data-loader and RNG state
+            config.json         {"model": ..., "train": ..., "data": ...}
+        latest -> step-00000400 symbolic links, each replaced atomically
+        best -> step-00000300
+
+A save writes a fresh temporary directory, renames it to its step name (a new name, so no
+existing checkpoint is touched) and then points `latest` (and `best`) at it with
+`os.replace` of a new link. A crash at any moment leaves every link pointing at a complete
+checkpoint; the next save removes the leftovers and the directories no link points at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from memlm.config import ModelConfig
+from memlm.model import LanguageModel
+
+WEIGHTS, TRAINER, CONFIG = "model.safetensors", "trainer.pt", "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(Exception):
+    """A missing or unreadable run directory or checkpoint (a one-line message for the user)."""
+
+
+def save(root: str | Path, step: int, model: nn.Module, trainer_state: dict[str, Any],
+         config: dict[str, Any], pointers: tuple[str, ...] = ("latest",)) -> Path:
+    """Write the checkpoint of `step` under `root` and point each name in `pointers` at it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    if final.exists() and final.name in _targets(root):  # this very state is saved already
+        for name in pointers:
+            _point(root / name, final.name)
+        _prune(root)
+        return final
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS), metadata={"step": str(step)})
+        torch.save(trainer_state, tmp / TRAINER)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for path in tmp.iterdir():
+            _fsync(path)
+        if final.exists():  # an unreferenced leftover of a crashed run
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in pointers:
+        _point(root / name, final.name)
+    _prune(root)
+    return final
+
+
+def _point(link: Path, target: str) -> None:
+    """Make `link` a symbolic link to `target` atomically (a new link renamed over the old)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _targets(root: Path) -> set[str]:
+    """Names of the checkpoint directories some link (`latest`, `best`) points at."""
+    return {os.readlink(p) for p in root.iterdir() if p.is_symlink() and not p.name.startswith(".")}
+
+
+def _prune(root: Path) -> None:
+    """Remove checkpoints no link points at and temporary leftovers of crashed saves."""
+    keep = _targets(root)
+    for path in root.iterdir():
+        if path.is_symlink():
+            if path.name.startswith("."):  # a link a crash left before renaming it into place
+                path.unlink()
+        elif (path.name.startswith("step-") and path.name not in keep) or path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----- reading ------------------------------------------------------------------------
+
+def find(path: str | Path, pointer: str = "latest") -> Path:
+    """The checkpoint directory named by `path`: a checkpoint directory itself, or a run
+    directory (its checkpoints/<pointer>). Raises CheckpointError when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run directory or checkpoint: {path}")
+    candidates = [path, path / pointer, path / CHECKPOINTS / pointer]
+    for candidate in candidates:
+        if (candidate / WEIGHTS).is_file() and (candidate / CONFIG).is_file():
+            return candidate.resolve()
+    raise CheckpointError(f"no checkpoint in {path} (expected {WEIGHTS} and {CONFIG} there or in "
+                          f"{CHECKPOINTS}/{pointer}/)")
+
+
+def read_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The {"model", "train", "data"} dict saved with a checkpoint."""
+    try:
+        return json.loads((Path(checkpoint) / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {Path(checkpoint) / CONFIG}: {e}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, dict[str, Any]]:
+    """The model of a run directory or checkpoint (in eval mode), and its saved configs."""
+    checkpoint = find(path)
+    config = read_config(checkpoint)
+    model = LanguageModel(ModelConfig.from_dict(config["model"]))
+    load_weights(model, checkpoint, device)
+    return model.to(device).eval(), config
+
+
+def load_weights(model: nn.Module, checkpoint: str | Path, device: str | torch.device = "cpu") -> None:
+    """Load a checkpoint's weights into `model` (which must have the same architecture)."""
+    file = Path(checkpoint) / WEIGHTS
+    try:
+        safetensors.torch.load_model(model, str(file), strict=True, device=str(device))
+    except (OSError, RuntimeError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"cannot load weights from {file}: {str(e).splitlines()[0]}") from None
+
+
+def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The trainer state saved with a checkpoint (tensors on the CPU)."""
+    file = Path(checkpoint) / TRAINER
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"cannot load trainer state from {file}: {e}") from None

@@ -1,0 +1,151 @@
+"""Training configuration: one dataclass whose field docstrings are the CLI's help texts.
+
+Fields left at None are filled in by `resolve(device)` from the device the run trains on
+(the main job: seed-tiny for 3 minutes on CPU, seed-small for 10 minutes on CUDA), and the
+resolved config is what a run directory records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from memlm.config import ConfigError
+from memlm.data import DEFAULT_FRACTIONS
+
+SCHEDULES = ("cosine", "wsd")
+PRECISIONS = ("auto", "bf16", "fp32")
+CPU_MINUTES, CUDA_MINUTES = 3.0, 10.0
+CPU_BATCH, CUDA_BATCH = 8, 32
+CPU_LR, CUDA_LR = 2e-3, 1e-3
+
+
+@dataclass
+class TrainConfig:
+    data: str = "stdlib"
+    """Training corpus: 'stdlib', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    """Train / validation / test share of the documents (split by a hash of each document's name)."""
+    out: str | None = None
+    """Run directory; None = runs/<preset>-<timestamp>."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint, with its saved configs (a budget given here replaces the saved one)."""
+
+    steps: int | None = None
+    """Budget in optimizer steps (give at most one of steps, tokens, minutes)."""
+    tokens: int | None = None
+    """Budget in training tokens, rounded up to whole steps."""
+    minutes: float | None = None
+    """Budget in wall-clock minutes of training (evaluations and checkpoints included); with no budget given: 3 on CPU, 10 on CUDA."""
+
+    batch_size: int | None = None
+    """Sequences per micro-step on each rank; None = 8 on CPU, 32 on CUDA."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (tokens per step = batch_size * seq_len * grad_accum * ranks)."""
+    lr: float | None = None
+    """Peak learning rate; None = 2e-3 on CPU (for seed-tiny), 1e-3 on CUDA (for seed-small)."""
+    min_lr_frac: float = 0.1
+    """The schedule decays to lr * min_lr_frac."""
+    warmup_steps: int = 100
+    """Linear warmup from lr / warmup_steps to lr over this many steps."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine, or wsd (warmup-stable-decay: constant, then linear decay over the last decay_frac)."""
+    decay_frac: float = 0.2
+    """WSD only: share of the post-warmup budget spent decaying."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to parameters with >= 2 dimensions (matrices, embeddings) only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+
+    seed: int = 0
+    """Seed of the model init, the data order and dropout."""
+    device: str = "auto"
+    """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK."""
+    precision: str = "auto"
+    """Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32."""
+    compile: bool = False
+    """Wrap the model in torch.compile for training (evaluation and sampling run uncompiled)."""
+
+    eval_every: int | None = None
+    """Steps between validation evaluations (and text samples); None = 10 over the budget (in steps, or in time for minutes)."""
+    eval_batches: int = 8
+    """Validation batches (batch_size x seq_len tokens each, spread over the split) scored at each evaluation."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints; None = at every evaluation. The last step always saves one."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest validation bpb (checkpoints/best)."""
+    log_every: int = 10
+    """Steps between training-metric records (metrics.jsonl, TensorBoard, progress bar)."""
+    sample_bytes: int = 200
+    """Bytes sampled at each evaluation (written to samples.txt)."""
+    sample_prompt: str = ""
+    """Text the samples continue (after an end-of-document token, i.e. at a document start)."""
+    sample_temperature: float = 0.8
+    """Sampling temperature of the samples."""
+    cache_dir: str | None = None
+    """Where prepared corpora are cached; None = $MEMLM_CACHE or ~/.cache/memlm."""
+
+    def resolve(self, device_type: str) -> "TrainConfig":
+        """A validated copy with the device-dependent defaults (batch size, budget) filled in."""
+        cpu = device_type == "cpu"
+        resolved = dataclasses.replace(self, batch_size=self.batch_size or (CPU_BATCH if cpu else CUDA_BATCH),
+                                       lr=self.lr or (CPU_LR if cpu else CUDA_LR))
+        if self.steps is None and self.tokens is None and self.minutes is None:
+            resolved.minutes = CPU_MINUTES if cpu else CUDA_MINUTES
+        return resolved.validate()
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError for the first invalid field; return self when all is well."""
+        budgets = {k: v for k, v in [("steps", self.steps), ("tokens", self.tokens), ("minutes", self.minutes)]
+                   if v is not None}
+        if len(budgets) > 1:
+            raise ConfigError("budget", budgets, "give only one of steps, tokens, minutes")
+        for name in ("steps", "tokens", "batch_size", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(name, value, "must be a positive integer")
+        if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise ConfigError("minutes", self.minutes, "must be > 0")
+        for name in ("grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, getattr(self, name), "must be a positive integer")
+        for name in ("warmup_steps", "sample_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError("lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise ConfigError("min_lr_frac", self.min_lr_frac, "must lie in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must lie in [0, 1)")
+        if not 0 < self.decay_frac <= 1:
+            raise ConfigError("decay_frac", self.decay_frac, "must lie in (0, 1]")
+        for name in ("weight_decay", "grad_clip", "sample_temperature"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(unknown[0], data[unknown[0]], f"unknown train field; known: {', '.join(sorted(names))}")
+        data = dict(data)
+        if "fractions" in data:
+            data["fractions"] = tuple(data["fractions"])
+        return cls(**data)

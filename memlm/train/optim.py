@@ -1,0 +1,27 @@
+"""AdamW with weight decay on matrices and embeddings only (the nanoGPT rule).
+
+Parameters with two or more dimensions (linear weights, embedding tables) are decayed;
+vectors and scalars (biases, norm gains, the QK-norm scale) are not. Tied weights are one
+parameter and land in one group once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: parameters with dim >= 2 decayed, the rest not."""
+    params = [p for p in model.parameters() if p.requires_grad]  # model.parameters() yields tied weights once
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device_type: str) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
+                             fused=device_type == "cuda")

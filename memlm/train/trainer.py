@@ -1,0 +1,389 @@
+"""The training loop: budget, schedule, data-parallel steps, evaluation, samples, checkpoints.
+
+    train(model_config, TrainConfig(...))         # also the body of `memlm train` and of torchrun
+      for each optimizer step (until the step, token or wall-clock budget is used):
+        lr <- schedule(step, progress)
+        grad_accum x [next batch -> forward (autocast) -> backward]   (DDP syncs on the last one)
+        clip the gradient norm, AdamW step
+        every log_every: metrics.jsonl + TensorBoard + progress bar
+        every eval_every (default: 10 times a run): validation bpb on eval_batches batches, a text sample
+        every checkpoint_every (default: with each evaluation) and at the end: checkpoint (latest, best)
+      test bpb on the whole test split, the curves PNG
+
+Resuming restores the weights, the optimizer, the counters, and every rank's data-loader
+and RNG state, so the steps after a resume are the steps an uninterrupted run would have
+taken. When the number of ranks changed, the loaders and RNGs are re-seeded from
+(seed, step) instead: the data order then differs from an uninterrupted run, as it must.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from memlm.config import ModelConfig
+from memlm.data import PreparedCorpus, RandomWindows, prepare
+from memlm.eval import evaluate
+from memlm.memory.state import State
+from memlm.model import LanguageModel
+from memlm.train import checkpoint, distributed
+from memlm.train.config import TrainConfig
+from memlm.train.metrics import MetricsLog, read
+from memlm.train.optim import make_optimizer
+from memlm.train.plot import plot_curves
+from memlm.train.precision import autocast
+from memlm.train.progress import ProgressBar
+from memlm.train.sample import sample_text
+from memlm.train.schedule import Schedule, step_progress
+
+EVALUATIONS = 10
+"""Evaluations (and checkpoints) over a run whose eval_every is None."""
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+"""Dense bf16 tensor-core peaks (vendor figures) for the MFU estimate, by device-name fragment."""
+
+
+def train(model_config: ModelConfig, config: TrainConfig, preset: str | None = None) -> dict[str, Any]:
+    """Train (or resume) a run and return its summary; joins the torchrun process group if any."""
+    info = distributed.setup(config.device)
+    try:
+        return Trainer(model_config, config, info, preset).fit()
+    finally:
+        distributed.teardown(info)
+
+
+def default_run_dir(preset: str | None) -> Path:
+    return Path("runs") / f"{preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def derived_seed(*values: int) -> int:
+    """A seed that depends on every value (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
+
+
+class Trainer:
+    """One training run in one process (one rank of a data-parallel job)."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, info: distributed.Dist,
+                 preset: str | None = None):
+        self.info, self.device = info, info.device
+        out = Path(config.out) if config.out else default_run_dir(preset)
+        self.out = Path(distributed.all_gather_objects(info, str(out))[0])  # rank 0's timestamp everywhere
+        resume_from = None
+        if config.resume:
+            resume_from = checkpoint.find(self.out)
+            saved = checkpoint.read_config(resume_from)
+            model_config, config = _resumed_configs(saved, config)
+            preset = saved.get("preset") or preset
+        elif (self.out / checkpoint.CHECKPOINTS).exists():
+            raise checkpoint.CheckpointError(f"{self.out} already holds a run: pass --resume to continue it, "
+                                             f"or choose another --out")
+        self.config = c = config.resolve(self.device.type)
+        self.preset = preset
+        self.model_config = model_config.validate()
+        self.autocast = autocast(self.device, c.precision)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.corpus = self._prepare_corpus()
+        self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
+        self.seq_len = self.model_config.seq_len
+        self.loader = RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=c.seed,
+                                    rank=info.rank, world_size=info.world_size)
+
+        torch.manual_seed(c.seed)  # the same initial weights on every rank
+        self.model = LanguageModel(self.model_config).to(self.device)
+        torch.manual_seed(derived_seed(c.seed, info.rank))  # per-rank dropout / forgetful masks
+        self.optimizer = make_optimizer(self.model, c.lr, c.weight_decay, (c.beta1, c.beta2), self.device.type)
+        self.schedule = Schedule(c.lr, c.warmup_steps, c.schedule, c.min_lr_frac, c.decay_frac)
+        self.tokens_per_step = c.batch_size * self.seq_len * c.grad_accum * info.world_size
+        self.step = self.tokens = 0
+        self.elapsed = 0.0  # training seconds, earlier runs of a resumed run included
+        self.decay_start = 0.0 if c.warmup_steps == 0 else None  # elapsed seconds when warmup ended
+        self.best_bpb, self.best_bpb_improved = math.inf, False
+        self.sample: str | None = None  # the text sampled at the latest evaluation
+        self.state: State | None = None  # carried across batches by models with memory; None = independent batches
+        if resume_from is not None:
+            checkpoint.load_weights(self.model, resume_from, self.device)
+            self._load_trainer_state(checkpoint.load_trainer_state(resume_from))
+        self.total_steps = self._total_steps()
+        self.origin = time.perf_counter() - self.elapsed  # the clock (reset when training starts)
+        self.next_mark = math.inf  # minutes budget: when the next evaluation is due (set by fit)
+
+        self.train_model: torch.nn.Module = self.model
+        if c.compile:
+            self.train_model = torch.compile(self.train_model)
+        if info.enabled:
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.log = None
+        if info.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / checkpoint.CONFIG).write_text(json.dumps(self.run_config(), indent=2) + "\n")
+            self.log = MetricsLog(self.out, resume_step=self.step if resume_from is not None else None)
+
+    def _prepare_corpus(self) -> PreparedCorpus:
+        """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it."""
+        c = self.config
+        if self.info.main:
+            corpus = prepare(c.data, c.cache_dir, c.fractions)
+        distributed.barrier(self.info)
+        if not self.info.main:
+            corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False)
+        return corpus
+
+    # ----- the loop -------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until the budget is used; then evaluate on the test split. Returns the summary."""
+        c, main = self.config, self.info.main
+        self.origin = time.perf_counter() - self.elapsed
+        self.next_mark = self._next_mark()
+        with ProgressBar(self.total_steps or c.minutes * 60, enabled=main) as self.bar:
+            if main:
+                self.bar.log(self._announce())
+            if self.step == 0:
+                self._evaluate()
+            meter = Meter(self.device)
+            while not self.done():
+                lr = self.schedule(self.step, self.progress())
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm = self.train_step()
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                self.elapsed = self._clock()
+                if self.step == c.warmup_steps:
+                    self.decay_start = self.elapsed
+                meter.add(loss)
+                last = self.done()
+                if self.step % c.log_every == 0 or last:
+                    self._log_train(meter, lr, grad_norm)
+                    meter = Meter(self.device)
+                with meter.pause():
+                    evaluate = last or self._due(c.eval_every)
+                    if evaluate:
+                        self._evaluate()
+                    if last or (self._due(c.checkpoint_every) if c.checkpoint_every else evaluate):
+                        self.save()
+                    if evaluate:
+                        self.next_mark = self._next_mark()
+                self.bar.update(self._bar_position())
+            test = self._evaluate_split("test")
+            sample = "" if not main else self.sample if self.sample is not None else self._sample()
+        summary = {"run_dir": str(self.out), "steps": self.step, "tokens": self.tokens,
+                   "elapsed_s": round(self.elapsed, 1), "test_bpb": test["bpb"], "test_loss": test["loss"],
+                   "test_perplexity": test["perplexity"], "test_tokens": test["tokens"],
+                   "best_val_bpb": self.best_bpb if math.isfinite(self.best_bpb) else None, "sample": sample}
+        if main:
+            self.log.write("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(test))
+            self.log.close()
+            plot_curves(read(self.out), self.out / "curves.png", title=f"{self.preset or 'model'} on {c.data}")
+        return summary
+
+    def _total_steps(self) -> int | None:
+        """Steps of a step or token budget (None for minutes); tokens count from where the run is,
+        so a resume on another number of ranks still ends at the token budget."""
+        c = self.config
+        if c.steps is not None:
+            return c.steps
+        if c.tokens is not None:
+            return self.step + max(0, math.ceil((c.tokens - self.tokens) / self.tokens_per_step))
+        return None
+
+    def _clock(self) -> float:
+        """Elapsed training seconds; for a minutes budget, rank 0's on every rank, since the clock
+        then decides the schedule, the evaluations and the end."""
+        elapsed = time.perf_counter() - self.origin
+        return distributed.broadcast_float(self.info, elapsed) if self.total_steps is None else elapsed
+
+    def _next_mark(self) -> float:
+        """For a minutes budget: the next tenth of the budget after now (the next evaluation time)."""
+        interval = (self.config.minutes or 0) * 60 / EVALUATIONS
+        return (math.floor(self._clock() / interval) + 1) * interval if self.total_steps is None else math.inf
+
+    def _due(self, every: int | None) -> bool:
+        """Whether the step just taken ends an interval of `every` steps; every=None: a tenth of the
+        budget (in steps, or in time for minutes: the clock passed the mark set after the last evaluation,
+        so an evaluation slower than the interval delays the next one instead of repeating it)."""
+        if every is not None:
+            return self.step % every == 0
+        if self.total_steps is not None:
+            return self.step % max(1, self.total_steps // EVALUATIONS) == 0
+        return self.elapsed >= self.next_mark
+
+    def _bar_position(self) -> float:
+        return self.step if self.total_steps is not None else self.elapsed
+
+    def done(self) -> bool:
+        if self.total_steps is not None:
+            return self.step >= self.total_steps
+        return self.elapsed >= self.config.minutes * 60
+
+    def progress(self) -> float:
+        """Share of the post-warmup budget used: steps for step/token budgets, seconds for minutes."""
+        if self.total_steps is not None:
+            return step_progress(self.step, self.config.warmup_steps, self.total_steps)
+        if self.decay_start is None:  # still warming up
+            return 0.0
+        budget = self.config.minutes * 60
+        return (self.elapsed - self.decay_start) / max(budget - self.decay_start, 1e-9)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches: (mean loss, gradient norm before
+        clipping), as 0-d device tensors (reading them would wait for the device)."""
+        accum = self.config.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
+            if self.info.enabled:  # all-reduce the gradients on the last micro-step only
+                self.train_model.require_backward_grad_sync = micro == accum - 1
+            with self.autocast:
+                out = self.train_model(x, targets=y, state=self.state)
+            ((out.loss + out.aux_loss) / accum).backward()
+            loss_sum += out.loss.detach()
+            self.state = out.state.detach() if out.state is not None else None
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / accum, grad_norm
+
+    # ----- logging, evaluation, samples -------------------------------------------------
+    def _log_train(self, meter: Meter, lr: float, grad_norm: torch.Tensor) -> None:
+        """A train record of the steps since the last one (loss averaged over steps and ranks)."""
+        loss = distributed.all_reduce_sum(self.info, meter.loss_sum.clone()).item() / (meter.steps * self.info.world_size)
+        if not self.info.main:
+            return
+        tokens_per_s = meter.steps * self.tokens_per_step / meter.seconds()
+        record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss, "bpb": loss / math.log(2),
+                  "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+        peak = self._peak_flops()
+        if peak:
+            record["mfu"] = self.model.estimate_mfu(tokens_per_s / self.info.world_size, peak)
+        self.log.write("train", self.step, **record)
+        self.bar.update(self._bar_position(), step=self.step, loss=loss, bpb=record["bpb"], tokens_per_s=tokens_per_s)
+
+    def _peak_flops(self) -> float | None:
+        if self.device.type != "cuda" or self.config.precision == "fp32":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+    def _evaluate_split(self, name: str, max_tokens: int | None = None) -> dict[str, float]:
+        split = self.val_split if name == "validation" else self.corpus.split(name)
+        with self.autocast:
+            return evaluate(self.model, split, self.config.batch_size, self.seq_len, max_tokens,
+                            rank=self.info.rank, world_size=self.info.world_size)
+
+    def _evaluate(self) -> None:
+        """Validation bpb on eval_batches batches spread over the split, and a sample (rank 0)."""
+        c = self.config
+        result = self._evaluate_split("validation", c.eval_batches * c.batch_size * self.seq_len)
+        self.best_bpb_improved = result["bpb"] < self.best_bpb
+        self.best_bpb = min(self.best_bpb, result["bpb"])
+        if self.info.main:
+            self.log.write("eval", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(result))
+            self.sample = self._sample()
+            self.bar.log(f"step {self.step:>6} | val bpb {result['bpb']:.4f} | sample: {self.sample[:100]!r}")
+
+    def _sample(self) -> str:
+        c = self.config
+        with self.autocast:
+            text, _ = sample_text(self.model, c.sample_prompt, c.sample_bytes, c.sample_temperature, seed=c.seed)
+        self.log.sample(self.step, c.sample_prompt + text)
+        return c.sample_prompt + text
+
+    def _announce(self) -> str:
+        c = self.config
+        budget = f"{self.total_steps} steps" if self.total_steps is not None else f"{c.minutes:g} minutes"
+        return (f"run {self.out}: {self.preset or 'model'} ({self.model.num_parameters():,} parameters) on {c.data} "
+                f"({len(self.train_split):,} train tokens), {self.info.world_size} x {self.device}, "
+                f"{self.tokens_per_step:,} tokens/step, budget {budget}"
+                + (f", resumed at step {self.step}" if self.step else ""))
+
+    # ----- checkpoints --------------------------------------------------------------
+    def run_config(self) -> dict[str, Any]:
+        """The resolved {"model", "train", "data"} configs of this run (JSON-ready)."""
+        m = self.corpus.manifest
+        data = {"spec": self.config.data, "fractions": list(self.config.fractions), "cache": str(self.corpus.path),
+                "splits": m["splits"], "tokenizer": m["tokenizer"]}
+        return {"preset": self.preset, "model": self.model_config.to_dict(), "train": self.config.to_dict(),
+                "data": data}
+
+    def save(self) -> None:
+        """Checkpoint the run (collective: every rank contributes its loader and RNG state)."""
+        rank_state = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        ranks = distributed.all_gather_objects(self.info, rank_state)
+        if not self.info.main:
+            return
+        state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "decay_start": self.decay_start,
+                 "best_bpb": self.best_bpb, "world_size": self.info.world_size,
+                 "optimizer": self.optimizer.state_dict(), "ranks": ranks}
+        pointers = ("latest", "best") if self.config.keep_best and self.best_bpb_improved else ("latest",)
+        checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.step, self.model, state, self.run_config(), pointers)
+
+    def _load_trainer_state(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.decay_start, self.best_bpb = state["decay_start"], state["best_bpb"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["world_size"] == self.info.world_size:
+            mine = state["ranks"][self.info.rank]
+            self.loader.load_state_dict(mine["loader"])
+            torch.set_rng_state(mine["rng"])
+            if mine["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        else:  # a different number of ranks: fresh data order and RNG, derived from (seed, step)
+            c = self.config
+            self.loader = RandomWindows(self.train_split, c.batch_size, self.seq_len,
+                                        seed=derived_seed(c.seed, self.step), rank=self.info.rank,
+                                        world_size=self.info.world_size)
+            torch.manual_seed(derived_seed(c.seed, self.step, self.info.rank))
+
+
+class Meter:
+    """Training loss (a device tensor until read) and training time between two train records."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum, self.steps = torch.zeros((), device=device), 0
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) does not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+
+def _scored(result: dict[str, float]) -> dict[str, float]:
+    """An evaluation result for a metrics record: its token count renamed to scored_tokens."""
+    return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items()}
+
+
+def _resumed_configs(saved: dict[str, Any], given: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """The saved configs of a run; a budget given now replaces the saved one."""
+    model_config = ModelConfig.from_dict(saved["model"])
+    train_config = dataclasses.replace(TrainConfig.from_dict(saved["train"]), out=given.out, resume=True)
+    if any(v is not None for v in (given.steps, given.tokens, given.minutes)):
+        train_config = dataclasses.replace(train_config, steps=given.steps, tokens=given.tokens, minutes=given.minutes)
+    return model_config, train_config

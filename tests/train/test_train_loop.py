@@ -1,0 +1,97 @@
+"""The training loop: it learns, it writes a complete run directory, its budgets and progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from train_helpers import fast_config, tiny_model
+
+from memlm.train import CheckpointError, Trainer, train
+from memlm.train import distributed
+from memlm.train.metrics import read
+
+
+def test_training_lowers_the_loss_and_fills_the_run_directory(corpus, tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny_model(), fast_config(corpus, out, steps=30, eval_every=10, checkpoint_every=10),
+                    preset="seed-tiny")
+    records = read(out)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert evals[0]["bpb"] == pytest.approx(math.log2(257), abs=0.1)  # untrained: about uniform over 257 ids
+    assert evals[-1]["bpb"] < evals[0]["bpb"] - 1.5
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 31))
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 1.0
+    assert all(r["bpb"] == pytest.approx(r["loss"] / math.log(2)) for r in train_records)
+    assert train_records[-1]["tokens"] == 30 * 4 * 32
+
+    assert summary["steps"] == 30 and summary["tokens"] == 30 * 4 * 32
+    assert records[-1]["kind"] == "test" and records[-1]["bpb"] == summary["test_bpb"]
+    assert summary["test_bpb"] < evals[0]["bpb"] - 1.5
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["width"] == 32 and config["train"]["steps"] == 30 and config["preset"] == "seed-tiny"
+    assert config["data"]["splits"]["train"]["documents"] > 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "samples.txt").read_text().count("=== step") == 4  # one per evaluation
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "latest").resolve().name == "step-00000030"
+
+
+def test_token_budget_rounds_up_to_whole_steps(corpus, tmp_path):
+    tokens_per_step = 4 * 32
+    summary = train(tiny_model(), fast_config(corpus, tmp_path / "run", steps=None, tokens=3 * tokens_per_step + 1))
+    assert summary["steps"] == 4 and summary["tokens"] == 4 * tokens_per_step
+
+
+def test_gradient_accumulation_counts_tokens_and_averages_the_loss(corpus, tmp_path):
+    trainer = Trainer(tiny_model(), fast_config(corpus, tmp_path / "run", grad_accum=3), distributed.setup("cpu"))
+    assert trainer.tokens_per_step == 3 * 4 * 32
+    expected = []
+    probe = Trainer(tiny_model(), fast_config(corpus, tmp_path / "probe", grad_accum=3), distributed.setup("cpu"))
+    with torch.no_grad():
+        for _ in range(3):
+            x, y = probe.loader.next_batch()
+            expected.append(probe.model(x, targets=y).loss)
+    loss, grad_norm = trainer.train_step()
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-6)
+    assert grad_norm.item() > 0
+
+
+def test_wall_clock_budget_schedules_by_elapsed_time(corpus, tmp_path):
+    trainer = Trainer(tiny_model(), fast_config(corpus, tmp_path / "run", steps=None, minutes=1.0, warmup_steps=2),
+                      distributed.setup("cpu"))
+    assert trainer.total_steps is None
+    assert trainer.progress() == 0.0  # warming up
+    trainer.decay_start, trainer.elapsed = 6.0, 33.0
+    assert trainer.progress() == pytest.approx((33 - 6) / (60 - 6))
+    assert not trainer.done()
+    # evaluations by default at every tenth of the budget (6 seconds), counted from the last one
+    trainer.origin = time.perf_counter() - 31.0  # the clock reads 31 s of training
+    assert trainer._next_mark() == 36.0
+    trainer.next_mark, trainer.elapsed = 36.0, 35.9
+    assert not trainer._due(None)
+    trainer.elapsed = 36.1
+    assert trainer._due(None)
+    trainer.elapsed = 60.0
+    assert trainer.done() and trainer.progress() == 1.0
+
+
+def test_default_cadence_is_ten_evaluations_and_checkpoints(corpus, tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(Trainer, "save", lambda self: saved.append(self.step))
+    train(tiny_model(), fast_config(corpus, tmp_path / "run", steps=20, eval_every=None, checkpoint_every=None))
+    assert [r["step"] for r in read(tmp_path / "run") if r["kind"] == "eval"] == list(range(0, 21, 2))
+    assert saved == list(range(2, 21, 2))
+
+
+def test_a_run_directory_is_not_overwritten_without_resume(corpus, tmp_path):
+    train(tiny_model(), fast_config(corpus, tmp_path / "run", steps=2))
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(tiny_model(), fast_config(corpus, tmp_path / "run", steps=2))
+    with pytest.raises(CheckpointError, match="no such run"):
+        train(tiny_model(), fast_config(corpus, tmp_path / "other", steps=2, resume=True))

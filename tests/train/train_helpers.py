@@ -1,0 +1,35 @@
+"""Helpers of the trainer tests: a small text corpus, a tiny model, a fast TrainConfig."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import memlm
+from memlm.config import ModelConfig
+from memlm.train import TrainConfig
+
+WORDS = "the quick brown fox jumps over a lazy dog and then runs away from the big red barn".split()
+
+
+def write_corpus(root: Path, documents: int = 40, lines: int = 30, seed: int = 0) -> Path:
+    """`documents` text files of random words from a small vocabulary (quick to learn)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(documents):
+        text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(lines))
+        (root / f"doc{i:03d}.txt").write_text(text + "\n")
+    return root
+
+
+def tiny_model() -> ModelConfig:
+    return memlm.config.resolve("seed-tiny", layers=2, width=32, seq_len=32, **{"attention.heads": 2})
+
+
+def fast_config(corpus: Path, out: Path, **changes) -> TrainConfig:
+    """A TrainConfig that trains the tiny model for a few CPU seconds at most."""
+    base = dict(data=str(corpus), fractions=(0.8, 0.1, 0.1), out=str(out), steps=10, batch_size=4, lr=3e-3,
+                warmup_steps=2, eval_every=5, eval_batches=1, checkpoint_every=5, log_every=1, sample_bytes=4,
+                device="cpu")
+    base.update(changes)
+    return TrainConfig(**base)
