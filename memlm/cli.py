@@ -116,13 +116,32 @@ def cmd_eval(argv: list[str]) -> int:
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     with autocast(device, train_config.get("precision", "auto")):
-        result = evaluate(model, corpus.split(args.split), batch_size, model.config.seq_len, args.max_tokens)
+        result = evaluate(model, corpus.split(args.split), batch_size, model.config.seq_len, args.max_tokens,
+                          stateful=model.config.stateful, reset=model.config.memory.reset_at_document)
     result = {"checkpoint": str(find(args.path)), "data": data, "split": args.split, **result}
     print(f"{args.split} bpb {result['bpb']:.4f} | loss {result['loss']:.4f} nats | perplexity "
           f"{result['perplexity']:.4f} | {result['tokens']:,} tokens | {result['checkpoint']}")
+    print(position_table(result["by_position"]))
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def position_table(rows: list[dict]) -> str:
+    """bpb by position within the document, one line per bucket."""
+    lines = ["position in document      bpb     tokens"]
+    for row in rows:
+        span = f"{row['from']:,}-{row['to']:,}" if row["to"] is not None else f"{row['from']:,}+"
+        bpb = f"{row['bpb']:.4f}" if row["bpb"] is not None else "   -  "
+        lines.append(f"{span:<22} {bpb:>8} {row['tokens']:>10,}")
+    return "\n".join(lines)
+
+
+# ----- bench ------------------------------------------------------------------------------
+
+def cmd_bench(argv: list[str]) -> int:
+    from memlm.bench import main as bench_main
+    return bench_main(argv)
 
 
 # ----- generate ---------------------------------------------------------------------------
@@ -210,6 +229,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (cmd_eval, "bits per byte of a trained model on a split"),
     "generate": (cmd_generate, "continue a prompt with a trained model"),
     "presets": (cmd_presets, "list the model presets"),
+    "bench": (cmd_bench, "training and generation speed against a reference GPT and peers"),
 }
 
 
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
         + "\n\n`memlm COMMAND --help` lists a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS, help="train, eval, generate or presets")
+    parser.add_argument("command", choices=COMMANDS, help="train, eval, generate, presets or bench")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parsed = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

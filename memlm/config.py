@@ -116,6 +116,9 @@ class MemoryConfig:
     persistent: int = 0
     """Persistent memory (arXiv 1907.01470): learned key/value vectors per layer and key/value head,
     without positions, always visible; 0 = off. Set feedforward.kind=none to let them replace it."""
+    reset_at_document: bool = True
+    """Forget a stream's memory where a new document starts (at segment boundaries); False = carry it
+    across documents."""
     adaptive_span: bool = False
     """Adaptive attention span (arXiv 1905.07799): a learned span per head with a soft ramp."""
     span_max: int | None = None
@@ -187,6 +190,11 @@ class ModelConfig:
         """Whether the state carries hidden states between segments (any recurrent memory)."""
         m = self.memory
         return bool(m.lengths and any(m.lengths)) or m.length > 0 or m.feedback != "none"
+
+    @property
+    def stateful(self) -> bool:
+        """Whether training and evaluation should carry a state between segments (streams)."""
+        return self.recurrent or self.memory.tokens_recurrent
 
     @property
     def span_max(self) -> int:

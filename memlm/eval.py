@@ -11,7 +11,10 @@ the target of the split's final EOD is its first token, as in training). Then
 
 Models without memory score each segment on its own: a target sees only the earlier tokens
 of its segment. Models with memory pass `stateful=True`: the state is carried from segment
-to segment, and rows whose segment begins a document (or a stream) are reset first.
+to segment, and rows whose segment begins a document (or a stream) are reset first (unless
+`reset=False`: memory then runs across documents). The result also breaks bpb down by a
+target's position within its document (`by_position`: does memory help later in a file?);
+a stream that starts inside a document counts positions from the stream's start.
 """
 
 from __future__ import annotations
@@ -26,9 +29,22 @@ from torch import nn
 from memlm.data import Streams, TokenSplit
 
 
+POSITION_EDGES = (0, 128, 512, 2048, 8192, 32768)
+"""Lower edges of the position-in-document buckets of `by_position` (the last is open)."""
+
+
+def positions_in_document(doc_start: torch.Tensor, carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc_start (B, T) bool, carry (B,) position of each row's first token when no document
+    starts before it -> positions (B, T) within the document, and the next segment's carry (B,)."""
+    index = torch.arange(doc_start.shape[1], device=doc_start.device).expand_as(doc_start)  # (B, T)
+    last_start = torch.where(doc_start, index, -1).cummax(dim=1).values  # (B, T)
+    positions = torch.where(last_start >= 0, index - last_start, carry[:, None] + index)
+    return positions, positions[:, -1] + 1
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, split: TokenSplit, batch_size: int, seq_len: int, max_tokens: int | None = None,
-             *, stateful: bool = False, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+             *, stateful: bool = False, reset: bool = True, rank: int = 0, world_size: int = 1) -> dict:
     """{"bpb", "loss", "perplexity", "tokens"} of `model` on `split` (see the module docstring).
 
     max_tokens: score only the first max_tokens // (batch_size * world_size * seq_len) segments
@@ -44,21 +60,26 @@ def evaluate(model: nn.Module, split: TokenSplit, batch_size: int, seq_len: int,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    edges = torch.tensor(POSITION_EDGES, device=device)
+    nll = torch.zeros(len(POSITION_EDGES), dtype=torch.float64, device=device)  # per position bucket
+    count = torch.zeros(len(POSITION_EDGES), dtype=torch.float64, device=device)
+    carry = torch.zeros(batch_size, dtype=torch.long, device=device)
     state = model.init_state(batch_size, device=device) if stateful else None
     try:
         for segment in itertools.islice(streams, segments):
             x, y = segment.x.to(device), segment.y.to(device)  # (B, T)
             valid = segment.valid.to(device)  # (B, T)
             starts = segment.doc_start[:, 0]  # (B,) rows whose segment begins a document
-            if state is not None and state.position > 0 and bool(starts.any()):
+            if state is not None and reset and state.position > 0 and bool(starts.any()):
                 state = state.reset(starts.to(device))
             out = model(x, state=state)
             targets = y.masked_fill(~valid, -100)  # (B, T); padding after a stream's end is not scored
-            nll += F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                   reduction="sum")
-            count += valid.sum()
+            losses = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                     reduction="none")  # (B * T,)
+            positions, carry = positions_in_document(segment.doc_start.to(device), carry)
+            bucket = torch.bucketize(positions.flatten(), edges, right=True) - 1  # (B * T,)
+            nll.index_add_(0, bucket, losses.double())
+            count.index_add_(0, bucket, valid.flatten().double())
             state = out.state
     finally:
         model.train(was_training)
@@ -66,5 +87,9 @@ def evaluate(model: nn.Module, split: TokenSplit, batch_size: int, seq_len: int,
         totals = torch.stack([nll, count])
         torch.distributed.all_reduce(totals)
         nll, count = totals[0], totals[1]
-    loss = (nll / count).item()
-    return {"bpb": loss / math.log(2), "loss": loss, "perplexity": math.exp(loss), "tokens": int(count.item())}
+    loss = (nll.sum() / count.sum()).item()
+    by_position = [{"from": int(lo), "to": int(hi) if hi is not None else None, "tokens": int(c),
+                    "bpb": float(n / c / math.log(2)) if c > 0 else None}
+                   for lo, hi, n, c in zip(POSITION_EDGES, POSITION_EDGES[1:] + (None,), nll.tolist(), count.tolist())]
+    return {"bpb": loss / math.log(2), "loss": loss, "perplexity": math.exp(loss), "tokens": int(count.sum().item()),
+            "by_position": by_position}

@@ -69,8 +69,8 @@ class TrainConfig:
     """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK."""
     precision: str = "auto"
     """Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32."""
-    compile: bool = False
-    """Wrap the model in torch.compile for training (evaluation and sampling run uncompiled)."""
+    compile: bool | None = None
+    """Wrap the model in torch.compile for training (evaluation and sampling run uncompiled); None = on CUDA only."""
 
     eval_every: int | None = None
     """Steps between validation evaluations (and text samples); None = 10 over the budget (in steps, or in time for minutes)."""
@@ -95,7 +95,8 @@ class TrainConfig:
         """A validated copy with the device-dependent defaults (batch size, budget) filled in."""
         cpu = device_type == "cpu"
         resolved = dataclasses.replace(self, batch_size=self.batch_size or (CPU_BATCH if cpu else CUDA_BATCH),
-                                       lr=self.lr or (CPU_LR if cpu else CUDA_LR))
+                                       lr=self.lr or (CPU_LR if cpu else CUDA_LR),
+                                       compile=(not cpu) if self.compile is None else self.compile)
         if self.steps is None and self.tokens is None and self.minutes is None:
             resolved.minutes = CPU_MINUTES if cpu else CUDA_MINUTES
         return resolved.validate()

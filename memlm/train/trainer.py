@@ -32,7 +32,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from memlm.config import ModelConfig
-from memlm.data import PreparedCorpus, RandomWindows, prepare
+from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
 from memlm.eval import evaluate
 from memlm.memory.state import State
 from memlm.model import LanguageModel
@@ -98,8 +98,8 @@ class Trainer:
         self.corpus = self._prepare_corpus()
         self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
         self.seq_len = self.model_config.seq_len
-        self.loader = RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=c.seed,
-                                    rank=info.rank, world_size=info.world_size)
+        self.stateful = self.model_config.stateful
+        self.loader = self._make_loader(c.seed)
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
         self.model = LanguageModel(self.model_config).to(self.device)
@@ -112,7 +112,8 @@ class Trainer:
         self.decay_start = 0.0 if c.warmup_steps == 0 else None  # elapsed seconds when warmup ended
         self.best_bpb, self.best_bpb_improved = math.inf, False
         self.sample: str | None = None  # the text sampled at the latest evaluation
-        self.state: State | None = None  # carried across batches by models with memory; None = independent batches
+        # carried across batches by models with memory (streams); None = independent random windows
+        self.state: State | None = self.model.init_state(c.batch_size) if self.stateful else None
         if resume_from is not None:
             checkpoint.load_weights(self.model, resume_from, self.device)
             self._load_trainer_state(checkpoint.load_trainer_state(resume_from))
@@ -124,13 +125,22 @@ class Trainer:
         if c.compile:
             self.train_model = torch.compile(self.train_model)
         if info.enabled:
-            self.train_model = DistributedDataParallel(
-                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_model = DistributedDataParallel(  # memory mechanisms use some weights only on some steps
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.stateful)
         self.log = None
         if info.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / checkpoint.CONFIG).write_text(json.dumps(self.run_config(), indent=2) + "\n")
             self.log = MetricsLog(self.out, resume_step=self.step if resume_from is not None else None)
+
+    def _make_loader(self, seed: int):
+        """Contiguous streams for models that carry memory, random windows otherwise."""
+        c, info = self.config, self.info
+        if self.stateful:
+            return Streams(self.train_split, c.batch_size, self.seq_len, rank=info.rank, world_size=info.world_size)
+        return RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=seed, rank=info.rank,
+                             world_size=info.world_size)
 
     def _prepare_corpus(self) -> PreparedCorpus:
         """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it."""
@@ -183,6 +193,7 @@ class Trainer:
         summary = {"run_dir": str(self.out), "steps": self.step, "tokens": self.tokens,
                    "elapsed_s": round(self.elapsed, 1), "test_bpb": test["bpb"], "test_loss": test["loss"],
                    "test_perplexity": test["perplexity"], "test_tokens": test["tokens"],
+                   "test_by_position": test["by_position"],
                    "best_val_bpb": self.best_bpb if math.isfinite(self.best_bpb) else None, "sample": sample}
         if main:
             self.log.write("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(test))
@@ -244,8 +255,10 @@ class Trainer:
         accum = self.config.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            x, y = self.loader.next_batch()
+            x, y, *flags = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
+            if self.state is not None and self.model_config.memory.reset_at_document:
+                self.state = self.state.reset(flags[0][:, 0].to(self.device))  # rows starting a document
             if self.info.enabled:  # all-reduce the gradients on the last micro-step only
                 self.train_model.require_backward_grad_sync = micro == accum - 1
             with self.autocast:
@@ -256,6 +269,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step()
         return loss_sum / accum, grad_norm
 
     # ----- logging, evaluation, samples -------------------------------------------------
@@ -283,6 +297,7 @@ class Trainer:
         split = self.val_split if name == "validation" else self.corpus.split(name)
         with self.autocast:
             return evaluate(self.model, split, self.config.batch_size, self.seq_len, max_tokens,
+                            stateful=self.stateful, reset=self.model_config.memory.reset_at_document,
                             rank=self.info.rank, world_size=self.info.world_size)
 
     def _evaluate(self) -> None:
@@ -323,6 +338,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the run (collective: every rank contributes its loader and RNG state)."""
         rank_state = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
+                      "memory": self.state.to("cpu").state_dict() if self.state is not None else None,
                       "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         ranks = distributed.all_gather_objects(self.info, rank_state)
         if not self.info.main:
@@ -340,14 +356,14 @@ class Trainer:
         if state["world_size"] == self.info.world_size:
             mine = state["ranks"][self.info.rank]
             self.loader.load_state_dict(mine["loader"])
+            if mine.get("memory") is not None:
+                self.state = State.from_state_dict(mine["memory"]).to(self.device)
             torch.set_rng_state(mine["rng"])
             if mine["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         else:  # a different number of ranks: fresh data order and RNG, derived from (seed, step)
             c = self.config
-            self.loader = RandomWindows(self.train_split, c.batch_size, self.seq_len,
-                                        seed=derived_seed(c.seed, self.step), rank=self.info.rank,
-                                        world_size=self.info.world_size)
+            self.loader = self._make_loader(derived_seed(c.seed, self.step))  # streams restart, memory empty
             torch.manual_seed(derived_seed(c.seed, self.step, self.info.rank))
 
 
@@ -377,7 +393,7 @@ class Meter:
 
 def _scored(result: dict[str, float]) -> dict[str, float]:
     """An evaluation result for a metrics record: its token count renamed to scored_tokens."""
-    return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items()}
+    return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items() if k != "by_position"}
 
 
 def _resumed_configs(saved: dict[str, Any], given: TrainConfig) -> tuple[ModelConfig, TrainConfig]:

@@ -1,0 +1,63 @@
+"""Training models with memory: streams, carried state, resets, and exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train_resume import Crash, crash_at, losses
+from train_helpers import fast_config, tiny_model
+
+from memlm.train import Trainer, checkpoint, train
+
+MECHANISMS = {
+    "xl": {"memory.length": 32},
+    "feedback": {"memory.length": 32, "memory.feedback": "memory"},
+    "span+compressive": {"memory.length": 32, "memory.adaptive_span": True, "memory.span_init": 0.5,
+                         "memory.compress_rate": 4, "memory.compress_length": 8},
+    "persistent": {"memory.length": 16, "memory.persistent": 8, "feedforward.kind": "none"},
+    "tokens": {"memory.tokens": 4, "memory.tokens_recurrent": True},
+}
+
+
+@pytest.mark.parametrize("name", list(MECHANISMS))
+def test_training_with_memory_lowers_the_loss_on_streams(corpus, tmp_path, name):
+    model = tiny_model().replace(**MECHANISMS[name])
+    summary = train(model, fast_config(corpus, tmp_path / name, steps=30, eval_every=30, checkpoint_every=30,
+                                       lr=1e-2))
+    train_losses = losses(tmp_path / name)
+    assert train_losses[30] < train_losses[1] - 0.5
+    assert summary["test_bpb"] < train_losses[1] / 0.6931
+    assert sum(row["tokens"] for row in summary["test_by_position"]) == summary["test_tokens"]
+
+
+def test_memory_trainer_uses_streams_and_carries_a_detached_state(corpus, tmp_path, monkeypatch):
+    seen = []
+    original = Trainer.train_step
+
+    def spy(self):
+        result = original(self)
+        seen.append((self.state.position, self.state.layers[0]["mem"].shape[1], self.state.layers[0]["mem"].requires_grad))
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    train(tiny_model().replace(**{"memory.length": 48}), fast_config(corpus, tmp_path / "run", steps=3))
+    assert seen == [(32, 32, False), (64, 48, False), (96, 48, False)]
+
+
+def test_resume_with_memory_is_exact(corpus, tmp_path, monkeypatch):
+    model = tiny_model().replace(**MECHANISMS["span+compressive"])
+    straight = tmp_path / "straight"
+    train(model, fast_config(corpus, straight, steps=12, checkpoint_every=4))
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as patch:
+        crash_at(patch, 7)
+        with pytest.raises(Crash):
+            train(model, fast_config(corpus, crashed, steps=12, checkpoint_every=4))
+    train(model, fast_config(corpus, crashed, steps=12, checkpoint_every=4, resume=True))
+    expected, resumed = losses(straight), losses(crashed)
+    for step in range(5, 13):
+        assert resumed[step] == expected[step], step
+    a, _ = checkpoint.load_model(straight)
+    b, _ = checkpoint.load_model(crashed)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
