@@ -94,7 +94,7 @@ def test_train_defaults_are_the_main_job(monkeypatch, capsys):
     config = calls["config"].resolve("cpu")
     assert (config.data, config.minutes, config.steps, config.batch_size, config.lr) == ("stdlib", 3.0, None, 8, 2e-3)
     cuda = calls["config"].resolve("cuda")
-    assert (cuda.minutes, cuda.batch_size, cuda.lr) == (10.0, 32, 1e-3)
+    assert (cuda.minutes, cuda.batch_size, cuda.lr) == (1.5, 32, 1e-3)
     assert cli.default_preset("cuda") == "seed-small"
     assert cli.default_preset("cpu") == "seed-tiny"
 
