@@ -18,3 +18,14 @@ def tiny_overrides(**extra):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def by_segments(model, ids, size, state=None):
+    """Feed ids (B, T) in pieces of `size` with a state: (logits (B, T, V), final state)."""
+    state = state or model.init_state(ids.shape[0])
+    pieces = []
+    for start in range(0, ids.shape[1], size):
+        out = model(ids[:, start:start + size], state=state)
+        pieces.append(out.logits)
+        state = out.state
+    return torch.cat(pieces, dim=1), state

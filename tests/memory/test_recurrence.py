@@ -6,7 +6,7 @@ import torch
 import memlm
 from memlm.config import ConfigError
 from memlm.model.attention import SegmentContext
-from tests.conftest import tiny_overrides
+from tests.conftest import by_segments, tiny_overrides
 
 KINDS = ["none", "sinusoidal", "rope", "xpos", "t5", "tupe"]
 
@@ -15,16 +15,6 @@ def build(**extra):
     base = tiny_overrides(layers=3, seq_len=8, max_positions=256)
     base.update(extra)
     return memlm.build("seed-tiny", **base).eval()
-
-
-def by_segments(model, ids, size, state=None):
-    state = state or model.init_state(ids.shape[0])
-    pieces = []
-    for start in range(0, ids.shape[1], size):
-        out = model(ids[:, start:start + size], state=state)
-        pieces.append(out.logits)
-        state = out.state
-    return torch.cat(pieces, dim=1), state
 
 
 @pytest.mark.parametrize("kind", KINDS)

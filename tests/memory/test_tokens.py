@@ -6,6 +6,7 @@ import torch
 import memlm
 from memlm.config import ConfigError
 from memlm.model.attention import SegmentContext
+from tests.conftest import by_segments
 
 M, W, L = 3, 32, 8
 KINDS = ["rope", "t5", "xpos", "none", "learned", "sinusoidal"]
@@ -17,16 +18,6 @@ def build(recurrent=False, tokens=M, **extra):
                  "memory.tokens": tokens, "memory.tokens_recurrent": recurrent}
     overrides.update(extra)
     return memlm.build("seed-tiny", **overrides).eval()
-
-
-def by_segments(model, ids, size, state=None):
-    state = state or model.init_state(ids.shape[0])
-    pieces = []
-    for start in range(0, ids.shape[1], size):
-        out = model(ids[:, start:start + size], state=state)
-        pieces.append(out.logits)
-        state = out.state
-    return torch.cat(pieces, dim=1), state
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
