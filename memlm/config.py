@@ -25,6 +25,8 @@ BACKENDS = ("auto", "eager", "sdpa", "flex")
 MEMORY_SCHEDULES = ("constant", "linear")
 FEEDBACK_MODES = ("none", "memory", "add")
 COMPRESS_FNS = ("max", "mean", "conv", "most_used")
+KNN_BACKENDS = ("exact", "faiss")
+KNN_COMBINE = ("gate", "joint")
 
 
 class ConfigError(ValueError):
@@ -141,6 +143,20 @@ class MemoryConfig:
     tokens: int = 0
     """Memory tokens (Memory Transformer, arXiv 2006.11527): M learned embeddings read before every
     segment, seen by all its tokens; 0 = off. Cannot be combined with recurrent memory."""
+    knn_layers: list[int] | None = None
+    """kNN memory (Memorizing Transformers, arXiv 2203.08913): layers (0-based) whose queries also
+    attend to their top-k keys/values retrieved from an external store of the stream's past."""
+    knn_k: int = 32
+    """kNN memory: retrieved keys/values per query."""
+    knn_capacity: int = 65536
+    """kNN memory: entries kept per stream (row) and key/value head; the oldest are evicted first."""
+    knn_backend: str = "exact"
+    """kNN memory store: exact (device tensors, matmul + top-k) or faiss (faiss-cpu index)."""
+    knn_combine: str = "gate"
+    """How retrieved and local attention combine: gate (learned per-head sigmoid gate, as in the
+    paper) or joint (one softmax over local and retrieved keys)."""
+    knn_straight_through: bool = False
+    """Pass the gradient of the retrieved keys and values straight through to the query."""
     tokens_recurrent: bool = False
     """Recurrent memory tokens (as in the Recurrent Memory Transformer, arXiv 2207.06881): M write
     tokens after each segment; their outputs are the next segment's memory tokens."""
@@ -189,7 +205,7 @@ class ModelConfig:
     def recurrent(self) -> bool:
         """Whether the state carries hidden states between segments (any recurrent memory)."""
         m = self.memory
-        return bool(m.lengths and any(m.lengths)) or m.length > 0 or m.feedback != "none"
+        return bool(m.lengths and any(m.lengths)) or m.length > 0 or m.feedback != "none" or bool(m.knn_layers)
 
     @property
     def stateful(self) -> bool:
@@ -297,6 +313,15 @@ class ModelConfig:
                               "feedback into memory needs memory.length (or lengths) > 0")
         if m.eval_multiplier <= 0:
             raise ConfigError("memory.eval_multiplier", m.eval_multiplier, "must be > 0")
+        if m.knn_layers is not None:
+            if (not isinstance(m.knn_layers, (list, tuple)) or len(set(m.knn_layers)) != len(m.knn_layers)
+                    or any(not isinstance(i, int) or not 0 <= i < self.layers for i in m.knn_layers)):
+                raise ConfigError("memory.knn_layers", m.knn_layers,
+                                  f"must be a list of distinct layer indices in [0, {self.layers - 1}]")
+            _positive_int("memory.knn_k", m.knn_k)
+            _positive_int("memory.knn_capacity", m.knn_capacity)
+            _choice("memory.knn_backend", m.knn_backend, KNN_BACKENDS)
+            _choice("memory.knn_combine", m.knn_combine, KNN_COMBINE)
         if m.adaptive_span:
             if m.span_max is not None:
                 _positive_int("memory.span_max", m.span_max)
@@ -332,7 +357,7 @@ class ModelConfig:
         if m.tokens and self.recurrent:
             raise ConfigError("memory.tokens", m.tokens,
                               "memory tokens carry the past themselves and cannot be combined with "
-                              "recurrent memory (memory.length, lengths, feedback); combining the two "
+                              "recurrent memory (memory.length, lengths, feedback, knn_layers); combining the two "
                               "is future work")
         if m.tokens and self.position.kind == "tupe":
             raise ConfigError("position.kind", "tupe",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memlm.memory import compressive
+from memlm.memory import compressive, knn
 
 
 def empty_like_rows(x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +51,13 @@ def additive_feedback(layer: dict[str, torch.Tensor], x: torch.Tensor) -> torch.
 
 
 def next_layers(model, layers: list[dict[str, torch.Tensor]], inputs: list[torch.Tensor],
-                top: torch.Tensor) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+                top: torch.Tensor, stores: dict | None = None,
+                end: int = 0) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
     """The per-layer state after a segment, and the compression loss (None when none was computed).
 
     layers: the state before it; inputs[i]: (B, T, W) input of block i; top: (B, T, W) output
-    of the last block (before the final norm).
+    of the last block (before the final norm); stores: kNN stores by layer, written when a
+    segment completes; end: stream position after the segment.
     """
     config, L = model.config, len(inputs)
     pending = [torch.cat([layers[i]["pending"], inputs[i]], dim=1) if "pending" in layers[i] else inputs[i]
@@ -69,6 +71,8 @@ def next_layers(model, layers: list[dict[str, torch.Tensor]], inputs: list[torch
         new[-1]["top"] = top_pending
         return new, None
 
+    for layer, store in (stores or {}).items():  # the completed segment goes to the kNN memory
+        knn.write_segment(model, layer, store, pending[layer], end - pending[layer].shape[1])
     outputs = pending[1:] + [top_pending]  # outputs[j]: (B, T_seg, W) output of block j
     mode, rate = config.memory.feedback, config.memory.compress_rate
     losses = []

@@ -36,6 +36,10 @@ class State:
     masked: bool = False
     """True once some row was reset: attention must then apply row_start (a Python flag, so
     models that never reset keep the unmasked fast kernels without a device sync)."""
+    stores: dict = field(default_factory=dict)
+    """kNN memory stores by layer index (memlm.memory.stores). They are external memory, written
+    in place when a segment completes, so every State of one stream shares them; `reset` clears
+    their rows in place too."""
 
     @classmethod
     def empty(cls, batch_size: int, num_layers: int, device: torch.device | str | None = None) -> "State":
@@ -68,11 +72,14 @@ class State:
                     forget = mask.to(t.device).view(-1, *[1] * (t.dim() - 1))
                     layer[name] = torch.where(forget, torch.zeros((), dtype=t.dtype, device=t.device), t)
             layers.append(layer)
-        return State(self.position, row_start, layers, masked=True)
+        for store in self.stores.values():
+            store.reset(mask)
+        return State(self.position, row_start, layers, masked=True, stores=self.stores)
 
     def _map(self, fn) -> "State":
         return State(self.position, fn(self.row_start),
-                     [{name: fn(t) for name, t in layer.items()} for layer in self.layers], self.masked)
+                     [{name: fn(t) for name, t in layer.items()} for layer in self.layers], self.masked,
+                     self.stores)
 
     def state_dict(self) -> dict:
         """Tensors and the position, for a training checkpoint."""
@@ -80,6 +87,7 @@ class State:
         for i, layer in enumerate(self.layers):
             tensors.update({f"layers.{i}.{name}": t for name, t in layer.items()})
         return {"position": self.position, "num_layers": len(self.layers), "masked": self.masked,
+                "stores": {i: store.state_dict() for i, store in self.stores.items()},
                 "tensors": tensors}
 
     @classmethod

@@ -153,7 +153,7 @@ def _stateful(model, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State
             layers[0]["memory_written"] = torch.ones(B, dtype=torch.bool, device=x.device)
         position, done = position + n, done + n
     logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
-    return logits, State(state.position + T, state.row_start, layers, state.masked)
+    return logits, State(state.position + T, state.row_start, layers, state.masked, state.stores)
 
 
 def _run(model, x: torch.Tensor, start: int, caches: list[dict] | None, read: torch.Tensor | None,

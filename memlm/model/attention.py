@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.model.kernels import attend, merge_attention
+from memlm.model.kernels import attend, merge_partials, shared_key_attention
 from memlm.memory.adaptive_span import AdaptiveSpan
+from memlm.memory.knn import KnnAttention
 from memlm.model.positions import Rotary
 
 
@@ -47,6 +48,8 @@ class SegmentContext:
     """(B, T) forgetful-masking keep flags for the segment's own keys, or None."""
     bias: Callable[[int, int, int], torch.Tensor | None]
     """(layer, k_offset, Tk) -> additive score bias (H, Tq, Tk) or None."""
+    stores: dict | None = None
+    """kNN memory stores by layer (memlm.memory.stores), or None."""
 
     def key_mask(self, cache_len: int, q_len: int, device: torch.device) -> torch.Tensor | None:
         """(B, cache_len + q_len) bool, True where a key may be seen, or None if all may."""
@@ -81,6 +84,10 @@ class Attention(nn.Module):
         if config.memory.adaptive_span:
             m = config.memory
             self.span = AdaptiveSpan(self.heads, config.span_max, m.span_ramp, m.span_init)
+        self.knn = None
+        if layer in (config.memory.knn_layers or ()):
+            m = config.memory
+            self.knn = KnnAttention(self.heads, m.knn_k, m.knn_combine, m.knn_straight_through)
         self.persistent_k = self.persistent_v = None
         if config.memory.persistent:
             shape = (self.kv_heads, config.memory.persistent, self.head_dim)
@@ -138,17 +145,24 @@ class Attention(nn.Module):
 
         dropout = self.dropout if self.training else 0.0
         persistent = self.persistent_k is not None
+        store = ctx.stores.get(self.layer) if self.knn is not None and ctx.stores else None
+        need_lse = persistent or (store is not None and self.knn.combine == "joint")
         bias = ctx.bias(self.layer, k_offset, k.shape[2])
         if self.span is not None:
             span_bias = self.span(T, k.shape[2], k_offset, h.device)
             bias = span_bias if bias is None else bias + span_bias
         y = attend(q, k, v, backend=self.backend, k_offset=k_offset, bias=bias,
                    key_mask=ctx.key_mask(past, T, h.device), scale=scale, dropout_p=dropout,
-                   return_lse=persistent)  # (B, H, T, D)
-        if persistent:  # no position: scored against the unrotated queries, no bias, never masked
+                   return_lse=need_lse)  # (B, H, T, D)
+        lse = None
+        if need_lse:
             y, lse = y
+        if persistent:  # no position: scored against the unrotated queries, no bias, never masked
             pk = self.persistent_k if self.qk_scale is None else nn.functional.normalize(self.persistent_k, dim=-1)
-            y = merge_attention(y, lse, q_unrotated, pk[None].to(q.dtype), self.persistent_v[None].to(v.dtype),
-                                scale, dropout)
+            extra = shared_key_attention(q_unrotated, pk[None].to(q.dtype), self.persistent_v[None].to(v.dtype),
+                                         scale, dropout)
+            y, lse = merge_partials(y, lse, *extra)
+        if store is not None:  # kNN memory: retrieved pairs have no position either
+            y = self.knn(y, lse, store, q_unrotated, scale, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return self.out(y), new_cache

@@ -158,25 +158,28 @@ def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, sca
                          dropout_p=dropout_p, **kwargs)
 
 
-def merge_attention(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Add extra always-visible keys to a finished attention, exactly.
-
-    out (B, H, Tq, D) and lse (B, H, Tq) come from attention over the main keys; q (B, H, Tq, D)
-    are the queries to score the extra keys k, v (B or 1, Hkv, P, D) with. The result equals one
-    softmax over both key sets. Dropout on each part's probabilities equals dropout on the joint.
-    """
+def shared_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, H, Tq, D) over keys every query may see, k/v (B or 1, Hkv, P, D):
+    (out (B, H, Tq, D), log-sum-exp of the scores (B, H, Tq)), for `merge_partials`."""
     H = q.shape[1]
     if k.shape[1] != H:
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         v = v.repeat_interleave(H // v.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, Tq, P)
-    extra_lse = scores.logsumexp(dim=-1)  # (B, H, Tq)
-    probs = (scores - extra_lse[..., None]).exp().to(v.dtype)
+    lse = scores.logsumexp(dim=-1)  # (B, H, Tq)
+    probs = (scores - lse[..., None]).exp().to(v.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    extra = probs @ v  # (B, H, Tq, D)
-    total = torch.logaddexp(lse.float(), extra_lse)
-    w_main = (lse.float() - total).exp()[..., None].to(out.dtype)
-    w_extra = (extra_lse - total).exp()[..., None].to(out.dtype)
-    return w_main * out + w_extra * extra
+    return probs @ v, lse
+
+
+def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over two key sets from the attentions over each: outs (B, H, Tq, D), their
+    log-sum-exps (B, H, Tq) -> (out, lse) over the union. An lse of -inf (no keys) weighs 0.
+    Dropout applied to each part's probabilities equals dropout on the joint ones."""
+    total = torch.logaddexp(lse_a.float(), lse_b.float())  # (B, H, Tq)
+    w_a = torch.nan_to_num((lse_a.float() - total).exp())[..., None].to(out_a.dtype)
+    w_b = torch.nan_to_num((lse_b.float() - total).exp())[..., None].to(out_b.dtype)
+    return w_a * out_a + w_b * out_b, total

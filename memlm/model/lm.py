@@ -29,6 +29,7 @@ from torch import nn
 from memlm.config import ModelConfig
 from memlm.memory import recurrence, tokens
 from memlm.memory.compressive import Compressor
+from memlm.memory.stores import make_store
 from memlm.memory.state import State
 from memlm.model.attention import SegmentContext
 from memlm.model.block import Block
@@ -91,7 +92,23 @@ class LanguageModel(nn.Module):
         """Empty memory for `batch_size` streams. For a model without memory mechanisms the
         state is a growing key/value cache."""
         device = device if device is not None else self.embed.weight.device
-        return State.empty(batch_size, len(self.blocks), device)
+        state = State.empty(batch_size, len(self.blocks), device)
+        m = self.config.memory
+        for layer in m.knn_layers or ():
+            state.stores[layer] = make_store(m.knn_backend, rows=batch_size, heads=self.config.kv_heads,
+                                             dim=self.config.head_dim, capacity=m.knn_capacity, device=device)
+        return state
+
+    def load_state(self, data: dict, device: torch.device | str | None = None) -> State:
+        """A State from `State.state_dict()` output, kNN stores included."""
+        state = State.from_state_dict(data)
+        if device is not None:
+            state = state.to(device)
+        fresh = self.init_state(state.batch_size, device=state.row_start.device)
+        for layer, store in fresh.stores.items():
+            store.load_state_dict(data["stores"][layer])
+        state.stores = fresh.stores
+        return state
 
     # ----- forward --------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
@@ -117,6 +134,7 @@ class LanguageModel(nn.Module):
             row_start=state.row_start if state is not None and state.masked else None,
             keep=self._forgetful_keep(B, T, device),
             bias=self._bias_provider(q_start, T, device),
+            stores=state.stores if state is not None else None,
         )
         aux_loss = self._span_penalty(device)
         if state is not None and self.config.recurrent:
@@ -133,7 +151,7 @@ class LanguageModel(nn.Module):
         loss = self._loss(logits, targets)
         new_state = None
         if state is not None:
-            new_state = State(q_start + T, state.row_start, layers, state.masked)
+            new_state = State(q_start + T, state.row_start, layers, state.masked, state.stores)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, state=new_state)
 
     @staticmethod
@@ -150,7 +168,8 @@ class LanguageModel(nn.Module):
                 x = recurrence.additive_feedback(layer, x)
             inputs.append(x)
             x, _ = block(x, ctx, None, recurrence.memory_source(layer))
-        return (x, *recurrence.next_layers(self, state.layers, inputs, x))
+        return (x, *recurrence.next_layers(self, state.layers, inputs, x, state.stores,
+                                           state.position + x.shape[1]))
 
     def _span_penalty(self, device: torch.device) -> torch.Tensor:
         spans = [block.attention.span for block in self.blocks if block.attention.span is not None]

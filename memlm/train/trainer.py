@@ -219,8 +219,11 @@ class Trainer:
 
     def _next_mark(self) -> float:
         """For a minutes budget: the next tenth of the budget after now (the next evaluation time)."""
-        interval = (self.config.minutes or 0) * 60 / EVALUATIONS
-        return (math.floor(self._clock() / interval) + 1) * interval if self.total_steps is None else math.inf
+        if self.total_steps is not None:
+            return math.inf
+        interval, now = self.config.minutes * 60 / EVALUATIONS, self._clock()
+        # at least half an interval of training between evaluations, however slow they are
+        return max((math.floor(now / interval) + 1) * interval, now + interval / 2)
 
     def _due(self, every: int | None) -> bool:
         """Whether the step just taken ends an interval of `every` steps; every=None: a tenth of the
@@ -357,7 +360,7 @@ class Trainer:
             mine = state["ranks"][self.info.rank]
             self.loader.load_state_dict(mine["loader"])
             if mine.get("memory") is not None:
-                self.state = State.from_state_dict(mine["memory"]).to(self.device)
+                self.state = self.model.load_state(mine["memory"], self.device)
             torch.set_rng_state(mine["rng"])
             if mine["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda_rng"], self.device)

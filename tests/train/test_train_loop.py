@@ -73,6 +73,8 @@ def test_wall_clock_budget_schedules_by_elapsed_time(corpus, tmp_path):
     # evaluations by default at every tenth of the budget (6 seconds), counted from the last one
     trainer.origin = time.perf_counter() - 31.0  # the clock reads 31 s of training
     assert trainer._next_mark() == 36.0
+    trainer.origin = time.perf_counter() - 35.5  # an evaluation that ended just before a mark
+    assert trainer._next_mark() == pytest.approx(38.5, abs=0.05)  # waits half an interval, not a step
     trainer.next_mark, trainer.elapsed = 36.0, 35.9
     assert not trainer._due(None)
     trainer.elapsed = 36.1

@@ -16,6 +16,7 @@ MECHANISMS = {
                          "memory.compress_rate": 4, "memory.compress_length": 8},
     "persistent": {"memory.length": 16, "memory.persistent": 8, "feedforward.kind": "none"},
     "tokens": {"memory.tokens": 4, "memory.tokens_recurrent": True},
+    "knn": {"memory.knn_layers": [1], "memory.knn_k": 8, "memory.knn_capacity": 256},
 }
 
 
@@ -44,8 +45,9 @@ def test_memory_trainer_uses_streams_and_carries_a_detached_state(corpus, tmp_pa
     assert seen == [(32, 32, False), (64, 48, False), (96, 48, False)]
 
 
-def test_resume_with_memory_is_exact(corpus, tmp_path, monkeypatch):
-    model = tiny_model().replace(**MECHANISMS["span+compressive"])
+@pytest.mark.parametrize("name", ["span+compressive", "knn"])
+def test_resume_with_memory_is_exact(corpus, tmp_path, monkeypatch, name):
+    model = tiny_model().replace(**MECHANISMS[name])
     straight = tmp_path / "straight"
     train(model, fast_config(corpus, straight, steps=12, checkpoint_every=4))
     crashed = tmp_path / "crashed"

@@ -1,0 +1,128 @@
+"""kNN memory (Memorizing Transformers): the layer around the external store."""
+
+import pytest
+import torch
+
+import memlm
+from memlm.memory.knn import KnnAttention
+from memlm.memory.stores import make_store
+from tests.conftest import by_segments, tiny_overrides
+
+
+def build(**extra):
+    base = tiny_overrides(layers=2, seq_len=8, **{"memory.knn_layers": [1], "memory.knn_k": 4,
+                                                  "memory.knn_capacity": 64})
+    base.update(extra)
+    return memlm.build("seed-tiny", **base).eval()
+
+
+def test_empty_store_and_closed_gate_equal_local_attention():
+    torch.manual_seed(0)
+    plain = memlm.build("seed-tiny", **tiny_overrides(layers=2, seq_len=8)).eval()
+    for combine in ("gate", "joint"):
+        model = build(**{"memory.knn_combine": combine})
+        model.load_state_dict(plain.state_dict(), strict=False)
+        if combine == "gate":
+            with torch.no_grad():
+                model.blocks[1].attention.knn.gate.fill_(-1e4)
+        ids = torch.randint(0, 256, (2, 8))
+        torch.testing.assert_close(model(ids, state=model.init_state(2)).logits, plain(ids).logits,
+                                   atol=1e-5, rtol=0)
+
+
+def test_segments_are_written_and_read_back():
+    model = build()
+    state = model.init_state(2)
+    store = state.stores[1]
+    ids = torch.randint(0, 256, (2, 24))
+    logits, state = by_segments(model, ids, 8, state)
+    assert state.stores[1] is store
+    # three completed segments of 8 positions per row and key/value head
+    keys, values, scores, valid = store.search(torch.nn.functional.normalize(torch.randn(2, 4, 1, 8), dim=-1), 64)
+    assert valid.sum(-1).flatten().tolist() == [24] * 8
+    # token-by-token decoding reads exactly what segment-by-segment processing reads
+    fresh = build()
+    fresh.load_state_dict(model.state_dict())
+    tokens, _ = by_segments(fresh, ids, 1)
+    torch.testing.assert_close(tokens, logits, atol=1e-5, rtol=0)
+
+
+def test_retrieved_memory_changes_the_output_and_reset_clears_rows():
+    model = build()
+    ids = torch.randint(0, 256, (2, 24))
+    with_memory, state = by_segments(model, ids, 8)
+    without = model(ids[:, 16:], state=model.init_state(2)).logits
+    assert not torch.allclose(with_memory[:, 16:], without, atol=1e-4)
+    _, state = by_segments(model, ids[:, :16], 8)
+    state = state.reset(torch.tensor([True, False]))
+    after = model(ids[:, 16:], state=state).logits
+    fresh = model(ids[:1, 16:], state=model.init_state(1)).logits
+    torch.testing.assert_close(after[:1], fresh, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_gradients_reach_gate_and_queries_not_the_store(straight_through):
+    model = build(**{"memory.knn_straight_through": straight_through}).train()
+    ids = torch.randint(0, 256, (2, 24))
+    state = model.init_state(2)
+    for start in (0, 8):
+        state = model(ids[:, start:start + 8], state=state).state.detach()
+    out = model(ids[:, 16:], targets=ids[:, 16:], state=state)
+    out.loss.backward()
+    knn = model.blocks[1].attention
+    assert knn.knn.gate.grad is not None and knn.knn.gate.grad.abs().sum() > 0
+    grad_with_memory = knn.qkv.weight.grad.clone()
+    for tensor in state.stores[1].state_dict().values():
+        if torch.is_tensor(tensor):
+            assert not tensor.requires_grad
+    model.zero_grad()
+    empty = model.init_state(2)
+    empty.position = state.position
+    model(ids[:, 16:], targets=ids[:, 16:], state=empty).loss.backward()
+    assert not torch.allclose(knn.qkv.weight.grad, grad_with_memory)  # the queries learn from retrieval
+
+
+def test_straight_through_changes_only_the_gradient():
+    torch.manual_seed(3)
+    layer = KnnAttention(heads=2, k=3, combine="joint", straight_through=False)
+    through = KnnAttention(heads=2, k=3, combine="joint", straight_through=True)
+    store = make_store("exact", rows=1, heads=1, dim=4, capacity=16, device="cpu")
+    keys = torch.nn.functional.normalize(torch.randn(1, 1, 10, 4), dim=-1)
+    store.write(keys, torch.randn(1, 1, 10, 4), torch.arange(10))
+    q = torch.randn(1, 2, 5, 4, requires_grad=True)
+    local, lse = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5)
+    a = layer(local, lse, store, q, 0.5, 0.0)
+    b = through(local, lse, store, q, 0.5, 0.0)
+    torch.testing.assert_close(a, b)
+    (ga,) = torch.autograd.grad(a.sum(), q)
+    (gb,) = torch.autograd.grad(b.sum(), q)
+    assert not torch.allclose(ga, gb)
+
+
+def test_joint_read_equals_one_softmax_over_local_and_retrieved():
+    torch.manual_seed(4)
+    layer = KnnAttention(heads=1, k=2, combine="joint", straight_through=False)
+    store = make_store("exact", rows=1, heads=1, dim=4, capacity=8, device="cpu")
+    mem_k = torch.nn.functional.normalize(torch.randn(1, 1, 5, 4), dim=-1)
+    mem_v = torch.randn(1, 1, 5, 4)
+    store.write(mem_k, mem_v, torch.arange(5))
+    q = torch.randn(1, 1, 1, 4)
+    local_k, local_v = torch.randn(3, 4), torch.randn(3, 4)
+    local_scores = (q[0, 0, 0] @ local_k.T) * 0.7
+    local_out = local_scores.softmax(-1) @ local_v
+    out = layer(local_out.view(1, 1, 1, 4), local_scores.logsumexp(-1).view(1, 1, 1), store, q, 0.7, 0.0)
+    mem_scores = (q[0, 0, 0] @ mem_k[0, 0].T) * 0.7
+    top = mem_scores.topk(2).indices
+    scores = torch.cat([local_scores, mem_scores[top]])
+    expected = scores.softmax(-1) @ torch.cat([local_v, mem_v[0, 0][top]])
+    torch.testing.assert_close(out.view(4), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_knn_config_errors():
+    for bad, field in [({"memory.knn_layers": [5]}, "memory.knn_layers"),
+                       ({"memory.knn_k": 0}, "memory.knn_k"),
+                       ({"memory.knn_backend": "annoy"}, "memory.knn_backend"),
+                       ({"memory.knn_combine": "sum"}, "memory.knn_combine")]:
+        with pytest.raises(memlm.ConfigError) as info:
+            build(**bad)
+        assert info.value.field_name == field

@@ -1,0 +1,345 @@
+"""kNN memory stores (memlm.memory.stores): exact top-k, faiss recall, FIFO eviction, resets,
+ids across eviction, persistence with checksums, shared read-only stores, padding."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memlm.memory.stores import (ExactStore, FaissStore, Retrieved, StoreError, load_store,
+                                 make_store)
+
+BACKENDS = [("exact", {}), ("faiss", {}), ("faiss", {"index": "ivf"}), ("faiss", {"index": "hnsw"})]
+IDS = ["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+def fill(store, total, chunk, start=0):
+    """Write `total` random unit keys per row in chunks; values = 3 * keys. Returns the keys
+    (B, Hkv, total, D) and positions (total,) written."""
+    keys = unit(store.rows, store.heads, total, store.dim)
+    for i in range(0, total, chunk):
+        piece = keys[:, :, i:i + chunk]
+        store.write(piece, 3 * piece, torch.arange(start + i, start + i + piece.shape[2]))
+    return keys, torch.arange(start, start + total)
+
+
+def brute_force(keys, positions, q, k):
+    """Plain torch top-k: keys (B, Hkv, n, D) live entries, q (B, H, T, D) ->
+    scores (B, H, T, k), keys (B, H, T, k, D), positions (B, H, T, k)."""
+    G = q.shape[1] // keys.shape[1]
+    kv = keys.repeat_interleave(G, dim=1)  # (B, H, n, D)
+    scores = q @ kv.transpose(-1, -2)  # (B, H, T, n)
+    top = scores.topk(k, dim=-1)
+    idx = top.indices
+    picked = torch.gather(kv[:, :, None].expand(-1, -1, q.shape[2], -1, -1), 3,
+                          idx[..., None].expand(-1, -1, -1, -1, keys.shape[-1]))
+    return top.values, picked, positions[idx]
+
+
+def recall(found, truth):
+    """Mean fraction of the true top-k positions found; found, truth (..., k)."""
+    f, t = found.reshape(-1, found.shape[-1]).tolist(), truth.reshape(-1, truth.shape[-1]).tolist()
+    return sum(len(set(a) & set(b)) for a, b in zip(f, t)) / truth.numel()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (6, 2)])
+def test_exact_store_returns_the_brute_force_top_k(heads, kv_heads):
+    store = make_store("exact", rows=3, heads=kv_heads, dim=16, capacity=50, device="cpu")
+    keys, positions = fill(store, 130, 40)  # wraps the ring twice
+    live, live_pos = keys[:, :, -50:], positions[-50:]
+    q = unit(3, heads, 7, 16)
+    out, pos = store.search(q, 6, return_positions=True)
+    assert isinstance(out, Retrieved) and out.keys.shape == (3, heads, 7, 6, 16) and out.valid.all()
+    scores, picked, want_pos = brute_force(live, live_pos, q, 6)
+    torch.testing.assert_close(out.scores, scores, rtol=0, atol=1e-6)
+    assert torch.equal(pos, want_pos)
+    assert torch.equal(out.keys, picked)
+    assert torch.equal(out.values, 3 * picked)
+
+    # chunked scoring gives the same answer: two (row, head) groups at a time, or 3 queries at a time
+    queries = 7 * heads // kv_heads
+    for chunk in (2 * queries * 50, 3 * 50):
+        small = make_store("exact", rows=3, heads=kv_heads, dim=16, capacity=50, chunk_elements=chunk)
+        small.load_state_dict(store.state_dict())
+        again, again_pos = small.search(q, 6, return_positions=True)
+        assert torch.equal(again_pos, pos) and torch.equal(again.keys, out.keys)
+
+
+def test_rows_are_independent_and_positions_may_differ_per_row():
+    store = ExactStore(rows=2, heads=1, dim=8, capacity=10)
+    keys = unit(2, 1, 4, 8)
+    store.write(keys, keys, torch.tensor([[0, 1, 2, 3], [100, 101, 102, 103]]))
+    out, pos = store.search(keys[:, :, :1], 1, return_positions=True)  # each row's first key
+    assert pos.flatten().tolist() == [0, 100]
+    torch.testing.assert_close(out.scores.flatten(), torch.ones(2))
+    q = keys.flip(0)[:, :, :1]  # row 1's key asked in row 0: row 0 never holds it
+    assert store.search(q, 1).scores.flatten().lt(0.999).all()
+
+
+@pytest.mark.parametrize("kind,options", [("faiss", {}), ("faiss", {"index": "hnsw"})], ids=["flat", "hnsw"])
+def test_faiss_recall_at_default_settings(kind, options):
+    exact = make_store("exact", rows=1, heads=1, dim=32, capacity=5000)
+    store = make_store(kind, rows=1, heads=1, dim=32, capacity=5000, **options)
+    keys = unit(1, 1, 5000, 32)
+    for s in (exact, store):
+        for i in range(0, 5000, 1000):
+            s.write(keys[:, :, i:i + 1000], keys[:, :, i:i + 1000], torch.arange(i, i + 1000))
+    q = unit(1, 2, 200, 32)
+    truth, want = exact.search(q, 10, return_positions=True)
+    out, found = store.search(q, 10, return_positions=True)
+    r = recall(found, want)
+    if options.get("index", "flat") == "flat":
+        assert r == 1.0
+        torch.testing.assert_close(out.scores, truth.scores, rtol=0, atol=1e-5)
+    else:
+        assert r >= 0.9
+    assert out.valid.all()
+
+
+def test_faiss_ivf_recall_on_clustered_data_at_defaults_and_random_data_with_more_probes():
+    centers = torch.randn(40, 32)
+    clustered = F.normalize(centers[torch.randint(40, (5000,))] + 0.7 * torch.randn(5000, 32), dim=-1)
+    queries = F.normalize(centers[torch.randint(40, (200,))] + 0.7 * torch.randn(200, 32), dim=-1)
+    for data, q, options in [(clustered, queries, {}), (unit(5000, 32), unit(200, 32), {"nprobe": 35})]:
+        exact = make_store("exact", 1, 1, 32, 5000)
+        ivf = make_store("faiss-ivf", 1, 1, 32, 5000, **options)
+        assert ivf.nlist == 70 and ivf.train_size == 2730
+        for s in (exact, ivf):
+            s.write(data[None, None], data[None, None], torch.arange(5000))
+        assert all(index.is_trained for index in ivf.indexes[0])
+        _, want = exact.search(q[None, None], 10, return_positions=True)
+        _, found = ivf.search(q[None, None], 10, return_positions=True)
+        assert recall(found, want) >= 0.9
+
+
+@pytest.mark.parametrize("kind,options", BACKENDS, ids=IDS)
+def test_eviction_keeps_the_last_capacity_entries_in_order(kind, options):
+    store = make_store(kind, rows=2, heads=2, dim=8, capacity=40, **options)
+    keys, positions = fill(store, 100, 7)  # 2.5 x capacity, writes that straddle the wrap
+    assert store.counts.tolist() == [40, 40] and store.written.tolist() == [100, 100]
+    for row in range(2):
+        k, v, p = store.entries(row)
+        assert torch.equal(k, keys[row, :, -40:]) and torch.equal(v, 3 * keys[row, :, -40:])
+        assert torch.equal(p, positions[-40:])
+    # one write longer than the memory keeps only its tail
+    more = unit(2, 2, 90, 8)
+    store.write(more, 3 * more, torch.arange(100, 190))
+    k, _, p = store.entries(1)
+    assert torch.equal(k, more[1, :, -40:]) and p.tolist() == list(range(150, 190))
+    assert store.written.tolist() == [190, 190]
+    # searching with every live key finds itself at the top
+    out, pos = store.search(store.entries(0)[0][None, :].repeat(2, 1, 1, 1), 1, return_positions=True)
+    assert pos[0, :, :, 0].tolist() == [list(range(150, 190))] * 2
+
+
+@pytest.mark.parametrize("kind,options", BACKENDS, ids=IDS)
+def test_reset_clears_only_the_masked_rows(kind, options):
+    store = make_store(kind, rows=3, heads=1, dim=8, capacity=30, **options)
+    fill(store, 45, 15)
+    q = unit(3, 2, 5, 8)
+    before, before_pos = store.search(q, 4, return_positions=True)
+    store.reset(torch.tensor([False, True, False]))
+    after, after_pos = store.search(q, 4, return_positions=True)
+    assert store.counts.tolist() == [30, 0, 30] and store.written.tolist() == [45, 0, 45]
+    for row in (0, 2):
+        assert torch.equal(after.keys[row], before.keys[row]) and torch.equal(after_pos[row], before_pos[row])
+    assert not after.valid[1].any() and torch.isinf(after.scores[1]).all() and (after_pos[1] == -1).all()
+    assert not after.keys[1].any() and not after.values[1].any()
+    fresh = unit(3, 1, 2, 8)
+    store.write(fresh, 3 * fresh, torch.arange(45, 47))
+    k, _, p = store.entries(1)
+    assert torch.equal(k, fresh[1]) and p.tolist() == [45, 46]
+    store.clear()
+    assert store.counts.tolist() == [0, 0, 0] and not store.search(q, 2).valid.any()
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_faiss_ids_stay_right_across_eviction(index):
+    store = make_store("faiss", rows=2, heads=2, dim=16, capacity=300, index=index, train_size=200,
+                       nlist=8, nprobe=8)
+    keys, positions = fill(store, 1000, 64)  # the ivf/hnsw indexes compact more than once
+    for r in range(2):
+        for h in range(2):
+            assert store.indexes[r][h].ntotal < 2 * 300
+    evicted = keys[:, :, :700]  # (2, 2, 700, 16)
+    G = 2
+    q = evicted.repeat_interleave(G, dim=1)  # (2, 4, 700, 16): query heads 2h, 2h+1 read kv head h
+    out, pos = store.search(q, 3, return_positions=True)
+    assert out.valid.all()
+    assert (pos >= 700).all()  # an evicted entry is never returned
+    assert out.scores[..., 0].lt(0.9999).all()
+    torch.testing.assert_close(out.values, 3 * out.keys)  # values come with their own keys
+    live = keys[:, :, 700:]
+    out, pos = store.search(live.repeat_interleave(G, dim=1), 1, return_positions=True)
+    assert torch.equal(pos[..., 0], positions[700:].expand(2, 4, -1))  # each live key finds itself
+    torch.testing.assert_close(out.keys[..., 0, :], live.repeat_interleave(G, dim=1))
+    torch.testing.assert_close(out.values[..., 0, :], 3 * live.repeat_interleave(G, dim=1))
+
+
+@pytest.mark.parametrize("kind,options", BACKENDS, ids=IDS)
+def test_save_and_load_give_identical_retrievals(kind, options, tmp_path):
+    store = make_store(kind, rows=2, heads=2, dim=16, capacity=600, **options)
+    fill(store, 900, 128)
+    q = unit(2, 4, 9, 16)
+    want, want_pos = store.search(q, 8, return_positions=True)
+
+    path = store.save(tmp_path / "store")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["kind"] == store.kind and manifest["counts"] == [600, 600] and manifest["written"] == [900, 900]
+    assert manifest["write_pointer"] == [300, 300] and manifest["options"] == store.options()
+    assert set(manifest["files"]) >= {"keys.safetensors", "values.safetensors", "positions.safetensors"}
+    assert ("indexes.safetensors" in manifest["files"]) == (options.get("index") in ("ivf", "hnsw"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    loaded = load_store(path, "cpu", kind=store.kind, heads=2, dim=16)
+    assert type(loaded) is type(store) and loaded.options() == store.options()
+    got, got_pos = loaded.search(q, 8, return_positions=True)
+    assert torch.equal(got_pos, want_pos)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for name, t in store.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+    # a checkpoint round trip through state_dict is the same
+    again = make_store(kind, rows=2, heads=2, dim=16, capacity=600, **options)
+    again.load_state_dict(store.state_dict())
+    assert torch.equal(again.search(q, 8, return_positions=True)[1], want_pos)
+
+    # saving again over it replaces it, still atomically
+    fill(store, 10, 10, start=900)
+    store.save(path)
+    assert load_store(path).written.tolist() == [910, 910]
+
+
+def test_corrupted_truncated_missing_or_mismatched_files_raise(tmp_path):
+    store = make_store("faiss-hnsw", rows=1, heads=1, dim=8, capacity=20)
+    fill(store, 30, 10)
+    path = store.save(tmp_path / "s")
+
+    def broken(edit):
+        target = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        store.save(target)
+        edit(target)
+        return target
+
+    def flip(p):
+        data = bytearray((p / "values.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (p / "values.safetensors").write_bytes(bytes(data))
+
+    with pytest.raises(StoreError, match=r"values\.safetensors.*corrupted"):
+        load_store(broken(flip))
+    with pytest.raises(StoreError, match=r"indexes\.safetensors.*corrupted or truncated"):
+        load_store(broken(lambda p: (p / "indexes.safetensors").write_bytes(
+            (p / "indexes.safetensors").read_bytes()[:100])))
+    with pytest.raises(StoreError, match=r"missing store file .*positions\.safetensors"):
+        load_store(broken(lambda p: (p / "positions.safetensors").unlink()))
+    with pytest.raises(StoreError, match=r"manifest\.json"):
+        load_store(broken(lambda p: (p / "manifest.json").write_text("{not json")))
+
+    def edit_manifest(**fields):
+        def edit(p):
+            m = json.loads((p / "manifest.json").read_text())
+            m.update(fields)
+            (p / "manifest.json").write_text(json.dumps(m))
+        return edit
+
+    with pytest.raises(StoreError, match=r"keys\.safetensors holds keys of shape \(1, 1, 20, 8\).*\(1, 1, 20, 16\)"):
+        load_store(broken(edit_manifest(dim=16)))  # checksums fine, shapes not
+    with pytest.raises(StoreError, match="inconsistent"):
+        load_store(broken(edit_manifest(counts=[5])))
+    with pytest.raises(StoreError, match="version"):
+        load_store(broken(edit_manifest(version=99)))
+    with pytest.raises(StoreError, match=r"dim=8, expected 16"):
+        load_store(path, dim=16)  # what the caller expects is checked too
+    with pytest.raises(StoreError, match=r"index='hnsw', expected 'flat'"):
+        load_store(path, kind="faiss", index="flat")
+    assert load_store(path, kind="faiss", index="hnsw", rows=1).options()["index"] == "hnsw"
+    with pytest.raises(StoreError, match="state"):
+        make_store("faiss-hnsw", rows=1, heads=1, dim=8, capacity=30).load_state_dict(store.state_dict())
+    with pytest.raises(StoreError, match="refusing to overwrite"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "notes.txt").write_text("mine")
+        store.save(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert load_store(path).written.tolist() == [30]  # the intact one still loads
+
+
+@pytest.mark.parametrize("kind,options", BACKENDS, ids=IDS)
+def test_shared_read_only_store_serves_every_row_alike(kind, options, tmp_path):
+    store = make_store(kind, rows=1, heads=2, dim=16, capacity=500, **options)
+    fill(store, 500, 100)
+    q1 = unit(1, 4, 6, 16)
+    alone, alone_pos = store.search(q1, 5, return_positions=True)
+    store.share()
+    out, pos = store.search(q1.expand(3, -1, -1, -1), 5, return_positions=True)
+    for row in range(3):
+        assert torch.equal(pos[row], alone_pos[0]) and torch.equal(out.keys[row], alone.keys[0])
+        assert torch.equal(out.scores[row], alone.scores[0])
+    if isinstance(store, ExactStore):  # the batch folded into the queries, scored a few at a time
+        store.chunk_elements = 3 * 500
+        assert torch.equal(store.search(q1.expand(3, -1, -1, -1), 5, return_positions=True)[1], pos)
+    keys = unit(1, 2, 3, 16)
+    with pytest.raises(StoreError, match="read-only"):
+        store.write(keys, keys, torch.arange(3))
+    with pytest.raises(StoreError, match="read-only"):
+        store.reset(torch.tensor([True]))
+    with pytest.raises(StoreError, match="read-only"):
+        store.clear()
+    assert store.counts.tolist() == [500]
+    loaded = load_store(store.save(tmp_path / "knowledge"))
+    assert loaded.shared and torch.equal(loaded.search(q1.expand(4, -1, -1, -1), 5, return_positions=True)[1][3],
+                                         alone_pos[0])
+    with pytest.raises(StoreError, match="one-row"):
+        make_store(kind, rows=2, heads=1, dim=4, capacity=4, **options).share()
+
+
+@pytest.mark.parametrize("kind,options", BACKENDS, ids=IDS)
+def test_missing_entries_are_invalid_with_minus_inf_scores(kind, options):
+    store = make_store(kind, rows=3, heads=1, dim=8, capacity=4, **options)
+    keys = unit(3, 1, 3, 8)
+    store.write(keys, keys, torch.arange(3))
+    store.reset(torch.tensor([True, False, False]))  # row 0 empty, rows 1 and 2 hold 3 entries
+    more = unit(3, 1, 2, 8)
+    store.write(more, more, torch.arange(3, 5))  # row 0: 2 entries, rows 1, 2: 4 (full)
+    out = store.search(unit(3, 2, 5, 8), 6)  # k > capacity
+    assert out.valid.sum(-1)[:, 0, 0].tolist() == [2, 4, 4]
+    want = torch.arange(6)[None, :] < torch.tensor([2, 4, 4])[:, None]  # (3, 6) valid ranks come first
+    assert torch.equal(out.valid, want[:, None, None, :].expand(3, 2, 5, 6))
+    assert torch.isinf(out.scores[~out.valid]).all() and (out.scores[~out.valid] < 0).all()
+    assert torch.isfinite(out.scores[out.valid]).all()
+    assert not out.keys[~out.valid].any() and not out.values[~out.valid].any()
+    assert (out.scores[..., :-1] >= out.scores[..., 1:]).all()  # best first
+
+
+def test_writes_are_detached_and_results_follow_the_query_dtype():
+    store = make_store("exact", rows=1, heads=1, dim=4, capacity=8)
+    keys = unit(1, 1, 3, 4).requires_grad_()
+    store.write(keys * 2, keys, torch.arange(3))
+    assert not store.keys.requires_grad
+    q = unit(1, 1, 2, 4).requires_grad_()
+    out = store.search(q, 2)
+    assert not out.keys.requires_grad and not out.scores.requires_grad
+    assert store.search(q.detach().double(), 2).keys.dtype == torch.float64
+
+
+def test_bad_arguments_are_refused_clearly():
+    with pytest.raises(ValueError, match="unknown kNN store kind 'annoy'"):
+        make_store("annoy", 1, 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown faiss index"):
+        make_store("faiss", 1, 1, 4, 4, index="pq")
+    store = make_store("exact", rows=2, heads=2, dim=4, capacity=4)
+    with pytest.raises(ValueError, match="multiple"):
+        store.search(unit(2, 3, 1, 4), 1)  # 3 query heads over 2 kv heads
+    with pytest.raises(ValueError, match="rows"):
+        store.search(unit(3, 2, 1, 4), 1)
+    with pytest.raises(ValueError, match="write expects keys"):
+        store.write(unit(2, 1, 1, 4), unit(2, 1, 1, 4), torch.arange(1))
+    with pytest.raises(ValueError, match="positions"):
+        store.write(unit(2, 2, 2, 4), unit(2, 2, 2, 4), torch.arange(3))
+    assert isinstance(make_store("faiss-ivf", 1, 1, 4, 4), FaissStore)
