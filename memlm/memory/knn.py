@@ -63,6 +63,6 @@ def write_segment(model, layer: int, store, inputs: torch.Tensor, start: int) ->
     block = model.blocks[layer]
     with torch.no_grad():
         h = block.attn_norm(inputs) if block.pre_norm else inputs
-        _, k, v = block.attention.project(h)  # (B, Hkv, T, D), unrotated
+        k, v = block.attention.project_kv(h)  # (B, Hkv, T, D), unrotated
         positions = torch.arange(start, start + inputs.shape[1], device=inputs.device)
         store.write(F.normalize(k.float(), dim=-1), v.float(), positions)

@@ -109,6 +109,18 @@ class Attention(nn.Module):
             k = nn.functional.normalize(k, dim=-1)
         return q, k, v
 
+    def project_kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values only (B, Hkv, T, D) of h (B, T, W): memory needs no queries."""
+        B, T, _ = h.shape
+        Hkv, D = self.kv_heads, self.head_dim
+        start = self.heads * D
+        bias = self.qkv.bias[start:] if self.qkv.bias is not None else None
+        k, v = nn.functional.linear(h, self.qkv.weight[start:], bias).split([Hkv * D, Hkv * D], dim=-1)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        if self.qk_scale is not None:
+            k = nn.functional.normalize(k, dim=-1)
+        return k, v.view(B, T, Hkv, D).transpose(1, 2)
+
     def forward(self, h: torch.Tensor, ctx: SegmentContext, cache: dict[str, torch.Tensor] | None,
                 memory: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
         """h: (B, T, W) -> (B, T, W).
@@ -123,7 +135,7 @@ class Attention(nn.Module):
         if memory is not None and self.span is not None:  # keys past the longest span are masked anyway
             memory = memory[:, max(0, memory.shape[1] - self.span.limit):]
         if memory is not None and memory.shape[1]:
-            _, mk, mv = self.project(memory)
+            mk, mv = self.project_kv(memory)
             k = torch.cat([mk, k], dim=2)  # (B, Hkv, M + T, D)
             v = torch.cat([mv, v], dim=2)
         new_cache = None
