@@ -77,6 +77,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from memlm.fileio import fsync_path
+
 __all__ = ["ExactStore", "FaissStore", "Retrieved", "Store", "StoreError", "load_store", "make_store"]
 
 FORMAT, VERSION = "memlm.knn-store", 1
@@ -559,14 +561,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_atomic(directory: Path, files: dict[str, dict[str, torch.Tensor]], manifest: dict) -> Path:
     """Write `files` and the manifest into a temporary sibling directory, then rename it to
     `directory` (an existing saved store there is replaced; anything else is refused)."""
@@ -585,13 +579,13 @@ def _save_atomic(directory: Path, files: dict[str, dict[str, torch.Tensor]], man
             manifest["files"][name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for path in tmp.iterdir():
-            _fsync(path)
-        _fsync(tmp)
+            fsync_path(path)
+        fsync_path(tmp)
         if directory.exists():
             os.rename(directory, old)
             moved = True
         os.rename(tmp, directory)
-        _fsync(directory.parent)
+        fsync_path(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if moved and not directory.exists():

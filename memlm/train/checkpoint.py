@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
+from memlm.fileio import fsync_path
 from memlm.model import LanguageModel
 
 WEIGHTS, TRAINER, CONFIG = "model.safetensors", "trainer.pt", "config.json"
@@ -56,11 +57,11 @@ def save(root: str | Path, step: int, model: nn.Module, trainer_state: dict[str,
         torch.save(trainer_state, tmp / TRAINER)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         for path in tmp.iterdir():
-            _fsync(path)
+            fsync_path(path)
         if final.exists():  # an unreferenced leftover of a crashed run
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -92,14 +93,6 @@ def _prune(root: Path) -> None:
                 path.unlink()
         elif (path.name.startswith("step-") and path.name not in keep) or path.name.startswith(".tmp-"):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----- reading ------------------------------------------------------------------------
