@@ -1,9 +1,14 @@
-"""The `memlm` command: train, eval, generate, presets.
+"""The `memlm` command: train, eval, generate, memorize, presets, bench.
 
     memlm train [--preset P] [--data SRC] [--out DIR] [--steps N | --tokens N | --minutes M] [--resume]
                 [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
-    memlm eval RUN_OR_CKPT [--data SRC] [--split test] [--json]
+    memlm eval RUN_OR_CKPT [--data SRC] [--split test] [--memory MEMDIR] [--json]
+    memlm eval RUN_OR_CKPT --task recall [--distances 64 256 1024 4096 --documents 64 --pairs 1 --seed 0
+                                          --no-memory]     (long-range recall, memlm.longrange; no corpus)
     memlm generate RUN_OR_CKPT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+                               [--memory MEMDIR]
+    memlm memorize RUN_OR_CKPT --out MEMDIR [--data SRC --split train --max-tokens N --batch-size B
+                                             --capacity C]  (knowledge memory for kNN layers, memlm.memorize)
     memlm presets [--json]
 
 argparse picks the command; tyro parses its options from a dataclass, so the help texts are
@@ -21,7 +26,8 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Annotated, Callable
+from pathlib import Path
+from typing import Annotated, Callable, Literal
 
 import torch
 import tyro
@@ -29,6 +35,9 @@ import tyro
 from memlm.config import ConfigError, ModelConfig, describe, get_preset, presets
 from memlm.data import DataError, prepare
 from memlm.eval import evaluate
+from memlm.longrange import DISTANCES, markdown, recall_accuracy
+from memlm.memorize import KnowledgeError, check_target, load_memory, memorize, save_memory
+from memlm.memory.stores import StoreError
 from memlm.model import LanguageModel
 from memlm.train import CheckpointError, TrainConfig, load_model, train
 from memlm.train.checkpoint import find
@@ -41,7 +50,7 @@ class UsageError(Exception):
     """A bad command-line value that no config class checks."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, UsageError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, UsageError, KnowledgeError, StoreError)
 RunPath = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_OR_CKPT")]
 
 
@@ -90,41 +99,108 @@ def cmd_train(argv: list[str]) -> int:
 class EvalCommand:
     path: RunPath
     """Run directory (its checkpoints/latest) or checkpoint directory."""
+    task: Literal["bpb", "recall"] = "bpb"
+    """bpb: bits per byte on a split of a corpus; recall: the long-range recall task by distance (memlm.longrange, no corpus)."""
     data: str | None = None
-    """Corpus to evaluate on; None = the run's training corpus."""
+    """Corpus to evaluate on; None = the run's training corpus (bpb only)."""
     split: str = "test"
-    """Split: train, validation or test."""
+    """Split: train, validation or test (bpb only)."""
     batch_size: int | None = None
-    """Streams scored in parallel; None = the run's training batch size."""
+    """Streams (bpb) or documents (recall) scored in parallel; None = the run's training batch size (bpb), 16 (recall)."""
     max_tokens: int | None = None
-    """Score about this many tokens (whole segments of streams spread over the split); None = all of it."""
+    """Score about this many tokens (whole segments of streams spread over the split); None = all of it (bpb only)."""
+    distances: tuple[int, ...] = DISTANCES
+    """Recall: filler bytes between a definition and its query, one row each."""
+    documents: int = 64
+    """Recall: documents per distance."""
+    pairs: int = 1
+    """Recall: key/value definitions per document (more = associative recall among distractors)."""
+    seed: int = 0
+    """Recall: seed of the documents (the same seed, the same documents)."""
+    no_memory: bool = False
+    """Recall: score without the model's memory (independent windows of seq_len), the no-memory baseline."""
+    memory: str | None = None
+    """Knowledge memory directory (memlm memorize): its stores replace the kNN layers' own, read-only."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
     json: bool = False
     """Print the result as one JSON object on the last line."""
 
 
+def attach_memory(model: LanguageModel, memory: str | None, device: torch.device) -> dict | None:
+    """Load a knowledge memory into `model.knowledge`; a short description of it, or None."""
+    if memory is None:
+        return None
+    model.knowledge = load_memory(memory, model, device)
+    return {"dir": str(memory), "layers": {layer: int(store.counts[0]) for layer, store in model.knowledge.items()}}
+
+
 def cmd_eval(argv: list[str]) -> int:
     args = tyro.cli(EvalCommand, args=argv, prog="memlm eval",
-                    description="Bits per byte and perplexity of a trained model on a split.")
+                    description="Bits per byte and perplexity of a trained model on a split, or its long-range "
+                                "recall accuracy by distance (--task recall).")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.task == "recall":
+        check_recall_options(args)
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
     train_config = saved["train"]
-    data = args.data or train_config["data"]
-    corpus = prepare(data, train_config.get("cache_dir"), train_config.get("fractions", (0.98, 0.01, 0.01)))
-    batch_size = args.batch_size or train_config["batch_size"]
-    if batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    with autocast(device, train_config.get("precision", "auto")):
-        result = evaluate(model, corpus.split(args.split), batch_size, model.config.seq_len, args.max_tokens,
-                          stateful=model.config.stateful, reset=model.config.memory.reset_at_document)
-    result = {"checkpoint": str(find(args.path)), "data": data, "split": args.split, **result}
-    print(f"{args.split} bpb {result['bpb']:.4f} | loss {result['loss']:.4f} nats | perplexity "
-          f"{result['perplexity']:.4f} | {result['tokens']:,} tokens | {result['checkpoint']}")
-    print(position_table(result["by_position"]))
+    memory = attach_memory(model, args.memory, device)
+    if args.task == "recall":
+        result = eval_recall(model, args, device, train_config.get("precision", "auto"))
+    else:
+        data = args.data or train_config["data"]
+        corpus = prepare(data, train_config.get("cache_dir"), train_config.get("fractions", (0.98, 0.01, 0.01)))
+        batch_size = args.batch_size or train_config["batch_size"]
+        with autocast(device, train_config.get("precision", "auto")):
+            result = evaluate(model, corpus.split(args.split), batch_size, model.config.seq_len, args.max_tokens,
+                              stateful=model.config.stateful, reset=model.config.memory.reset_at_document)
+        result = {"checkpoint": str(find(args.path)), "data": data, "split": args.split, **result}
+        print(f"{args.split} bpb {result['bpb']:.4f} | loss {result['loss']:.4f} nats | perplexity "
+              f"{result['perplexity']:.4f} | {result['tokens']:,} tokens | {result['checkpoint']}")
+        print(position_table(result["by_position"]))
+    if memory is not None:
+        result["memory"] = memory
+        print(f"knowledge memory {memory['dir']}: " + ", ".join(
+            f"layer {layer} {entries:,} entries" for layer, entries in memory["layers"].items()))
+    spans = model.spans()
+    if spans is not None:
+        result["spans"] = spans
+        print(spans_table(spans))
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def check_recall_options(args: EvalCommand) -> None:
+    if not args.distances or min(args.distances) < 0:
+        raise UsageError(f"--distances must be one or more byte counts >= 0, got {list(args.distances)}")
+    if args.documents < 1 or args.pairs < 1:
+        raise UsageError(f"--documents and --pairs must be >= 1, got {args.documents} and {args.pairs}")
+    if args.pairs > 10 ** 4:
+        raise UsageError(f"--pairs {args.pairs}: a document holds at most 10,000 distinct keys (4 digits each)")
+    if args.no_memory and args.memory is not None:
+        raise UsageError("--no-memory scores without any memory, so --memory would be ignored: drop one of them")
+
+
+def eval_recall(model: LanguageModel, args: EvalCommand, device: torch.device, precision: str) -> dict:
+    """The recall task (memlm.longrange) through the CLI: prints its markdown table."""
+    with autocast(device, precision):
+        result = recall_accuracy(model, args.distances, args.documents, args.batch_size or 16, args.seed,
+                                 stateful=False if args.no_memory else None, pairs=args.pairs)
+    print(markdown(result))
+    return {"checkpoint": str(find(args.path)), **result}
+
+
+def spans_table(spans: list[list[float]]) -> str:
+    """Learned adaptive spans (positions), one line per layer, one column per head."""
+    heads = len(spans[0]) if spans else 0
+    lines = ["adaptive span (positions) by layer and head",
+             "layer " + "".join(f"{f'head {h}':>10}" for h in range(heads)) + f"{'mean':>10}"]
+    for layer, row in enumerate(spans):
+        lines.append(f"{layer:<6}" + "".join(f"{v:>10.1f}" for v in row) + f"{sum(row) / len(row):>10.1f}")
+    return "\n".join(lines)
 
 
 def position_table(rows: list[dict]) -> str:
@@ -162,6 +238,8 @@ class GenerateCommand:
     """Nucleus sampling: the smallest set of tokens with probability >= top_p."""
     seed: int = 0
     """Sampling seed (the same seed gives the same text)."""
+    memory: str | None = None
+    """Knowledge memory directory (memlm memorize): its stores replace the kNN layers' own, read-only."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
     json: bool = False
@@ -179,12 +257,80 @@ def cmd_generate(argv: list[str]) -> int:
         raise UsageError(f"--top-p must lie in (0, 1], got {args.top_p}")
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
+    attach_memory(model, args.memory, device)
     with autocast(device, saved["train"].get("precision", "auto")):
         text, ids = sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                 args.seed)
     print(args.prompt + text)
     if args.json:
         print(json.dumps({"prompt": args.prompt, "completion": text, "ids": ids, "new_tokens": len(ids)}))
+    return 0
+
+
+# ----- memorize ---------------------------------------------------------------------------
+
+@dataclass
+class MemorizeCommand:
+    path: RunPath
+    """Run directory (its checkpoints/latest) or checkpoint directory of a model with kNN layers."""
+    out: str
+    """Memory directory to write (MEMDIR/layer-<i>/ and MEMDIR/manifest.json); an earlier memory there is replaced."""
+    data: str | None = None
+    """Corpus to memorise; None = the run's training corpus."""
+    split: str = "train"
+    """Split: train, validation or test."""
+    max_tokens: int | None = None
+    """Memorise about this many tokens (whole segments of streams spread over the split); None = all of it."""
+    batch_size: int | None = None
+    """Streams run in parallel; None = the run's training batch size."""
+    capacity: int | None = None
+    """Entries kept per layer (the last ones); None = one per memorised token."""
+    device: str = "auto"
+    """Device: auto, cpu, cuda, cuda:N."""
+    json: bool = False
+    """Print the memory's manifest as one JSON object on the last line."""
+
+
+def cmd_memorize(argv: list[str]) -> int:
+    args = tyro.cli(MemorizeCommand, args=argv, prog="memlm memorize",
+                    description="Run a model with kNN layers over a corpus and save what its kNN layers write as a "
+                                "knowledge memory that `memlm eval/generate --memory MEMDIR` read.")
+    for name in ("batch_size", "max_tokens", "capacity"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    check_target(args.out)
+    device = pick_device(args.device)
+    model, saved = load_model(args.path, device)
+    if not model.config.memory.knn_layers:
+        raise KnowledgeError(f"the model of {args.path} has no kNN layers (model.memory.knn_layers), so it has "
+                             f"nothing to memorise with: train one with --model.memory.knn_layers")
+    train_config = saved["train"]
+    data = args.data or train_config["data"]
+    fractions = train_config.get("fractions", (0.98, 0.01, 0.01))
+    corpus = prepare(data, train_config.get("cache_dir"), fractions)
+    batch_size = args.batch_size or train_config["batch_size"]
+    split = corpus.split(args.split)
+
+    def progress(done: int, total: int | None) -> None:
+        if done == total or done % 100 == 0:
+            print(f"memorised {done:,}/{total:,} segments", file=sys.stderr)
+
+    with autocast(device, train_config.get("precision", "auto")):
+        stores, tokens = memorize(model, split, batch_size, args.max_tokens, args.capacity, progress=progress)
+    checkpoint = find(args.path)
+    manifest = {"model": {"run": str(args.path), "checkpoint": str(checkpoint), "knn_layers": sorted(stores),
+                          "kv_heads": model.config.kv_heads, "head_dim": model.config.head_dim,
+                          "seq_len": model.config.seq_len},
+                "data": {"spec": data, "split": args.split, "fractions": list(fractions)},
+                "tokens": tokens, "batch_size": batch_size, "max_tokens": args.max_tokens,
+                "capacity": args.capacity}
+    save_memory(args.out, stores, manifest)
+    written = json.loads((Path(args.out) / "manifest.json").read_text())
+    print(f"memorised {tokens:,} tokens of {data} ({args.split}) into {args.out}: " + ", ".join(
+        f"layer {layer} {info['entries']:,} entries" for layer, info in written["layers"].items()))
+    if args.json:
+        print(json.dumps({"dir": str(args.out), **written}))
     return 0
 
 
@@ -226,8 +372,9 @@ def cmd_presets(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (cmd_train, "train a model (default: the main job, seed-tiny for 3 minutes on CPU)"),
-    "eval": (cmd_eval, "bits per byte of a trained model on a split"),
+    "eval": (cmd_eval, "bits per byte of a trained model on a split, or --task recall"),
     "generate": (cmd_generate, "continue a prompt with a trained model"),
+    "memorize": (cmd_memorize, "save what a kNN model's memory layers write over a corpus (knowledge memory)"),
     "presets": (cmd_presets, "list the model presets"),
     "bench": (cmd_bench, "training and generation speed against a reference GPT and peers"),
 }
@@ -240,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
         + "\n\n`memlm COMMAND --help` lists a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS, help="train, eval, generate, presets or bench")
+    parser.add_argument("command", choices=COMMANDS, help="train, eval, generate, memorize, presets or bench")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parsed = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -111,6 +111,8 @@ def test_presets_lists_names_and_parameter_counts(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["eval", "no-such-run"], "no such run directory"),
     (["generate", "no-such-run", "--prompt", "x"], "no such run directory"),
+    (["eval", "no-such-run", "--task", "recall"], "no such run directory"),
+    (["memorize", "no-such-run", "--out", "mem"], "no such run directory"),
     (["train", "--model.width", "33", "--steps", "1"], "attention.heads"),
     (["train", "--data", "no-such-corpus", "--steps", "1", "--device", "cpu"], "data source not found"),
     (["train", "--steps", "1", "--minutes", "1"], "only one of steps, tokens, minutes"),

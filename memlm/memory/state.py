@@ -39,7 +39,8 @@ class State:
     stores: dict = field(default_factory=dict)
     """kNN memory stores by layer index (memlm.memory.stores). They are external memory, written
     in place when a segment completes, so every State of one stream shares them; `reset` clears
-    their rows in place too."""
+    their rows in place too. A shared read-only store (knowledge memory, memlm.memorize) is
+    read by every row and never written, reset or checkpointed."""
 
     @classmethod
     def empty(cls, batch_size: int, num_layers: int, device: torch.device | str | None = None) -> "State":
@@ -73,7 +74,8 @@ class State:
                     layer[name] = torch.where(forget, torch.zeros((), dtype=t.dtype, device=t.device), t)
             layers.append(layer)
         for store in self.stores.values():
-            store.reset(mask)
+            if not store.shared:  # knowledge memory belongs to no row: nothing to forget
+                store.reset(mask)
         return State(self.position, row_start, layers, masked=True, stores=self.stores)
 
     def _map(self, fn) -> "State":
@@ -87,7 +89,7 @@ class State:
         for i, layer in enumerate(self.layers):
             tensors.update({f"layers.{i}.{name}": t for name, t in layer.items()})
         return {"position": self.position, "num_layers": len(self.layers), "masked": self.masked,
-                "stores": {i: store.state_dict() for i, store in self.stores.items()},
+                "stores": {i: store.state_dict() for i, store in self.stores.items() if not store.shared},
                 "tensors": tensors}
 
     @classmethod

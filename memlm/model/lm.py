@@ -29,7 +29,7 @@ from torch import nn
 from memlm.config import ModelConfig
 from memlm.memory import recurrence, tokens
 from memlm.memory.compressive import Compressor
-from memlm.memory.stores import make_store
+from memlm.memory.stores import Store, make_store
 from memlm.memory.state import State
 from memlm.model.attention import SegmentContext
 from memlm.model.block import Block
@@ -76,6 +76,9 @@ class LanguageModel(nn.Module):
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
         self.memory_tokens = tokens.MemoryTokens(c) if c.memory.tokens else None
+        # knowledge memory (memlm.memorize): shared read-only kNN stores by layer that init_state
+        # puts in place of those layers' per-row stores; plain objects, not parameters or buffers
+        self.knowledge: dict[int, Store] = {}
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -88,15 +91,25 @@ class LanguageModel(nn.Module):
             nn.init.normal_(module.weight, 0.0, std)
 
     # ----- state ----------------------------------------------------------------------
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   knowledge: dict[int, Store] | None = None) -> State:
         """Empty memory for `batch_size` streams. For a model without memory mechanisms the
-        state is a growing key/value cache."""
+        state is a growing key/value cache.
+
+        knowledge: shared read-only kNN stores by layer (None = `self.knowledge`); each replaces
+        its layer's per-row store, so every row reads it and completed segments are not written."""
         device = device if device is not None else self.embed.weight.device
         state = State.empty(batch_size, len(self.blocks), device)
         m = self.config.memory
+        knowledge = self.knowledge if knowledge is None else knowledge
+        bad = [i for i, store in knowledge.items() if i not in (m.knn_layers or ()) or not store.shared]
+        if bad:
+            raise ValueError(f"knowledge memory of layers {bad}: each must be a shared store (store.share()) "
+                             f"of a kNN layer (memory.knn_layers = {m.knn_layers})")
         for layer in m.knn_layers or ():
-            state.stores[layer] = make_store(m.knn_backend, rows=batch_size, heads=self.config.kv_heads,
-                                             dim=self.config.head_dim, capacity=m.knn_capacity, device=device)
+            state.stores[layer] = knowledge[layer] if layer in knowledge else make_store(
+                m.knn_backend, rows=batch_size, heads=self.config.kv_heads, dim=self.config.head_dim,
+                capacity=m.knn_capacity, device=device)
         return state
 
     def load_state(self, data: dict, device: torch.device | str | None = None) -> State:
@@ -106,7 +119,8 @@ class LanguageModel(nn.Module):
             state = state.to(device)
         fresh = self.init_state(state.batch_size, device=state.row_start.device)
         for layer, store in fresh.stores.items():
-            store.load_state_dict(data["stores"][layer])
+            if not store.shared:  # knowledge memory is not part of a saved state
+                store.load_state_dict(data["stores"][layer])
         state.stores = fresh.stores
         return state
 
@@ -168,8 +182,8 @@ class LanguageModel(nn.Module):
                 x = recurrence.additive_feedback(layer, x)
             inputs.append(x)
             x, _ = block(x, ctx, None, recurrence.memory_source(layer))
-        return (x, *recurrence.next_layers(self, state.layers, inputs, x, state.stores,
-                                           state.position + x.shape[1]))
+        writable = {i: store for i, store in state.stores.items() if not store.shared}  # knowledge is read-only
+        return (x, *recurrence.next_layers(self, state.layers, inputs, x, writable, state.position + x.shape[1]))
 
     def _span_penalty(self, device: torch.device) -> torch.Tensor:
         spans = [block.attention.span for block in self.blocks if block.attention.span is not None]

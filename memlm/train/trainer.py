@@ -8,7 +8,7 @@
         every log_every: metrics.jsonl + TensorBoard + progress bar
         every eval_every (default: 10 times a run): validation bpb on eval_batches batches, a text sample
         every checkpoint_every (default: with each evaluation) and at the end: checkpoint (latest, best)
-      test bpb on the whole test split, the curves PNG
+      test bpb on the whole test split; PNGs: curves, test bpb by position in document, learned spans
 
 Resuming restores the weights, the optimizer, the counters, and every rank's data-loader
 and RNG state, so the steps after a resume are the steps an uninterrupted run would have
@@ -40,7 +40,7 @@ from memlm.train import checkpoint, distributed
 from memlm.train.config import TrainConfig
 from memlm.train.metrics import MetricsLog, read
 from memlm.train.optim import make_optimizer
-from memlm.train.plot import plot_curves
+from memlm.train.plot import plot_by_position, plot_curves, plot_spans
 from memlm.train.precision import autocast
 from memlm.train.progress import ProgressBar
 from memlm.train.sample import sample_text
@@ -198,7 +198,11 @@ class Trainer:
         if main:
             self.log.write("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(test))
             self.log.close()
-            plot_curves(read(self.out), self.out / "curves.png", title=f"{self.preset or 'model'} on {c.data}")
+            name = f"{self.preset or 'model'} on {c.data}"
+            plot_curves(read(self.out), self.out / "curves.png", title=name)
+            plot_by_position(test["by_position"], self.out / "by_position.png", title=f"test bpb by position: {name}")
+            if (spans := self.model.spans()) is not None:
+                plot_spans(spans, self.out / "spans.png", self.model_config.span_max, title=f"learned spans: {name}")
         return summary
 
     def _total_steps(self) -> int | None:
