@@ -129,6 +129,7 @@ class Store:
         self.positions = torch.full((rows, capacity), -1, dtype=torch.long, device=self.device)  # (R, C)
         self.counts = torch.zeros(rows, dtype=torch.long, device=self.device)                    # (R,)
         self.written = torch.zeros(rows, dtype=torch.long, device=self.device)                   # (R,)
+        self.filled = 0  # a Python bound on the slots written in any row (no device sync to read it)
 
     # ----- interface ------------------------------------------------------------------
     def options(self) -> dict:
@@ -174,6 +175,7 @@ class Store:
         self.positions[rows, slots] = positions
         self.written += T
         self.counts = self.written.clamp(max=self.capacity)
+        self.filled = min(self.capacity, self.filled + T)
         self._after_write()
 
     @torch.no_grad()
@@ -259,6 +261,7 @@ class Store:
         self.positions.copy_(state["positions"])
         self.written = written.clone()
         self.counts = written.clamp(max=C)
+        self.filled = int(self.counts.max()) if self.rows else 0
         self._index_load(state)
 
     def save(self, directory: str | Path) -> Path:
@@ -323,13 +326,16 @@ class ExactStore(Store):
 
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, Hkv, N, D = x.shape
-        C, kk = self.capacity, min(k, self.capacity)
+        if self.filled == 0:  # nothing written yet: nothing to score
+            empty = torch.full((B, Hkv, N, k), -1, dtype=torch.long, device=self.device)
+            return torch.full((B, Hkv, N, k), float("-inf"), dtype=self.dtype, device=self.device), empty
+        C, kk = self.filled, min(k, self.filled)  # slots past `filled` were never written in any row
         x = x.to(self.device, self.dtype)
         if self.shared:  # one memory for every batch row: fold the batch into the queries
             x = x.transpose(0, 1).reshape(1, Hkv, B * N, D)
         R, M = x.shape[0], x.shape[2]
         x = x.reshape(R * Hkv, M, D)  # (R*Hkv, M, D): one group per row and kv head
-        keys = self.keys.view(R * Hkv, C, D)
+        keys = self.keys.view(R * Hkv, self.capacity, D)[:, :C]
         counts = self.counts.repeat_interleave(Hkv)  # (R*Hkv,)
         dead = torch.arange(C, device=self.device) >= counts[:, None]  # (R*Hkv, C) slots not written
         scores = torch.empty(R * Hkv, M, kk, dtype=self.dtype, device=self.device)
