@@ -33,15 +33,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from memlm.data import Streams, TokenSplit
+from memlm.fileio import write_dir_atomically
 from memlm.memory.knn import write_segment
 from memlm.memory.stores import Store, StoreError, load_store, make_store
 
@@ -181,31 +179,17 @@ def save_memory(directory: str | Path, stores: dict[int, Store], manifest: dict[
     """Write MEMDIR/layer-<i>/ (Store.save) and MEMDIR/manifest.json into a temporary sibling,
     then rename it to `directory` (an earlier memory there is replaced)."""
     directory = check_target(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = directory.with_name(f".{directory.name}.tmp-{tag}"), directory.with_name(f".{directory.name}.old-{tag}")
     layers = {str(layer): {"dir": layer_dir(layer), "entries": int(store.counts[0]), "capacity": store.capacity,
                            "heads": store.heads, "dim": store.dim, "kind": store.kind}
               for layer, store in sorted(stores.items())}
     manifest = {"format": FORMAT, "version": VERSION, **manifest, "layers": layers}
-    moved = False
-    try:
-        tmp.mkdir()
+
+    def fill(tmp: Path) -> None:
         for layer, store in stores.items():
             store.save(tmp / layer_dir(layer))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if directory.exists():
-            os.rename(directory, old)
-            moved = True
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved and not directory.exists():
-            os.rename(old, directory)
-        raise
-    if moved:
-        shutil.rmtree(old, ignore_errors=True)
-    return directory
+
+    return write_dir_atomically(directory, fill)
 
 
 def load_memory(directory: str | Path, model, device: torch.device | str | None = None) -> dict[int, Store]:

@@ -66,9 +66,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -77,7 +74,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from memlm.fileio import fsync_path
+from memlm.fileio import write_dir_atomically
 
 __all__ = ["ExactStore", "FaissStore", "Retrieved", "Store", "StoreError", "load_store", "make_store"]
 
@@ -573,33 +570,15 @@ def _save_atomic(directory: Path, files: dict[str, dict[str, torch.Tensor]], man
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())
                                and not (directory / MANIFEST).is_file()):
         raise StoreError(f"refusing to overwrite {directory}: it exists and holds no saved store")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = directory.with_name(f".{directory.name}.tmp-{tag}"), directory.with_name(f".{directory.name}.old-{tag}")
-    moved = False
-    try:
-        tmp.mkdir()
-        manifest = {**manifest, "files": {}}
+
+    def fill(tmp: Path) -> None:
+        listed = {**manifest, "files": {}}
         for name, tensors in files.items():
             safetensors.torch.save_file(tensors, str(tmp / name))
-            manifest["files"][name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in tmp.iterdir():
-            fsync_path(path)
-        fsync_path(tmp)
-        if directory.exists():
-            os.rename(directory, old)
-            moved = True
-        os.rename(tmp, directory)
-        fsync_path(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved and not directory.exists():
-            os.rename(old, directory)
-        raise
-    if moved:
-        shutil.rmtree(old, ignore_errors=True)
-    return directory
+            listed["files"][name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        (tmp / MANIFEST).write_text(json.dumps(listed, indent=2) + "\n")
+
+    return write_dir_atomically(directory, fill)
 
 
 def load_store(directory: str | Path, device: torch.device | str | None = None, shared: bool | None = None,
