@@ -564,17 +564,29 @@ def _xl(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
     return config
 
 
+def _xl_top(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """seed-xl with long memory only in the top sixth of the layers (the others see their own
+    segment only): 6x less memory in total, the setting of "Do Transformers Need Deep
+    Long-Range Memory?" (Rae & Razavi, arXiv 2007.03356) that costs little."""
+    config = _xl(layers, width, heads, seq_len)
+    top = max(1, layers // 6)
+    config.memory = MemoryConfig(lengths=[0] * (layers - top) + [seq_len] * top)
+    return config
+
+
 PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {}
 for _size, _shape in SIZES.items():
     PRESETS[f"vanilla-{_size}"] = (lambda s=_shape: _vanilla(**s))
     PRESETS[f"seed-{_size}"] = (lambda s=_shape: _seed(**s))
     PRESETS[f"seed-xl-{_size}"] = (lambda s=_shape: _xl(**s))
+    PRESETS[f"seed-xl-top-{_size}"] = (lambda s=_shape: _xl_top(**s))
     PRESETS[f"seed-mem-{_size}"] = (lambda s=_shape: _seed_mem(**s))
 
 DESCRIPTIONS = {
     "vanilla": "GPT-2-style baseline: learned positions, LayerNorm, GELU, biases, multi-head",
     "seed": "bias-free, ScaleNorm, QK-norm, squared ReLU, multi-query, RoPE",
     "seed-xl": "seed + Transformer-XL recurrent memory of one segment",
+    "seed-xl-top": "seed-xl with memory only in the top sixth of the layers (6x less memory at 12 layers)",
     "seed-mem": "seed + feedback memory, adaptive span, compressive and persistent memory",
 }
 

@@ -97,3 +97,11 @@ def test_overrides_do_not_mutate_the_original():
     config = get_preset("seed-tiny")
     changed = apply_overrides(config, {"layers": 1})
     assert config.layers == 4 and changed.layers == 1
+
+
+def test_depth_dependent_preset_keeps_long_memory_in_the_top_sixth_only():
+    small = get_preset("seed-xl-top-small")
+    assert small.memory_lengths() == [0] * 10 + [512] * 2
+    full = get_preset("seed-xl-small")
+    assert sum(full.memory_lengths()) == 6 * sum(small.memory_lengths())
+    assert get_preset("seed-xl-top-tiny").memory_lengths() == [0, 0, 0, 256]
