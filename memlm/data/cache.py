@@ -39,7 +39,7 @@ from .sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Document, Source, parse_s
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_split, check_fractions
 from .tokenizer import EOD, VOCAB_SIZE, ByteTokenizer
 
-FORMAT = 1
+FORMAT = 2  # 2: a lone file is cut by byte offsets into the three splits
 TOKEN_DTYPE = np.dtype("<u2")
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -205,6 +205,22 @@ class _SplitWriter:
         }
 
 
+SINGLE_DOCUMENT_KINDS = ("file", "compressed")
+"""Sources that are one document: alone in a data spec, they are cut by byte offsets."""
+
+
+def cut_by_offsets(documents, fractions: tuple[float, float, float]):
+    """A lone document cut into train / validation / test by byte offsets in the given fractions
+    (the first bytes train, then validation, then the last bytes test), as enwik8 is, so a single
+    file fills every split instead of landing whole in one."""
+    for doc in documents:
+        size = len(doc.data)
+        train_end = round(size * fractions[0])
+        validation_end = train_end + round(size * fractions[1])
+        for split, (start, stop) in zip(SPLITS, [(0, train_end), (train_end, validation_end), (validation_end, size)]):
+            yield Document(f"{doc.name}[{split}]", split, memoryview(doc.data)[start:stop])
+
+
 def _build(sources: list[Source], fractions: tuple[float, float, float], path: Path, progress: bool) -> dict:
     """Tokenise every document of `sources` into the split files under `path`; per-split summaries."""
     (path / MANIFEST).unlink(missing_ok=True)
@@ -216,7 +232,10 @@ def _build(sources: list[Source], fractions: tuple[float, float, float], path: P
         for source in sources:
             task = bar.add_task(source.label, total=source.count())
             count = 0
-            for doc in source.documents():
+            documents = source.documents()
+            if len(sources) == 1 and source.kind in SINGLE_DOCUMENT_KINDS:
+                documents = cut_by_offsets(documents, fractions)
+            for doc in documents:
                 bar.advance(task)
                 if len(doc.data):
                     writers[doc.split or assign_split(doc.name, fractions)].add(doc)

@@ -8,7 +8,8 @@ separated by commas. Each source is one of
 - a directory: every file, recursively, whose relative path matches an `include` glob and
   no `exclude` glob (an excluded directory is skipped whole); files holding a NUL byte are
   binary and skipped;
-- a ``.gz`` / ``.bz2`` / ``.xz`` file: one document, decompressed;
+- a ``.gz`` / ``.bz2`` / ``.xz`` file: one document, decompressed (alone in a spec, a
+  one-document source is cut by byte offsets into the three splits: see `cache.cut_by_offsets`);
 - a ``.zip`` file: treated like a directory, each member a document; except a zip whose
   name starts with ``enwik8``: its one member is cut by byte offsets into train
   (the first 90%), validation (the next 5%) and test (the last 5%). For the real

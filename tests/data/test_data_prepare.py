@@ -162,3 +162,23 @@ def test_several_sources_in_one_corpus(tmp_path):
     assert [s["kind"] for s in corpus.manifest["sources"]] == ["directory", "file"]
     assert sum(corpus.manifest["splits"][s]["documents"] for s in SPLITS) == 41
     assert sum(corpus.manifest["splits"][s]["bytes"] for s in SPLITS) == sum(len(contents(i)) for i in range(40)) + 14
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".gz"])
+def test_a_lone_file_is_cut_by_byte_offsets_into_every_split(tmp_path, suffix):
+    import gzip
+
+    data = bytes(range(32, 127)) * 100  # 9,500 bytes
+    path = tmp_path / f"book{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix == ".gz" else data)
+    corpus = prepare(str(path), fractions=(0.8, 0.1, 0.1))
+    pieces = {name: np.asarray(corpus.split(name).tokens) for name in SPLITS}
+    # each split is one document: its bytes, then EOD
+    assert [len(pieces[name]) for name in SPLITS] == [7600 + 1, 950 + 1, 950 + 1]
+    assert all(piece[-1] == EOD for piece in pieces.values())
+    assert bytes(np.concatenate([pieces[name][:-1] for name in SPLITS]).astype(np.uint8)) == data
+    # in a spec with other sources the file stays one document, split by its name's hash
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"x" * 100)
+    mixed = prepare([str(path), str(other)], fractions=(0.8, 0.1, 0.1))
+    assert sum(mixed.manifest["splits"][name]["documents"] for name in SPLITS) == 2
