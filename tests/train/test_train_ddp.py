@@ -79,3 +79,32 @@ def test_two_gloo_ranks_match_one_process_with_gradient_accumulation(corpus, tmp
     assert summary["steps"] == STEPS + 2
     assert summary["tokens"] == STEPS * 2 * BATCH * 32 + 2 * BATCH * 32
     assert [r["step"] for r in read(out) if r["kind"] == "train"] == list(range(1, STEPS + 3))
+
+
+def memory_worker(rank: int, port: int, corpus: Path, out: Path, overrides: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = distributed.setup("cpu")
+    try:
+        trainer = Trainer(tiny_model().replace(**overrides),
+                          fast_config(corpus, out, steps=STEPS, batch_size=2, checkpoint_every=STEPS), info)
+        trainer.fit()
+        torch.save({"weights": trainer.model.state_dict(), "position": trainer.state.position},
+                   out.parent / f"rank{rank}.pt")
+    finally:
+        distributed.teardown(info)
+
+
+def test_two_gloo_ranks_train_a_memory_model_in_step(corpus, tmp_path):
+    """Streams, carried state, compressor and kNN stores under DDP: the ranks stay identical."""
+    out = tmp_path / "ddp-memory" / "run"
+    overrides = {"memory.length": 32, "memory.compress_rate": 4, "memory.compress_length": 8,
+                 "memory.knn_layers": [1], "memory.knn_capacity": 128}
+    mp.spawn(memory_worker, args=(free_port(), corpus, out, overrides), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / "ddp-memory" / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["position"] == rank1["position"] == STEPS * 32
+    for name, p in rank0["weights"].items():
+        assert torch.equal(p, rank1["weights"][name]), name
+    initial = Trainer(tiny_model().replace(**overrides), fast_config(corpus, tmp_path / "fresh", steps=1),
+                      distributed.setup("cpu")).model.state_dict()
+    assert not torch.equal(initial["blocks.1.attention.knn.gate"], rank0["weights"]["blocks.1.attention.knn.gate"])
