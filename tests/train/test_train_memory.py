@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_resume import Crash, crash_at, losses
+from test_train_resume import losses, train_until_crash
 from train_helpers import fast_config, tiny_model
 
 from memlm.train import Trainer, checkpoint, train
@@ -51,10 +51,7 @@ def test_resume_with_memory_is_exact(corpus, tmp_path, monkeypatch, name):
     straight = tmp_path / "straight"
     train(model, fast_config(corpus, straight, steps=12, checkpoint_every=4))
     crashed = tmp_path / "crashed"
-    with monkeypatch.context() as patch:
-        crash_at(patch, 7)
-        with pytest.raises(Crash):
-            train(model, fast_config(corpus, crashed, steps=12, checkpoint_every=4))
+    train_until_crash(monkeypatch, model, fast_config(corpus, crashed, steps=12, checkpoint_every=4), 7)
     train(model, fast_config(corpus, crashed, steps=12, checkpoint_every=4, resume=True))
     expected, resumed = losses(straight), losses(crashed)
     for step in range(5, 13):

@@ -26,6 +26,14 @@ def crash_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
+def train_until_crash(monkeypatch, model, config, step: int) -> None:
+    """Train with `config` until the trainer crashes just before optimizer step `step`."""
+    with monkeypatch.context() as patch:
+        crash_at(patch, step)
+        with pytest.raises(Crash):
+            train(model, config)
+
+
 def losses(run) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read(run) if r["kind"] == "train"}
 
@@ -37,10 +45,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(corpus, tmp_path, mon
     train(model, fast_config(corpus, straight, steps=20, checkpoint_every=5))
 
     crashed = tmp_path / "crashed"
-    with monkeypatch.context() as patch:
-        crash_at(patch, 13)
-        with pytest.raises(Crash):
-            train(model, fast_config(corpus, crashed, steps=20, checkpoint_every=5))
+    train_until_crash(monkeypatch, model, fast_config(corpus, crashed, steps=20, checkpoint_every=5), 13)
     assert checkpoint.find(crashed).name == "step-00000010"
     assert max(losses(crashed)) == 12  # the crashed run logged steps 11 and 12 after its last checkpoint
     summary = train(model, fast_config(corpus, crashed, steps=20, checkpoint_every=5, resume=True))
