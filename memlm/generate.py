@@ -3,6 +3,12 @@
 The prompt runs once through the model with a state; every new token then costs one
 position of compute. temperature=0 is greedy; top_k and top_p (nucleus, "The Curious Case
 of Neural Text Degeneration", arXiv 1904.09751) filter the distribution before sampling.
+
+Decode paths (`decode`): `eager` runs the model's forward with its growing state; `static`
+uses memlm.model.static_decode (a fixed-size key/value cache, the step captured in a CUDA
+graph on CUDA); `compiled` is `static` with the step compiled by torch.compile first (worth
+its compile time only for long or repeated generation); `auto` takes `static` on CUDA for
+models it supports when no state is passed in or asked back, `eager` otherwise.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ from __future__ import annotations
 import torch
 
 from memlm.memory.state import State
+from memlm.model import static_decode
+
+DECODE_PATHS = ("auto", "eager", "static", "compiled")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -43,7 +52,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, state: State | None = None,
-             generator: torch.Generator | None = None, return_state: bool = False):
+             generator: torch.Generator | None = None, return_state: bool = False, decode: str = "auto"):
     """Return prompt + max_new_tokens sampled ids: (B, T + N) for a (B, T) prompt, (T + N,) for (T,).
 
     `state` continues an earlier stream (its cache/memory precedes the prompt); by default a
@@ -55,6 +64,10 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperat
         raise ValueError("the prompt must hold at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    path = _decode_path(model, decode, ids, state, return_state)
+    if path != "eager":
+        return _generate_static(model, ids, max_new_tokens, temperature, top_k, top_p, generator,
+                                compile=path == "compiled", squeeze=squeeze)
     was_training = model.training
     model.eval()
     try:
@@ -73,3 +86,35 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperat
         model.train(was_training)
     result = result[0] if squeeze else result
     return (result, out.state) if return_state else result
+
+
+def _decode_path(model, decode: str, ids: torch.Tensor, state: State | None, return_state: bool) -> str:
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
+    if decode == "auto":
+        supported = static_decode.unsupported_reason(model) is None
+        return "static" if ids.is_cuda and supported and state is None and not return_state else "eager"
+    if decode != "eager" and (state is not None or return_state):
+        raise ValueError(f"decode={decode!r} starts from the prompt alone: it takes no state and returns none")
+    return decode
+
+
+@torch.no_grad()
+def _generate_static(model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                     top_p: float | None, generator: torch.Generator | None, *, compile: bool,
+                     squeeze: bool) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = static_decode.StaticDecoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compile=compile)
+        logits = decoder.prefill(ids)
+        pieces = [ids]
+        for step in range(max_new_tokens):
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+            pieces.append(next_ids)
+            if step + 1 < max_new_tokens:
+                logits = decoder.step(next_ids)
+        result = torch.cat(pieces, dim=1)
+    finally:
+        model.train(was_training)
+    return result[0] if squeeze else result

@@ -1,0 +1,237 @@
+"""Fast cached decoding: a key/value cache of fixed size and a decode step that can be captured
+in a CUDA graph.
+
+`memlm.generate` decodes through the model's own forward with a growing cache: every token
+concatenates the cache and launches a few hundred small kernels from Python, so at batch 1 a
+small model spends its time on launches ("launch-bound"), not on reading its weights. This
+module keeps every layer's keys and values in one preallocated buffer (L, B, Hkv, S, D) and
+writes each new position in place, so the decode step has the same shapes at every position
+and takes the position as a tensor. One step then does no host work that depends on the
+position, which lets it be compiled once (`compile=True`, torch.compile with static shapes,
+the approach of gpt-fast, PyTorch blog "Accelerating Generative AI with PyTorch II", 2023) and
+recorded once as a CUDA graph (`torch.cuda.CUDAGraph`) that every later token replays with one
+launch.
+
+The step recomputes what the model's forward computes for one query, from the same modules:
+projections, QK-norm, RoPE/xPos on the cached (unrotated) keys at their distances from the
+query, T5 and TUPE biases, persistent memory (one softmax over cached and persistent keys,
+equal to the forward's exact log-sum-exp merge), pre- or post-norm blocks. It attends over the
+whole buffer and masks positions not yet written, so the work per token is that of the
+buffer's length. Models whose state is more than a key/value cache (recurrent, compressive or
+kNN memory, memory tokens, adaptive span) are not supported (`unsupported_reason`); they
+decode through the model's forward.
+
+Precision: with `dtype` (e.g. torch.bfloat16) the decoder runs its own copy of the model cast
+to that dtype, outside autocast, so each step reads half the bytes and launches no weight
+casts; without it the model runs as it is, under whatever autocast surrounds the calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.model.positions import check_positions, sinusoidal_table, t5_buckets
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot decode with a static cache, or None when it can."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "blocks"):
+        return "not a memlm LanguageModel"
+    m = config.memory
+    if config.recurrent:
+        return "its state carries recurrent or kNN memory, not only a key/value cache"
+    if m.tokens:
+        return "memory tokens change the cache at segment boundaries"
+    if m.adaptive_span:
+        return "adaptive span is not implemented in the static decode step"
+    return None
+
+
+class StaticDecoder:
+    """Greedy or sampled decoding of `batch_size` rows over a cache of `max_len` positions.
+
+    decoder = StaticDecoder(model, batch_size=1, max_len=512, compile=True)
+    logits = decoder.prefill(prompt)        # (B, V) logits after the prompt (B, T0)
+    logits = decoder.step(next_ids)         # (B, V) logits after one more token (B, 1)
+
+    One decoder serves many generations (prefill restarts it), so compilation and graph
+    capture happen once. `graph` (default: on CUDA) captures the step in a CUDA graph at the
+    first `step`; `compile` applies torch.compile to the step first (fewer, fused kernels).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, compile: bool = False,
+                 graph: bool | None = None, dtype: torch.dtype | None = None):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"static-cache decoding does not support this model: {reason}")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be positive, got {batch_size} and {max_len}")
+        c = model.config
+        if c.position.kind in ("learned", "tupe"):
+            check_positions(c.position.kind, 0, max_len, c.positions_limit)
+        self.source = model
+        self.model = copy.deepcopy(model).to(dtype).eval() if dtype is not None else model
+        self.dtype = dtype
+        self.batch_size, self.max_len = batch_size, max_len
+        device = next(self.model.parameters()).device
+        self.device = device
+        self.graph = device.type == "cuda" if graph is None else graph
+        if self.graph and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA model")
+        cache_dtype = dtype or (torch.get_autocast_dtype("cuda") if device.type == "cuda"
+                                and torch.is_autocast_enabled("cuda") else next(self.model.parameters()).dtype)
+        shape = (c.layers, batch_size, c.kv_heads, max_len, c.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)  # (L, B, Hkv, S, D)
+        self.v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
+        self.key_positions = torch.arange(max_len, device=device)  # (S,)
+        self.length = 0  # positions written (host-side, so bounds are checked without a sync)
+        self.step_fn = torch.compile(self._step, dynamic=False, fullgraph=True) if compile else self._step
+        self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs of the graph
+        self._position = torch.zeros((), dtype=torch.long, device=device)
+        self._logits = None
+        self._cuda_graph = None
+
+    # ----- public -----------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T0) through the model's forward, store its keys and values, and
+        return the logits of its last position (B, V)."""
+        B, T0 = prompt.shape
+        if B != self.batch_size:
+            raise ValueError(f"the decoder holds {self.batch_size} rows, the prompt has {B}")
+        if not 1 <= T0 <= self.max_len:
+            raise ValueError(f"prompt length {T0} must lie in 1..{self.max_len} (the cache size)")
+        with self._precision():
+            out = self.model(prompt, state=self.model.init_state(B, device=prompt.device))
+        for i, layer in enumerate(out.state.layers):
+            self.k_cache[i, :, :, :T0].copy_(layer["k"])
+            self.v_cache[i, :, :, :T0].copy_(layer["v"])
+        self.length = T0
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append ids (B, 1) at the next position; logits (B, V) there. The returned tensor is
+        overwritten by the next step when a CUDA graph runs it: copy it to keep it."""
+        if self.length == 0:
+            raise RuntimeError("prefill a prompt before decoding")
+        if self.length >= self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions and is full")
+        self._ids.copy_(ids)
+        self._position.fill_(self.length)
+        if self.graph:
+            if self._cuda_graph is None:
+                self._capture()
+            self._cuda_graph.replay()
+        else:
+            with self._precision():
+                self._logits = self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
+        self.length += 1
+        return self._logits
+
+    # ----- the step ---------------------------------------------------------------------
+    def _precision(self):
+        """Outside autocast when the decoder holds its own cast copy of the model."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (compiles, fills allocator caches), then record one step.
+        Warm-up writes the current position's slot, which the real step overwrites."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), self._precision():
+            for _ in range(3):
+                self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), self._precision():
+            self._logits = self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
+        self._cuda_graph = graph
+
+    def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor) -> torch.Tensor:
+        """ids (B, 1) at `position` (0-d long tensor) -> logits (B, V); writes the caches in place."""
+        model, c = self.model, self.model.config
+        x = model.embed(ids)  # (B, 1, W)
+        if model.positions is not None:
+            where = position.view(1)
+            table = model.positions.table(where) if model.positions.table is not None \
+                else sinusoidal_table(where, c.width)
+            x = x + table.to(x.dtype)
+        visible = self.key_positions <= position  # (S,)
+        bias = self._shared_bias(position)
+        for i, block in enumerate(model.blocks):
+            layer_bias = bias[0 if len(bias) == 1 else i] if bias else None
+
+            def attend(h, i=i, block=block, layer_bias=layer_bias):
+                return self._attention(block.attention, h, position, visible, layer_bias, k_cache[i], v_cache[i])
+
+            if block.pre_norm:
+                x = x + attend(block.attn_norm(x))
+                if block.feedforward is not None:
+                    x = x + block.feedforward(block.ff_norm(x))
+            else:
+                x = block.attn_norm(x + attend(x))
+                if block.feedforward is not None:
+                    x = block.ff_norm(x + block.feedforward(x))
+        return model.head(model.final_norm(x))[:, -1]  # (B, V)
+
+    def _shared_bias(self, position: torch.Tensor) -> list[torch.Tensor]:
+        """T5 / TUPE score terms (H, S) of the query at `position` against every cache slot, one
+        per T5 table (shared: one for all layers); [] without such terms."""
+        model = self.model
+        distance = position - self.key_positions  # (S,)
+        tables = []
+        if model.relative_bias is not None:
+            for t5 in model.relative_bias:
+                tables.append(t5.table(t5_buckets(distance, t5.buckets, t5.max_distance)).t())  # (H, S)
+        if model.tupe is not None:
+            tupe = model.tupe
+            uq = tupe.query(tupe.table(position.view(1))).view(tupe.heads, tupe.head_dim)  # (H, D)
+            uk = tupe.key(tupe.table(self.key_positions)).view(-1, tupe.heads, tupe.head_dim)  # (S, H, D)
+            term = torch.einsum("hd,shd->hs", uq, uk) / math.sqrt(2 * tupe.head_dim)  # (H, S)
+            tables = [t + term for t in tables] if tables else [term]
+        return tables
+
+    def _attention(self, attention, h: torch.Tensor, position: torch.Tensor, visible: torch.Tensor,
+                   bias: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """One query per row: h (B, 1, W) -> (B, 1, W); writes this position's key and value."""
+        B = h.shape[0]
+        H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
+        G = H // Hkv
+        q, k, v = attention.project(h)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
+        k_cache.index_copy_(2, position.view(1), k.to(k_cache.dtype))  # (B, Hkv, S, D)
+        v_cache.index_copy_(2, position.view(1), v.to(v_cache.dtype))
+        scale = attention.scale
+        if attention.qk_scale is not None:
+            q = q * attention.qk_scale.to(q.dtype)
+            scale = 1.0
+        q = q.view(B, Hkv, G, D)  # the query is at distance 0: rotary leaves it unchanged
+        keys = k_cache.to(q.dtype)
+        if attention.rotary is not None:
+            keys = attention.rotary.rotate(keys, self.key_positions - position, -1.0)
+        scores = (q @ keys.transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
+        if bias is not None:
+            scores = scores + bias.view(1, Hkv, G, -1).float()
+        scores = scores.masked_fill(~visible, float("-inf"))
+        values = v_cache.to(q.dtype)
+        if attention.persistent_k is not None:  # no position, always visible: one joint softmax
+            pk = attention.persistent_k
+            if attention.qk_scale is not None:
+                pk = F.normalize(pk, dim=-1)
+            extra = (q @ pk.to(q.dtype).transpose(-1, -2)).float() * scale  # (B, Hkv, G, P)
+            probs = torch.cat([scores, extra], dim=-1).softmax(dim=-1).to(q.dtype)
+            cached, persistent = probs.split([scores.shape[-1], extra.shape[-1]], dim=-1)
+            out = cached @ values + persistent @ attention.persistent_v.to(q.dtype)  # (B, Hkv, G, D)
+        else:
+            out = scores.softmax(dim=-1).to(q.dtype) @ values  # (B, Hkv, G, D)
+        return attention.out(out.reshape(B, 1, H * D))

@@ -1,0 +1,109 @@
+"""The static-cache decode step (memlm.model.static_decode) against the model's own forward.
+
+The CUDA-graph and compiled variants run the same step; they are checked on a GPU
+(tests/gpu/test_static_decode_gpu.py)."""
+
+import pytest
+import torch
+
+import memlm
+from memlm.model.static_decode import StaticDecoder, unsupported_reason
+from tests.conftest import POSITION_KINDS, tiny_overrides
+
+VARIANTS = {
+    **{kind: {"position.kind": kind} for kind in POSITION_KINDS},
+    "tupe+t5": {"position.kind": "tupe", "position.tupe_t5": True},
+    "t5 per layer": {"position.kind": "t5", "position.t5_shared": False},
+    "xpos gqa persistent": {"position.kind": "xpos", "attention.kv_heads": 2, "memory.persistent": 5},
+    "rope mha no qk-norm": {"position.kind": "rope", "attention.kv_heads": 4, "attention.qk_norm": False},
+    "post-norm rmsnorm": {"position.kind": "rope", "norm.placement": "post", "norm.kind": "rmsnorm"},
+    "persistent no ffn": {"position.kind": "t5", "memory.persistent": 4, "feedforward.kind": "none"},
+    "vanilla": {},
+}
+
+
+def build(name):
+    preset = "vanilla-tiny" if name == "vanilla" else "seed-tiny"
+    return memlm.build(preset, **tiny_overrides(**VARIANTS[name])).eval()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_static_steps_equal_full_forward(name):
+    torch.manual_seed(0)
+    model = build(name)
+    ids = torch.randint(0, 256, (2, 20))
+    full = model(ids).logits  # (2, 20, V)
+    decoder = StaticDecoder(model, batch_size=2, max_len=24)
+    logits = [decoder.prefill(ids[:, :6])]
+    for t in range(6, 20):
+        logits.append(decoder.step(ids[:, t:t + 1]).clone())
+    assert decoder.length == 20
+    torch.testing.assert_close(torch.stack(logits, dim=1), full[:, 5:], atol=1e-4, rtol=0)
+
+
+def test_prefill_restarts_the_decoder():
+    torch.manual_seed(0)
+    model = build("rope")
+    decoder = StaticDecoder(model, batch_size=1, max_len=16)
+    a, b = torch.randint(0, 256, (2, 1, 10))
+    decoder.prefill(a[:, :4])
+    for t in range(4, 10):
+        decoder.step(a[:, t:t + 1])
+    first = decoder.prefill(b[:, :3]).clone()
+    steps = [decoder.step(b[:, t:t + 1]).clone() for t in range(3, 10)]
+    full = model(b).logits[0]
+    torch.testing.assert_close(torch.cat([first] + steps), full[2:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rope", "t5", "learned"])
+def test_greedy_generation_matches_the_eager_path(name):
+    torch.manual_seed(0)
+    model = build(name)
+    prompt = torch.randint(0, 256, (3, 5))
+    eager = memlm.generate(model, prompt, max_new_tokens=12, temperature=0, decode="eager")
+    static = memlm.generate(model, prompt, max_new_tokens=12, temperature=0, decode="static")
+    assert static.shape == (3, 17)
+    assert torch.equal(static, eager)
+
+
+def test_sampled_generation_matches_the_eager_path_with_one_seed():
+    model = build("rope")
+    prompt = torch.randint(0, 256, (2, 4))
+    runs = [memlm.generate(model, prompt, 10, temperature=0.9, top_k=20, decode=decode,
+                           generator=torch.Generator().manual_seed(3)) for decode in ("eager", "static")]
+    assert torch.equal(*runs)
+
+
+def test_bf16_copy_tracks_the_float32_model():
+    torch.manual_seed(0)
+    model = build("rope")
+    ids = torch.randint(0, 256, (1, 12))
+    decoder = StaticDecoder(model, batch_size=1, max_len=12, dtype=torch.bfloat16)
+    assert decoder.k_cache.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    decoder.prefill(ids[:, :4])
+    last = [decoder.step(ids[:, t:t + 1]).float() for t in range(4, 12)][-1]
+    reference = model(ids).logits[0, -1]
+    assert (last[0] - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_limits_and_unsupported_models():
+    model = build("learned")
+    with pytest.raises(ValueError, match="learned positions cover"):
+        StaticDecoder(model, batch_size=1, max_len=model.config.seq_len + 1)
+    decoder = StaticDecoder(model, batch_size=1, max_len=4)
+    with pytest.raises(RuntimeError, match="prefill"):
+        decoder.step(torch.zeros(1, 1, dtype=torch.long))
+    decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(torch.zeros(1, 1, dtype=torch.long))
+    xl = memlm.build("seed-xl-tiny", **tiny_overrides())
+    assert "recurrent" in unsupported_reason(xl)
+    with pytest.raises(ValueError, match="does not support"):
+        StaticDecoder(xl, batch_size=1, max_len=8)
+    # auto falls back to the eager path for it; an explicit static path is refused
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    assert memlm.generate(xl, prompt, 4, temperature=0).shape == (1, 7)
+    with pytest.raises(ValueError, match="does not support"):
+        memlm.generate(xl, prompt, 4, decode="static")
+    with pytest.raises(ValueError, match="takes no state"):
+        memlm.generate(model, prompt, 1, decode="static", state=model.init_state(1))
