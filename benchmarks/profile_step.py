@@ -1,0 +1,68 @@
+"""Profile compiled training steps of a preset on a GPU: where the step's time goes.
+
+    python benchmarks/profile_step.py seed-small --batch-size 32 [--steps 10] [--override k=v ...]
+
+Prints the step time, tokens/s, and torch.profiler's table of the CUDA kernels that take the
+most time (self CUDA time), grouped so that matmuls, attention and elementwise kernels can
+be told apart. Random tokens, bf16 autocast, AdamW fused, as `memlm bench` trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import memlm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--override", nargs="*", default=[], help="dotted model overrides key=value")
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed")
+    args = parser.parse_args()
+
+    overrides = dict(item.split("=", 1) for item in args.override)
+    model = memlm.build(args.preset, **overrides).cuda().train()
+    config = model.config
+    B, T = args.batch_size, config.seq_len
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    forward = model if args.no_compile else torch.compile(model)
+    data = torch.randint(0, config.vocab_size, (args.steps, B, T + 1), device="cuda")
+    state = model.init_state(B) if config.stateful else None
+
+    def step(i: int) -> None:
+        nonlocal state
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = forward(data[i, :, :-1], targets=data[i, :, 1:], state=state)
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if state is not None:
+            state = out.state.detach()
+
+    for i in range(5):  # compile and warm up
+        step(i % args.steps)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / args.steps
+    print(f"{args.preset} B{B} T{T}: {seconds * 1e3:.1f} ms/step, {B * T / seconds:,.0f} tokens/s, "
+          f"{model.estimate_mfu(B * T / seconds, 1.0) / 1e12:.1f} TFLOP/s model FLOPs")
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(3):
+            step(i)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()
