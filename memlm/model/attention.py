@@ -78,8 +78,11 @@ class Attention(nn.Module):
         self.qk_scale = nn.Parameter(torch.tensor(config.qk_norm_init())) if a.qk_norm else None
         self.rotary = None
         if p.kind in ("rope", "xpos"):
+            m = config.memory
+            reach = config.seq_len + max(config.memory_lengths(training=False)) + m.compress_length + (m.tokens or 0)
             self.rotary = Rotary(p.rope_dim or self.head_dim, p.rope_base,
-                                 p.xpos_gamma if p.kind == "xpos" else None, p.xpos_scale_base)
+                                 p.xpos_gamma if p.kind == "xpos" else None, p.xpos_scale_base,
+                                 table_reach=2 * reach)
         self.span = None
         if config.memory.adaptive_span:
             m = config.memory

@@ -151,8 +151,8 @@ def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, sca
     [and the log-sum-exp (B, H, Tq) with return_lse; sdpa cannot give it, so eager stands in]."""
     name = choose_backend(backend, q, has_bias=bias is not None, has_mask=key_mask is not None,
                           dropout_p=dropout_p)
-    if return_lse and name == "sdpa":
-        name = "flex" if q.is_cuda and dropout_p == 0 else "eager"
+    if return_lse and name == "sdpa":  # flex from one 128-block of queries, as `choose_backend` decides
+        name = "flex" if q.is_cuda and dropout_p == 0 and q.shape[2] >= 128 else "eager"
     kwargs = {"return_lse": True} if return_lse else {}
     return KERNELS[name](q, k, v, k_offset=k_offset, bias=bias, key_mask=key_mask, scale=scale,
                          dropout_p=dropout_p, **kwargs)

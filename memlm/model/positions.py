@@ -66,7 +66,7 @@ class Rotary(nn.Module):
     """RoPE (and xPos when `xpos_gamma` is given) applied to q and k at relative positions."""
 
     def __init__(self, rope_dim: int, base: float, xpos_gamma: float | None = None,
-                 xpos_scale_base: float = 512.0):
+                 xpos_scale_base: float = 512.0, table_reach: int = 0):
         super().__init__()
         self.rope_dim = rope_dim
         self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dim, 2).double() / rope_dim),
@@ -76,6 +76,15 @@ class Rotary(nn.Module):
             zeta = (torch.arange(0, rope_dim, 2).double() / rope_dim + xpos_gamma) / (1 + xpos_gamma)
             self.register_buffer("log_zeta", zeta.log(), persistent=False)  # (rope_dim / 2,)
             self.scale_base = xpos_scale_base
+        # cos/sin of the relative positions -reach..reach-1, computed once in float64 and kept in
+        # float32: computing them per call costs float64 trigonometry that a compiler may even
+        # fuse into (and so repeat in) every head's kernel. Positions outside are computed.
+        self.table_reach = table_reach
+        if table_reach:
+            positions = torch.arange(-table_reach, table_reach)
+            signs = (1.0, -1.0) if self.xpos else (1.0,)
+            tables = [torch.stack(self._tables(positions, torch.float32, sign)) for sign in signs]
+            self.register_buffer("table", torch.stack(tables), persistent=False)  # (signs, 2, 2*reach, R)
 
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype, decay_sign: float):
         angles = positions.double()[:, None] * self.inv_freq[None, :].to(positions.device)  # (T, R/2)
@@ -88,9 +97,20 @@ class Rotary(nn.Module):
             cos, sin = cos * scale, sin * scale
         return cos.to(dtype), sin.to(dtype)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor, decay_sign: float) -> torch.Tensor:
-        """x: (B, H, T, D), positions: (T,) -> (B, H, T, D)."""
-        cos, sin = self._tables(positions, x.dtype, decay_sign)
+    def _range_tables(self, start: int, length: int, dtype: torch.dtype, decay_sign: float, device):
+        """cos, sin (T, R) of positions start..start+length-1, from the table when it covers them."""
+        if self.table_reach and -self.table_reach <= start and start + length <= self.table_reach:
+            table = self.table[1 if decay_sign < 0 and self.xpos else 0]  # (2, 2*reach, R)
+            piece = table[:, start + self.table_reach:start + self.table_reach + length].to(dtype)
+            return piece[0], piece[1]
+        return self._tables(torch.arange(start, start + length, device=device), dtype, decay_sign)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | int, decay_sign: float) -> torch.Tensor:
+        """x: (B, H, T, D), positions: (T,) tensor, or an int: the first of T consecutive ones -> (B, H, T, D)."""
+        if isinstance(positions, int):
+            cos, sin = self._range_tables(positions, x.shape[2], x.dtype, decay_sign, x.device)
+        else:
+            cos, sin = self._tables(positions, x.dtype, decay_sign)
         r = self.rope_dim
         x_rot, x_pass = x[..., :r], x[..., r:]
         x1, x2 = x_rot.chunk(2, dim=-1)
@@ -99,9 +119,7 @@ class Rotary(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, k_offset: int):
         """q: (B, H, Tq, D) at positions 0..Tq-1, k: (B, Hkv, Tk, D) at k_offset..k_offset+Tk-1."""
-        q_pos = torch.arange(q.shape[2], device=q.device)
-        k_pos = torch.arange(k_offset, k_offset + k.shape[2], device=k.device)
-        return self.rotate(q, q_pos, +1.0), self.rotate(k, k_pos, -1.0)
+        return self.rotate(q, 0, +1.0), self.rotate(k, k_offset, -1.0)
 
 
 def t5_buckets(distance: torch.Tensor, buckets: int, max_distance: int) -> torch.Tensor:

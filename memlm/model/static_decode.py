@@ -54,6 +54,16 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An eval-mode copy of `model` with parameters in `dtype` and buffers (rotary tables,
+    frequencies) shared with the original at their own precision."""
+    cast = copy.deepcopy(model).to(dtype).eval()
+    for copied, original in zip(cast.modules(), model.modules()):
+        for name, buffer in original.named_buffers(recurse=False):
+            setattr(copied, name, buffer)
+    return cast
+
+
 class StaticDecoder:
     """Greedy or sampled decoding of `batch_size` rows over a cache of `max_len` positions.
 
@@ -77,7 +87,7 @@ class StaticDecoder:
         if c.position.kind in ("learned", "tupe"):
             check_positions(c.position.kind, 0, max_len, c.positions_limit)
         self.source = model
-        self.model = copy.deepcopy(model).to(dtype).eval() if dtype is not None else model
+        self.model = _cast_parameters(model, dtype) if dtype is not None else model
         self.dtype = dtype
         self.batch_size, self.max_len = batch_size, max_len
         device = next(self.model.parameters()).device

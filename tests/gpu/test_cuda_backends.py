@@ -18,6 +18,7 @@ CASES = {
     "xpos": {"position.kind": "xpos"},
     "forgetful(rope)": {"position.kind": "rope", "attention.forgetful": 0.3},
     "forgetful(t5)": {"position.kind": "t5", "attention.forgetful": 0.3},
+    "persistent(xpos)": {"position.kind": "xpos", "memory.persistent": 8},
 }
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # relative L2 error
 RESULTS = []

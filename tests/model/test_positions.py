@@ -52,6 +52,18 @@ def test_xpos_differs_from_rope_only_by_the_decay_scale():
     torch.testing.assert_close(near, shifted)
 
 
+def test_rotary_table_equals_computed_positions_inside_and_outside_its_reach():
+    for gamma in (None, 0.4):
+        computed = Rotary(rope_dim=8, base=10000.0, xpos_gamma=gamma)
+        tabled = Rotary(rope_dim=8, base=10000.0, xpos_gamma=gamma, table_reach=16)
+        assert tabled.table.shape == (2 if gamma else 1, 2, 32, 8)
+        x = torch.randn(2, 3, 10, 12)
+        for start in (-16, -7, 0, 6, 7, 30):  # 7 and 30 run past the reach: computed instead
+            for sign in (+1.0, -1.0):
+                expected = computed.rotate(x, torch.arange(start, start + 10), sign)
+                torch.testing.assert_close(tabled.rotate(x, start, sign), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_t5_buckets_exact_then_logarithmic():
     distance = torch.tensor([-5, 0, 1, 15, 16, 40, 127, 128, 10_000])
     b = t5_buckets(distance, buckets=32, max_distance=128)
