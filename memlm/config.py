@@ -142,7 +142,8 @@ class MemoryConfig:
     """Weight of the attention-reconstruction loss (trains only the compressor) in aux_loss."""
     tokens: int = 0
     """Memory tokens (Memory Transformer, arXiv 2006.11527): M learned embeddings read before every
-    segment, seen by all its tokens; 0 = off. Cannot be combined with recurrent memory."""
+    segment, seen by all its tokens; 0 = off. Combine with recurrent and kNN memory, which hold the
+    segments' token positions only (memlm.memory.tokens)."""
     knn_layers: list[int] | None = None
     """kNN memory (Memorizing Transformers, arXiv 2203.08913): layers (0-based) whose queries also
     attend to their top-k keys/values retrieved from an external store of the stream's past."""
@@ -354,11 +355,6 @@ class ModelConfig:
             raise ConfigError("memory.tokens_recurrent", m.tokens_recurrent, "must be true or false")
         if m.tokens_recurrent and not m.tokens:
             raise ConfigError("memory.tokens_recurrent", m.tokens_recurrent, "needs memory.tokens > 0")
-        if m.tokens and self.recurrent:
-            raise ConfigError("memory.tokens", m.tokens,
-                              "memory tokens carry the past themselves and cannot be combined with "
-                              "recurrent memory (memory.length, lengths, feedback, knn_layers); combining the two "
-                              "is future work")
         if m.tokens and self.position.kind == "tupe":
             raise ConfigError("position.kind", "tupe",
                               "TUPE's untied term needs an absolute position for every query and key, "
@@ -574,6 +570,28 @@ def _xl_top(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
     return config
 
 
+def _knn(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """seed plus one kNN memory layer ("Memorizing Transformers", Wu et al., arXiv 2203.08913):
+    at about 3/4 depth, never the top layer (index 9 of 12, 2 of 4; the paper puts its one kNN
+    layer near the top of the stack), 65,536 entries per row in the exact store, top-32
+    retrieval and the paper's learned per-head gate between local and retrieved attention."""
+    config = _seed(layers, width, heads, seq_len)
+    config.memory = MemoryConfig(knn_layers=[max(0, min(layers - 2, 3 * layers // 4))], knn_k=32,
+                                 knn_capacity=65536, knn_backend="exact", knn_combine="gate")
+    return config
+
+
+def _compressive(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """seed-xl plus compressive memory ("Compressive Transformers for Long-Range Sequence
+    Modelling", Rae et al., arXiv 1911.05507): memories leaving the segment-long XL memory are
+    compressed at rate 4 into seq_len / 4 slots by a learned 1D convolution trained with the
+    attention-reconstruction loss, the paper's best compression function."""
+    config = _xl(layers, width, heads, seq_len)
+    config.memory = MemoryConfig(length=seq_len, compress_rate=4, compress_length=seq_len // 4,
+                                 compress_fn="conv")
+    return config
+
+
 PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {}
 for _size, _shape in SIZES.items():
     PRESETS[f"vanilla-{_size}"] = (lambda s=_shape: _vanilla(**s))
@@ -581,6 +599,8 @@ for _size, _shape in SIZES.items():
     PRESETS[f"seed-xl-{_size}"] = (lambda s=_shape: _xl(**s))
     PRESETS[f"seed-xl-top-{_size}"] = (lambda s=_shape: _xl_top(**s))
     PRESETS[f"seed-mem-{_size}"] = (lambda s=_shape: _seed_mem(**s))
+    PRESETS[f"seed-compressive-{_size}"] = (lambda s=_shape: _compressive(**s))
+    PRESETS[f"seed-knn-{_size}"] = (lambda s=_shape: _knn(**s))
 
 DESCRIPTIONS = {
     "vanilla": "GPT-2-style baseline: learned positions, LayerNorm, GELU, biases, multi-head",
@@ -588,6 +608,8 @@ DESCRIPTIONS = {
     "seed-xl": "seed + Transformer-XL recurrent memory of one segment",
     "seed-xl-top": "seed-xl with memory only in the top sixth of the layers (6x less memory at 12 layers)",
     "seed-mem": "seed + feedback memory, adaptive span, compressive and persistent memory",
+    "seed-compressive": "seed-xl + compressive memory (rate 4, seq_len / 4 slots, learned conv)",
+    "seed-knn": "seed + one kNN memory layer at 3/4 depth (65,536 entries per row, exact, top-32, gated)",
 }
 
 

@@ -17,6 +17,8 @@ Bookkeeping: a layer's keys are [mem | pending | segment], all at consecutive po
 reaches `seq_len` positions the segment is complete and rolls into `mem`, cut to the
 layer's length. Training with full segments rolls after every step, exactly like
 Transformer-XL; generation keeps the same context pattern past the segment length.
+Memory tokens (memlm.memory.tokens) reuse this bookkeeping with token positions only in
+`pending` and `mem`; their read tokens' inputs wait beside them in 'read'.
 """
 
 from __future__ import annotations

@@ -26,20 +26,22 @@ convention of `repeat_interleave` in memlm.model.kernels.
 Backends, same interface, chosen by name in `make_store`:
 - `ExactStore` ("exact"): tensors on the model's device, batched matmul + torch.topk,
   exact; the fast path on a GPU up to a few hundred thousand entries per row.
-- `FaissStore` ("faiss", "faiss-flat", "faiss-ivf", "faiss-hnsw"): faiss-cpu, one index per
-  row and head (paper: approximate search with ScaNN; faiss here). Ids:
-    flat: the faiss id *is* the ring slot: entries are appended until the row is full, then
-          overwritten in place in the IndexFlatIP's storage, so nothing is ever removed and
-          ids never go stale. Exact.
-    ivf, hnsw: the id is the entry number (monotonic since the row's reset; slot = id %
-          capacity). The live ids are the contiguous range [written - count, written), which
-          every search passes as an IDSelectorRange; evicted entries stay in the index, unseen,
-          until it holds `capacity` of them, when it is compacted (ivf: remove_ids; hnsw, which
-          cannot remove: rebuilt from the ring buffer). ivf is trained per row and head on the
-          first `train_size` entries after each reset (until then it is searched exactly) and
-          not retrained as the keys drift.
-  The ring buffer (keys, values, positions) is kept beside the indexes, so retrieved values
-  are looked up by slot and a store can be rebuilt, saved and checkpointed.
+- `FaissStore` ("faiss", "faiss-flat", "faiss-ivf", "faiss-hnsw"): faiss-cpu (paper:
+  approximate search with ScaNN; faiss here).
+    flat: no index at all: faiss's brute-force `knn` (BLAS inner products + top-k) runs over
+          the ring buffer's live slots [0, count) in place, so the keys are held once and a
+          load rebuilds nothing. Exact; the id is the ring slot.
+    ivf, hnsw: one index per row and head; the id is the entry number (monotonic since the
+          row's reset; slot = id % capacity). The live ids are the contiguous range
+          [written - count, written), which every search passes as an IDSelectorRange; evicted
+          entries stay in the index, unseen, until it holds `capacity` of them, when it is
+          compacted (ivf: remove_ids; hnsw, which cannot remove: rebuilt from the ring buffer).
+          ivf is trained per row and head on the first `train_size` entries after each reset
+          (until then it is searched exactly) and not retrained as the keys drift; its default
+          nprobe is calibrated then (see FaissStore).
+  The ring buffer (keys, values, positions) is the store's record: retrieved keys and values
+  are looked up by slot, and a store is rebuilt, saved and checkpointed from it. ivf and hnsw
+  hold the keys a second time inside faiss (see FaissStore for why that copy stays).
 
 Shared read-only stores (knowledge memory): one "row" that every batch row reads
 (`store.share()`, `make_store(..., shared=True)` or `load_store(..., shared=True)`);
@@ -53,7 +55,8 @@ Persistence: `store.save(directory)` writes, atomically (temporary directory + r
     values.safetensors     {"values": ...}
     positions.safetensors  {"positions": (rows, capacity) int64}
     indexes.safetensors    faiss ivf/hnsw only: {"index.<row>.<head>": serialized faiss index
-                           (uint8)}; a flat index is rebuilt exactly from the keys
+                           (uint8)}, so a load rebuilds no graph and retrains nothing (flat
+                           has no index: loading it is a copy of the tensors)
 
 and `load_store(directory, device)` verifies checksums, shapes and the manifest, raising
 StoreError naming the offending file. `state_dict()` holds the same tensors (plus counts and
@@ -300,6 +303,12 @@ class Store:
                              f"ordinary one-row store, write it, then call share() or save and load it")
 
 
+def _fused_topk():
+    """memlm.memory.fused_topk, imported on first use on a GPU (it imports triton)."""
+    from memlm.memory import fused_topk
+    return fused_topk
+
+
 class ExactStore(Store):
     """Exact top-k by batched matmul + torch.topk on the store's device.
 
@@ -308,18 +317,24 @@ class ExactStore(Store):
     the memory of a search; `dtype` (float32 by default; bf16 halves memory on a GPU) is the
     storage and scoring precision. A shared store folds the batch into the queries, so its
     keys are read once for all rows.
+
+    On a GPU with Triton (`fused`, the default) the search never builds the score matrix: a
+    fused kernel keeps only tile maxima and the best tiles are rescored exactly
+    (memlm.memory.fused_topk); the chunked matmul above is the reference it is tested against.
     """
 
     kind = "exact"
 
     def __init__(self, rows: int, heads: int, dim: int, capacity: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = torch.float32, chunk_elements: int = 2 ** 27, shared: bool = False):
+                 dtype: torch.dtype | str = torch.float32, chunk_elements: int = 2 ** 27, shared: bool = False,
+                 fused: bool = True):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         super().__init__(rows, heads, dim, capacity, device, dtype, shared)
         self.chunk_elements = chunk_elements
+        self.fused = fused
 
     def options(self) -> dict:
-        return {"chunk_elements": self.chunk_elements}
+        return {"chunk_elements": self.chunk_elements, "fused": self.fused}
 
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, Hkv, N, D = x.shape
@@ -334,21 +349,10 @@ class ExactStore(Store):
         x = x.reshape(R * Hkv, M, D)  # (R*Hkv, M, D): one group per row and kv head
         keys = self.keys.view(R * Hkv, self.capacity, D)[:, :C]
         counts = self.counts.repeat_interleave(Hkv)  # (R*Hkv,)
-        dead = torch.arange(C, device=self.device) >= counts[:, None]  # (R*Hkv, C) slots not written
-        scores = torch.empty(R * Hkv, M, kk, dtype=self.dtype, device=self.device)
-        slots = torch.empty(R * Hkv, M, kk, dtype=torch.long, device=self.device)
-        # chunks of whole groups, so each group's keys are read once; a group's queries are
-        # split only when one group alone exceeds chunk_elements
-        groups = max(1, self.chunk_elements // (M * C))
-        queries = M if M * C <= self.chunk_elements else max(1, self.chunk_elements // C)
-        for g in range(0, R * Hkv, groups):
-            for n in range(0, M, queries):
-                s = torch.bmm(x[g:g + groups, n:n + queries], keys[g:g + groups].transpose(1, 2))  # (g, n, C)
-                s.masked_fill_(dead[g:g + groups, None, :], float("-inf"))
-                top = s.topk(kk, dim=-1)  # (g, n, kk), best first
-                scores[g:g + groups, n:n + queries], slots[g:g + groups, n:n + queries] = top.values, top.indices
-        found = torch.arange(kk, device=self.device) < counts[:, None, None]  # (R*Hkv, 1, kk): rank < count
-        slots.masked_fill_(~found, -1)
+        if self.fused and self.device.type == "cuda" and _fused_topk().available(self.device):
+            scores, slots = _fused_topk().fused_inner_product_topk(x, keys, counts, kk)  # (R*Hkv, M, kk); -1 / -inf done
+        else:
+            scores, slots = self._chunked_topk(x, keys, counts, kk)
         scores, slots = scores.view(R, Hkv, M, kk), slots.view(R, Hkv, M, kk)
         if self.shared:
             scores = scores.view(Hkv, B, N, kk).transpose(0, 1)
@@ -358,26 +362,70 @@ class ExactStore(Store):
             slots = torch.nn.functional.pad(slots, (0, k - kk), value=-1)
         return scores, slots
 
+    def _chunked_topk(self, x: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+                      kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Brute force: x (G, M, D) against keys (G, C, D) -> best kk (G, M, kk) scores and slots."""
+        G, M, _ = x.shape
+        C = keys.shape[1]
+        dead = torch.arange(C, device=self.device) >= counts[:, None]  # (G, C) slots not written
+        scores = torch.empty(G, M, kk, dtype=self.dtype, device=self.device)
+        slots = torch.empty(G, M, kk, dtype=torch.long, device=self.device)
+        # chunks of whole groups, so each group's keys are read once; a group's queries are
+        # split only when one group alone exceeds chunk_elements
+        groups = max(1, self.chunk_elements // (M * C))
+        queries = M if M * C <= self.chunk_elements else max(1, self.chunk_elements // C)
+        for g in range(0, G, groups):
+            for n in range(0, M, queries):
+                s = torch.bmm(x[g:g + groups, n:n + queries], keys[g:g + groups].transpose(1, 2))  # (g, n, C)
+                s.masked_fill_(dead[g:g + groups, None, :], float("-inf"))
+                top = s.topk(kk, dim=-1)  # (g, n, kk), best first
+                scores[g:g + groups, n:n + queries], slots[g:g + groups, n:n + queries] = top.values, top.indices
+        found = torch.arange(kk, device=self.device) < counts[:, None, None]  # (G, 1, kk): rank < count
+        slots.masked_fill_(~found, -1)
+        return scores, slots
+
 
 class FaissStore(Store):
-    """Top-k with faiss-cpu: one index per row and key/value head (ids: see the module
-    docstring). The store lives on the CPU in float32; queries on another device are copied
-    over and the results copied back.
+    """Top-k with faiss-cpu (ids: see the module docstring). The store lives on the CPU in
+    float32; queries on another device are copied over and the results copied back.
 
-    index: "flat" (IndexFlatIP, exact, the default), "ivf" (IndexIVFFlat, inner product) or
-    "hnsw" (IndexHNSWFlat in an IndexIDMap2, inner product).
-    ivf: nlist lists (default min(sqrt(capacity), capacity // 39)), nprobe probed per query
-    (default nlist // 4), trained on the first train_size entries (default min(capacity,
-    39 * nlist), faiss's minimum for a clean k-means).
-    hnsw: hnsw_m links per node (32), ef_construction (80), ef_search (max(128, 2k) per search).
+    index: "flat" (exact, the default: faiss's brute-force `knn` over the ring buffer, no
+    index), "ivf" (IndexIVFFlat, inner product) or "hnsw" (IndexHNSWFlat in an IndexIDMap2,
+    inner product), one index per row and key/value head.
+    ivf: nlist lists (default min(sqrt(capacity), capacity // 39)), trained on the first
+    train_size entries (default min(capacity, 39 * nlist), faiss's minimum for a clean
+    k-means); nprobe lists probed per query: None (the default) calibrates it per index when
+    the index is trained: the smallest nprobe whose recall@32 (32 = memory.knn_k's default)
+    against exact search reaches `CALIBRATION_RECALL` (0.95) with up to 256 of the training
+    keys as queries (each one's own entry left out). Keys with cluster structure get a few
+    probes (2-5 of 70-141 lists in tests/memory/test_stores.py's clustered data); uniform
+    random keys, which IVF cannot partition, get about half the lists at dim 32 and three
+    quarters at dim 128, where IVF saves little over flat (a fixed nlist // 4 gave recall@10
+    0.79 at dim 32 and 0.66 at dim 64 on random data). The calibrated value is kept in the
+    index (and in its saved bytes); an explicit nprobe is used as given. Model queries are not
+    keys, so their recall may differ: pass nprobe to trade recall for speed.
+    hnsw: hnsw_m links per node (32), ef_construction (80), ef_search (max(256, 2k) per search;
+    128 gave recall@32 0.87 on 65536 random keys of dim 64, 256 gives 0.97).
+
+    Why ivf and hnsw keep the keys twice (in faiss and in the ring buffer): faiss cannot index
+    vectors it does not own, and the ring buffer cannot give way to the index: an ivf index
+    holds nothing until it is trained (its first train_size entries live only in the ring),
+    retrieved keys and values are gathered by slot in one tensor index (from an ivf index each
+    key would need a direct map, a hash table per index, and a reconstruct per result), hnsw
+    compaction rebuilds from the ring, and the ring is what `save` writes in the layout every
+    backend reads. The cost is one more copy of the keys (not the values): 1.5x the memory of
+    flat or exact. Flat, the default, holds them once.
     """
 
     kind = "faiss"
+    CALIBRATION_RECALL = 0.95
+    CALIBRATION_QUERIES = 256
+    CALIBRATION_K = 32
 
     def __init__(self, rows: int, heads: int, dim: int, capacity: int, device: torch.device | str | None = None,
                  index: str = "flat", nlist: int | None = None, nprobe: int | None = None,
                  train_size: int | None = None, hnsw_m: int = 32, ef_construction: int = 80,
-                 ef_search: int = 128, dtype: torch.dtype | str = torch.float32, shared: bool = False):
+                 ef_search: int = 256, dtype: torch.dtype | str = torch.float32, shared: bool = False):
         import faiss  # an optional dependency: imported when a faiss store is built
 
         self.faiss = faiss
@@ -388,13 +436,16 @@ class FaissStore(Store):
         super().__init__(rows, heads, dim, capacity, "cpu", torch.float32, shared)
         self.index_kind = index
         self.nlist = nlist or max(1, min(math.isqrt(capacity), capacity // 39))
-        self.nprobe = nprobe or max(1, self.nlist // 4)
+        if nprobe is not None and (not isinstance(nprobe, int) or nprobe < 1):
+            raise ValueError(f"ivf nprobe must be a positive int or None (calibrated), got {nprobe!r}")
+        self.nprobe = nprobe  # None: calibrated per index when it is trained
         self.train_size = train_size or min(capacity, 39 * self.nlist)
         if self.train_size > capacity or self.train_size < self.nlist:
             raise ValueError(f"ivf train_size must lie in [nlist, capacity] = [{self.nlist}, {capacity}], "
                              f"got {self.train_size}")
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
-        self.indexes = [[self._new_index() for _ in range(heads)] for _ in range(rows)]
+        # flat needs no index; ivf/hnsw: one per row and head
+        self.indexes = None if index == "flat" else [[self._new_index() for _ in range(heads)] for _ in range(rows)]
 
     def options(self) -> dict:
         opts = {"index": self.index_kind}
@@ -406,11 +457,9 @@ class FaissStore(Store):
 
     def _new_index(self):
         faiss, D = self.faiss, self.dim
-        if self.index_kind == "flat":
-            return faiss.IndexFlatIP(D)
         if self.index_kind == "ivf":
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, self.nlist, faiss.METRIC_INNER_PRODUCT)
-            index.nprobe = self.nprobe
+            index.nprobe = self.nprobe or 1  # set for real once trained (calibrated when None)
             return index
         hnsw = faiss.IndexHNSWFlat(D, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.ef_construction
@@ -427,33 +476,60 @@ class FaissStore(Store):
         return np.ascontiguousarray(self.keys[r, h].numpy()[ids % self.capacity]), ids
 
     def _index_write(self, keys: torch.Tensor, first: torch.Tensor) -> None:
-        C = self.capacity
+        if self.indexes is None:  # flat: the ring buffer is all there is
+            return
         for r in range(self.rows):
             ids = int(first[r]) + np.arange(keys.shape[2], dtype=np.int64)  # (n,) entry numbers
             for h in range(self.heads):
-                x = np.ascontiguousarray(keys[r, h].numpy(), dtype=np.float32)  # (n, D)
                 index = self.indexes[r][h]
-                if self.index_kind == "flat":  # id == slot: append until full, then overwrite in place
-                    fresh = int((ids < C).sum())
-                    if fresh:
-                        index.add(x[:fresh])
-                    if fresh < len(ids):
-                        stored = self.faiss.rev_swig_ptr(index.get_xb(), C * self.dim).reshape(C, self.dim)
-                        stored[ids[fresh:] % C] = x[fresh:]
-                elif self.index_kind == "hnsw" or index.is_trained:
-                    index.add_with_ids(x, ids)
+                if self.index_kind == "hnsw" or index.is_trained:
+                    index.add_with_ids(np.ascontiguousarray(keys[r, h].numpy(), dtype=np.float32), ids)
 
     def _after_write(self) -> None:
+        if self.indexes is None:
+            return
         for r in range(self.rows):
             lo, _ = self._live(r)
             for h in range(self.heads):
                 index = self.indexes[r][h]
                 if self.index_kind == "ivf" and not index.is_trained and int(self.counts[r]) >= self.train_size:
-                    x, ids = self._live_keys(r, h)
-                    index.train(x)
-                    index.add_with_ids(x, ids)
-                elif self.index_kind != "flat" and index.ntotal - int(self.counts[r]) >= self.capacity:
+                    self._train(index, *self._live_keys(r, h))
+                elif index.ntotal - int(self.counts[r]) >= self.capacity:
                     self._compact(r, h, lo)
+
+    def _train(self, index, x: np.ndarray, ids: np.ndarray) -> None:
+        """Train an ivf index on x (n, D), add x with its ids and set its nprobe."""
+        index.train(x)
+        index.add_with_ids(x, ids)
+        index.nprobe = self.nprobe or self._calibrated_nprobe(index, x, ids)
+
+    def _calibrated_nprobe(self, index, x: np.ndarray, ids: np.ndarray) -> int:
+        """The smallest nprobe whose recall@k against exact search reaches CALIBRATION_RECALL,
+        with up to CALIBRATION_QUERIES of the keys x (n, D) (ids (n,)) as queries, each query's
+        own entry left out. Recall grows with nprobe (more lists probed, a superset of
+        candidates), so a binary search finds it."""
+        faiss, n = self.faiss, len(x)
+        k = min(self.CALIBRATION_K, n - 1)
+        if k < 1 or self.nlist == 1:
+            return self.nlist
+        pick = np.unique(np.linspace(0, n - 1, min(n, self.CALIBRATION_QUERIES)).astype(np.int64))
+        queries, own = np.ascontiguousarray(x[pick]), ids[pick]
+        _, exact = faiss.knn(queries, x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)  # positions in x
+        truth = [[j for j in ids[row[row >= 0]] if j != me][:k] for row, me in zip(exact, own)]
+
+        def recall(nprobe: int) -> float:
+            _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=nprobe))
+            hits = sum(len(set(t) & set(row[row != me][:k].tolist())) for t, row, me in zip(truth, found, own))
+            return hits / max(1, sum(len(t) for t in truth))
+
+        lo, hi = 1, self.nlist  # recall(nlist) is exact
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if recall(mid) >= self.CALIBRATION_RECALL:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def _compact(self, r: int, h: int, lo: int) -> None:
         """Drop the evicted entries (ids below lo) that an ivf/hnsw index still holds."""
@@ -463,35 +539,33 @@ class FaissStore(Store):
             self.indexes[r][h] = self._rebuilt(r, h)
 
     def _rebuilt(self, r: int, h: int):
-        """A fresh index of row r, head h holding exactly its live entries."""
+        """A fresh ivf/hnsw index of row r, head h holding exactly its live entries."""
         index = self._new_index()
         x, ids = self._live_keys(r, h)
-        if self.index_kind == "flat":
-            index.add(np.ascontiguousarray(self.keys[r, h, :len(ids)].numpy()))  # slot order: id == slot
-        elif self.index_kind == "hnsw":
+        if self.index_kind == "hnsw":
             index.add_with_ids(x, ids)
         elif len(ids) >= self.train_size:
-            index.train(x)
-            index.add_with_ids(x, ids)
+            self._train(index, x, ids)
         return index
 
     def _index_reset(self, mask: torch.Tensor) -> None:
+        if self.indexes is None:  # flat: counts are all a search reads
+            return
         for r in mask.nonzero().flatten().tolist():
-            for h in range(self.heads):
-                if self.index_kind == "flat":
-                    self.indexes[r][h].reset()
-                else:  # ivf: a new one, so it is trained on the new document's keys
-                    self.indexes[r][h] = self._new_index()
+            for h in range(self.heads):  # ivf: a new one, so it is trained on the new document's keys
+                self.indexes[r][h] = self._new_index()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()
-        if self.index_kind != "flat":  # flat is rebuilt exactly from the keys
+        if self.indexes is not None:  # flat has no index to save
             for r in range(self.rows):
                 for h in range(self.heads):
                     state[f"index.{r}.{h}"] = torch.from_numpy(self.faiss.serialize_index(self.indexes[r][h]))
         return state
 
     def _index_load(self, state: dict[str, torch.Tensor]) -> None:
+        if self.indexes is None:  # flat: the restored ring buffer is the whole store, nothing to rebuild
+            return
         for r in range(self.rows):
             for h in range(self.heads):
                 blob = state.get(f"index.{r}.{h}")
@@ -507,8 +581,8 @@ class FaissStore(Store):
                 if index.d != self.dim or (self.index_kind == "ivf" and not index.is_trained
                                            and hi - lo >= self.train_size):
                     raise StoreError(f"the faiss index of row {r}, head {h} does not fit this store")
-                if self.index_kind == "ivf":
-                    index.nprobe = self.nprobe
+                if self.index_kind == "ivf" and self.nprobe is not None:
+                    index.nprobe = self.nprobe  # else the calibrated value saved with the index
                 self.indexes[r][h] = index
 
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,16 +598,18 @@ class FaissStore(Store):
             batch = slice(None) if self.shared else slice(r, r + 1)  # a shared row serves every batch row
             for h in range(Hkv):
                 queries = np.ascontiguousarray(x[batch, h].reshape(-1, D))  # (B' * N, D)
-                index, params = self.indexes[r][h], None
-                if self.index_kind == "ivf" and not index.is_trained:  # too few entries yet: exact
-                    index = faiss.IndexFlatIP(D)
-                    index.add(np.ascontiguousarray(self.keys[r, h, :hi - lo].numpy()))  # slots 0..count-1
-                elif self.index_kind == "ivf":
-                    params = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(lo, hi), nprobe=self.nprobe)
-                elif self.index_kind == "hnsw":
-                    params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorRange(lo, hi),
-                                                        efSearch=max(self.ef_search, 2 * k))
-                s, ids = index.search(queries, k, params=params)  # (B' * N, k); params holds sel alive
+                index = self.indexes[r][h] if self.indexes is not None else None
+                if index is None or self.index_kind == "ivf" and not index.is_trained:
+                    # exact over the live slots 0..count-1 of the ring buffer, read in place
+                    s, ids = faiss.knn(queries, self.keys[r, h, :hi - lo].numpy(), k,
+                                       metric=faiss.METRIC_INNER_PRODUCT)
+                else:
+                    if self.index_kind == "ivf":
+                        params = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(lo, hi), nprobe=index.nprobe)
+                    else:
+                        params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorRange(lo, hi),
+                                                            efSearch=max(self.ef_search, 2 * k))
+                    s, ids = index.search(queries, k, params=params)  # (B' * N, k); params holds sel alive
                 found = ids >= 0
                 scores[batch, h] = np.where(found, s, -np.inf).reshape(-1, N, k)
                 slots[batch, h] = np.where(found, ids % C, -1).reshape(-1, N, k)

@@ -7,7 +7,7 @@
         -> logits (B, T, vocab)
 
 A model with memory tokens (memlm.memory.tokens) runs each segment as [read | tokens | write];
-`forward` hands it to that module.
+`forward` hands it to that module, recurrent and kNN memory included.
 
 Forgetful causal masking ("Forgetful Causal Masking Makes Causal Language Models Better
 Zero-Shot Learners", Liu et al., arXiv 2210.13432) is drawn here once per forward: in
@@ -133,8 +133,11 @@ class LanguageModel(nn.Module):
         if state is not None and state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
         if self.memory_tokens is not None:  # segments run as [read | tokens | write] (memlm.memory.tokens)
-            logits, new_state = tokens.forward(self, input_ids, state)
-            return ModelOutput(logits, self._loss(logits, targets), self._span_penalty(input_ids.device), new_state)
+            logits, new_state, compression_loss = tokens.forward(self, input_ids, state)
+            aux_loss = self._span_penalty(input_ids.device)
+            if compression_loss is not None:
+                aux_loss = aux_loss + self.config.memory.compress_loss * compression_loss
+            return ModelOutput(logits, self._loss(logits, targets), aux_loss, new_state)
         q_start = state.position if state is not None else 0
         device = input_ids.device
 

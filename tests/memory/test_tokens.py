@@ -39,8 +39,8 @@ def test_token_by_token_equals_segment_by_segment(kind, recurrent):
                                    atol=1e-5, rtol=0)
     else:
         assert "memory_tokens" not in seg_state.layers[0]
-    if not recurrent:  # no state: every seq_len piece on its own, at its stream positions
-        torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
+    # no state: one stream from an empty state (without recurrence: every seq_len piece on its own)
+    torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
     if not recurrent and kind in RELATIVE:  # ... which for relative positions is model(segment)
         alone = torch.cat([model(ids[:, s:s + L]).logits for s in range(0, ids.shape[1], L)], dim=1)
         torch.testing.assert_close(alone, segments, atol=1e-5, rtol=0)
@@ -198,16 +198,13 @@ def test_training_steps_lower_the_loss_in_recurrent_mode():
 
 @pytest.mark.parametrize("overrides, field", [
     ({"memory.tokens": -1}, "memory.tokens"),
-    ({"memory.tokens": 2, "memory.length": 8}, "memory.tokens"),
-    ({"memory.tokens": 2, "memory.lengths": [0, 4]}, "memory.tokens"),
-    ({"memory.tokens": 2, "memory.feedback": "add"}, "memory.tokens"),
     ({"memory.tokens": 0, "memory.tokens_recurrent": True}, "memory.tokens_recurrent"),
     ({"memory.tokens": 2, "position.kind": "tupe"}, "position.kind"),
+    ({"memory.tokens": 2, "memory.length": 8, "position.kind": "learned"}, "position.kind"),
 ])
 def test_config_errors(overrides, field):
+    """(Combinations with recurrent and kNN memory: tests/memory/test_tokens_combined.py.)"""
     with pytest.raises(ConfigError) as error:
         build(**{k: v for k, v in overrides.items() if k != "memory.tokens"},
               tokens=overrides.get("memory.tokens", M))
     assert error.value.field_name == field
-    if overrides.get("memory.length"):
-        assert "future work" in str(error.value)

@@ -17,6 +17,8 @@ MECHANISMS = {
     "persistent": {"memory.length": 16, "memory.persistent": 8, "feedforward.kind": "none"},
     "tokens": {"memory.tokens": 4, "memory.tokens_recurrent": True},
     "knn": {"memory.knn_layers": [1], "memory.knn_k": 8, "memory.knn_capacity": 256},
+    "tokens+xl+knn": {"memory.tokens": 4, "memory.tokens_recurrent": True, "memory.length": 16,
+                      "memory.knn_layers": [1], "memory.knn_k": 8, "memory.knn_capacity": 256},
 }
 
 

@@ -1,0 +1,423 @@
+"""Exact top-k inner-product search without the full score matrix: two Triton kernels around
+two torch.topk calls, for `ExactStore._topk` on a GPU.
+
+Problem: per group g (one batch row x key/value head) queries (M, D), keys (C, D), of which
+the first counts[g] are live (slots >= counts[g] were never written and score -inf); find for
+each query the k best keys by inner product. Brute force writes M x C scores per group (at
+32 groups x 4096 queries x 65,536 keys: 8.6 G scores, 17-34 GB, a step's worth of HBM time)
+and runs torch.topk over rows of 65,536.
+
+Exactness argument. Partition the C keys into tiles of BN keys. Let m_t be the maximum score
+of tile t for a query, and pick the k tiles with the largest maxima (any choice among tied
+maxima) with smallest selected maximum m_(k). Every picked tile holds a key scoring its
+maximum >= m_(k), so there are k candidate keys >= m_(k), and the k-th best candidate score is
+>= m_(k); every key outside the picked tiles scores <= its tile's maximum <= m_(k). So the
+top k of the candidates (the k x BN keys of the picked tiles) is a top k of all keys: its
+scores, as a sorted list, are exactly the brute-force top-k scores. Ties: which of several
+keys with the same score as the k-th is returned is unspecified (as in torch.topk itself);
+the scores returned never differ from brute force. The partition may be any partition of
+the slots into sets of BN; two layouts are implemented (`layout`):
+
+- "strided" (default): the keys are scanned in blocks of BLOCK_N consecutive slots, and
+  tile t = (s, c) of super-block s holds slots s*BLOCK_N*BN + r*BLOCK_N + c, r < BN: the
+  running elementwise maximum of BN consecutive (BLOCK_M, BLOCK_N) score blocks, so kernel 1
+  is a flash-attention-like loop (dot, max) with no in-register reshape. Each tile row is still
+  a whole key (D contiguous values), so kernel 2's gathers are as efficient as with
+  consecutive tiles.
+- "consecutive": tile t holds slots t*BN .. t*BN + BN - 1 (a tl.reshape + tl.max per block).
+
+Floating point. Kernel 1 computes scores on tensor cores (tl.dot, fp32 accumulation; fp32
+keys use `precision`, "tf32x3" by default: three TF32 products, about fp32 accuracy), kernel
+2 recomputes the candidates' scores with fp32 multiply-adds. If the two differ by at most e
+for any (query, key), a key can be missed only when it scores within 2e of the k-th returned
+score (the argument above with maxima off by e) - a float near-tie, the same freedom brute
+force has (cuBLAS and a CPU disagree by as much). bf16 / fp16 inputs: products are exact in
+fp32, so e is only summation-order rounding (~D * 2^-24 for unit vectors). fp32 with
+precision="tf32x3": e ~ 2^-20; "ieee": fp32 FMA (slow, no tensor cores); "tf32": e ~ 2^-10,
+*not* exact (keys within ~1e-3 of the k-th score may be missed). bf16 stores: ExactStore
+ranks by bf16-rounded bmm outputs (many ties); this path ranks by the fp32 scores of the bf16
+inputs and rounds the returned scores to bf16 afterwards (out_dtype), so its choice is one of
+ExactStore's tied choices.
+
+Pipeline (`fused_inner_product_topk`):
+  1. kernel 1: per group and BLOCK_M queries, loop over key blocks, tl.dot, mask slots >=
+     count to -inf, keep the tile maxima; write maxima (G, M, T), T ~ C / BN.
+  2. torch.topk(maxima, n_tiles) -> the n_tiles (default k) best tiles per query.
+  3. kernel 2: per BLOCK_Q queries, gather the BN keys of each selected tile (a group's keys
+     are a few MB: L2 hits), fp32 scores -> candidates (G, M, n_tiles * BN), slots implied.
+  4. torch.topk(candidates, k), best first; map (tile, row) -> slot; ranks >= count -> slot
+     -1, score -inf; pad to k. Scores come back in `out_dtype` (default the keys' dtype, as
+     ExactStore._topk returns them).
+
+Traffic at the target size (G=32, M=4096, C=65536, D=64, k=32, BN=32), H100/H200:
+  kernel 1: 2*G*M*C*D = 1.1 TFLOP (bf16 tensor cores: ~1.1 ms at the 990 TFLOP/s peak; fp32
+    with tf32x3: 3 TF32 MMAs, ~6.7 ms at peak); keys re-read from L2 once per BLOCK_M block:
+    G * (M / BLOCK_M) * C * D * bytes = 8.6 GB (bf16, BLOCK_M=128; halve with 256); HBM write
+    of the maxima G*M*(C/BN)*4 = 1.07 GB.
+  topk 1: reads 1.07 GB (rows of 2048, k=32).
+  kernel 2: L2 gathers G*M*k*BN*D*bytes = 17 GB bf16 (34 GB fp32); writes G*M*k*BN*4 =
+    0.54 GB of candidates.
+  topk 2: reads 0.54 GB (rows of 1024).
+  BN trades kernel 1's output (~ C/BN, HBM) against kernel 2's gathers (~ k*BN, L2): per
+  query 2 * 4 * C/BN bytes written and read back against k*BN*D*bytes gathered; they balance
+  near BN = 16-32 (BN=16 halves the gathers and doubles the maxima to 2.1 GB). Both grids put
+  the query blocks of one group next to each other, so a group's keys (8 MB bf16, 16 MB fp32)
+  stay in L2 while its queries run. Compare: brute force writes 8.6 G scores (17 GB bf16) and
+  reads them back in torch.topk over rows of 65,536.
+
+Triton's interpreter (CPU, for tests): TRITON_INTERPRET=1 must be set before triton is first
+imported (tl.sum / tl.max are jit functions decorated at import); this module decorates its
+kernels on first use, per mode. The interpreter's tl.dot cannot multiply bf16, so there (only)
+bf16 tiles are upcast to fp32 first, which computes the same products.
+"""
+
+import os
+
+import torch
+
+try:  # optional: the kernels are jit-decorated on first use (see _kernels)
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or a broken install
+    triton = None
+
+    class tl:  # noqa: N801 - stand-in so that the kernels' annotations evaluate without triton
+        constexpr = "constexpr"
+
+# (no `from __future__ import annotations` here: older Triton interpreters recognise constexpr
+# parameters only by their evaluated annotation)
+
+__all__ = ["available", "brute_force_topk", "fused_inner_product_topk", "two_stage_topk_reference",
+           "tile_slots", "TopkConfig"]
+
+LAYOUTS = ("strided", "consecutive")
+PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
+def available(device) -> bool:
+    """True when the Triton path can run for tensors on `device` (a torch.device, a string or a
+    tensor): a CUDA device and triton importable."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and triton is not None
+
+
+# ----- configuration ------------------------------------------------------------------------
+class TopkConfig:
+    """Tile and block sizes of the fused search (all powers of two).
+
+    tile (BN): keys per tile. block_m, block_n: queries and keys per kernel-1 dot (block_n a
+    multiple of tile for the consecutive layout; the strided layout's tile stride is block_n).
+    block_q, num_warps_2: queries and warps per kernel-2 program (block_q=1, 4 warps: 56 registers
+    on sm_90, high occupancy for the gathers). num_warps, num_stages: kernel 1 (128 x 128 x 8
+    warps: ~210 registers, no spills). n_tiles: tiles recomputed per query (default k, which
+    exactness needs; more costs kernel-2 time and only narrows the near-tie window of the
+    inexact precision="tf32"; fewer than k is approximate).
+    """
+
+    def __init__(self, tile: int = 32, layout: str = "strided", block_m: int = 128, block_n: int = 128,
+                 block_q: int = 1, n_tiles: int | None = None, num_warps: int = 8, num_stages: int = 3,
+                 num_warps_2: int = 4, precision: str = "tf32x3"):
+        for name, value in (("tile", tile), ("block_m", block_m), ("block_n", block_n), ("block_q", block_q)):
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if block_m < 16 or block_n < 16:
+            raise ValueError("block_m and block_n must be >= 16 (tl.dot)")
+        if layout == "consecutive" and block_n % tile:
+            raise ValueError(f"consecutive layout: block_n ({block_n}) must be a multiple of tile ({tile})")
+        self.tile, self.layout, self.block_m, self.block_n, self.block_q = tile, layout, block_m, block_n, block_q
+        self.n_tiles, self.num_warps, self.num_stages, self.num_warps_2 = n_tiles, num_warps, num_stages, num_warps_2
+        self.precision = precision
+
+    @property
+    def stride(self) -> int:
+        """Slot distance between consecutive keys of one tile."""
+        return self.block_n if self.layout == "strided" else 1
+
+    def n_tiles_total(self, C: int) -> int:
+        """T: tiles covering C slots (the strided layout rounds up to whole super-blocks)."""
+        span = self.tile * self.stride
+        return -(-C // span) * self.stride
+
+    def __repr__(self) -> str:
+        return (f"TopkConfig(tile={self.tile}, layout={self.layout!r}, block_m={self.block_m}, "
+                f"block_n={self.block_n}, block_q={self.block_q}, n_tiles={self.n_tiles}, "
+                f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_warps_2={self.num_warps_2}, "
+                f"precision={self.precision!r})")
+
+
+def tile_slots(tiles: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
+    """Slots of the keys of `tiles` (...,) -> (..., tile): tile t of the layout with `stride`
+    holds slots (t // stride) * stride * tile + t % stride + r * stride, r < tile."""
+    r = torch.arange(tile, device=tiles.device)
+    base = (tiles // stride) * (stride * tile) + tiles % stride
+    return base[..., None] + r * stride
+
+
+# ----- pure torch: brute force and the two-stage algorithm --------------------------------
+def _masked_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(G, M, C) fp32 scores, -inf at slots >= counts[g]."""
+    C = keys.shape[1]
+    scores = torch.bmm(queries.float(), keys.float().transpose(1, 2))
+    dead = torch.arange(C, device=keys.device) >= counts.to(keys.device)[:, None]  # (G, C)
+    return scores.masked_fill_(dead[:, None, :], float("-inf"))
+
+
+def _finish(cand: torch.Tensor, slot_of, counts: torch.Tensor, k: int, out_dtype: torch.dtype):
+    """Top k of candidate scores (G, M, n) -> (scores (G, M, k) out_dtype, slots (G, M, k) long),
+    best first; `slot_of(indices)` maps candidate indices to slots. Ranks >= count: -1 / -inf."""
+    G, M, n = cand.shape
+    kk = min(k, n)
+    top = cand.topk(kk, dim=-1)
+    slots = slot_of(top.indices)
+    found = torch.arange(kk, device=cand.device) < counts.to(cand.device)[:, None, None]  # (G, 1, kk)
+    slots = slots.masked_fill(~found, -1)
+    scores = top.values.masked_fill(~found, float("-inf")).to(out_dtype)
+    if kk < k:
+        scores = torch.nn.functional.pad(scores, (0, k - kk), value=float("-inf"))
+        slots = torch.nn.functional.pad(slots, (0, k - kk), value=-1)
+    return scores, slots
+
+
+def _check(queries, keys, counts, k):
+    if queries.dim() != 3 or keys.dim() != 3 or queries.shape[0] != keys.shape[0] \
+            or queries.shape[2] != keys.shape[2]:
+        raise ValueError(f"expected queries (G, M, D) and keys (G, C, D), got {tuple(queries.shape)} and "
+                         f"{tuple(keys.shape)}")
+    if counts.shape != (keys.shape[0],):
+        raise ValueError(f"expected counts ({keys.shape[0]},), got {tuple(counts.shape)}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+
+
+@torch.no_grad()
+def brute_force_topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
+                     out_dtype: torch.dtype | None = None):
+    """ExactStore._topk's inner loop in fp32, all at once (for tests): full (G, M, C) scores."""
+    _check(queries, keys, counts, k)
+    scores = _masked_scores(queries, keys, counts)
+    return _finish(scores, lambda i: i, counts, k, out_dtype or keys.dtype)
+
+
+@torch.no_grad()
+def two_stage_topk_reference(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
+                             tile: int = 32, stride: int = 1, n_tiles: int | None = None,
+                             out_dtype: torch.dtype | None = None):
+    """The fused algorithm in plain torch (tile maxima taken from the full score matrix): the
+    logic of `fused_inner_product_topk` with layout stride `stride` (1: consecutive tiles; the
+    Triton strided layout is stride = block_n), for testing on any device."""
+    _check(queries, keys, counts, k)
+    G, M, _ = queries.shape
+    C = keys.shape[1]
+    out_dtype = out_dtype or keys.dtype
+    if C == 0:
+        return _finish(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
+    scores = _masked_scores(queries, keys, counts)
+    span = tile * stride
+    padded = torch.nn.functional.pad(scores, (0, -(-C // span) * span - C), value=float("-inf"))
+    maxima = padded.view(G, M, -1, tile, stride).amax(dim=3).reshape(G, M, -1)  # tile s*stride + c
+    nt = min(n_tiles or k, maxima.shape[-1])
+    chosen = maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
+    slots = tile_slots(chosen, tile, stride).flatten(2)  # (G, M, nt * tile), may point past C (-inf)
+    cand = padded.gather(-1, slots)
+    return _finish(cand, lambda i: slots.gather(-1, i), counts, k, out_dtype)
+
+
+# ----- Triton kernels (built lazily, so TRITON_INTERPRET is read when first used) ----------
+def _tile_max_kernel(Q, K, CNT, OUT, M, C, D, n_blocks,
+                     sqg, sqm, sqd, skg, skc, skd, sog, som, sot,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BN: tl.constexpr, STRIDED: tl.constexpr, EVEN_D: tl.constexpr,
+                     FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Kernel 1: program (query block, group) -> tile maxima OUT[g, m, t] of its BLOCK_M queries.
+    strided: n_blocks = super-blocks of BLOCK_N * BN slots; consecutive: blocks of BLOCK_N."""
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    cnt = tl.minimum(tl.maximum(tl.load(CNT + g), 0), C).to(tl.int32)  # live slots of this group
+    q = tl.load(Q + g * sqg + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:  # interpreter only: its tl.dot cannot multiply bf16 (exact in fp32 anyway)
+        q = q.to(tl.float32)
+    kptr = K + g * skg + offs_d[:, None] * skd  # (BLOCK_D, 1): keys are loaded transposed
+    optr = OUT + g * sog + offs_m[:, None] * som
+    if STRIDED:
+        for sb in range(0, n_blocks):
+            base = sb * (BLOCK_N * BN)
+            live = tl.maximum(cnt - base, 0)
+            full = tl.minimum(live // BLOCK_N, BN)  # blocks entirely below cnt
+            acc = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+            for r in range(0, full):
+                cols = base + r * BLOCK_N + offs_n
+                if EVEN_D:
+                    kt = tl.load(kptr + cols[None, :] * skc)
+                else:
+                    kt = tl.load(kptr + cols[None, :] * skc, mask=offs_d[:, None] < D, other=0.0)
+                if UPCAST:
+                    kt = kt.to(tl.float32)
+                if FP32 or UPCAST:
+                    s = tl.dot(q, kt, input_precision=PRECISION)
+                else:
+                    s = tl.dot(q, kt)
+                acc = tl.maximum(acc, s)
+            if full < BN:  # at most one block straddles cnt; later blocks are dead (-inf)
+                cols = base + full * BLOCK_N + offs_n
+                ok = cols < cnt
+                kt = tl.load(kptr + cols[None, :] * skc, mask=ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                if UPCAST:
+                    kt = kt.to(tl.float32)
+                if FP32 or UPCAST:
+                    s = tl.dot(q, kt, input_precision=PRECISION)
+                else:
+                    s = tl.dot(q, kt)
+                acc = tl.maximum(acc, tl.where(ok[None, :], s, float("-inf")))
+            tl.store(optr + (sb * BLOCK_N + offs_n)[None, :] * sot, acc, mask=m_ok[:, None])
+    else:
+        offs_t = tl.arange(0, BLOCK_N // BN)  # tiles per block
+        n_tiles = (C + BN - 1) // BN
+        for b in range(0, n_blocks):
+            cols = b * BLOCK_N + offs_n
+            ok = cols < cnt
+            kt = tl.load(kptr + cols[None, :] * skc, mask=ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            if FP32 or UPCAST:
+                s = tl.dot(q, kt, input_precision=PRECISION)
+            else:
+                s = tl.dot(q, kt)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            mx = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BN, BN)), axis=2)  # (BLOCK_M, BLOCK_N // BN)
+            t = b * (BLOCK_N // BN) + offs_t
+            tl.store(optr + t[None, :] * sot, mx, mask=m_ok[:, None] & (t[None, :] < n_tiles))
+
+
+def _candidates_kernel(Q, K, CNT, SEL, OUT, M, C, D, nt,
+                       sqg, sqm, sqd, skg, skc, skd, ssg, ssm, ssj, sog, som, soc,
+                       BLOCK_Q: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
+                       STRIDE: tl.constexpr):
+    """Kernel 2: program (query block, group) -> fp32 scores OUT[g, m, j * BN + r] of key r of
+    the j-th selected tile SEL[g, m, j]; -inf for slots >= count."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_r = tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < M
+    d_ok = offs_d < D
+    cnt = tl.minimum(tl.maximum(tl.load(CNT + g), 0), C).to(tl.int32)
+    q = tl.load(Q + g * sqg + offs_q[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_Q, BLOCK_D)
+    sel = SEL + g * ssg + offs_q * ssm
+    out = OUT + g * sog + offs_q[:, None] * som + offs_r[None, :] * soc
+    for j in range(0, nt):
+        t = tl.load(sel + j * ssj, mask=q_ok, other=0).to(tl.int64)  # (BLOCK_Q,) tile ids
+        rows = ((t // STRIDE) * (STRIDE * BN) + t % STRIDE)[:, None] + offs_r[None, :] * STRIDE  # (BLOCK_Q, BN)
+        ok = (rows < cnt) & q_ok[:, None]
+        kv = tl.load(K + g * skg + rows[:, :, None] * skc + offs_d[None, None, :] * skd,
+                     mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)  # (BLOCK_Q, BN, BLOCK_D)
+        s = tl.sum(q[:, None, :] * kv, axis=2)
+        tl.store(out + j * BN * soc, tl.where(ok, s, float("-inf")), mask=q_ok[:, None])
+
+
+_KERNELS: dict = {}
+
+
+def _kernels():
+    """(kernel 1, kernel 2), jit-decorated on first use for the current TRITON_INTERPRET mode
+    (triton.jit reads it when it decorates)."""
+    if triton is None:
+        raise RuntimeError("fused_inner_product_topk needs triton (see available())")
+    mode = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if mode not in _KERNELS:
+        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel))
+    return _KERNELS[mode]
+
+
+def _launch_guard(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def tile_maxima(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, cfg: TopkConfig) -> torch.Tensor:
+    """Kernel 1: (G, M, T) fp32 tile maxima (T = cfg.n_tiles_total(C))."""
+    k1, _ = _kernels()
+    G, M, D = queries.shape
+    C = keys.shape[1]
+    T = cfg.n_tiles_total(C)
+    out = torch.empty(G, M, T, dtype=torch.float32, device=keys.device)
+    BLOCK_D = max(16, 1 << (D - 1).bit_length())
+    strided = cfg.layout == "strided"
+    n_blocks = -(-C // (cfg.block_n * cfg.tile)) if strided else -(-C // cfg.block_n)
+    grid = (-(-M // cfg.block_m), G)
+    with _launch_guard(keys.device):
+        k1[grid](queries, keys, counts, out, M, C, D, n_blocks,
+                 *queries.stride(), *keys.stride(), *out.stride(),
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D, BN=cfg.tile, STRIDED=strided,
+                 EVEN_D=BLOCK_D == D, FP32=keys.dtype == torch.float32, PRECISION=cfg.precision,
+                 UPCAST=keys.dtype == torch.bfloat16 and keys.device.type != "cuda",
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def candidate_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, chosen: torch.Tensor,
+                     cfg: TopkConfig) -> torch.Tensor:
+    """Kernel 2: (G, M, nt * BN) fp32 scores of the keys of the chosen tiles (G, M, nt)."""
+    _, k2 = _kernels()
+    G, M, D = queries.shape
+    C, nt = keys.shape[1], chosen.shape[2]
+    out = torch.empty(G, M, nt * cfg.tile, dtype=torch.float32, device=keys.device)
+    BLOCK_D = max(16, 1 << (D - 1).bit_length())
+    grid = (-(-M // cfg.block_q), G)
+    with _launch_guard(keys.device):
+        k2[grid](queries, keys, counts, chosen, out, M, C, D, nt,
+                 *queries.stride(), *keys.stride(), *chosen.stride(), *out.stride(),
+                 BLOCK_Q=cfg.block_q, BN=cfg.tile, BLOCK_D=BLOCK_D, STRIDE=cfg.stride,
+                 num_warps=cfg.num_warps_2)
+    return out
+
+
+@torch.no_grad()
+def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
+                             config: TopkConfig | None = None, out_dtype: torch.dtype | None = None, **options):
+    """Exact top-k inner products per group, ExactStore._topk's semantics.
+
+    queries (G, M, D) (cast to the keys' dtype, as the store does), keys (G, C, D) (any strides:
+    a slice [:, :filled] of the store is fine), counts (G,) long: slots >= counts[g] score -inf.
+    Returns scores (G, M, k) in out_dtype (default the keys' dtype) and slots (G, M, k) long,
+    best first; ranks >= counts[g] (fewer than k live keys) are -1 / -inf. fp32, bf16 and fp16
+    keys; CUDA tensors (or CPU ones under TRITON_INTERPRET=1, for tests). Tie behaviour and
+    precision: see the module docstring. `config` or keyword options of TopkConfig tune it.
+    """
+    _check(queries, keys, counts, k)
+    if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"keys must be float32, bfloat16 or float16, got {keys.dtype}")
+    cfg = config or TopkConfig(**options)
+    out_dtype = out_dtype or keys.dtype
+    G, M, D = queries.shape
+    C = keys.shape[1]
+    queries = queries.to(keys.device, keys.dtype)
+    counts = counts.to(keys.device, torch.long).contiguous()
+    if C == 0 or G == 0 or M == 0:
+        return _finish(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
+    maxima = tile_maxima(queries, keys, counts, cfg)  # (G, M, T)
+    nt = min(cfg.n_tiles or k, maxima.shape[-1])
+    chosen = maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
+    del maxima
+    cand = candidate_scores(queries, keys, counts, chosen, cfg)  # (G, M, nt * BN)
+    BN, S = cfg.tile, cfg.stride
+
+    def slot_of(i):
+        t = chosen.gather(-1, i // BN)
+        return (t // S) * (S * BN) + t % S + (i % BN) * S
+
+    return _finish(cand, slot_of, counts, k, out_dtype)

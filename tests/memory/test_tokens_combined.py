@@ -1,0 +1,296 @@
+"""Memory tokens combined with recurrent memory (Transformer-XL, per-layer lengths, feedback,
+compressive, adaptive span, persistent) and with kNN memory (memlm.memory.tokens)."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memlm
+from memlm.config import ConfigError
+from memlm.memory.tokens import MemoryTokenContext
+from memlm.model.attention import SegmentContext
+from tests.conftest import by_segments
+
+M, W, L = 3, 32, 8
+KNN = {"memory.knn_layers": [1], "memory.knn_k": 4, "memory.knn_capacity": 64}
+COMBOS = {
+    "xl": {"memory.length": 8},
+    "xl-short": {"memory.lengths": [3, 12]},
+    "feedback": {"memory.length": 8, "memory.feedback": "memory"},
+    "feedback-add": {"memory.feedback": "add"},
+    "compressive": {"memory.length": 4, "memory.compress_rate": 2, "memory.compress_length": 3},
+    "span+persistent": {"memory.length": 12, "memory.adaptive_span": True, "memory.span_init": 0.5,
+                        "memory.span_ramp": 4, "memory.persistent": 2},
+    "knn": KNN,
+    "knn+xl": {"memory.length": 8, **KNN},
+}
+
+
+def build(recurrent=False, tokens=M, layers=2, **extra):
+    overrides = {"layers": layers, "width": W, "seq_len": L, "max_positions": 64, "attention.heads": 4,
+                 "memory.tokens": tokens, "memory.tokens_recurrent": recurrent}
+    overrides.update(extra)
+    model = memlm.build("seed-tiny", **overrides).eval()
+    if model.config.memory.adaptive_span:  # spans of different lengths, so the ramp cuts the memory
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attention.span.span.copy_(torch.tensor([2.0, 6.0, 11.0, 20.0]))
+        model.after_optimizer_step()
+    return model
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_token_by_token_equals_segment_by_segment(combo, recurrent):
+    model = build(recurrent, **COMBOS[combo])
+    ids = torch.randint(0, 256, (2, 3 * L + 3))  # three segments and a part
+    segments, seg_state = by_segments(model, ids, L)
+    tokens, tok_state = by_segments(model, ids, 1)
+    uneven, _ = by_segments(model, ids, 5)  # pieces that straddle segment boundaries
+    torch.testing.assert_close(tokens, segments, atol=1e-5, rtol=0)
+    torch.testing.assert_close(uneven, segments, atol=1e-5, rtol=0)
+    # the unfinished segment: the block inputs of its M read tokens and its 3 tokens
+    for layer in (seg_state.layers[0], tok_state.layers[1]):
+        assert layer["read"].shape == (2, M, W) and layer["pending"].shape == (2, 3, W)
+        assert "k" not in layer  # hidden states, not a key/value cache
+    for a, b in zip(seg_state.layers, tok_state.layers):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+    lengths = model.config.memory_lengths(training=False)
+    if any(lengths):  # the recurrent memory holds token positions only: min(length, 3 segments of L)
+        assert [layer["mem"].shape[1] for layer in seg_state.layers] == [min(n, 3 * L) for n in lengths]
+    if "memory.knn_layers" not in COMBOS[combo]:  # without a state: one stream from an empty memory
+        torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("kind", ["rope", "xpos", "t5", "none", "sinusoidal"])
+def test_every_relative_position_kind_decodes_like_segments(kind, recurrent):
+    model = build(recurrent, **{"position.kind": kind, "memory.lengths": [5, 16]})
+    ids = torch.randint(0, 256, (2, 3 * L + 4))
+    segments, _ = by_segments(model, ids, L)
+    torch.testing.assert_close(by_segments(model, ids, 1)[0], segments, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_segments(model, ids, 3)[0], segments, atol=1e-5, rtol=0)
+
+
+def reference(model, ids, lengths, recurrent):
+    """The definition, by hand: each segment runs [read | tokens | write] through the blocks as
+    one causal sequence whose first position is s - M, after a memory of each block's inputs at
+    the last `lengths[i]` TOKEN positions of earlier segments. Returns logits and per block
+    the token inputs of every segment."""
+    B, T = ids.shape
+    read = model.memory_tokens.embedding.expand(B, -1, -1)
+    learned = model.memory_tokens.embedding.expand(B, -1, -1)
+    history = [[] for _ in model.blocks]
+    logits = []
+    for s in range(0, T, L):
+        x = torch.cat([read, model.embed(ids[:, s:s + L])] + ([learned] if recurrent else []), dim=1)
+        q_start = s - M
+        ctx = SegmentContext(q_start=q_start, row_start=None, keep=None,
+                             bias=model._bias_provider(q_start, x.shape[1], ids.device))
+        for i, block in enumerate(model.blocks):
+            past = torch.cat(history[i], dim=1) if history[i] else x[:, :0]
+            memory = past[:, past.shape[1] - min(lengths[i], past.shape[1]):]
+            history[i].append(x[:, M:M + L])
+            x, _ = block(x, ctx, None, memory if memory.shape[1] else None)
+        logits.append(model.head(model.final_norm(x[:, M:M + L])))
+        if recurrent:
+            read = x[:, M + L:]
+    return torch.cat(logits, dim=1), history
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("kind", ["rope", "t5"])
+def test_combination_matches_its_definition(kind, recurrent):
+    lengths = [5, 11]
+    model = build(recurrent, **{"position.kind": kind, "memory.lengths": lengths})
+    ids = torch.randint(0, 256, (2, 3 * L))
+    logits, state = by_segments(model, ids, L)
+    expected, history = reference(model, ids, lengths, recurrent)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    for i, n in enumerate(lengths):  # memory tokens are not pushed into the recurrent memory
+        tokens = torch.cat(history[i], dim=1)
+        torch.testing.assert_close(state.layers[i]["mem"], tokens[:, -n:], atol=1e-5, rtol=0)
+        assert "read" not in state.layers[i] and "pending" not in state.layers[i]  # segment complete
+    # and the memory is attended: without it (a fresh state at position 2L) the last segment differs
+    fresh = model.init_state(2)
+    fresh.position = 2 * L
+    assert not torch.allclose(model(ids[:, 2 * L:], state=fresh).logits, logits[:, 2 * L:], atol=1e-3)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_an_unused_knn_memory_equals_memory_tokens_alone(recurrent):
+    """kNN layers with their gate shut take the hidden-state path of the combination with
+    memory length 0; it must give what memory tokens alone (key/value cache path) give."""
+    torch.manual_seed(5)
+    alone = build(recurrent)
+    model = build(recurrent, **KNN)
+    model.load_state_dict(alone.state_dict(), strict=False)
+    with torch.no_grad():
+        model.blocks[1].attention.knn.gate.fill_(-1e4)
+    ids = torch.randint(0, 256, (2, 3 * L + 5))
+    want, want_state = by_segments(alone, ids, L)
+    for size in (L, 1, 5):
+        got, state = by_segments(model, ids, size)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert state.stores[1].counts.tolist() == [3 * L, 3 * L]
+        if recurrent:
+            torch.testing.assert_close(state.layers[0]["memory_tokens"], want_state.layers[0]["memory_tokens"],
+                                       atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(ids).logits, alone(ids).logits, atol=1e-5, rtol=0)  # no state either
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_knn_store_holds_exactly_the_segments_token_keys(recurrent):
+    model = build(recurrent, **KNN)
+    ids = torch.randint(0, 256, (2, 3 * L + 5))
+    block = model.blocks[1]
+    seen = []
+    handle = block.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    _, state = by_segments(model, ids, L)
+    handle.remove()
+    store = state.stores[1]
+    assert store.counts.tolist() == store.written.tolist() == [3 * L, 3 * L]  # tokens written, no memory tokens
+    tokens = torch.cat([h[:, M:M + L] for h in seen[:3]], dim=1)  # (B, 3L, W) block inputs at the tokens
+    with torch.no_grad():
+        k, v = block.attention.project_kv(block.attn_norm(tokens))
+    for row in range(2):
+        keys, values, positions = store.entries(row)
+        assert positions.tolist() == list(range(3 * L))
+        torch.testing.assert_close(keys, F.normalize(k[row], dim=-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(values, v[row], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_reset_at_a_boundary_behaves_like_a_fresh_state(recurrent):
+    model = build(recurrent, **{"memory.length": 8, "position.kind": "t5"}, **KNN)
+    ids = torch.randint(0, 256, (2, 3 * L))
+    kept, _ = by_segments(model, ids, L)
+    _, state = by_segments(model, ids[:, :2 * L], L)
+    state = state.reset(torch.tensor([True, False]))
+    logits, _ = by_segments(model, ids[:, 2 * L:], 1, state)  # token by token
+    fresh = model(ids[:1, 2 * L:], state=model.init_state(1)).logits
+    torch.testing.assert_close(logits[:1], fresh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1:], kept[1:, 2 * L:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_reset_inside_a_segment_forgets_exactly_the_row_past(recurrent):
+    """Row 0 is reset at position L + 2. What follows must not depend on the tokens before it,
+    and must still see the tokens after it through the recurrent memory (a one-layer model:
+    nothing else carries them into the next segment without recurrent tokens)."""
+    model = build(recurrent, layers=1, **{"memory.length": L})
+    reset_at = L + 2
+    ids = torch.randint(0, 256, (2, 3 * L))
+
+    def run(x):
+        _, state = by_segments(model, x[:, :reset_at], 2)
+        state = state.reset(torch.tensor([True, False]))
+        return by_segments(model, x[:, reset_at:], 3, state)[0]
+
+    base = run(ids)
+    before = ids.clone()
+    before[0, :reset_at] = torch.randint(0, 256, (reset_at,))
+    torch.testing.assert_close(run(before)[0], base[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(base[1], by_segments(model, ids, 4)[0][1, reset_at:], atol=1e-5, rtol=0)
+    after = ids.clone()
+    after[0, reset_at] = (ids[0, reset_at] + 1) % 256  # the first token after the reset
+    changed = run(after)
+    assert (changed[0, 2 * L - reset_at:] - base[0, 2 * L - reset_at:]).abs().max() > 1e-3  # next segment
+
+
+def test_the_reset_mask_puts_memory_keys_at_their_true_positions():
+    """Frame: memory keys at 8-M-4 .. 8-M-1 (true positions 4..7), read tokens 5..7, tokens 8.."""
+    ctx = MemoryTokenContext(q_start=8 - M, row_start=torch.tensor([0, 6, 8, 9]), keep=None,
+                             bias=lambda *a: None, read_start=8 - M, read_count=M,
+                             read_visible=torch.tensor([True, True, True, False]), memory_shift=M)
+    mask = ctx.key_mask(4, M + 2, torch.device("cpu"))  # 4 memory keys, then read tokens and 2 tokens
+    assert mask.int().tolist() == [[1, 1, 1, 1, 1, 1, 1, 1, 1],
+                                   [0, 0, 1, 1, 1, 1, 1, 1, 1],
+                                   [0, 0, 0, 0, 1, 1, 1, 1, 1],
+                                   [0, 0, 0, 0, 0, 0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_training_steps_lower_the_loss(recurrent):
+    model = build(recurrent, **{"memory.length": 8, "memory.compress_rate": 2, "memory.compress_length": 4}).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 256, (4, 3 * L + 1))
+    losses, aux = [], []
+    for _ in range(8):
+        state, total = model.init_state(4), 0.0
+        for s in range(0, 3 * L, L):
+            out = model(ids[:, s:s + L], targets=ids[:, s + 1:s + L + 1], state=state)
+            optimizer.zero_grad()
+            (out.loss + out.aux_loss).backward()
+            optimizer.step()
+            state, total = out.state.detach(), total + out.loss.item()
+            aux.append(out.aux_loss.item())
+        losses.append(total / 3)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert max(aux) > 0  # the compressor's reconstruction loss reaches aux_loss
+    assert all(not t.requires_grad for layer in state.layers for t in layer.values())
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_state_and_model_round_trip_exactly(recurrent):
+    """Save the state mid-segment (read tokens, pending inputs, memory, kNN store) and the model;
+    resuming from the copies gives exactly the logits of going on."""
+    model = build(recurrent, **{"memory.length": 8}, **KNN)
+    ids = torch.randint(0, 256, (2, 4 * L))
+    cut = 2 * L + 3
+    _, state = by_segments(model, ids[:, :cut], L)
+    assert "read" in state.layers[0] and state.stores[1].counts.tolist() == [2 * L, 2 * L]
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "state": state.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    going_on, _ = by_segments(model, ids[:, cut:], 3, state)
+    copy = build(recurrent, **{"memory.length": 8}, **KNN)
+    copy.load_state_dict(saved["model"])
+    resumed, _ = by_segments(copy, ids[:, cut:], 3, copy.load_state(saved["state"]))
+    assert torch.equal(resumed, going_on)
+
+
+def test_detach_cuts_gradients_and_generation_equals_recomputation():
+    model = build(True, **{"memory.length": 8, "memory.feedback": "memory"}).train()
+    ids = torch.randint(0, 256, (1, 2 * L + 3))
+    out = model(ids, state=model.init_state(1))
+    assert out.state.layers[0]["mem"].grad_fn is not None
+    assert all(t.grad_fn is None for layer in out.state.detach().layers for t in layer.values())
+    model.eval()
+    prompt = torch.randint(0, 256, (2, 5))
+    generated = memlm.generate(model, prompt, max_new_tokens=2 * L, temperature=0, decode="eager")
+    for t in range(5, generated.shape[1]):  # greedy: each new token is the argmax of a pass over the prefix
+        logits, _ = by_segments(model, generated[:, :t], L)
+        assert torch.equal(generated[:, t], logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@torch.no_grad()
+def test_backends_agree_with_eager(backend):
+    extra = {"position.kind": "t5", "attention.kv_heads": 2, "memory.length": 8}
+    torch.manual_seed(3)
+    ref = build(True, **extra, **{"attention.backend": "eager"})
+    torch.manual_seed(3)
+    fast = build(True, **extra, **{"attention.backend": backend})
+    ids = torch.randint(0, 256, (2, 3 * L))
+    outputs = []
+    for model in (ref, fast):
+        _, state = by_segments(model, ids[:, :L + 2], L)
+        state = state.reset(torch.tensor([False, True]))
+        outputs.append(by_segments(model, ids, 3, state)[0])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{"memory.length": 8}, {"memory.lengths": [0, 4]}, {"memory.feedback": "add"},
+                                   {"memory.length": 4, "memory.feedback": "memory", "memory.compress_rate": 2,
+                                    "memory.compress_length": 2}, KNN])
+def test_combinations_are_accepted_and_tupe_is_still_refused(extra):
+    assert build(True, **extra).config.recurrent
+    with pytest.raises(ConfigError) as error:
+        build(True, **extra, **{"position.kind": "tupe"})
+    assert error.value.field_name == "position.kind"
