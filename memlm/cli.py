@@ -1,4 +1,4 @@
-"""The `memlm` command: train, eval, generate, memorize, presets, bench.
+"""The `memlm` command: train, eval, generate, memorize, presets, bench, race.
 
     memlm train [--preset P] [--data SRC] [--out DIR] [--steps N | --tokens N | --minutes M] [--resume]
                 [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
@@ -10,6 +10,8 @@
     memlm memorize RUN_OR_CKPT --out MEMDIR [--data SRC --split train --max-tokens N --batch-size B
                                              --capacity C]  (knowledge memory for kNN layers, memlm.memorize)
     memlm presets [--json]
+    memlm race [--contenders A B ...] [--minutes M | --steps N] [--only NAME | --contender-index I] [TrainConfig options]
+    memlm race merge FILES...                  (memlm.bench.race: contenders trained for one budget, test bpb)
 
 argparse picks the command; tyro parses its options from a dataclass, so the help texts are
 the config fields' docstrings. `memlm train` reads --preset (and --device) first: the preset
@@ -220,6 +222,13 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+# ----- race -------------------------------------------------------------------------------
+
+def cmd_race(argv: list[str]) -> int:
+    from memlm.bench.race import main as race_main
+    return race_main(argv)
+
+
 # ----- generate ---------------------------------------------------------------------------
 
 @dataclass
@@ -377,6 +386,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "memorize": (cmd_memorize, "save what a kNN model's memory layers write over a corpus (knowledge memory)"),
     "presets": (cmd_presets, "list the model presets"),
     "bench": (cmd_bench, "training and generation speed against a reference GPT and peers"),
+    "race": (cmd_race, "contenders trained for the same budget by memlm's loop, test bpb table; race merge FILES"),
 }
 
 
@@ -387,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
         + "\n\n`memlm COMMAND --help` lists a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS, help="train, eval, generate, memorize, presets or bench")
+    parser.add_argument("command", choices=COMMANDS, help="train, eval, generate, memorize, presets, bench or race")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parsed = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

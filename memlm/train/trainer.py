@@ -25,10 +25,11 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from memlm.config import ModelConfig
@@ -49,14 +50,21 @@ from memlm.train.schedule import Schedule, step_progress
 EVALUATIONS = 10
 """Evaluations (and checkpoints) over a run whose eval_every is None."""
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-"""Dense bf16 tensor-core peaks (vendor figures) for the MFU estimate, by device-name fragment."""
+"""Dense bf16 tensor-core peaks (vendor figures) by device-name fragment: the MFU estimate's
+fallback when measuring the peak fails."""
+ModelFactory = Callable[[Any], nn.Module]
+"""(model config) -> a model with LanguageModel's protocol (forward(input_ids, targets, state) ->
+ModelOutput, init_state, load_state, after_optimizer_step, spans, num_parameters, estimate_mfu);
+the config must offer seq_len, stateful, memory.reset_at_document, validate(), to_dict() and
+from_dict(). memlm.bench.adapters wraps peer libraries' models this way."""
 
 
-def train(model_config: ModelConfig, config: TrainConfig, preset: str | None = None) -> dict[str, Any]:
+def train(model_config: ModelConfig, config: TrainConfig, preset: str | None = None,
+          model_factory: ModelFactory | None = None) -> dict[str, Any]:
     """Train (or resume) a run and return its summary; joins the torchrun process group if any."""
     info = distributed.setup(config.device)
     try:
-        return Trainer(model_config, config, info, preset).fit()
+        return Trainer(model_config, config, info, preset, model_factory).fit()
     finally:
         distributed.teardown(info)
 
@@ -74,7 +82,8 @@ class Trainer:
     """One training run in one process (one rank of a data-parallel job)."""
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, info: distributed.Dist,
-                 preset: str | None = None):
+                 preset: str | None = None, model_factory: ModelFactory | None = None):
+        """model_factory: builds the model from model_config; None = LanguageModel."""
         self.info, self.device = info, info.device
         out = Path(config.out) if config.out else default_run_dir(preset)
         self.out = Path(distributed.all_gather_objects(info, str(out))[0])  # rank 0's timestamp everywhere
@@ -82,7 +91,7 @@ class Trainer:
         if config.resume:
             resume_from = checkpoint.find(self.out)
             saved = checkpoint.read_config(resume_from)
-            model_config, config = _resumed_configs(saved, config)
+            model_config, config = _resumed_configs(saved, config, type(model_config))
             preset = saved.get("preset") or preset
         elif (self.out / checkpoint.CHECKPOINTS).exists():
             raise checkpoint.CheckpointError(f"{self.out} already holds a run: pass --resume to continue it, "
@@ -102,7 +111,7 @@ class Trainer:
         self.loader = self._make_loader(c.seed)
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
-        self.model = LanguageModel(self.model_config).to(self.device)
+        self.model = (model_factory or LanguageModel)(self.model_config).to(self.device)
         torch.manual_seed(derived_seed(c.seed, info.rank))  # per-rank dropout / forgetful masks
         self.optimizer = make_optimizer(self.model, c.lr, c.weight_decay, (c.beta1, c.beta2), self.device.type)
         self.schedule = Schedule(c.lr, c.warmup_steps, c.schedule, c.min_lr_frac, c.decay_frac)
@@ -118,6 +127,7 @@ class Trainer:
             checkpoint.load_weights(self.model, resume_from, self.device)
             self._load_trainer_state(checkpoint.load_trainer_state(resume_from))
         self.total_steps = self._total_steps()
+        self.peak_flops, self.peak_source = self._measure_peak() if info.main else (None, None)
         self.origin = time.perf_counter() - self.elapsed  # the clock (reset when training starts)
         self.next_mark = math.inf  # minutes budget: when the next evaluation is due (set by fit)
 
@@ -288,17 +298,26 @@ class Trainer:
         tokens_per_s = meter.steps * self.tokens_per_step / meter.seconds()
         record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss, "bpb": loss / math.log(2),
                   "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
-        peak = self._peak_flops()
-        if peak:
-            record["mfu"] = self.model.estimate_mfu(tokens_per_s / self.info.world_size, peak)
+        if self.peak_flops:
+            record["mfu"] = self.model.estimate_mfu(tokens_per_s / self.info.world_size, self.peak_flops)
         self.log.write("train", self.step, **record)
         self.bar.update(self._bar_position(), step=self.step, loss=loss, bpb=record["bpb"], tokens_per_s=tokens_per_s)
 
-    def _peak_flops(self) -> float | None:
+    def _measure_peak(self) -> tuple[float | None, str | None]:
+        """(peak FLOP/s for the MFU estimate, where it comes from): on CUDA in bf16 the best rate of
+        bf16 8192^3 matmuls measured now (memlm.bench.timing, well under a second), else the vendor
+        figure of PEAK_BF16_FLOPS; (None, None) on CPU or in fp32 (no MFU logged)."""
         if self.device.type != "cuda" or self.config.precision == "fp32":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+            return None, None
+        from memlm.bench.timing import measure_peak_flops
+        try:
+            peak = measure_peak_flops(self.device)["flops"]
+            torch.cuda.empty_cache()  # give the matrices' memory back
+            return peak, f"bf16 matmul peak measured on {torch.cuda.get_device_name(self.device)}"
+        except RuntimeError:  # e.g. out of memory on a crowded device: the vendor figure instead
+            name = torch.cuda.get_device_name(self.device)
+            peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+            return peak, f"vendor bf16 peak of {name}" if peak else None
 
     def _evaluate_split(self, name: str, max_tokens: int | None = None) -> dict[str, float]:
         split = self.val_split if name == "validation" else self.corpus.split(name)
@@ -331,7 +350,8 @@ class Trainer:
         return (f"run {self.out}: {self.preset or 'model'} ({self.model.num_parameters():,} parameters) on {c.data} "
                 f"({len(self.train_split):,} train tokens), {self.info.world_size} x {self.device}, "
                 f"{self.tokens_per_step:,} tokens/step, budget {budget}"
-                + (f", resumed at step {self.step}" if self.step else ""))
+                + (f", resumed at step {self.step}" if self.step else "")
+                + (f"; MFU against {self.peak_flops / 1e12:.1f} TFLOP/s ({self.peak_source})" if self.peak_flops else ""))
 
     # ----- checkpoints --------------------------------------------------------------
     def run_config(self) -> dict[str, Any]:
@@ -403,9 +423,10 @@ def _scored(result: dict[str, float]) -> dict[str, float]:
     return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items() if k != "by_position"}
 
 
-def _resumed_configs(saved: dict[str, Any], given: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+def _resumed_configs(saved: dict[str, Any], given: TrainConfig,
+                     config_type: type = ModelConfig) -> tuple[ModelConfig, TrainConfig]:
     """The saved configs of a run; a budget given now replaces the saved one."""
-    model_config = ModelConfig.from_dict(saved["model"])
+    model_config = config_type.from_dict(saved["model"])
     train_config = dataclasses.replace(TrainConfig.from_dict(saved["train"]), out=given.out, resume=True)
     if any(v is not None for v in (given.steps, given.tokens, given.minutes)):
         train_config = dataclasses.replace(train_config, steps=given.steps, tokens=given.tokens, minutes=given.minutes)

@@ -1,0 +1,467 @@
+"""`memlm race`: contenders trained for the same budget by memlm's own training loop, then scored on
+test bits per byte, side by side in one table (the quality counterpart of `memlm bench`'s speeds).
+
+    memlm race --contenders seed-small seed-xl-small x-transformers x-transformers-XL --minutes 2.33
+    memlm race ... --only x-transformers-XL          # one contender (one GPU each, in parallel), its own JSON
+    memlm race merge benchmarks/race-*-<stamp>*.json # one table from several such files
+
+Every contender gets the same TrainConfig (corpus, batch, sequence length, optimizer, schedule,
+seed, budget) and the same Trainer: random windows for models without memory, contiguous streams
+with the memory carried (and detached) for models with memory, validation and test bpb by
+`memlm.eval.evaluate`, which keeps the memory across segments and resets it where documents start.
+A contender is a memlm preset name or a peer: `x-transformers` (rotary, no memory) or
+`x-transformers-XL` (rotary, Transformer-XL memory of seq_len), wrapped by memlm.bench.adapters
+and built at the `--peer-shape` preset's shape (or --layers/--width/--heads/--seq-len).
+
+The clock: a contender's budget is the Trainer's wall clock, which starts at `fit()` and includes
+the validation evaluations made during training (10 over a minutes budget, 8 batches each). Before
+it starts, `--compile-warmup` forward/backward passes (no weight update; data order, memory and RNG
+restored afterwards) let torch.compile compile every graph variant the run will need, so compilation
+is not charged to the budget; its seconds are reported as warm-up. The final validation and test
+evaluations and the one checkpoint come after the budget. Text samples are off by default
+(`--sample-bytes 0`): token-by-token sampling would cost each contender a different share of its
+budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import tyro
+
+from memlm.bench.adapters import PeerConfig, XTransformersLM
+from memlm.bench.contenders import Shape
+from memlm.bench.report import environment, slug
+from memlm.config import ConfigError, describe, get_preset, presets, resolve
+from memlm.train import distributed
+from memlm.train.config import TrainConfig
+from memlm.train.metrics import read
+from memlm.train.trainer import Trainer
+
+PEERS = {
+    "x-transformers": "x-transformers, rotary, no memory",
+    "x-transformers-XL": "x-transformers, rotary, XL memory = seq_len (streams, memory kept in evaluation)",
+}
+"""Peer contenders (benchmark-only; need `pip install x-transformers`) and what they are."""
+DEFAULT_CONTENDERS = {"cuda": ["seed-small", "seed-xl-small", "x-transformers", "x-transformers-XL"],
+                      "cpu": ["seed-tiny", "seed-xl-tiny"]}
+RESULT_KIND = "memlm race"
+
+
+@dataclass
+class RaceConfig(TrainConfig):
+    """Train each contender with the same training config and budget, then compare test bpb."""
+
+    contenders: list[str] | None = None
+    """Contenders: memlm preset names and the peers x-transformers, x-transformers-XL; None = seed-small
+    seed-xl-small x-transformers x-transformers-XL on CUDA, seed-tiny seed-xl-tiny on CPU."""
+    only: str | None = None
+    """Run only this contender (e.g. one per GPU, in parallel); its JSON merges with the others' (`memlm race merge`)."""
+    contender_index: int | None = None
+    """Run only the contender at this index (from 0) of --contenders."""
+    layers: int | None = None
+    """Depth of every contender; None = each preset's own (peers: --peer-shape's)."""
+    width: int | None = None
+    """Width of every contender; None = each preset's own (peers: --peer-shape's)."""
+    heads: int | None = None
+    """Attention heads of every contender; None = each preset's own (peers: --peer-shape's)."""
+    seq_len: int | None = None
+    """Segment length of every contender; None = each preset's own (peers: --peer-shape's). A preset's
+    memory length stays its own: set it with --overrides memory.length=N."""
+    peer_shape: str = "seed-small"
+    """memlm preset whose shape (layers, width, heads, seq_len, vocabulary) the peers take."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted model overrides for the memlm contenders, as key=value (e.g. attention.backend=flex)."""
+    compile_warmup: int = 4
+    """Forward/backward passes (no update) before the clock starts, so compilation is not charged to the
+    budget (compiled runs only); 0 = compile inside the budget."""
+    out: str | None = None
+    """Directory holding one run directory per contender (<out>/<contender>); None = runs/race-<UTC time>."""
+    resume: tyro.conf.Suppress[bool] = False
+    sample_bytes: int = 0
+    """Bytes sampled at each evaluation; 0 (default) keeps sampling out of the budget."""
+    checkpoint_every: int | None = 1_000_000_000
+    """Steps between checkpoints; the default keeps only the last one, written after the budget."""
+    results: str = "benchmarks"
+    """Directory of the JSON and markdown results (race-<UTC time>-<device>[-<contender>].json/.md)."""
+    json: bool = False
+    """Print the result object as one JSON line last."""
+
+
+@dataclass
+class MergeConfig:
+    """Merge the JSON results of several `memlm race` runs (e.g. one contender per GPU) into one table."""
+
+    files: tyro.conf.Positional[list[str]]
+    """JSON files written by memlm race (race-*.json)."""
+    results: str = "benchmarks"
+    """Directory of the merged JSON and markdown."""
+    json: bool = False
+    """Print the merged result object as one JSON line last."""
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str
+    """memlm or peer."""
+    model_config: Any
+    """A memlm ModelConfig, or a PeerConfig (memlm.bench.adapters)."""
+    factory: Callable | None
+    """Trainer model_factory; None = LanguageModel."""
+    description: str
+
+
+def log(message: str) -> None:
+    print(f"race: {message}", file=sys.stderr, flush=True)
+
+
+# ----- planning ---------------------------------------------------------------------------
+
+def contender_names(config: RaceConfig, device: torch.device) -> list[str]:
+    return list(config.contenders or DEFAULT_CONTENDERS["cuda" if device.type == "cuda" else "cpu"])
+
+
+def selected_names(config: RaceConfig, device: torch.device) -> list[str]:
+    """The contenders this invocation runs: --only, --contender-index, or all of --contenders."""
+    names = contender_names(config, device)
+    if config.only is not None and config.contender_index is not None:
+        raise ValueError("give --only or --contender-index, not both")
+    if config.only is not None:
+        return [config.only]
+    if config.contender_index is not None:
+        if not 0 <= config.contender_index < len(names):
+            raise ValueError(f"--contender-index {config.contender_index} is outside 0..{len(names) - 1} "
+                             f"(--contenders {' '.join(names)})")
+        return [names[config.contender_index]]
+    return names
+
+
+def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
+    """The contenders, checked and built as configs (no model is made yet)."""
+    known = presets() + list(PEERS)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown contender {', '.join(unknown)}; known: memlm presets ({', '.join(presets())}) "
+                         f"and peers {', '.join(PEERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a contender is named twice: {' '.join(names)}")
+    for item in config.overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must read key=value")
+    shape = {k: v for k, v in dict(layers=config.layers, width=config.width, seq_len=config.seq_len,
+                                    **{"attention.heads": config.heads}).items() if v is not None}
+    overrides = dict(item.split("=", 1) for item in config.overrides)
+    contenders = []
+    for name in names:
+        if name in PEERS:
+            base = resolve(config.peer_shape, **shape)
+            peer = PeerConfig.of(Shape.of(base, 0), memory=base.seq_len if name.endswith("-XL") else 0)
+            contenders.append(Contender(name, "peer", peer, XTransformersLM, PEERS[name]))
+        else:
+            model_config = resolve(name, **shape, **overrides).validate()
+            text = describe(name) + ("; " + ", ".join(config.overrides) if config.overrides else "")
+            contenders.append(Contender(name, "memlm", model_config, None, text))
+    return contenders
+
+
+def train_config(config: RaceConfig, run_dir: Path) -> TrainConfig:
+    """The TrainConfig every contender shares, with this contender's run directory."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**values, "out": str(run_dir), "resume": False})
+
+
+# ----- running ----------------------------------------------------------------------------
+
+def warm_up(trainer: Trainer, passes: int) -> float:
+    """Compile before the clock: `passes` forward/backward passes of the training model on the first
+    batches, on a state of its own, with no optimizer step. Pass 1 resets no row and pass 2 resets
+    row 0, so the graphs with and without a (masked) memory are both compiled. The data order and
+    the RNGs are put back afterwards, so the run then trains exactly as it would have. Seconds taken."""
+    if passes <= 0 or not trainer.config.compile:
+        return 0.0
+    start, device = time.perf_counter(), trainer.device
+    loader_state, rng = trainer.loader.state_dict(), torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    state = trainer.model.init_state(trainer.config.batch_size, device=device) if trainer.stateful else None
+    for i in range(passes):
+        x, y, *flags = trainer.loader.next_batch()
+        x, y = x.to(device), y.to(device)  # (B, T)
+        if state is not None and trainer.model_config.memory.reset_at_document:
+            starts = flags[0][:, 0].clone()  # (B,) rows starting a document
+            if i == 1:
+                starts[:] = False
+            elif i == 2:
+                starts[0] = True
+            state = state.reset(starts.to(device))
+        with trainer.autocast:
+            out = trainer.train_model(x, targets=y, state=state)
+        (out.loss + out.aux_loss).backward()
+        state = out.state.detach() if out.state is not None else None
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    trainer.loader.load_state_dict(loader_state)
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return time.perf_counter() - start
+
+
+def release(device: torch.device) -> None:
+    """Free what the last contender left: garbage, compiled graphs, cached device memory."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: torch.device) -> dict:
+    """Train and score one contender; a failure is recorded in the row, never raised."""
+    started = time.perf_counter()
+    row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind, "description": contender.description,
+                           "model": contender.model_config.to_dict(), "run_dir": str(runs / slug(contender.name)),
+                           "meta": environment(device), "error": None}
+    trainer = None
+    try:
+        trainer = Trainer(contender.model_config, train_config(config, Path(row["run_dir"])),
+                          distributed.setup(config.device), preset=contender.name, model_factory=contender.factory)
+        row.update(params=trainer.model.num_parameters(), stateful=bool(trainer.stateful),
+                   seq_len=trainer.seq_len, flops_per_token=trainer.model.flops_per_token(),
+                   peak_flops=trainer.peak_flops, peak_source=trainer.peak_source,
+                   train_config=trainer.config.to_dict())
+        log(f"{contender.name}: {row['params']:,} parameters; compile warm-up")
+        row["warmup_s"] = warm_up(trainer, config.compile_warmup)
+        log(f"{contender.name}: training ({row['warmup_s']:.0f} s warm-up)")
+        summary = trainer.fit()
+        row.update(scores(summary, read(trainer.out), trainer))
+        log(f"{contender.name}: test bpb {row['test_bpb']:.4f} after {row['steps']:,} steps")
+    except Exception as error:  # a failing contender is a row of the table, not the end of the race
+        row["error"] = f"{type(error).__name__}: {error}"
+        log(f"{contender.name} failed: {row['error']}")
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        del trainer
+        release(device)
+    row["wall_s"] = time.perf_counter() - started
+    return row
+
+
+def scores(summary: dict, records: list[dict], trainer: Trainer) -> dict:
+    """A row's numbers from the Trainer's summary and metrics.jsonl."""
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    steady = [r["tokens_per_s"] for r in train[1:] or train]  # the first record holds the first steps
+    tokens_per_s = statistics.median(steady) if steady else None
+    mfu = (trainer.model.estimate_mfu(tokens_per_s, trainer.peak_flops)
+           if tokens_per_s and trainer.peak_flops else None)
+    return {"steps": summary["steps"], "tokens": summary["tokens"], "budget_s": summary["elapsed_s"],
+            "tokens_per_s": tokens_per_s, "mean_tokens_per_s": summary["tokens"] / max(summary["elapsed_s"], 1e-9),
+            "mfu": mfu, "train_loss": train[-1]["loss"] if train else None,
+            "train_bpb": train[-1]["bpb"] if train else None, "val_bpb": evals[-1]["bpb"] if evals else None,
+            "best_val_bpb": summary["best_val_bpb"], "test_bpb": summary["test_bpb"],
+            "test_tokens": summary["test_tokens"], "test_by_position": summary["test_by_position"]}
+
+
+def run_race(config: RaceConfig) -> dict:
+    """Train and score the selected contenders one after another; the JSON-ready result."""
+    device = distributed.pick_device(config.device)
+    names = contender_names(config, device)
+    contenders = plan(config, selected_names(config, device))
+    runs = Path(config.out) if config.out else Path("runs") / f"race-{utc_stamp()}"
+    rows = []
+    for contender in contenders:
+        log(f"{contender.name} ({contender.description}) -> {runs / slug(contender.name)}")
+        rows.append(run_contender(contender, config, runs, device))
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "json"}
+    return {"kind": RESULT_KIND, "meta": environment(device), "config": {**settings, "contenders": names},
+            "single": config.only is not None or config.contender_index is not None, "rows": rows, "notes": []}
+
+
+def utc_stamp(date: str | None = None) -> str:
+    """'2026-11-28T02:43:17+00:00' (or now) -> '20261128T024317'."""
+    date = date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return re.sub(r"[^0-9T]", "", date.split("+")[0])
+
+
+# ----- merging and reporting --------------------------------------------------------------
+
+COMPARED = ("data", "fractions", "steps", "tokens", "minutes", "batch_size", "grad_accum", "lr", "min_lr_frac",
+            "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
+            "precision", "compile", "eval_every", "eval_batches", "layers", "width", "heads", "seq_len",
+            "peer_shape", "overrides", "compile_warmup", "sample_bytes")
+"""Settings that must agree between merged runs (a difference is noted under the table)."""
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from several (e.g. one contender each): rows in --contenders order, each keeping its
+    own environment; settings that differ between the inputs are noted."""
+    if not results:
+        raise ValueError("nothing to merge")
+    for result in results:
+        if result.get("kind") != RESULT_KIND:
+            raise ValueError("not a memlm race result (its 'kind' is not 'memlm race')")
+    first = results[0]
+    order = list(first["config"]["contenders"])
+    rows = [row for result in results for row in result["rows"]]
+    rows.sort(key=lambda row: order.index(row["contender"]) if row["contender"] in order else len(order))
+    notes = [note for result in results for note in result.get("notes", [])]
+    for name in COMPARED:
+        values = {json.dumps(result["config"].get(name)) for result in results}
+        if len(values) > 1:
+            notes.append(f"the merged runs differ in {name}: {', '.join(sorted(values))}")
+    seen = [row["contender"] for row in rows]
+    notes += [f"{name} appears {seen.count(name)} times" for name in dict.fromkeys(seen) if seen.count(name) > 1]
+    meta = dict(first["meta"])
+    for key in ("device", "torch", "commit", "python"):
+        values = list(dict.fromkeys(str(row["meta"].get(key)) for row in rows)) or [str(meta.get(key))]
+        meta[key] = values[0] if len(values) == 1 else " / ".join(values)
+    meta["date"] = min(row["meta"]["date"] for row in rows) if rows else meta["date"]
+    return {"kind": RESULT_KIND, "meta": meta, "config": first["config"], "single": False, "rows": rows,
+            "notes": list(dict.fromkeys(notes)), "merged_from": [result.get("file") for result in results]}
+
+
+def _fmt(value: float | None, spec: str = "{:,.0f}") -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else spec.format(value)
+
+
+COLUMNS = ["contender", "params", "steps", "tokens", "tokens/s", "MFU", "train loss", "val bpb", "test bpb",
+           "budget s", "warm-up s", "wall s", "device", "notes"]
+
+
+def row_cells(row: dict) -> list[str]:
+    remark = row["description"] + (f"; FAILED: {row['error'].splitlines()[0][:160]}" if row["error"] else "")
+    return [row["contender"], _fmt(row.get("params")), _fmt(row.get("steps")), _fmt(row.get("tokens")),
+            _fmt(row.get("tokens_per_s")), _fmt(row.get("mfu"), "{:.1%}"), _fmt(row.get("train_loss"), "{:.4f}"),
+            _fmt(row.get("val_bpb"), "{:.4f}"), _fmt(row.get("test_bpb"), "{:.4f}"), _fmt(row.get("budget_s"), "{:.1f}"),
+            _fmt(row.get("warmup_s"), "{:.1f}"), _fmt(row.get("wall_s"), "{:.1f}"), row["meta"]["device"],
+            remark.replace("|", "/")]
+
+
+def verdict(rows: list[dict]) -> str | None:
+    """The best memlm contender against the best peer, by test bpb."""
+    scored = [row for row in rows if row.get("test_bpb") is not None and not row["error"]]
+    ours = min((r for r in scored if r["kind"] == "memlm"), key=lambda r: r["test_bpb"], default=None)
+    peer = min((r for r in scored if r["kind"] == "peer"), key=lambda r: r["test_bpb"], default=None)
+    if ours is None or peer is None:
+        return None
+    gain = 1 - ours["test_bpb"] / peer["test_bpb"]
+    return (f"best memlm contender {ours['contender']} ({ours['test_bpb']:.4f}) vs best peer {peer['contender']} "
+            f"({peer['test_bpb']:.4f}): {abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} test bpb")
+
+
+def markdown(result: dict) -> str:
+    """The result as a markdown section: settings, the table, the verdict and notes."""
+    meta, c = result["meta"], result["config"]
+    budget = (f"{c['minutes']:g} minutes" if c.get("minutes") else f"{c['steps']} steps" if c.get("steps")
+              else f"{c['tokens']:,} tokens" if c.get("tokens") else "the device default")
+    trained = next((row["train_config"] for row in result["rows"] if row.get("train_config")), c)
+    seq_len = " / ".join(dict.fromkeys(str(row["seq_len"]) for row in result["rows"] if row.get("seq_len"))) or "seq_len"
+    commit = f", commit {meta['commit']}" if meta.get("commit") else ""
+    lines = [
+        f"## memlm race, {meta['date']}", "",
+        f"- device: {meta['device']}; torch {meta['torch']}, memlm {meta['memlm']}{commit}",
+        f"- data: {c['data']} (fractions {', '.join(f'{x:g}' for x in c['fractions'])}); budget {budget} per "
+        f"contender on its training clock (validation during training included; compile warm-up before it, "
+        f"final validation and test after it)",
+        f"- batch {trained.get('batch_size')} x {seq_len} tokens, lr {trained.get('lr')} {trained.get('schedule')} "
+        f"(warmup {trained.get('warmup_steps')} steps, min {trained.get('min_lr_frac')}), weight decay "
+        f"{trained.get('weight_decay')}, seed {trained.get('seed')}, precision {trained.get('precision')}, "
+        f"compiled {trained.get('compile')}",
+        "- tokens/s: median of the logged training rates (evaluations excluded); test bpb: the whole test split, "
+        "models with memory scored as streams with the memory kept",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(row_cells(row)) + " |" for row in result["rows"]]
+    summary = verdict(result["rows"])
+    lines += [""] + ([f"- {summary}"] if summary else []) + [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_results(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """<out>/race-<UTC time>-<device>[-<contender>].json and .md (the contender for a one-contender run)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    devices = {row["meta"]["device"] for row in result["rows"]} or {result["meta"]["device"]}
+    device = slug(devices.pop()) if len(devices) == 1 else "mixed"
+    name = f"race-{utc_stamp(result['meta']['date'])}-{device}"
+    if result.get("single"):
+        name += f"-{slug(result['rows'][0]['contender'])}"
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown(result))
+    return json_path, md_path
+
+
+def load(path: str | Path) -> dict:
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read race result {path}: {error}") from None
+    if not isinstance(result, dict):
+        raise ValueError(f"{path} is not a memlm race result")
+    return {**result, "file": str(path)}
+
+
+# ----- the command ------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """`memlm race [options]` or `memlm race merge FILES...`: print the table, write JSON + markdown.
+    Exit 2 for a bad option, 1 if a contender failed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
+    config = tyro.cli(RaceConfig, args=argv, prog="memlm race",
+                      description="Contenders (memlm presets, x-transformers peers) trained by memlm's loop for the "
+                                  "same budget, then scored on test bpb. `memlm race merge FILES...` merges results.")
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("memlm race trains one contender per process: instead of torchrun, start one "
+                             "`memlm race --only NAME` per GPU (CUDA_VISIBLE_DEVICES) and merge their JSON")
+        device = distributed.pick_device(config.device)
+        plan(config, contender_names(config, device))  # every name checked before anything trains
+        plan(config, selected_names(config, device))
+        TrainConfig.validate(config)
+        if config.compile_warmup < 0:
+            raise ValueError(f"--compile-warmup must be >= 0, got {config.compile_warmup}")
+    except (ValueError, ConfigError) as error:
+        print(f"memlm race: error: {error}", file=sys.stderr)
+        return 2
+    result = run_race(config)
+    return report(result, config.results, config.json)
+
+
+def merge_main(argv: list[str]) -> int:
+    config = tyro.cli(MergeConfig, args=argv, prog="memlm race merge",
+                      description="Merge memlm race JSON results (e.g. one contender per GPU) into one table.")
+    try:
+        result = merge([load(path) for path in config.files])
+    except ValueError as error:
+        print(f"memlm race merge: error: {error}", file=sys.stderr)
+        return 2
+    return report(result, config.results, config.json)
+
+
+def report(result: dict, out: str, as_json: bool) -> int:
+    json_path, md_path = write_results(result, out)
+    print(markdown(result))
+    print(f"wrote {json_path} and {md_path}")
+    if as_json:
+        print(json.dumps(result))
+    return 1 if any(row["error"] for row in result["rows"]) else 0

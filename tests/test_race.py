@@ -1,0 +1,237 @@
+"""memlm race on tiny CPU contenders: one table from per-contender JSON files, contenders that do
+not depend on one another, a compile warm-up that leaves the run unchanged, and the peer adapter
+(x-transformers behind memlm's model protocol; skipped where x-transformers is not installed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlm import cli
+from memlm.bench import race
+from memlm.bench.adapters import PeerConfig, PeerMemory, PeerState, XTransformersLM
+from memlm.data import prepare
+from memlm.eval import evaluate
+from memlm.train import Trainer, checkpoint, distributed
+from memlm.train.config import TrainConfig
+
+TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "32", "--peer-shape", "seed-tiny",
+        "--fractions", "0.8", "0.1", "0.1", "--steps", "4", "--batch-size", "4", "--eval-batches", "1",
+        "--eval-every", "4", "--device", "cpu"]
+CONTENDERS = ["--contenders", "seed-tiny", "seed-xl-tiny"]
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MEMLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    rng, root = random.Random(0), tmp_path / "corpus"
+    root.mkdir()
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for i in range(40):
+        (root / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(25)))
+    return root
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(["race", *[str(a) for a in argv]])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_per_contender_runs_merge_into_one_table(corpus, tmp_path, capsys):
+    common = [*CONTENDERS, *TINY, "--data", corpus, "--results", tmp_path / "results", "--json"]
+    code, out, _ = run(capsys, *common, "--only", "seed-tiny", "--out", tmp_path / "runs-a")
+    assert code == 0
+    first = last_json(out)
+    code, out, _ = run(capsys, *common, "--contender-index", "1", "--out", tmp_path / "runs-b")
+    assert code == 0
+    second = last_json(out)
+    files = sorted((tmp_path / "results").glob("race-*.json"))
+    assert [f.name.endswith(suffix) for f, suffix in zip(files, ["-seed-tiny.json", "-seed-xl-tiny.json"])] == [True] * 2
+
+    code, out, _ = run(capsys, "merge", *files[::-1], "--results", tmp_path / "merged", "--json")
+    assert code == 0
+    merged = last_json(out)
+    assert [row["contender"] for row in merged["rows"]] == ["seed-tiny", "seed-xl-tiny"]  # --contenders order
+    assert merged["rows"] == first["rows"] + second["rows"] and merged["notes"] == []
+    for row in merged["rows"]:
+        assert row["error"] is None and row["steps"] == 4 and row["tokens"] == 4 * 4 * 32
+        assert all(math.isfinite(row[k]) for k in ("test_bpb", "val_bpb", "train_loss", "tokens_per_s"))
+        assert 0 < row["test_bpb"] < 9 and row["params"] > 0 and row["warmup_s"] == 0.0  # no compile on CPU
+        assert Path(row["run_dir"], "metrics.jsonl").exists()
+    assert merged["rows"][0]["stateful"] is False and merged["rows"][1]["stateful"] is True
+    (table,) = (tmp_path / "merged").glob("race-*.md")
+    text = table.read_text()
+    assert "| seed-tiny |" in text and "| seed-xl-tiny |" in text and "test bpb" in text
+    assert f"{merged['rows'][1]['test_bpb']:.4f}" in text
+
+    # the same race in one invocation: each contender trains exactly as it did alone
+    code, out, _ = run(capsys, *common, "--out", tmp_path / "runs-c")
+    assert code == 0
+    whole = last_json(out)
+    assert [row["test_bpb"] for row in whole["rows"]] == [row["test_bpb"] for row in merged["rows"]]
+
+
+def test_merge_notes_settings_that_differ(tmp_path):
+    row = {"contender": "seed-tiny", "kind": "memlm", "description": "", "error": None, "test_bpb": 1.0,
+           "meta": {"device": "cpu", "torch": "2", "commit": None, "python": "3", "date": "2026-01-01T00:00:00+00:00"}}
+    make = lambda minutes, name: {"kind": race.RESULT_KIND, "meta": {**row["meta"], "memlm": "0"},  # noqa: E731
+                                  "config": {"contenders": ["seed-tiny", "x"], "minutes": minutes, "data": "stdlib",
+                                             "fractions": [0.98, 0.01, 0.01]},
+                                  "rows": [{**row, "contender": name}], "notes": []}
+    merged = race.merge([make(2.0, "x"), make(3.0, "seed-tiny")])
+    assert [r["contender"] for r in merged["rows"]] == ["seed-tiny", "x"]
+    assert any("differ in minutes" in note for note in merged["notes"])
+    with pytest.raises(ValueError, match="not a memlm race result"):
+        race.merge([{"kind": "memlm bench"}])
+
+
+def test_bad_contender_names_are_usage_errors(corpus, capsys):
+    code, _, err = run(capsys, "--contenders", "seed-tiny", "gpt-5", *TINY, "--data", corpus)
+    assert code == 2 and "unknown contender gpt-5" in err
+    code, _, err = run(capsys, *CONTENDERS, "--contender-index", "2", *TINY, "--data", corpus)
+    assert code == 2 and "outside 0..1" in err
+    code, _, err = run(capsys, *CONTENDERS, "--only", "gpt-5", *TINY, "--data", corpus)
+    assert code == 2 and "unknown contender gpt-5" in err
+
+
+def test_a_missing_peer_library_fails_its_row_with_the_install_command(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "x_transformers", None)  # import x_transformers now raises ImportError
+    code, out, _ = run(capsys, "--contenders", "x-transformers-XL", *TINY, "--data", corpus, "--results",
+                       tmp_path / "results", "--json")
+    assert code == 1
+    (row,) = last_json(out)["rows"]
+    assert "pip install x-transformers" in row["error"] and row.get("test_bpb") is None
+
+
+def test_race_modules_import_without_x_transformers():
+    code = ("import sys; sys.modules['x_transformers'] = None; import memlm.bench.race, memlm.bench.adapters, "
+            "memlm.cli; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def tiny_race_config(corpus: Path, out: Path, **changes) -> race.RaceConfig:
+    base = dict(contenders=["seed-xl-tiny"], layers=2, width=32, heads=2, seq_len=32, peer_shape="seed-tiny",
+                data=str(corpus), fractions=(0.8, 0.1, 0.1), steps=5, batch_size=4, eval_batches=1, device="cpu",
+                out=str(out))
+    return race.RaceConfig(**{**base, **changes})
+
+
+def race_trainer(config: race.RaceConfig, name: str, out: Path) -> Trainer:
+    (contender,) = race.plan(config, [name])
+    return Trainer(contender.model_config, race.train_config(config, out), distributed.setup("cpu"), preset=name,
+                   model_factory=contender.factory)
+
+
+def losses(trainer: Trainer, steps: int) -> list[float]:
+    return [trainer.train_step()[0].item() for _ in range(steps)]
+
+
+def test_compile_warm_up_leaves_the_run_unchanged(corpus, tmp_path):
+    config = tiny_race_config(corpus, tmp_path / "runs")
+    plain = race_trainer(config, "seed-xl-tiny", tmp_path / "plain")
+    warmed = race_trainer(config, "seed-xl-tiny", tmp_path / "warmed")
+    assert race.warm_up(warmed, 4) == 0.0  # not compiled: nothing to warm up
+    warmed.config = dataclasses.replace(warmed.config, compile=True)  # run the passes (uncompiled model)
+    assert race.warm_up(warmed, 4) > 0
+    assert all(p.grad is None for p in warmed.model.parameters())
+    assert losses(warmed, 4) == losses(plain, 4)
+
+
+def test_trainer_measures_no_peak_on_cpu(corpus, tmp_path):
+    trainer = race_trainer(tiny_race_config(corpus, tmp_path / "runs"), "seed-xl-tiny", tmp_path / "run")
+    assert trainer.peak_flops is None and trainer.peak_source is None
+
+
+# ----- the x-transformers adapter ---------------------------------------------------------
+
+def xl_model(memory: int = 16, seq_len: int = 16) -> XTransformersLM:
+    pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    config = PeerConfig(layers=2, width=64, heads=2, seq_len=seq_len, memory=PeerMemory(length=memory))
+    return XTransformersLM(config).eval()
+
+
+def test_xl_adapter_carries_memory_and_reset_forgets_a_row():
+    model = xl_model()
+    ids = torch.randint(0, 257, (3, 32))
+    first = model(ids[:, :16], targets=ids[:, :16], state=model.init_state(3))
+    assert first.state.position == 16 and len(first.state.mems) == 2 and first.aux_loss.item() == 0
+    assert not any(m.requires_grad for m in first.state.mems)
+    carried = model(ids[:, 16:], targets=ids[:, 16:], state=first.state)
+    fresh = model(ids[:, 16:], targets=ids[:, 16:], state=model.init_state(3))
+    assert not torch.allclose(carried.loss, fresh.loss)
+
+    reset = model(ids[:, 16:], state=first.state.reset(torch.tensor([True, False, False])))
+    torch.testing.assert_close(reset.logits[0], fresh.logits[0], atol=1e-5, rtol=1e-5)  # row 0 forgot
+    torch.testing.assert_close(reset.logits[1:], carried.logits[1:], atol=1e-5, rtol=1e-5)  # the others did not
+    assert reset.state.mem_mask is None  # a whole segment later the memory is all new again
+
+
+def test_xl_adapter_token_by_token_equals_one_pass():
+    model = xl_model(memory=16, seq_len=16)
+    ids = torch.randint(0, 257, (2, 12))
+    state, pieces = model.init_state(2), []
+    for t in range(12):
+        out = model(ids[:, t:t + 1], state=state)
+        pieces.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(ids).logits, atol=1e-5, rtol=1e-5)
+    reloaded = model.load_state(state.to("cpu").state_dict(), "cpu")
+    assert isinstance(reloaded, PeerState) and reloaded.position == 12
+    torch.testing.assert_close(model(ids[:, :3], state=reloaded).logits, model(ids[:, :3], state=state).logits)
+
+
+def test_adapter_without_memory_caches_a_window_for_generation():
+    model = xl_model(memory=0, seq_len=16)
+    ids = torch.randint(0, 257, (2, 10))
+    state, pieces = model.init_state(2), []
+    for t in range(10):
+        out = model(ids[:, t:t + 1], state=state)
+        pieces.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(ids).logits, atol=1e-5, rtol=1e-5)
+    long = model(torch.randint(0, 257, (2, 40)), state=model.init_state(2))
+    assert long.logits.shape == (2, 40, 257) and long.state.tokens.shape == (2, 16)
+
+
+@pytest.mark.parametrize("name", ["x-transformers-XL", "x-transformers"])
+def test_trainer_trains_and_scores_a_peer(corpus, tmp_path, name):
+    pytest.importorskip("x_transformers")
+    config = tiny_race_config(corpus, tmp_path / "runs", layers=2, width=64, heads=2, seq_len=32, steps=25,
+                              lr=3e-3, warmup_steps=2, eval_every=25, sample_bytes=8)
+    trainer = race_trainer(config, name, tmp_path / "run")
+    assert trainer.stateful == name.endswith("XL") and isinstance(trainer.model, XTransformersLM)
+    summary = trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["bpb"] for r in records if r["kind"] == "eval"]
+    assert evals[-1] < evals[0] - 1.0 and math.isfinite(summary["test_bpb"]) and summary["test_bpb"] < evals[0] - 1.0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["library"] == "x-transformers"
+
+    saved = checkpoint.find(tmp_path / "run")  # the checkpoint's weights load into a fresh adapter
+    fresh = XTransformersLM(trainer.model_config)
+    checkpoint.load_weights(fresh, saved)
+    corpus_split = prepare(str(corpus), None, (0.8, 0.1, 0.1), progress=False).split("test")
+    score = evaluate(fresh, corpus_split, 4, 32, stateful=trainer.stateful)
+    assert score["bpb"] == pytest.approx(summary["test_bpb"], rel=1e-5)
+
+
+def test_train_config_is_shared_by_every_contender(corpus, tmp_path):
+    config = tiny_race_config(corpus, tmp_path / "runs", lr=1e-3, seed=3)
+    shared = race.train_config(config, tmp_path / "x")
+    assert isinstance(shared, TrainConfig) and shared.out == str(tmp_path / "x") and not shared.resume
+    assert (shared.lr, shared.seed, shared.sample_bytes, shared.steps) == (1e-3, 3, 0, 5)
