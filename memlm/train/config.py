@@ -23,12 +23,17 @@ PRECISIONS = ("auto", "bf16", "fp32")
 CPU_MINUTES, CUDA_MINUTES = 3.0, 1.5
 CPU_BATCH, CUDA_BATCH = 8, 32
 CPU_LR, CUDA_LR = 2e-3, 1e-3
+TASKS = ("lm", "recall")
 
 
 @dataclass
 class TrainConfig:
     data: str = "stdlib"
     """Training corpus: 'stdlib', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
+    task: str = "lm"
+    """What to train on: lm (the corpus of --data), or recall (endless documents of the long-range recall task, memlm.longrange; --data then serves only the validation and test bpb, and the run ends with recall accuracy by distance)."""
+    recall_distances: tuple[int, ...] = (64, 256, 1024, 2048)
+    """recall task: filler lengths in bytes between a key's definition and its query, drawn per training document; also the distances scored at the end."""
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
     """Train / validation / test share of the documents (split by a hash of each document's name)."""
     out: str | None = None
@@ -41,7 +46,7 @@ class TrainConfig:
     tokens: int | None = None
     """Budget in training tokens, rounded up to whole steps."""
     minutes: float | None = None
-    """Budget in wall-clock minutes of training (evaluations and checkpoints included); with no budget given: 3 on CPU, 10 on CUDA."""
+    """Budget in wall-clock minutes of training (evaluations and checkpoints included); with no budget given: 3 on CPU, 1.5 on CUDA."""
 
     batch_size: int | None = None
     """Sequences per micro-step on each rank; None = 8 on CPU, 32 on CUDA."""
@@ -122,6 +127,10 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
+        if self.task not in TASKS:
+            raise ConfigError("task", self.task, f"allowed: {', '.join(TASKS)}")
+        if not self.recall_distances or any(not isinstance(d, int) or d < 0 for d in self.recall_distances):
+            raise ConfigError("recall_distances", self.recall_distances, "must be one or more byte counts >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError("schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -150,6 +159,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(unknown[0], data[unknown[0]], f"unknown train field; known: {', '.join(sorted(names))}")
         data = dict(data)
-        if "fractions" in data:
-            data["fractions"] = tuple(data["fractions"])
+        for name in ("fractions", "recall_distances"):
+            if name in data:
+                data[name] = tuple(data[name])
         return cls(**data)

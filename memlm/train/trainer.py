@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
+from memlm.longrange import RecallStreams, markdown as recall_markdown, recall_accuracy
 from memlm.eval import evaluate
 from memlm.memory.state import State
 from memlm.model import LanguageModel
@@ -147,6 +148,9 @@ class Trainer:
     def _make_loader(self, seed: int):
         """Contiguous streams for models that carry memory, random windows otherwise."""
         c, info = self.config, self.info
+        if c.task == "recall":  # endless recall documents, as streams (models without memory ignore the state)
+            return RecallStreams(c.batch_size, self.seq_len, c.recall_distances, seed=seed, rank=info.rank,
+                                 world_size=info.world_size)
         if self.stateful:
             return Streams(self.train_split, c.batch_size, self.seq_len, rank=info.rank, world_size=info.world_size)
         return RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=seed, rank=info.rank,
@@ -199,12 +203,15 @@ class Trainer:
                         self.next_mark = self._next_mark()
                 self.bar.update(self._bar_position())
             test = self._evaluate_split("test")
+            recall = self._recall() if c.task == "recall" and main else None
             sample = "" if not main else self.sample if self.sample is not None else self._sample()
         summary = {"run_dir": str(self.out), "steps": self.step, "tokens": self.tokens,
                    "elapsed_s": round(self.elapsed, 1), "test_bpb": test["bpb"], "test_loss": test["loss"],
                    "test_perplexity": test["perplexity"], "test_tokens": test["tokens"],
                    "test_by_position": test["by_position"],
                    "best_val_bpb": self.best_bpb if math.isfinite(self.best_bpb) else None, "sample": sample}
+        if recall is not None:
+            summary["recall"] = recall
         if main:
             self.log.write("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(test))
             self.log.close()
@@ -318,6 +325,25 @@ class Trainer:
             name = torch.cuda.get_device_name(self.device)
             peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
             return peak, f"vendor bf16 peak of {name}" if peak else None
+
+    def _recall(self) -> dict[str, Any]:
+        """Recall accuracy by distance (memlm.longrange) with the model's memory and, for a model
+        with memory, without it; written to recall.md in the run directory."""
+        c, model = self.config, self.model
+        results = {}
+        was_training = model.training
+        model.eval()
+        try:
+            with self.autocast:
+                modes = [True, False] if self.stateful else [False]
+                for stateful in modes:
+                    results["memory" if stateful else "windowed"] = recall_accuracy(
+                        model, c.recall_distances, 64, c.batch_size, seed=c.seed, stateful=stateful)
+        finally:
+            model.train(was_training)
+        (self.out / "recall.md").write_text("\n\n".join(recall_markdown(r) for r in results.values()) + "\n")
+        self.bar.log("\n".join(recall_markdown(r) for r in results.values()))
+        return results
 
     def _evaluate_split(self, name: str, max_tokens: int | None = None) -> dict[str, float]:
         split = self.val_split if name == "validation" else self.corpus.split(name)

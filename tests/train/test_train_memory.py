@@ -62,3 +62,37 @@ def test_resume_with_memory_is_exact(corpus, tmp_path, monkeypatch, name):
     b, _ = checkpoint.load_model(crashed)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_recall_task_trains_on_recall_streams_and_scores_recall(corpus, tmp_path, monkeypatch):
+    batches = []
+    original = Trainer.train_step
+
+    def spy(self):
+        batches.append(list(self.loader.doc))  # document index of each row before the step
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    model = tiny_model().replace(**{"memory.length": 32})
+    summary = train(model, fast_config(corpus, tmp_path / "recall", steps=40, eval_every=40, checkpoint_every=40,
+                                       lr=1e-2, task="recall", recall_distances=(8, 40)))
+    # every batch row reads recall documents one after the other (document indices only grow)
+    assert batches[0] == [0, 0, 0, 0] and all(a <= b for a, b in zip(batches[0], batches[-1]))
+    assert max(batches[-1]) >= 1
+    with_memory, windowed = summary["recall"]["memory"], summary["recall"]["windowed"]
+    assert with_memory["stateful"] and not windowed["stateful"]
+    assert [row["distance"] for row in with_memory["by_distance"]] == [8, 40]
+    assert all(row["documents"] == 64 for row in windowed["by_distance"])
+    # 40 steps on recall documents learn their bytes: answer digits cost far less than at
+    # initialisation (about ln 257 = 5.55 nats, a uniform guess over the vocabulary)
+    assert with_memory["by_distance"][0]["digit_nll"] < 4.5
+    assert (tmp_path / "recall" / "recall.md").read_text().count("| 8 |") == 2
+
+
+def test_recall_task_options_are_checked():
+    from memlm.config import ConfigError
+    from memlm.train import TrainConfig
+    with pytest.raises(ConfigError, match="task"):
+        TrainConfig(task="summarise").validate()
+    with pytest.raises(ConfigError, match="recall_distances"):
+        TrainConfig(recall_distances=()).validate()
