@@ -89,10 +89,12 @@ def next_layers(model, layers: list[dict[str, torch.Tensor]], inputs: list[torch
             if overflow.shape[1]:
                 compressed, loss = compress(model, i, pending[i], overflow)
                 cmem = torch.cat([new[i]["cmem"], compressed], dim=1) if "cmem" in new[i] else compressed
-                new[i]["cmem"] = cmem[:, max(0, cmem.shape[1] - config.memory.compress_length):]
+                new[i]["cmem"] = cmem[:, max(0, cmem.shape[1] - config.memory.compress_length):].contiguous()
                 if loss is not None:
                     losses.append(loss)
-        new[i]["mem"] = mem[:, max(0, mem.shape[1] - length):] if length else empty_like_rows(source)
+        # contiguous: a slice of the concatenation has other strides than the first memory, and
+        # torch.compile would recompile the next segment for them with dynamic (slower) shapes
+        new[i]["mem"] = mem[:, max(0, mem.shape[1] - length):].contiguous() if length else empty_like_rows(source)
         if mode == "add":
             new[i]["feedback"] = outputs[i + 1] if i + 1 < L else outputs[-1]
     return new, (torch.stack(losses).mean() if losses else None)

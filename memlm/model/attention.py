@@ -65,6 +65,11 @@ class SegmentContext:
         return mask
 
 
+SPAN_TRIM_STEP = 64
+"""Memory trimmed to the longest adaptive span keeps a multiple of this many positions: the span
+changes a little at every step, and each new memory length would be a new shape to compile."""
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -136,7 +141,8 @@ class Attention(nn.Module):
         B, T, _ = h.shape
         q, k, v = self.project(h)
         if memory is not None and self.span is not None:  # keys past the longest span are masked anyway
-            memory = memory[:, max(0, memory.shape[1] - self.span.limit):]
+            keep = -(-self.span.limit // SPAN_TRIM_STEP) * SPAN_TRIM_STEP  # few distinct shapes: few recompiles
+            memory = memory[:, max(0, memory.shape[1] - keep):]
         if memory is not None and memory.shape[1]:
             mk, mv = self.project_kv(memory)
             k = torch.cat([mk, k], dim=2)  # (B, Hkv, M + T, D)
