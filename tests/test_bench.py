@@ -13,8 +13,9 @@ from torch import nn
 import memlm
 from memlm.bench import BenchConfig, ReferenceGPT, main, markdown, reference, run_bench, runner, write_results
 from memlm.bench.config import resolve
-from memlm.bench.contenders import Contender, ContenderSpec, Shape, dense_flops_per_token
-from memlm.bench.measure import random_tokens
+from memlm.bench.contenders import (Contender, ContenderSpec, Shape, StreamObjective, dense_flops_per_token,
+                                    fill_stores, memlm_loss, memory_warmup)
+from memlm.bench.measure import measure_training, random_tokens
 from memlm.bench.peers import Peer
 
 TINY = dict(device="cpu", presets=["vanilla-tiny", "seed-tiny"], batch_size=2, seq_len=32, layers=2, width=32,
@@ -217,3 +218,139 @@ def test_peer_names_pick_peers_and_unknown_names_are_rejected(monkeypatch):
     with pytest.raises(ValueError, match="unknown peer third peer; known: first peer, second peer"):
         runner.plan(resolve(BenchConfig(**{**TINY, "peers": True, "peer_names": ["third peer"]}),
                             torch.device("cpu")))
+
+
+# ----- memory presets: trained on streams, as `memlm train` trains them ---------------------
+
+CPU = torch.device("cpu")
+
+
+def memory_spec(entry, **changes):
+    """The planned memlm row of a preset entry at the TINY shape, and that shape."""
+    config = resolve(BenchConfig(**{**TINY, "presets": [entry], **changes}), CPU)
+    ((shape, specs),) = runner.plan(config)
+    return specs[1], shape
+
+
+def segments(n, seed=0):
+    data = random_tokens(V, (n, B, T + 1), CPU, seed)
+    return [(d[:, :-1], d[:, 1:]) for d in data]
+
+
+def test_a_stateful_row_carries_the_state_between_steps_as_the_trainer_does():
+    spec, shape = memory_spec("seed-xl-tiny")
+    torch.manual_seed(0)
+    contender = spec.build(shape, CPU, "eager")
+    objective = contender.objective
+    assert isinstance(objective, StreamObjective) and objective.state.position == 0
+    assert contender.notes == ["streams with memory: state carried across steps"]
+    torch.manual_seed(0)
+    model = memlm.LanguageModel(objective.model.config)  # the same weights, driven by hand
+    state = model.init_state(B)
+    for step, (x, y) in enumerate(segments(3)):
+        out = model(x, targets=y, state=state)
+        state = out.state.detach()
+        loss = objective(x, y)
+        assert torch.equal(loss, out.loss + out.aux_loss)
+        assert objective.steps == step + 1 and objective.state.position == (step + 1) * T
+        for mine, theirs in zip(objective.state.layers, state.layers, strict=True):
+            assert mine["mem"].shape == (B, T, W)  # memory = seq_len, scaled with --seq-len
+            assert torch.equal(mine["mem"], theirs["mem"]) and not mine["mem"].requires_grad
+        if step:  # the memory is read: without it the same segment scores differently
+            assert not torch.allclose(loss, memlm_loss(model, x, y))
+
+
+def test_a_stateful_row_advances_its_state_by_one_segment_per_training_step():
+    spec, shape = memory_spec("seed-compressive-tiny")
+    contender = spec.build(shape, CPU, "eager")
+    train = measure_training(contender, shape, steps=3, warmup=2, repeats=2, compile=False, device=CPU, seed=0)
+    steps = 2 + 2 * 3  # warm-up (its first step included) + repeats x steps
+    objective = contender.objective
+    assert objective.steps == steps and objective.state.position == steps * T
+    assert train["tokens"] == B * T * 3
+    for layer in objective.state.layers:  # memory T, compressed T / 4 at rate 4
+        assert (layer["mem"].shape, layer["cmem"].shape) == ((B, T, W), (B, T // 4, W))
+    assert memory_warmup(objective.model.config) == 5  # 4 shapes (none, mem, + cmem, settled) + 1
+
+
+def test_a_knn_row_fills_its_stores_to_capacity_before_the_first_step():
+    spec, shape = memory_spec("seed-knn-tiny")
+    contender = spec.build(shape, CPU, "eager")
+    objective = contender.objective
+    config = objective.model.config
+    capacity = config.memory.knn_capacity
+    assert (capacity, config.memory.knn_layers, config.memory.knn_k) == (65536, [1], 32)  # layer 2 of 4 -> 1 of 2
+    (store,) = objective.state.stores.values()
+    assert store.counts.tolist() == store.written.tolist() == [capacity] * B and store.filled == capacity
+    assert objective.state.position == capacity and objective.steps == 0  # nothing trained yet
+    keys, _, positions = store.entries(1)
+    assert torch.equal(positions, torch.arange(capacity))
+    assert torch.allclose(keys.norm(dim=-1), torch.ones(()))  # unit keys, as the layer writes them
+    q = torch.nn.functional.normalize(torch.randn(B, 4, T, config.head_dim), dim=-1)
+    assert bool(store.search(q, 32).valid.all())  # every query finds its k from the first step
+    assert contender.notes == ["streams with memory: state carried across steps", "kNN stores filled to 65,536/row"]
+    for x, y in segments(2):
+        objective(x, y)
+    assert store.counts.tolist() == [capacity] * B and store.written.tolist() == [capacity + 2 * T] * B
+    assert objective.state.position == capacity + 2 * T
+    assert fill_stores(memlm.build("seed-tiny").init_state(B)) == 0  # no stores, nothing filled
+
+
+def test_compiled_stream_training_recompiles_only_while_the_memory_fills(monkeypatch):
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compile(module, backend="aot_eager", **kw))
+    spec, shape = memory_spec("seed-knn-tiny")
+    contender = spec.build(shape, CPU, "eager")
+    warmup = memory_warmup(contender.objective.model.config)
+    before = runner.compiled_graphs()
+    try:
+        measure_training(contender, shape, steps=1, warmup=warmup, repeats=1, compile=True, device=CPU, seed=0)
+        assert runner.compiled_graphs() - before == 2  # no memory yet, then the steady state
+        assert contender.objective.compiled is not None  # the model compiled, the state kept outside
+        measure_training(contender, shape, steps=3, warmup=1, repeats=2, compile=True, device=CPU, seed=1)
+        assert runner.compiled_graphs() - before == 2  # the growing position recompiles nothing
+    finally:
+        torch._dynamo.reset()
+    objective = contender.objective
+    assert objective.steps == warmup + 1 + 1 + 2 * 3
+    (store,) = objective.state.stores.values()
+    assert store.written.tolist() == [65536 + objective.steps * T] * B  # written from the compiled graph
+
+
+def test_memory_rows_are_compared_with_their_family_without_memory():
+    entries = ["seed-tiny", "seed-xl-tiny", "seed-knn-tiny", "seed-tiny memory.persistent=4"]
+    result = run_bench(BenchConfig(**{**TINY, "presets": entries, "steps": 2, "repeats": 1, "generate": False}))
+    rows = rows_by_model(result)
+    assert list(rows) == ["reference GPT"] + [f"memlm {entry}" for entry in entries]
+    base = rows["memlm seed-tiny"]["train"]["tokens_per_s"]
+    for entry in entries[1:]:
+        row = rows[f"memlm {entry}"]
+        assert row["errors"] == [] and row["baseline"] == "memlm seed-tiny"
+        assert row["baseline_ratio"] == pytest.approx(row["train"]["tokens_per_s"] / base, rel=1e-12)
+    for name in ("reference GPT", "memlm seed-tiny"):
+        assert (rows[name]["baseline"], rows[name]["baseline_ratio"]) == (None, None)
+    assert rows["memlm seed-tiny memory.persistent=4"]["notes"] == ["no state: this memory needs none"]
+    assert rows["memlm seed-knn-tiny"]["notes"][1] == "kNN stores filled to 65,536/row"
+    assert all(row["warmup"] == 1 and row["graphs_compiled"] is None for row in rows.values())  # CPU: eager
+    header, *lines = table_lines(markdown(result))
+    assert header.split("|")[-3:-1] == [" vs no memory ", " notes "]
+    cells = {line.split("|")[1].strip(): line.split("|")[-3].strip() for line in lines}
+    assert cells["memlm seed-xl-tiny"] == f"{rows['memlm seed-xl-tiny']['baseline_ratio']:.2f}x seed-tiny"
+    assert cells["memlm seed-tiny"] == cells["reference GPT"] == "—"
+
+
+def test_reshaping_keeps_memory_proportions_and_entries_take_their_own_overrides():
+    def planned(entry, **shape):
+        return runner.preset_config(entry, BenchConfig(**{**TINY, **shape}))
+
+    top = planned("seed-xl-top-small", layers=4, seq_len=64, width=64)
+    assert top.memory_lengths() == [0, 0, 0, 64]  # memory in the top layer only, = seq_len
+    assert planned("seed-knn-small", layers=4).memory.knn_layers == [2]  # 9 of 12 -> 2 of 4
+    compressive = planned("seed-compressive-tiny", seq_len=32)
+    assert (compressive.memory.length, compressive.memory.compress_length) == (32, 8)
+    own = planned("seed-knn-tiny", layers=None, seq_len=None, width=None)
+    assert own == memlm.config.get_preset("seed-knn-tiny")  # its own shape: untouched
+    persistent = planned("seed-small  memory.persistent=16 feedforward.kind=none")
+    assert (persistent.memory.persistent, persistent.feedforward.kind, persistent.layers) == (16, "none", L)
+    with pytest.raises(ValueError, match="must read PRESET"):
+        resolve(BenchConfig(**{**TINY, "presets": ["seed-small memory.persistent"]}), CPU)

@@ -24,7 +24,8 @@ class BenchConfig:
     the same shapes in one run: training tokens/s, MFU, peak memory and generation tokens/s."""
 
     presets: list[str] | None = None
-    """memlm presets to measure; None = vanilla-small seed-small on CUDA, vanilla-tiny seed-tiny on CPU."""
+    """memlm presets to measure; None = vanilla-small seed-small on CUDA, vanilla-tiny seed-tiny on CPU.
+    An entry may add its own overrides after the name: "seed-small memory.persistent=16" (quoted)."""
     batch_size: int | None = None
     """Training batch size; None = 32 on CUDA, 2 on CPU."""
     seq_len: int | None = None
@@ -110,6 +111,9 @@ def _check(config: BenchConfig) -> None:
     for item in config.overrides:
         if "=" not in item:
             raise ValueError(f"bench: override {item!r} must read key=value")
+    for entry in config.presets:
+        if not entry.split() or "=" in entry.split()[0] or any("=" not in item for item in entry.split()[1:]):
+            raise ValueError(f"bench: preset entry {entry!r} must read PRESET [key=value ...]")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

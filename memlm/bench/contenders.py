@@ -9,6 +9,12 @@ timed decode steps.
 Decode modes (`BenchConfig.decode`) are chosen in `decode_step`: `eager` runs the model as is,
 `compile` runs torch.compile(model, dynamic=True) so the growing cache does not recompile
 every step. A CUDA-graph decode over a static cache plugs in there as another mode.
+
+Presets with memory that lives in a state (`ModelConfig.stateful`: recurrent, compressive or
+kNN memory, recurrent memory tokens) train as `memlm train` trains them, on streams: a
+`StreamObjective` passes each step the detached state the previous step returned, and kNN
+stores are filled to capacity before the first step, so search costs what it costs in a long
+run (see `StreamObjective` for how it meets torch.compile).
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import memlm
 from memlm.bench import reference
 from memlm.config import ModelConfig
+from memlm.memory.state import State
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """(model, inputs (B, T), targets (B, T)) -> scalar training loss."""
@@ -73,6 +81,9 @@ class Contender:
     """What the table should say about this row (configuration choices)."""
     close: Callable[[], None] = lambda: None
     """Releases what the contender holds outside torch (files of an external memory)."""
+    warmup: int = 0
+    """Untimed steps the row needs at least when compiled: a memory that fills over the first
+    steps changes the shapes the compiled model sees until it is full."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,9 @@ class ContenderSpec:
     kind: str
     build: Callable[[Shape, torch.device, str], Contender]
     """(shape, device, decode mode) -> Contender."""
+    baseline: str | None = None
+    """The row (its name) of the same preset family and size without memory, measured in the same
+    run, that this row's train rate is also compared with; None when there is none."""
 
 
 class Objective(nn.Module):
@@ -144,19 +158,118 @@ def memlm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) ->
     return out.loss + out.aux_loss
 
 
-def memlm_spec(preset: str, config: ModelConfig) -> ContenderSpec:
-    """A memlm preset as a row."""
+class StreamObjective(nn.Module):
+    """Trains a memlm model with memory as `memlm train` does: each step continues the batch's
+    streams with the state the previous step returned, detached (no backpropagation through
+    time), so every memory is read and written as in training.
+
+    torch.compile: the harness compiles this objective, but the state stays out of its graph.
+    `forward` only asks whether it is being compiled and hands over to `_step`, which dynamo
+    skips (torch.compiler.disable: one deliberate graph break); `_step` keeps the state in
+    Python and calls the model compiled on its own, torch.compile(model) in default mode, with
+    the state as an argument, exactly as the trainer calls it. As an argument (not an attribute
+    of a module, whose ints dynamo always specialises), State.position, the int that grows every
+    step, is an unspecialised int: it never causes a recompile. The compiled model recompiles
+    only while the memory fills and its tensors' shapes and strides settle (no memory, memory
+    sliced from one segment, then from the rolled memory; compressed memory likewise): 3 graphs
+    for seed-xl, 4 with compressive memory, 2 for kNN memory with filled stores, compiled
+    within `memory_warmup` steps. kNN store writes (`Store.write`, called in the model's forward
+    when a segment completes) are traced into the graph as in-place updates of the store's
+    tensors; a store that is still filling changes a Python int (`Store.filled`) that the
+    search reads, so it would recompile every step: `fill_stores` fills them first."""
+
+    def __init__(self, model: nn.Module, state: State):
+        super().__init__()
+        self.model = model
+        self.state = state
+        self.steps = 0  # training steps taken, each one segment further along the streams
+        self.__dict__["compiled"] = None  # torch.compile(model) once compiled; not a submodule
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._step(inputs, targets, torch.compiler.is_compiling())
+
+    @torch.compiler.disable
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor, compile: bool) -> torch.Tensor:
+        model = self.model
+        if compile:
+            if self.compiled is None:
+                self.__dict__["compiled"] = torch.compile(self.model)
+            model = self.compiled
+        out = model(inputs, targets=targets, state=self.state)
+        self.state = out.state.detach()
+        self.steps += 1
+        return out.loss + out.aux_loss
+
+
+def memory_warmup(config: ModelConfig) -> int:
+    """Steps until a stateful model's memory tensors keep their shapes and strides (so a compiled
+    model stops recompiling), plus one: the first step has no memory, the next ones fill the
+    longest recurrent memory, then the compressed memory; a rolled memory settles one step
+    after it is full."""
+    m, T = config.memory, config.seq_len
+    longest = max(config.memory_lengths())
+    steps = 2 + -(-longest // T)
+    if m.compress_rate:
+        steps += -(-m.compress_length * m.compress_rate // T)
+    return steps + 1
+
+
+@torch.no_grad()
+def fill_stores(state: State, seed: int = 0, chunk: int = 8192) -> int:
+    """Fill every writable kNN store of the state to capacity with random unit keys and random
+    values at stream positions 0 .. capacity - 1, through the store's public `write`, as if each
+    stream had already run that many tokens; the state's position moves past them. Returns the
+    entries each row holds afterwards (0 without stores)."""
+    filled = 0
+    for layer, store in sorted(state.stores.items()):
+        if store.shared:  # knowledge memory: read-only, already as full as it is
+            continue
+        generator = torch.Generator(store.device).manual_seed(seed + layer)
+        for start in range(0, store.capacity, chunk):
+            n = min(chunk, store.capacity - start)
+            size = (store.rows, store.heads, n, store.dim)
+            keys = torch.randn(size, generator=generator, device=store.device)
+            values = torch.randn(size, generator=generator, device=store.device)
+            store.write(F.normalize(keys, dim=-1), values, torch.arange(start, start + n, device=store.device))
+        filled = max(filled, store.capacity)
+    state.position = max(state.position, filled)
+    return filled
+
+
+def memlm_notes(config: ModelConfig, filled: int) -> list[str]:
+    """What a memlm row's table notes say about how its memory was used."""
+    m = config.memory
+    if config.stateful:
+        notes = ["streams with memory: state carried across steps"]
+        return notes + [f"kNN stores filled to {filled:,}/row"] if filled else notes
+    if m.persistent or m.tokens or m.adaptive_span:
+        return ["no state: this memory needs none"]
+    return []
+
+
+def memlm_spec(preset: str, config: ModelConfig, baseline: str | None = None) -> ContenderSpec:
+    """A memlm preset as a row (`preset` names it: the preset, then any row overrides); models
+    with memory in a state train on streams (StreamObjective), kNN stores filled first."""
 
     def build(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
         model = memlm.LanguageModel(config).to(device)
+        filled = 0
+        if config.stateful:
+            state = model.init_state(shape.batch_size)
+            filled = fill_stores(state)
+            objective, warmup = StreamObjective(model, state), memory_warmup(config)
+        else:
+            objective, warmup = Objective(model, memlm_loss), 0
         return Contender(
-            objective=Objective(model, memlm_loss),
+            objective=objective,
             flops_per_token=model.flops_per_token(shape.seq_len),
             params=model.num_parameters(),
             decoder=memlm_decoder(decode_step(model, decode_mode)),
+            notes=memlm_notes(config, filled),
+            warmup=warmup,
         )
 
-    return ContenderSpec(f"memlm {preset}", "memlm", build)
+    return ContenderSpec(f"memlm {preset}", "memlm", build, baseline)
 
 
 # ----- the reference ----------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 import memlm
 
 COLUMNS = ["model", "shape", "compiled", "train tok/s", "MFU", "peak mem"]
-"""The first columns; then one 'gen tok/s bN' per generation batch size, ratio and notes."""
+"""The first columns; then one 'gen tok/s bN' per generation batch size, ratio, 'vs no memory'
+(only when some row has a baseline) and notes."""
 
 
 def environment(device: torch.device) -> dict:
@@ -61,21 +62,36 @@ def _bytes(value: int | None) -> str:
     return "—" if value is None else f"{value / 2 ** 30:.2f} GiB"
 
 
-def row_cells(row: dict, gen_batch_sizes: list[int]) -> list[str]:
-    """One table row: the fixed columns, generation columns, and notes and errors last."""
+def has_baselines(rows: list[dict]) -> bool:
+    """Whether the table gets a 'vs no memory' column (some row has a baseline in the run)."""
+    return any(row.get("baseline") for row in rows)
+
+
+def baseline_cell(row: dict) -> str:
+    """'0.87x seed-small': train rate over the baseline's; '—' without one (or without both rates)."""
+    if row.get("baseline_ratio") is None:
+        return "—"
+    return f"{row['baseline_ratio']:.2f}x {row['baseline'].removeprefix('memlm ')}"
+
+
+def row_cells(row: dict, gen_batch_sizes: list[int], baselines: bool = False) -> list[str]:
+    """One table row: the fixed columns, generation columns, ratios, and notes and errors last."""
     train = row["train"] or {}
     gen = [_number(row["gen_tokens_per_s"].get(f"b{b}")) for b in gen_batch_sizes]
     remarks = row["notes"] + [error.splitlines()[0][:120] for error in row["errors"]]
     return [row["model"], row["shape"], "yes" if row["compiled"] else "no",
             _number(train.get("tokens_per_s")), _number(row["mfu"], "{:.1%}"), _bytes(train.get("peak_mem_bytes")),
-            *gen, _number(row["ratio"], "{:.2f}x"), "; ".join(remarks).replace("|", "/")]
+            *gen, _number(row["ratio"], "{:.2f}x"), *([baseline_cell(row)] if baselines else []),
+            "; ".join(remarks).replace("|", "/")]
 
 
 def markdown(result: dict) -> str:
     """The result as a markdown section: environment lines, the table, then the run's notes."""
     meta, config, peak = result["meta"], result["config"], result["peak"]
     batch_sizes = config["gen_batch_sizes"]
-    header = COLUMNS + [f"gen tok/s b{b}" for b in batch_sizes] + ["ratio", "notes"]
+    baselines = has_baselines(result["rows"])
+    header = COLUMNS + [f"gen tok/s b{b}" for b in batch_sizes] + ["ratio"] + \
+        (["vs no memory"] if baselines else []) + ["notes"]
     commit = f", commit {meta['commit']}" if meta["commit"] else ""
     lines = [
         f"## memlm bench, {meta['date']}",
@@ -86,12 +102,14 @@ def markdown(result: dict) -> str:
         f"- training: {config['steps']} steps x {config['repeats']} repeats (median), AdamW, "
         f"{'bf16 autocast' if meta['device_type'] == 'cuda' else 'float32'}, random tokens; "
         f"generation: greedy, prompt {config['gen_prompt_len']}, {config['gen_new_tokens']} new tokens, "
-        f"{config['decode']} decode; ratio = train tok/s / reference GPT's at the same shape",
+        f"{config['decode']} decode; ratio = train tok/s / reference GPT's at the same shape"
+        + ("; vs no memory = train tok/s / the same family's preset of that size without memory, "
+           "in this run" if baselines else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(row_cells(row, batch_sizes)) + " |" for row in result["rows"]]
+    lines += ["| " + " | ".join(row_cells(row, batch_sizes, baselines)) + " |" for row in result["rows"]]
     lines += [""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines).rstrip() + "\n"
 

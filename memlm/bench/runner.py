@@ -4,6 +4,11 @@ For each distinct shape among the presets, the rows are the reference GPT, the p
 that shape and the installed peers, in that order. Every row is built just before it is
 measured and freed after (compile caches too), so peak memory is its own. A row that fails
 to build, compile or run keeps its error and the run goes on.
+
+A preset entry may carry its own overrides after the name, separated by spaces
+("seed-small memory.persistent=16"), on top of the run's --overrides. A memlm row with memory
+is also compared with its family's preset of the same size without memory ("seed-small" for
+"seed-xl-small" or "seed-small memory.persistent=16") when that row is in the same run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from memlm.bench.measure import measure_generation, measure_training
 from memlm.bench.peers import PEERS, Peer
 from memlm.bench.report import environment, markdown, write_results
 from memlm.bench.timing import measure_peak_flops
+from memlm.config import ModelConfig, get_preset
 from memlm.config import resolve as resolve_model
 
 Group = tuple[Shape, list[ContenderSpec]]
@@ -33,18 +39,71 @@ Group = tuple[Shape, list[ContenderSpec]]
 
 def plan(config: BenchConfig) -> list[Group]:
     """Rows grouped by shape: the reference first, then the presets, then the installed peers."""
-    shape_overrides = {name: getattr(config, name) for name in ("seq_len", "layers", "width")
-                       if getattr(config, name) is not None}
-    overrides = parse_overrides(config.overrides)
     groups: dict[Shape, list[ContenderSpec]] = {}
-    for preset in config.presets:
-        model_config = resolve_model(preset, **shape_overrides, **overrides)
+    configs: dict[Shape, dict[str, ModelConfig]] = {}
+    for entry in config.presets:
+        name = " ".join(entry.split())
+        model_config = preset_config(name, config)
         shape = Shape.of(model_config, config.batch_size)
-        groups.setdefault(shape, [REFERENCE]).append(memlm_spec(preset, model_config))
+        configs.setdefault(shape, {})[name] = model_config
+    for shape, rows in configs.items():
+        groups[shape] = [REFERENCE] + [memlm_spec(name, model_config, baseline_of(name, rows))
+                                       for name, model_config in rows.items()]
     if config.peers:
         for specs in groups.values():
             specs.extend(peer.spec for peer in selected_peers(config) if peer.installed())
     return list(groups.items())
+
+
+def preset_config(entry: str, config: BenchConfig) -> ModelConfig:
+    """The model of a preset entry ("PRESET [key=value ...]") at the run's shape: the preset, then
+    --seq-len/--layers/--width (memory proportions kept, `reshape_memory`), then the run's
+    --overrides, then the entry's own."""
+    preset, *items = entry.split()
+    shape = {name: getattr(config, name) for name in ("seq_len", "layers", "width")
+             if getattr(config, name) is not None}
+    base = get_preset(preset)
+    overrides = {**shape, **reshape_memory(base, config.layers, config.seq_len),
+                 **parse_overrides(config.overrides), **parse_overrides(items)}
+    return resolve_model(base, **overrides)
+
+
+def reshape_memory(config: ModelConfig, layers: int | None, seq_len: int | None) -> dict:
+    """Overrides that keep a preset's memory in proportion when the bench reshapes it: memory
+    lengths scale with the segment length (seed-xl keeps memory = seq_len), per-layer settings
+    (memory.lengths, kNN layers) are resampled over the new depth, the top layer kept on top.
+    kNN capacity, memory tokens and persistent vectors keep their counts."""
+    m, out = config.memory, {}
+    if seq_len is not None and seq_len != config.seq_len:
+        def scale(n: int) -> int:
+            return max(1, round(n * seq_len / config.seq_len)) if n else 0
+        for name in ("length", "min_length", "compress_length", "span_max"):
+            if getattr(m, name):
+                out[f"memory.{name}"] = scale(getattr(m, name))
+        if m.lengths:
+            out["memory.lengths"] = [scale(n) for n in m.lengths]
+    if layers is not None and layers != config.layers:
+        old = config.layers
+
+        def source(j: int) -> int:  # the old layer at the new layer j's relative depth
+            return round(j * (old - 1) / (layers - 1)) if layers > 1 else old - 1
+        lengths = out.get("memory.lengths", m.lengths)
+        if lengths:
+            out["memory.lengths"] = [lengths[source(j)] for j in range(layers)]
+        if m.knn_layers:
+            out["memory.knn_layers"] = sorted({round(i * (layers - 1) / (old - 1)) if old > 1 else layers - 1
+                                               for i in m.knn_layers})
+    return out
+
+
+def baseline_of(name: str, rows: dict[str, ModelConfig]) -> str | None:
+    """The row to compare a memory row with: its family's preset of the same size ("seed-small"
+    for "seed-xl-small ..."), when it is among `rows` (one shape) and has different memory."""
+    preset = name.split()[0]
+    base = f"{preset.split('-')[0]}-{preset.split('-')[-1]}"
+    if base == name or base not in rows or rows[base].memory == rows[name].memory:
+        return None
+    return f"memlm {base}"
 
 
 def selected_peers(config: BenchConfig) -> list[Peer]:
@@ -85,7 +144,8 @@ def attempt(row: dict, stage: str, fn: Callable):
 def empty_row(spec: ContenderSpec, shape: Shape, compiled: bool) -> dict:
     return {"model": spec.name, "kind": spec.kind, "shape": shape.label, "dims": dataclasses.asdict(shape),
             "compiled": compiled, "params": None, "flops_per_token": None, "train": None, "mfu": None,
-            "gen_tokens_per_s": {}, "ratio": None, "notes": [], "errors": [], "wall_s": None}
+            "gen_tokens_per_s": {}, "ratio": None, "baseline": spec.baseline, "baseline_ratio": None,
+            "warmup": None, "graphs_compiled": None, "notes": [], "errors": [], "wall_s": None}
 
 
 def measure_row(spec: ContenderSpec, shape: Shape, config: BenchConfig, device: torch.device,
@@ -110,9 +170,14 @@ def measure_contender(row: dict, contender: Contender, shape: Shape, config: Ben
                       device: torch.device, peak_flops: float) -> None:
     """Fill the row: training rate, MFU and peak memory, then generation at each batch size."""
     row.update(params=contender.params, flops_per_token=contender.flops_per_token, notes=contender.notes)
+    # compiled rows warm up until their memory is full: its shapes change (and recompile) until then
+    row["warmup"] = max(config.warmup, contender.warmup) if row["compiled"] else config.warmup
+    graphs = compiled_graphs()
     row["train"] = attempt(row, "train", lambda: measure_training(
-        contender, shape, steps=config.steps, warmup=config.warmup, repeats=config.repeats,
+        contender, shape, steps=config.steps, warmup=row["warmup"], repeats=config.repeats,
         compile=row["compiled"], device=device, seed=config.seed))
+    if row["compiled"]:
+        row["graphs_compiled"] = compiled_graphs() - graphs
     if row["train"] is not None:
         row["mfu"] = row["train"]["tokens_per_s"] * contender.flops_per_token / peak_flops
     if not config.generate or contender.decoder is None:
@@ -127,6 +192,11 @@ def measure_contender(row: dict, contender: Contender, shape: Shape, config: Ben
             row["gen_tokens_per_s"][f"b{batch_size}"] = rate
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (recompiles included)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def release(device: torch.device) -> None:
     """Free what the last row left: Python garbage, compiled graphs, cached device memory."""
     gc.collect()
@@ -136,11 +206,16 @@ def release(device: torch.device) -> None:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """ratio = train tokens/s over the reference GPT's at the same shape (None where either is missing)."""
+    """ratio = train tokens/s over the reference GPT's at the same shape; baseline_ratio = over the
+    row's baseline's (its family without memory); None where either is missing."""
     reference = next(row["train"] for row in rows if row["kind"] == "reference")
+    trained = {row["model"]: row["train"] for row in rows}
     for row in rows:
         if row["train"] is not None and reference is not None:
             row["ratio"] = row["train"]["tokens_per_s"] / reference["tokens_per_s"]
+        baseline = trained.get(row["baseline"])
+        if row["train"] is not None and baseline is not None:
+            row["baseline_ratio"] = row["train"]["tokens_per_s"] / baseline["tokens_per_s"]
 
 
 def summary(row: dict) -> str:
