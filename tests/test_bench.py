@@ -354,3 +354,24 @@ def test_reshaping_keeps_memory_proportions_and_entries_take_their_own_overrides
     assert (persistent.memory.persistent, persistent.feedforward.kind, persistent.layers) == (16, "none", L)
     with pytest.raises(ValueError, match="must read PRESET"):
         resolve(BenchConfig(**{**TINY, "presets": ["seed-small memory.persistent"]}), CPU)
+
+
+def test_graph_decode_mode_generates_what_the_eager_decoder_generates():
+    from memlm.bench.contenders import memlm_decoder, memlm_static_decoder
+    torch.manual_seed(0)
+    model = memlm.build("seed-tiny", layers=2, width=32, seq_len=64, **{"attention.heads": 4}).eval()
+    prompt = torch.randint(0, 256, (3, 6))
+    with torch.no_grad():
+        eager, static = memlm_decoder(model), memlm_static_decoder(model, 64)
+        expected = eager.extend(eager.prefill(prompt), 10)[:, 1:]  # the eager decoder returns the last prompt token too
+        for _ in range(2):  # the same static decoder serves a second generation
+            assert torch.equal(static.extend(static.prefill(prompt), 10), expected)
+
+
+def test_graph_decode_mode_falls_back_to_eager_for_memory_rows_and_says_so():
+    row = run_bench(BenchConfig(presets=["seed-xl-tiny", "seed-tiny"], decode="graph", peers=False, device="cpu",
+                                repeats=1, gen_batch_sizes=[1]))
+    rows = {r["model"]: r for r in row["rows"]}
+    assert any("decodes eagerly" in note for note in rows["memlm seed-xl-tiny"]["notes"])
+    assert not any("decodes eagerly" in note for note in rows["memlm seed-tiny"]["notes"])
+    assert all(r["gen_tokens_per_s"]["b1"] > 0 for r in rows.values())

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-DecodeMode = Literal["eager", "compile"]
+DecodeMode = Literal["eager", "compile", "graph"]
 DECODE_MODES = get_args(DecodeMode)
 
 
@@ -57,7 +57,7 @@ class BenchConfig:
     gen_new_tokens: int | None = None
     """New tokens per generation call; None = 256 on CUDA, 8 on CPU. Prompt + new tokens <= seq_len."""
     decode: DecodeMode = "eager"
-    """Decode path of memlm and reference generation: eager, or compile (torch.compile(model, dynamic=True))."""
+    """Decode path of memlm and reference generation: eager, compile (torch.compile(model, dynamic=True)), or graph (memlm: static key/value cache, compiled step replayed as a CUDA graph over bf16 weights, memlm.model.static_decode; models it does not support and the reference decode eagerly)."""
     device: str = "auto"
     """auto (CUDA when available), cuda, cuda:N or cpu."""
     seed: int = 0

@@ -8,7 +8,8 @@ timed decode steps.
 
 Decode modes (`BenchConfig.decode`) are chosen in `decode_step`: `eager` runs the model as is,
 `compile` runs torch.compile(model, dynamic=True) so the growing cache does not recompile
-every step. A CUDA-graph decode over a static cache plugs in there as another mode.
+every step; `graph` decodes memlm models through memlm.model.static_decode (a static cache,
+the step compiled and replayed as a CUDA graph, weights in bf16 on CUDA) where they support it.
 
 Presets with memory that lives in a state (`ModelConfig.stateful`: recurrent, compressive or
 kNN memory, recurrent memory tokens) train as `memlm train` trains them, on streams: a
@@ -29,6 +30,7 @@ from torch import nn
 import memlm
 from memlm.bench import reference
 from memlm.config import ModelConfig
+from memlm.model import static_decode
 from memlm.memory.state import State
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -153,6 +155,31 @@ def memlm_decoder(step: nn.Module) -> Decoder:
     return Decoder(prefill, extend)
 
 
+def memlm_static_decoder(model: nn.Module, max_len: int) -> Decoder:
+    """memlm.model.static_decode: one StaticDecoder per batch size (compiled and captured once
+    on CUDA), prefilled with all but the prompt's last token, then stepped greedily."""
+    from memlm.model.static_decode import StaticDecoder
+    decoders: dict[int, StaticDecoder] = {}
+
+    def prefill(prompt: torch.Tensor):
+        B = prompt.shape[0]
+        if B not in decoders:
+            cuda = prompt.is_cuda
+            decoders[B] = StaticDecoder(model, B, max_len, compile=cuda, dtype=torch.bfloat16 if cuda else None)
+        decoders[B].prefill(prompt[:, :-1])
+        return decoders[B], prompt[:, -1:]
+
+    def extend(context, n: int) -> torch.Tensor:
+        decoder, ids = context
+        pieces = []
+        for _ in range(n):
+            ids = decoder.step(ids).argmax(dim=-1, keepdim=True)  # (B, 1)
+            pieces.append(ids)
+        return torch.cat(pieces, dim=1)
+
+    return Decoder(prefill, extend)
+
+
 def memlm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     out = model(inputs, targets=targets)
     return out.loss + out.aux_loss
@@ -253,6 +280,7 @@ def memlm_spec(preset: str, config: ModelConfig, baseline: str | None = None) ->
 
     def build(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
         model = memlm.LanguageModel(config).to(device)
+        static = decode_mode == "graph" and static_decode.unsupported_reason(model) is None
         filled = 0
         if config.stateful:
             state = model.init_state(shape.batch_size)
@@ -264,8 +292,10 @@ def memlm_spec(preset: str, config: ModelConfig, baseline: str | None = None) ->
             objective=objective,
             flops_per_token=model.flops_per_token(shape.seq_len),
             params=model.num_parameters(),
-            decoder=memlm_decoder(decode_step(model, decode_mode)),
-            notes=memlm_notes(config, filled),
+            decoder=memlm_static_decoder(model, config.seq_len) if static
+            else memlm_decoder(decode_step(model, "eager" if decode_mode == "graph" else decode_mode)),
+            notes=memlm_notes(config, filled) + ([] if static or decode_mode != "graph"
+                                                 else ["decodes eagerly: no static-cache path for its memory"]),
             warmup=warmup,
         )
 
@@ -300,7 +330,8 @@ def build_reference(shape: Shape, device: torch.device, decode_mode: str) -> Con
         objective=Objective(model, reference_loss),
         flops_per_token=dense_flops_per_token(model, shape, shape.seq_len),
         params=count_params(model),
-        decoder=reference_decoder(decode_step(model, decode_mode)),
+        decoder=reference_decoder(decode_step(model, "eager" if decode_mode == "graph" else decode_mode)),
+        notes=["decodes eagerly (graph mode is memlm's)"] if decode_mode == "graph" else [],
     )
 
 
