@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--override", nargs="*", default=[], help="dotted model overrides key=value")
     parser.add_argument("--rows", type=int, default=25, help="kernels listed")
+    parser.add_argument("--reset", action="store_true",
+                        help="stateful models: reset no row, but mark the state as reset (masked), as training on "
+                             "documents does after the first document boundary")
     args = parser.parse_args()
 
     overrides = dict(item.split("=", 1) for item in args.override)
@@ -35,6 +38,8 @@ def main() -> None:
     forward = model if args.no_compile else torch.compile(model)
     data = torch.randint(0, config.vocab_size, (args.steps, B, T + 1), device="cuda")
     state = model.init_state(B) if config.stateful else None
+    if state is not None and args.reset:
+        state = state.reset(torch.zeros(B, dtype=torch.bool, device="cuda"))
 
     def step(i: int) -> None:
         nonlocal state
