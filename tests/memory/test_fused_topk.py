@@ -34,7 +34,7 @@ def assert_topk(scores, slots, queries, keys, counts, k, atol):
     C = keys.shape[1]
     assert scores.shape == slots.shape == (G, M, k) and slots.dtype == torch.long
     want_scores, want_slots = brute_force_topk(queries, keys, counts, k, out_dtype=torch.float32)
-    live = torch.arange(k)[None, None, :] < counts.clamp(max=C)[:, None, None]  # (G, 1, k)
+    live = torch.arange(k, device=counts.device)[None, None, :] < counts.clamp(max=C)[:, None, None]  # (G, 1, k)
     live = live.expand(G, M, k)
     assert torch.equal(slots >= 0, live), "slot -1 exactly at ranks >= count"
     assert bool((scores[~live] == float("-inf")).all())
