@@ -147,8 +147,9 @@ def memorize(model, split: TokenSplit, batch_size: int, max_tokens: int | None =
         n = keys_all.shape[2]
         if n == 0:
             raise KnowledgeError("nothing to memorise: the split holds no tokens")
-        store = make_store(config.memory.knn_backend, rows=1, heads=config.kv_heads, dim=config.head_dim,
-                           capacity=capacity or n, device="cpu")
+        m = config.memory
+        store = make_store(m.knn_backend, rows=1, heads=config.kv_heads, dim=config.head_dim, capacity=capacity or n,
+                           device="cpu", **({"dtype": m.knn_dtype} if m.knn_backend == "exact" else {}))
         store.write(keys_all, torch.cat(values, dim=1)[None], torch.cat(positions))
         stores[layer] = store.share()
     return stores, tokens

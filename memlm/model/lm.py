@@ -109,7 +109,7 @@ class LanguageModel(nn.Module):
         for layer in m.knn_layers or ():
             state.stores[layer] = knowledge[layer] if layer in knowledge else make_store(
                 m.knn_backend, rows=batch_size, heads=self.config.kv_heads, dim=self.config.head_dim,
-                capacity=m.knn_capacity, device=device)
+                capacity=m.knn_capacity, device=device, **({"dtype": m.knn_dtype} if m.knn_backend == "exact" else {}))
         return state
 
     def load_state(self, data: dict, device: torch.device | str | None = None) -> State:

@@ -126,3 +126,23 @@ def test_knn_config_errors():
         with pytest.raises(memlm.ConfigError) as info:
             build(**bad)
         assert info.value.field_name == field
+
+
+def test_knn_dtype_sets_the_exact_store_precision_and_is_checked():
+    import memlm
+    from memlm.config import ConfigError
+    model = memlm.build("seed-tiny", layers=2, width=32, seq_len=16,
+                        **{"attention.heads": 2, "memory.knn_layers": [1], "memory.knn_capacity": 64,
+                           "memory.knn_dtype": "bfloat16"})
+    state = model.init_state(2)
+    assert state.stores[1].dtype == torch.bfloat16 and state.stores[1].keys.dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (2, 32))
+    out = model(ids[:, :16], state=state)
+    out = model(ids[:, 16:], state=out.state)  # the second segment reads what the first wrote
+    assert int(state.stores[1].counts[0]) == 32 and torch.isfinite(out.logits).all()
+    assert memlm.build("seed-knn-tiny").init_state(1).stores[2].dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="knn_dtype"):
+        memlm.build("seed-tiny", **{"memory.knn_layers": [1], "memory.knn_dtype": "float16"})
+    with pytest.raises(ConfigError, match="float32"):
+        memlm.build("seed-tiny", **{"memory.knn_layers": [1], "memory.knn_backend": "faiss",
+                                    "memory.knn_dtype": "bfloat16"})
