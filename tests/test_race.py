@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -22,23 +21,12 @@ from memlm.data import prepare
 from memlm.eval import evaluate
 from memlm.train import Trainer, checkpoint, distributed
 from memlm.train.config import TrainConfig
+from tests.test_cli import corpus  # noqa: F401  (the fixture: a small corpus of word documents)
 
 TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "32", "--peer-shape", "seed-tiny",
         "--fractions", "0.8", "0.1", "0.1", "--steps", "4", "--batch-size", "4", "--eval-batches", "1",
         "--eval-every", "4", "--device", "cpu"]
 CONTENDERS = ["--contenders", "seed-tiny", "seed-xl-tiny"]
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("MEMLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    rng, root = random.Random(0), tmp_path / "corpus"
-    root.mkdir()
-    words = "alpha beta gamma delta epsilon zeta eta theta".split()
-    for i in range(40):
-        (root / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(25)))
-    return root
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -117,19 +117,17 @@ class MemoryTokenContext(SegmentContext):
     """True stream position - frame position of the keys before `read_start` (= M with
     recurrent memory: the read tokens are inserted between the memory and the segment)."""
 
+    def key_positions(self, cache_len: int, q_len: int, device: torch.device) -> torch.Tensor:
+        positions = super().key_positions(cache_len, q_len, device)  # frame positions
+        if self.memory_shift:
+            positions = torch.where(positions < self.read_start, positions + self.memory_shift, positions)
+        return positions
+
     def key_mask(self, cache_len: int, q_len: int, device: torch.device) -> torch.Tensor | None:
-        if self.row_start is None and self.keep is None:
+        mask = super().key_mask(cache_len, q_len, device)
+        if mask is None:
             return None
-        batch = (self.row_start if self.row_start is not None else self.keep).shape[0]
-        mask = torch.ones(batch, cache_len + q_len, dtype=torch.bool, device=device)
-        if self.keep is not None:
-            mask[:, cache_len:] = self.keep
         first = self.q_start - cache_len  # frame position of key 0
-        if self.row_start is not None:
-            positions = torch.arange(first, self.q_start + q_len, device=device)
-            if self.memory_shift:
-                positions = torch.where(positions < self.read_start, positions + self.memory_shift, positions)
-            mask &= positions[None, :] >= self.row_start[:, None]
         lo = max(0, self.read_start - first)
         hi = min(cache_len + q_len, self.read_start + self.read_count - first)
         if hi > lo:

@@ -60,9 +60,12 @@ class SegmentContext:
         if self.keep is not None:
             mask[:, cache_len:] = self.keep
         if self.row_start is not None:
-            positions = torch.arange(self.q_start - cache_len, self.q_start + q_len, device=device)
-            mask &= positions[None, :] >= self.row_start[:, None]
+            mask &= self.key_positions(cache_len, q_len, device)[None, :] >= self.row_start[:, None]
         return mask
+
+    def key_positions(self, cache_len: int, q_len: int, device: torch.device) -> torch.Tensor:
+        """(cache_len + q_len,) stream positions of the keys, compared with `row_start`."""
+        return torch.arange(self.q_start - cache_len, self.q_start + q_len, device=device)
 
 
 SPAN_TRIM_STEP = 64
