@@ -101,6 +101,11 @@ class StaticDecoder:
         self.k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)  # (L, B, Hkv, S, D)
         self.v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
         self.key_positions = torch.arange(max_len, device=device)  # (S,)
+        self._tupe_keys = None  # (S, H, D) TUPE key-side projections of every slot, set by prefill
+        if self.model.tupe is not None:
+            tupe = self.model.tupe
+            self._tupe_keys = torch.zeros(max_len, tupe.heads, tupe.head_dim, dtype=tupe.key.weight.dtype,
+                                          device=device)
         self.length = 0  # positions written (host-side, so bounds are checked without a sync)
         self.step_fn = torch.compile(self._step, dynamic=False, fullgraph=True) if compile else self._step
         self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs of the graph
@@ -124,6 +129,9 @@ class StaticDecoder:
             self.k_cache[i, :, :, :T0].copy_(layer["k"])
             self.v_cache[i, :, :, :T0].copy_(layer["v"])
         self.length = T0
+        if self.model.tupe is not None:  # TUPE's key-side term depends only on the slot: once per prompt
+            tupe = self.model.tupe
+            self._tupe_keys.copy_(tupe.key(tupe.table(self.key_positions)).view(-1, tupe.heads, tupe.head_dim))
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -207,8 +215,7 @@ class StaticDecoder:
         if model.tupe is not None:
             tupe = model.tupe
             uq = tupe.query(tupe.table(position.view(1))).view(tupe.heads, tupe.head_dim)  # (H, D)
-            uk = tupe.key(tupe.table(self.key_positions)).view(-1, tupe.heads, tupe.head_dim)  # (S, H, D)
-            term = torch.einsum("hd,shd->hs", uq, uk) / math.sqrt(2 * tupe.head_dim)  # (H, S)
+            term = torch.einsum("hd,shd->hs", uq, self._tupe_keys.to(uq.dtype)) / math.sqrt(2 * tupe.head_dim)  # (H, S)
             tables = [t + term for t in tables] if tables else [term]
         return tables
 
