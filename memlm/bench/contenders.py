@@ -283,7 +283,9 @@ def memlm_spec(preset: str, config: ModelConfig, baseline: str | None = None) ->
         static = decode_mode == "graph" and static_decode.unsupported_reason(model) is None
         filled = 0
         if config.stateful:
-            state = model.init_state(shape.batch_size)
+            # masked, as training on documents is after the first document boundary: the attention
+            # then applies each row's start (a key mask), which picks other kernels than unmasked memory
+            state = model.init_state(shape.batch_size).reset(torch.zeros(shape.batch_size, dtype=torch.bool))
             filled = fill_stores(state)
             objective, warmup = StreamObjective(model, state), memory_warmup(config)
         else:

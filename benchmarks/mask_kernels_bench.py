@@ -1,0 +1,116 @@
+"""Time forward+backward of masked attention kernels on a GPU: which kernel should a per-row key
+mask (document boundaries in a recurrent memory) and a score bias use?
+
+    python benchmarks/mask_kernels_bench.py [--batch 32 --heads 8 --kv-heads 1 --q-len 512 --k-len 1024]
+
+Variants, each compiled with torch.compile and checked against the eager reference:
+  sdpa-bool      sdpa with a (B, 1, Tq, Tk) boolean mask (causal offset & key mask)
+  flex-score     FlexAttention, causal block mask, key mask in a score_mod (memlm's flex path)
+  flex-maskmod   FlexAttention, key mask and causality in a per-batch block mask (mask_mod)
+  flex-expand    flex-score with the key/value heads repeated to the query heads (no GQA)
+  flex-b64       flex-score with 64 x 64 tiles
+and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a float mask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from memlm.model.kernels import eager_attention
+
+
+def timed(fn, iters: int = 20) -> float:
+    """Milliseconds of one call of fn (after 3 warm-up calls), by CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=1)
+    parser.add_argument("--q-len", type=int, default=512)
+    parser.add_argument("--k-len", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--bias", action="store_true")
+    args = parser.parse_args()
+    B, H, Hkv, Tq, Tk, D = args.batch, args.heads, args.kv_heads, args.q_len, args.k_len, args.dim
+    offset = Tq - Tk  # keys k_offset..Tq-1: a memory of Tk - Tq before the segment
+    device, dtype = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    q = torch.randn(B, H, Tq, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Tk, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Tk, D, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, H, Tq, D, device=device, dtype=dtype)
+    key_mask = torch.arange(Tk, device=device)[None, :] >= torch.randint(0, Tk, (B, 1), device=device)  # (B, Tk)
+    bias = torch.randn(H, Tq, Tk, device=device, dtype=torch.float32) if args.bias else None
+    scale = 1.0 / math.sqrt(D)
+
+    q_pos = torch.arange(Tq, device=device)[:, None]
+    k_pos = torch.arange(offset, offset + Tk, device=device)[None, :]
+    visible = (k_pos <= q_pos) & (key_mask[:, None, None, :] | (k_pos == q_pos))  # (B, 1, Tq, Tk)
+
+    def sdpa_bool():
+        mask = visible if bias is None else bias[None].to(dtype).masked_fill(~visible, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hkv != H)
+
+    causal_block = create_block_mask(lambda b, h, i, j: j + offset <= i, None, None, Tq, Tk, device=device)
+
+    def score_mod(score, b, h, i, j):
+        if bias is not None:
+            score = score + bias[h, i, j]
+        return torch.where(key_mask[b, j] | (j + offset == i), score, float("-inf"))
+
+    def flex_score(q, k, v, kernel_options=None):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=causal_block, scale=scale,
+                              enable_gqa=k.shape[1] != q.shape[1], kernel_options=kernel_options)
+
+    def flex_maskmod(q, k, v):
+        def visible_mod(b, h, i, j):
+            return (j + offset <= i) & (key_mask[b, j] | (j + offset == i))
+        block = create_block_mask(visible_mod, B, None, Tq, Tk, device=device)
+        mod = None if bias is None else (lambda score, b, h, i, j: score + bias[h, i, j])
+        return flex_attention(q, k, v, score_mod=mod, block_mask=block, scale=scale, enable_gqa=Hkv != H)
+
+    def flex_expand(q, k, v):
+        return flex_score(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1))
+
+    variants = {
+        "sdpa-bool": torch.compile(sdpa_bool),
+        "flex-score": torch.compile(lambda: flex_score(q, k, v)),
+        "flex-maskmod": torch.compile(lambda: flex_maskmod(q, k, v)),
+        "flex-expand": torch.compile(lambda: flex_expand(q, k, v)),
+        "flex-b64": torch.compile(lambda: flex_score(q, k, v, {"BLOCK_M": 64, "BLOCK_N": 64})),
+    }
+    reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset, key_mask=key_mask, scale=scale,
+                                bias=bias)
+    print(f"B{B} H{H} Hkv{Hkv} Tq{Tq} Tk{Tk} D{D} bf16{' +bias' if bias is not None else ''}: fwd / fwd+bwd ms, "
+          f"max |out - eager fp32|")
+    for name, fn in variants.items():
+        try:
+            out = fn()
+            error = (out.float() - reference).abs().max().item()
+            forward = timed(lambda: fn())
+            both = timed(lambda: fn().backward(grad))
+            print(f"  {name:13s} {forward:7.3f} {both:7.3f}   {error:.3g}")
+        except Exception as exc:  # a variant that fails to compile is a row, not the end
+            print(f"  {name:13s} failed: {type(exc).__name__}: {str(exc)[:200]}")
+        q.grad = k.grad = v.grad = None
+
+
+if __name__ == "__main__":
+    main()
