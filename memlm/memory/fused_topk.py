@@ -386,9 +386,17 @@ def candidate_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Te
     return out
 
 
+MAX_MAXIMA_ELEMENTS = 2 ** 28
+"""Tile maxima held at once (1 GiB of fp32): queries are searched in chunks below it. A shared
+knowledge store (one group, every batch row's queries, millions of keys) would otherwise need
+tens of GB, and torch.topk over more than 2^31 elements fails (an illegal memory access on an
+H200 at 131,072 queries x 2M keys)."""
+
+
 @torch.no_grad()
 def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
-                             config: TopkConfig | None = None, out_dtype: torch.dtype | None = None, **options):
+                             config: TopkConfig | None = None, out_dtype: torch.dtype | None = None,
+                             max_elements: int = MAX_MAXIMA_ELEMENTS, **options):
     """Exact top-k inner products per group, ExactStore._topk's semantics.
 
     queries (G, M, D) (cast to the keys' dtype, as the store does), keys (G, C, D) (any strides:
@@ -397,6 +405,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
     best first; ranks >= counts[g] (fewer than k live keys) are -1 / -inf. fp32, bf16 and fp16
     keys; CUDA tensors (or CPU ones under TRITON_INTERPRET=1, for tests). Tie behaviour and
     precision: see the module docstring. `config` or keyword options of TopkConfig tune it.
+    Queries are searched in chunks of M so that at most `max_elements` tile maxima exist at once.
     """
     _check(queries, keys, counts, k)
     if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -409,6 +418,11 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
     counts = counts.to(keys.device, torch.long).contiguous()
     if C == 0 or G == 0 or M == 0:
         return _finish(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
+    chunk = max(1, max_elements // (G * cfg.n_tiles_total(C)))  # queries per search
+    if M > chunk:
+        parts = [fused_inner_product_topk(queries[:, i:i + chunk].contiguous(), keys, counts, k, cfg, out_dtype,
+                                          max_elements) for i in range(0, M, chunk)]
+        return torch.cat([scores for scores, _ in parts], dim=1), torch.cat([slots for _, slots in parts], dim=1)
     maxima = tile_maxima(queries, keys, counts, cfg)  # (G, M, T)
     nt = min(cfg.n_tiles or k, maxima.shape[-1])
     chosen = maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)

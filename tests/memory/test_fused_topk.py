@@ -123,6 +123,8 @@ INTERPRETER_CASES = [  # G, M, C, D, k, counts, dtype, config
     (2, 6, 40, 16, 50, [40, 33], torch.float32, dict(tile=8, block_m=16, block_n=16)),  # k > C
     (2, 8, 64, 8, 4, [0, 64], torch.float32, dict(tile=16, block_m=16, block_n=16)),  # D < 16, an empty group
     (2, 8, 96, 16, 4, [96, 50], torch.float16, dict(tile=8, block_m=16, block_n=32, n_tiles=6)),
+    # queries searched in chunks of 5 (2 groups x 64 tiles x 5 queries of maxima at once)
+    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, max_elements=2 * 64 * 5)),
 ]
 
 
@@ -130,11 +132,18 @@ def _interpreter_case(case):
     """One INTERPRETER_CASES entry; runs in a child process with TRITON_INTERPRET=1."""
     torch.manual_seed(case)
     G, M, C, D, k, counts, dtype, options = INTERPRETER_CASES[case]
+    options = dict(options)
+    max_elements = options.pop("max_elements", None)
     queries = F.normalize(torch.randn(G, M, D), dim=-1).to(dtype)
     keys = F.normalize(torch.randn(G, C + 5, D), dim=-1).to(dtype)[:, :C]  # a slice, as the store passes
     counts = torch.tensor(counts)
     scores, slots = fused_inner_product_topk(queries, keys, counts, k, out_dtype=torch.float32, **options)
     assert_topk(scores, slots, queries, keys, counts, k, atol=1e-5)
+    if max_elements is not None:  # chunked queries: the same result as one search
+        assert TopkConfig(**options).n_tiles_total(C) * G * 5 == max_elements  # 4 chunks of M = 17
+        chunked = fused_inner_product_topk(queries, keys, counts, k, out_dtype=torch.float32,
+                                           max_elements=max_elements, **options)
+        assert torch.equal(chunked[0], scores) and torch.equal(chunked[1], slots)
     cfg = TopkConfig(**options)  # the same scores as the torch algorithm with the same tiles
     ref = two_stage_topk_reference(queries, keys, counts, k, tile=cfg.tile, stride=cfg.stride,
                                    n_tiles=cfg.n_tiles, out_dtype=torch.float32)
