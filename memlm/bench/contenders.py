@@ -202,8 +202,8 @@ class StreamObjective(nn.Module):
     for seed-xl, 4 with compressive memory, 2 for kNN memory with filled stores, compiled
     within `memory_warmup` steps. kNN store writes (`Store.write`, called in the model's forward
     when a segment completes) are traced into the graph as in-place updates of the store's
-    tensors; a store that is still filling changes a Python int (`Store.filled`) that the
-    search reads, so it would recompile every step: `fill_stores` fills them first."""
+    tensors. `fill_stores` fills them first, so that the timed steps search full stores, as
+    most steps of a long run do."""
 
     def __init__(self, model: nn.Module, state: State):
         super().__init__()

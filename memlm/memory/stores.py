@@ -175,7 +175,10 @@ class Store:
         self.positions[rows, slots] = positions
         self.written += T
         self.counts = self.written.clamp(max=self.capacity)
-        self.filled = min(self.capacity, self.filled + T)
+        # under torch.compile the bound is set, never read: a value that grows every step while the
+        # store fills would be a new constant, so a recompilation, at every step (the compiled
+        # search covers every slot instead, masked by counts)
+        self.filled = self.capacity if torch.compiler.is_compiling() else min(self.capacity, self.filled + T)
         self._after_write()
 
     @torch.no_grad()
@@ -338,10 +341,13 @@ class ExactStore(Store):
 
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, Hkv, N, D = x.shape
-        if self.filled == 0:  # nothing written yet: nothing to score
+        # slots past `filled` were never written in any row; compiled code searches them all
+        # (masked by counts) rather than read the Python bound, whose changes would recompile it
+        C = self.capacity if torch.compiler.is_compiling() else self.filled
+        if C == 0:  # nothing written yet: nothing to score
             empty = torch.full((B, Hkv, N, k), -1, dtype=torch.long, device=self.device)
             return torch.full((B, Hkv, N, k), float("-inf"), dtype=self.dtype, device=self.device), empty
-        C, kk = self.filled, min(k, self.filled)  # slots past `filled` were never written in any row
+        kk = min(k, C)
         x = x.to(self.device, self.dtype)
         if self.shared:  # one memory for every batch row: fold the batch into the queries
             x = x.transpose(0, 1).reshape(1, Hkv, B * N, D)

@@ -146,3 +146,27 @@ def test_knn_dtype_sets_the_exact_store_precision_and_is_checked():
     with pytest.raises(ConfigError, match="float32"):
         memlm.build("seed-tiny", **{"memory.knn_layers": [1], "memory.knn_backend": "faiss",
                                     "memory.knn_dtype": "bfloat16"})
+
+
+def test_compiled_model_does_not_recompile_while_the_store_fills():
+    """Under torch.compile the store's Python fill bound is neither read nor specialised on: a
+    kNN model filling its store compiles twice (empty state, then carried memory), not once per
+    segment (which hit dynamo's recompile limit and fell back to eager), and computes what the
+    eager model computes (the compiled search covers every slot, masked by counts)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = build(**{"memory.knn_capacity": 40})  # fills over 5 segments of 8, then evicts
+    ids = torch.randint(0, 256, (2, 8 * 7))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    torch._dynamo.reset()
+    eager_state, compiled_state = model.init_state(2), model.init_state(2)
+    for start in range(0, ids.shape[1], 8):
+        segment = ids[:, start:start + 8]
+        eager = model(segment, state=eager_state)
+        out = compiled(segment, state=compiled_state)
+        torch.testing.assert_close(out.logits, eager.logits, atol=1e-5, rtol=0)
+        eager_state, compiled_state = eager.state, out.state
+    assert counter.frame_count == 2
+    assert compiled_state.stores[1].counts.tolist() == eager_state.stores[1].counts.tolist() == [40, 40]
