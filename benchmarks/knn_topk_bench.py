@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from memlm.bench.timing import cuda_ms
 from memlm.memory.fused_topk import TopkConfig, available, candidate_scores, fused_inner_product_topk, tile_maxima
 from memlm.memory.stores import ExactStore
 
@@ -66,24 +67,6 @@ class FusedExactStore(ExactStore):
             scores = scores.view(Hkv, B, N, k).transpose(0, 1)
             slots = slots.view(Hkv, B, N, k).transpose(0, 1)
         return scores, slots
-
-
-def cuda_ms(fn, budget_s: float = 1.0, max_reps: int = 20) -> float:
-    """Mean ms per call: one warm-up call (compiles), then reps within about budget_s."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    once = time.perf_counter() - t0
-    reps = max(1, min(max_reps, int(budget_s / max(once, 1e-6))))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def stages(queries, keys, counts, k, cfg: TopkConfig) -> dict[str, float]:

@@ -21,21 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from memlm.bench.timing import cuda_ms
 from memlm.model.kernels import eager_attention
-
-
-def timed(fn, iters: int = 20) -> float:
-    """Milliseconds of one call of fn (after 3 warm-up calls), by CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -104,8 +91,8 @@ def main() -> None:
         try:
             out = fn()
             error = (out.float() - reference).abs().max().item()
-            forward = timed(lambda: fn())
-            both = timed(lambda: fn().backward(grad))
+            forward = cuda_ms(lambda: fn())
+            both = cuda_ms(lambda: fn().backward(grad))
             print(f"  {name:13s} {forward:7.3f} {both:7.3f}   {error:.3g}")
         except Exception as exc:  # a variant that fails to compile is a row, not the end
             print(f"  {name:13s} failed: {type(exc).__name__}: {str(exc)[:200]}")

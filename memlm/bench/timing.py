@@ -33,6 +33,26 @@ def repeat_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
     return [seconds(fn, device) for _ in range(repeats)]
 
 
+def cuda_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20) -> float:
+    """Mean milliseconds per call of fn on the current CUDA device: one warm-up call (it may
+    compile), one timed call to size the repeats, then as many calls as fit in about budget_s
+    (1 to max_reps) between two CUDA events. For kernel benchmarks and GPU tests."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    once = time.perf_counter() - start
+    reps = max(1, min(max_reps, int(budget_s / max(once, 1e-6))))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / reps
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

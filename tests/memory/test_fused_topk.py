@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memlm.bench.timing import cuda_ms
 from memlm.memory.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk,
                                      tile_slots, two_stage_topk_reference)
 
@@ -199,18 +200,6 @@ def exact_store_topk(queries, keys, counts, k, chunk_elements=2 ** 27):
     return scores.masked_fill(~found, float("-inf")), slots.masked_fill(~found, -1)
 
 
-def cuda_ms(fn, reps=3):
-    fn()  # warm-up (and compilation)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def gpu_check(queries, keys, counts, k, atol, chunk=4, **options):
     """assert_topk of the fused path on the GPU, a few groups at a time (brute force in fp32
     without TF32). Returns the fraction of brute-force slots swapped for near-ties."""
@@ -252,7 +241,7 @@ def test_gpu_real_size_against_brute_force(dtype):
     keys = F.normalize(torch.randn(G, C, D, device="cuda"), dim=-1).to(dtype)
     counts = torch.full((G,), C, device="cuda")
     missing = gpu_check(queries, keys, counts, k, atol=2e-5)
-    fused = cuda_ms(lambda: fused_inner_product_topk(queries, keys, counts, k))
-    brute = cuda_ms(lambda: exact_store_topk(queries, keys, counts, k), reps=2)
+    fused = cuda_ms(lambda: fused_inner_product_topk(queries, keys, counts, k), max_reps=3)
+    brute = cuda_ms(lambda: exact_store_topk(queries, keys, counts, k), max_reps=2)
     print(f"\n{dtype}: fused {fused:.2f} ms, brute force (ExactStore loop) {brute:.2f} ms per search of "
           f"{G}x{M} queries over {C} keys; near-tie swaps vs brute force: {missing:.2e} of results")
