@@ -14,6 +14,7 @@ from typing import Any
 
 from memlm.config import ConfigError
 from memlm.data import DEFAULT_FRACTIONS
+from memlm.longrange import TARGETS as RECALL_TARGETS
 
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -33,7 +34,9 @@ class TrainConfig:
     task: str = "lm"
     """What to train on: lm (the corpus of --data), or recall (endless documents of the long-range recall task, memlm.longrange; --data then serves only the validation and test bpb, and the run ends with recall accuracy by distance)."""
     recall_distances: tuple[int, ...] = (64, 256, 1024, 2048)
-    """recall task: filler lengths in bytes between a key's definition and its query, drawn per training document; also the distances scored at the end."""
+    """recall task: filler lengths in bytes between a key's definition and its query scored at the end; training documents draw theirs log-uniformly from 0 to the largest (memlm.longrange.spread_distance)."""
+    recall_targets: str = "answers"
+    """recall task: which bytes are trained: answers (the queried value digits only: the task's digit NLL is the loss; a batch holding no answer is trained on all its bytes), or all (language modelling of the whole documents, which a small model does not turn into recall)."""
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
     """Train / validation / test share of the documents (split by a hash of each document's name)."""
     out: str | None = None
@@ -131,6 +134,8 @@ class TrainConfig:
             raise ConfigError("task", self.task, f"allowed: {', '.join(TASKS)}")
         if not self.recall_distances or any(not isinstance(d, int) or d < 0 for d in self.recall_distances):
             raise ConfigError("recall_distances", self.recall_distances, "must be one or more byte counts >= 0")
+        if self.recall_targets not in RECALL_TARGETS:
+            raise ConfigError("recall_targets", self.recall_targets, f"allowed: {', '.join(RECALL_TARGETS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError("schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:

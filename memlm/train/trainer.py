@@ -50,6 +50,8 @@ from memlm.train.schedule import Schedule, step_progress
 
 EVALUATIONS = 10
 """Evaluations (and checkpoints) over a run whose eval_every is None."""
+MEMORY_RECOMPILE_LIMIT = 64
+"""torch._dynamo's recompile limit while a model with memory trains compiled (see Trainer.__init__)."""
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 """Dense bf16 tensor-core peaks (vendor figures) by device-name fragment: the MFU estimate's
 fallback when measuring the peak fails."""
@@ -134,6 +136,10 @@ class Trainer:
 
         self.train_model: torch.nn.Module = self.model
         if c.compile:
+            if self.stateful:  # memories fill, compressed memories fill, learned spans trim memory to
+                # new lengths: each a new graph (seed-mem-tiny compiles 7 while filling); past dynamo's
+                # limit (8) the whole forward would silently run eagerly for the rest of the run
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MEMORY_RECOMPILE_LIMIT)
             self.train_model = torch.compile(self.train_model)
         if info.enabled:
             self.train_model = DistributedDataParallel(  # memory mechanisms use some weights only on some steps
@@ -150,7 +156,7 @@ class Trainer:
         c, info = self.config, self.info
         if c.task == "recall":  # endless recall documents, as streams (models without memory ignore the state)
             return RecallStreams(c.batch_size, self.seq_len, c.recall_distances, seed=seed, rank=info.rank,
-                                 world_size=info.world_size)
+                                 world_size=info.world_size, targets=c.recall_targets)
         if self.stateful:
             return Streams(self.train_split, c.batch_size, self.seq_len, rank=info.rank, world_size=info.world_size)
         return RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=seed, rank=info.rank,
