@@ -96,3 +96,18 @@ def test_recall_task_options_are_checked():
         TrainConfig(task="summarise").validate()
     with pytest.raises(ConfigError, match="recall_distances"):
         TrainConfig(recall_distances=()).validate()
+
+
+def test_compiled_memory_training_raises_the_recompile_limit(corpus, tmp_path, monkeypatch):
+    """Filling memories and learned spans compile new graphs; past dynamo's default limit (8)
+    the forward would run eagerly for the rest of the run, so a compiled model with memory
+    trains under MEMORY_RECOMPILE_LIMIT, and a model without memory leaves the limit alone."""
+    from memlm.train import distributed
+    from memlm.train.trainer import MEMORY_RECOMPILE_LIMIT
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    info = distributed.setup("cpu")
+    Trainer(tiny_model(), fast_config(corpus, tmp_path / "plain", compile=True), info)
+    assert torch._dynamo.config.recompile_limit == 8
+    Trainer(tiny_model().replace(**{"memory.length": 32}), fast_config(corpus, tmp_path / "xl", compile=True), info)
+    assert torch._dynamo.config.recompile_limit == MEMORY_RECOMPILE_LIMIT > 8
