@@ -140,6 +140,17 @@ def test_compile_warm_up_leaves_the_run_unchanged(corpus, tmp_path):
     assert losses(warmed, 4) == losses(plain, 4)
 
 
+def test_warm_up_covers_the_passes_memories_take_to_fill(corpus, tmp_path):
+    from memlm.bench.contenders import memory_warmup
+    trainer = race_trainer(tiny_race_config(corpus, tmp_path / "runs"), "seed-compressive-tiny", tmp_path / "run")
+    trainer.config = dataclasses.replace(trainer.config, compile=True)  # run the passes (uncompiled model)
+    calls = []
+    model = trainer.train_model
+    trainer.train_model = lambda *args, **kwargs: calls.append(1) or model(*args, **kwargs)
+    race.warm_up(trainer, 1)
+    assert len(calls) == memory_warmup(trainer.model_config) > 4  # the filling compressed memory too
+
+
 def test_trainer_measures_no_peak_on_cpu(corpus, tmp_path):
     trainer = race_trainer(tiny_race_config(corpus, tmp_path / "runs"), "seed-xl-tiny", tmp_path / "run")
     assert trainer.peak_flops is None and trainer.peak_source is None

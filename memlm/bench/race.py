@@ -44,9 +44,9 @@ import torch
 import tyro
 
 from memlm.bench.adapters import PeerConfig, XTransformersLM
-from memlm.bench.contenders import Shape
+from memlm.bench.contenders import Shape, memory_warmup
 from memlm.bench.report import environment, slug
-from memlm.config import ConfigError, describe, get_preset, presets, resolve
+from memlm.config import ConfigError, ModelConfig, describe, get_preset, presets, resolve
 from memlm.train import distributed
 from memlm.train.config import TrainConfig
 from memlm.train.metrics import read
@@ -190,10 +190,14 @@ def train_config(config: RaceConfig, run_dir: Path) -> TrainConfig:
 def warm_up(trainer: Trainer, passes: int) -> float:
     """Compile before the clock: `passes` forward/backward passes of the training model on the first
     batches, on a state of its own, with no optimizer step. Pass 1 resets no row and pass 2 resets
-    row 0, so the graphs with and without a (masked) memory are both compiled. The data order and
-    the RNGs are put back afterwards, so the run then trains exactly as it would have. Seconds taken."""
+    row 0, so the graphs with and without a (masked) memory are both compiled; a memlm model with
+    memory gets at least the passes its memories take to fill (`memory_warmup`: compressed memory
+    fills later), since each filling stage is another graph. The data order and the RNGs are put
+    back afterwards, so the run then trains exactly as it would have. Seconds taken."""
     if passes <= 0 or not trainer.config.compile:
         return 0.0
+    if trainer.stateful and isinstance(trainer.model_config, ModelConfig):
+        passes = max(passes, memory_warmup(trainer.model_config))
     start, device = time.perf_counter(), trainer.device
     loader_state, rng = trainer.loader.state_dict(), torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
