@@ -21,6 +21,7 @@ from memlm.data import prepare
 from memlm.eval import evaluate
 from memlm.train import Trainer, checkpoint, distributed
 from memlm.train.config import TrainConfig
+from tests.conftest import by_segments
 from tests.test_cli import corpus  # noqa: F401  (the fixture: a small corpus of word documents)
 
 TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "32", "--peer-shape", "seed-tiny",
@@ -184,12 +185,8 @@ def test_xl_adapter_carries_memory_and_reset_forgets_a_row():
 def test_xl_adapter_token_by_token_equals_one_pass():
     model = xl_model(memory=16, seq_len=16)
     ids = torch.randint(0, 257, (2, 12))
-    state, pieces = model.init_state(2), []
-    for t in range(12):
-        out = model(ids[:, t:t + 1], state=state)
-        pieces.append(out.logits)
-        state = out.state
-    torch.testing.assert_close(torch.cat(pieces, dim=1), model(ids).logits, atol=1e-5, rtol=1e-5)
+    logits, state = by_segments(model, ids, 1)
+    torch.testing.assert_close(logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     reloaded = model.load_state(state.to("cpu").state_dict(), "cpu")
     assert isinstance(reloaded, PeerState) and reloaded.position == 12
     torch.testing.assert_close(model(ids[:, :3], state=reloaded).logits, model(ids[:, :3], state=state).logits)
@@ -198,12 +195,8 @@ def test_xl_adapter_token_by_token_equals_one_pass():
 def test_adapter_without_memory_caches_a_window_for_generation():
     model = xl_model(memory=0, seq_len=16)
     ids = torch.randint(0, 257, (2, 10))
-    state, pieces = model.init_state(2), []
-    for t in range(10):
-        out = model(ids[:, t:t + 1], state=state)
-        pieces.append(out.logits)
-        state = out.state
-    torch.testing.assert_close(torch.cat(pieces, dim=1), model(ids).logits, atol=1e-5, rtol=1e-5)
+    logits, _ = by_segments(model, ids, 1)
+    torch.testing.assert_close(logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     long = model(torch.randint(0, 257, (2, 40)), state=model.init_state(2))
     assert long.logits.shape == (2, 40, 257) and long.state.tokens.shape == (2, 16)
 
