@@ -591,6 +591,15 @@ def _knn(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
     return config
 
 
+def _xl_knn(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
+    """seed-knn plus Transformer-XL recurrence of one segment in every layer: the setting of
+    Memorizing Transformers (arXiv 2203.08913), whose local attention is an XL cache and whose kNN
+    layer searches the older past."""
+    config = _knn(layers, width, heads, seq_len)
+    config.memory.length = seq_len
+    return config
+
+
 def _compressive(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
     """seed-xl plus compressive memory ("Compressive Transformers for Long-Range Sequence
     Modelling", Rae et al., arXiv 1911.05507): memories leaving the segment-long XL memory are
@@ -611,6 +620,7 @@ for _size, _shape in SIZES.items():
     PRESETS[f"seed-mem-{_size}"] = (lambda s=_shape: _seed_mem(**s))
     PRESETS[f"seed-compressive-{_size}"] = (lambda s=_shape: _compressive(**s))
     PRESETS[f"seed-knn-{_size}"] = (lambda s=_shape: _knn(**s))
+    PRESETS[f"seed-xl-knn-{_size}"] = (lambda s=_shape: _xl_knn(**s))
 
 DESCRIPTIONS = {
     "vanilla": "GPT-2-style baseline: learned positions, LayerNorm, GELU, biases, multi-head",
@@ -620,6 +630,7 @@ DESCRIPTIONS = {
     "seed-mem": "seed + feedback memory, adaptive span, compressive and persistent memory",
     "seed-compressive": "seed-xl + compressive memory (rate 4, seq_len / 4 slots, learned conv)",
     "seed-knn": "seed + one kNN memory layer at 3/4 depth (65,536 bf16 entries per row, exact, top-32, gated)",
+    "seed-xl-knn": "seed-knn + Transformer-XL recurrent memory of one segment (as in Memorizing Transformers)",
 }
 
 

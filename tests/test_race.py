@@ -136,7 +136,11 @@ def test_compile_warm_up_leaves_the_run_unchanged(corpus, tmp_path):
     warmed = race_trainer(config, "seed-xl-tiny", tmp_path / "warmed")
     assert race.warm_up(warmed, 4) == 0.0  # not compiled: nothing to warm up
     warmed.config = dataclasses.replace(warmed.config, compile=True)  # run the passes (uncompiled model)
+    evaluated = []
+    evaluate_split = warmed._evaluate_split
+    warmed._evaluate_split = lambda name, tokens: evaluated.append((name, tokens)) or evaluate_split(name, tokens)
     assert race.warm_up(warmed, 4) > 0
+    assert evaluated == [("validation", 1 * 4 * 32)]  # the evaluation the clock starts with, compiled before it
     assert all(p.grad is None for p in warmed.model.parameters())
     assert losses(warmed, 4) == losses(plain, 4)
 

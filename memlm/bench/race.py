@@ -14,10 +14,11 @@ A contender is a memlm preset name or a peer: `x-transformers` (rotary, no memor
 and built at the `--peer-shape` preset's shape (or --layers/--width/--heads/--seq-len).
 
 The clock: a contender's budget is the Trainer's wall clock, which starts at `fit()` and includes
-the validation evaluations made during training (10 over a minutes budget, 8 batches each). Before
+the validation evaluations made during training (10 over a minutes budget unless --eval-every sets
+a step interval; 8 batches each). Before
 it starts, `--compile-warmup` forward/backward passes (no weight update; data order, memory and RNG
-restored afterwards) let torch.compile compile every graph variant the run will need, so compilation
-is not charged to the budget; its seconds are reported as warm-up. The final validation and test
+restored afterwards) and one validation evaluation let torch.compile compile every graph variant the
+run will need, so compilation is not charged to the budget; its seconds are reported as warm-up. The final validation and test
 evaluations and the one checkpoint come after the budget. Text samples are off by default
 (`--sample-bytes 0`): token-by-token sampling would cost each contender a different share of its
 budget.
@@ -86,6 +87,10 @@ class RaceConfig(TrainConfig):
     """memlm preset whose shape (layers, width, heads, seq_len, vocabulary) the peers take."""
     overrides: list[str] = field(default_factory=list)
     """Dotted model overrides for the memlm contenders, as key=value (e.g. attention.backend=flex)."""
+    test_weights: str = "best"
+    """Weights each contender is tested with: best (those of its lowest validation bpb during the budget,
+    i.e. early stopping; the default, since fast models overfit a small corpus well within a budget)
+    or last."""
     compile_warmup: int = 4
     """Forward/backward passes (no update) before the clock starts, so compilation is not charged to the
     budget (compiled runs only); 0 = compile inside the budget."""
@@ -192,7 +197,8 @@ def warm_up(trainer: Trainer, passes: int) -> float:
     batches, on a state of its own, with no optimizer step. Pass 1 resets no row and pass 2 resets
     row 0, so the graphs with and without a (masked) memory are both compiled; a memlm model with
     memory gets at least the passes its memories take to fill (`memory_warmup`: compressed memory
-    fills later), since each filling stage is another graph. The data order and the RNGs are put
+    fills later), since each filling stage is another graph. Then one validation evaluation, as the
+    clock starts with one (its kernels compile per shape). The data order and the RNGs are put
     back afterwards, so the run then trains exactly as it would have. Seconds taken."""
     if passes <= 0 or not trainer.config.compile:
         return 0.0
@@ -217,6 +223,10 @@ def warm_up(trainer: Trainer, passes: int) -> float:
         (out.loss + out.aux_loss).backward()
         state = out.state.detach() if out.state is not None else None
     trainer.optimizer.zero_grad(set_to_none=True)
+    # the validation the clock starts with: evaluation runs the model uncompiled, but its flex attention
+    # and fused kNN search are compiled or jitted per shape, which took an XL + kNN contender ~60 s
+    c = trainer.config
+    trainer._evaluate_split("validation", c.eval_batches * c.batch_size * trainer.seq_len)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     trainer.loader.load_state_dict(loader_state)
@@ -278,6 +288,7 @@ def scores(summary: dict, records: list[dict], trainer: Trainer) -> dict:
             "mfu": mfu, "train_loss": train[-1]["loss"] if train else None,
             "train_bpb": train[-1]["bpb"] if train else None, "val_bpb": evals[-1]["bpb"] if evals else None,
             "best_val_bpb": summary["best_val_bpb"], "test_bpb": summary["test_bpb"],
+            "test_weights": summary["test_weights"], "test_step": summary["test_step"],
             "test_tokens": summary["test_tokens"], "test_by_position": summary["test_by_position"]}
 
 
@@ -307,7 +318,7 @@ def utc_stamp(date: str | None = None) -> str:
 COMPARED = ("data", "fractions", "steps", "tokens", "minutes", "batch_size", "grad_accum", "lr", "min_lr_frac",
             "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
             "precision", "compile", "eval_every", "eval_batches", "layers", "width", "heads", "seq_len",
-            "peer_shape", "overrides", "compile_warmup", "sample_bytes")
+            "peer_shape", "overrides", "compile_warmup", "sample_bytes", "test_weights")
 """Settings that must agree between merged runs (a difference is noted under the table)."""
 
 
@@ -343,7 +354,8 @@ def _fmt(value: float | None, spec: str = "{:,.0f}") -> str:
     return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else spec.format(value)
 
 
-COLUMNS = ["contender", "params", "steps", "tokens", "tokens/s", "MFU", "train loss", "val bpb", "test bpb",
+COLUMNS = ["contender", "params", "steps", "tokens", "tokens/s", "MFU", "train loss", "val bpb", "best val bpb",
+           "test bpb", "tested step",
            "budget s", "warm-up s", "wall s", "device", "notes"]
 
 
@@ -351,7 +363,8 @@ def row_cells(row: dict) -> list[str]:
     remark = row["description"] + (f"; FAILED: {row['error'].splitlines()[0][:160]}" if row["error"] else "")
     return [row["contender"], _fmt(row.get("params")), _fmt(row.get("steps")), _fmt(row.get("tokens")),
             _fmt(row.get("tokens_per_s")), _fmt(row.get("mfu"), "{:.1%}"), _fmt(row.get("train_loss"), "{:.4f}"),
-            _fmt(row.get("val_bpb"), "{:.4f}"), _fmt(row.get("test_bpb"), "{:.4f}"), _fmt(row.get("budget_s"), "{:.1f}"),
+            _fmt(row.get("val_bpb"), "{:.4f}"), _fmt(row.get("best_val_bpb"), "{:.4f}"),
+            _fmt(row.get("test_bpb"), "{:.4f}"), _fmt(row.get("test_step")), _fmt(row.get("budget_s"), "{:.1f}"),
             _fmt(row.get("warmup_s"), "{:.1f}"), _fmt(row.get("wall_s"), "{:.1f}"), row["meta"]["device"],
             remark.replace("|", "/")]
 
@@ -387,7 +400,9 @@ def markdown(result: dict) -> str:
         f"{trained.get('weight_decay')}, seed {trained.get('seed')}, precision {trained.get('precision')}, "
         f"compiled {trained.get('compile')}",
         "- tokens/s: median of the logged training rates (evaluations excluded); test bpb: the whole test split, "
-        "models with memory scored as streams with the memory kept",
+        "models with memory scored as streams with the memory kept, with the weights of "
+        + ("the lowest validation bpb (early stopping; their step is 'tested step')"
+           if c.get("test_weights", "last") == "best" else "the last step"),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

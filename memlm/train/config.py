@@ -91,6 +91,9 @@ class TrainConfig:
     """Steps between checkpoints; None = at every evaluation. The last step always saves one."""
     keep_best: bool = True
     """Also keep the checkpoint with the lowest validation bpb (checkpoints/best)."""
+    test_weights: str = "last"
+    """Weights the final test evaluation scores: last (the end of the budget), or best (those of the
+    validation evaluation with the lowest bpb: early stopping, for budgets that overfit the corpus)."""
     log_every: int = 10
     """Steps between training-metric records (metrics.jsonl, TensorBoard, progress bar)."""
     sample_bytes: int = 200
@@ -127,6 +130,8 @@ class TrainConfig:
         for name in ("grad_accum", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be a positive integer")
+        if self.test_weights not in ("last", "best"):
+            raise ConfigError("test_weights", self.test_weights, "allowed: last, best")
         for name in ("warmup_steps", "sample_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")

@@ -123,6 +123,9 @@ class Trainer:
         self.elapsed = 0.0  # training seconds, earlier runs of a resumed run included
         self.decay_start = 0.0 if c.warmup_steps == 0 else None  # elapsed seconds when warmup ended
         self.best_bpb, self.best_bpb_improved = math.inf, False
+        # test_weights=best: a device copy of the weights of the best validation so far, and its step
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_step: int | None = None
         self.sample: str | None = None  # the text sampled at the latest evaluation
         # carried across batches by models with memory (streams); None = independent random windows
         self.state: State | None = self.model.init_state(c.batch_size) if self.stateful else None
@@ -208,18 +211,20 @@ class Trainer:
                     if evaluate:
                         self.next_mark = self._next_mark()
                 self.bar.update(self._bar_position())
+            tested_step = self._restore_best() if c.test_weights == "best" else self.step
             test = self._evaluate_split("test")
             recall = self._recall() if c.task == "recall" and main else None
             sample = "" if not main else self.sample if self.sample is not None else self._sample()
         summary = {"run_dir": str(self.out), "steps": self.step, "tokens": self.tokens,
                    "elapsed_s": round(self.elapsed, 1), "test_bpb": test["bpb"], "test_loss": test["loss"],
                    "test_perplexity": test["perplexity"], "test_tokens": test["tokens"],
-                   "test_by_position": test["by_position"],
-                   "best_val_bpb": self.best_bpb if math.isfinite(self.best_bpb) else None, "sample": sample}
+                   "test_by_position": test["by_position"], "test_weights": c.test_weights,
+                   "test_step": tested_step, "best_val_bpb": self.best_bpb if math.isfinite(self.best_bpb) else None, "sample": sample}
         if recall is not None:
             summary["recall"] = recall
         if main:
-            self.log.write("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(test))
+            self.log.write("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3),
+                           weights_step=tested_step, **_scored(test))
             self.log.close()
             name = f"{self.preset or 'model'} on {c.data}"
             plot_curves(read(self.out), self.out / "curves.png", title=name)
@@ -364,10 +369,26 @@ class Trainer:
         result = self._evaluate_split("validation", c.eval_batches * c.batch_size * self.seq_len)
         self.best_bpb_improved = result["bpb"] < self.best_bpb
         self.best_bpb = min(self.best_bpb, result["bpb"])
+        if self.best_bpb_improved and c.test_weights == "best":
+            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_step = self.step
         if self.info.main:
             self.log.write("eval", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(result))
             self.sample = self._sample()
             self.bar.log(f"step {self.step:>6} | val bpb {result['bpb']:.4f} | sample: {self.sample[:100]!r}")
+
+    def _restore_best(self) -> int:
+        """Put back the weights of the best validation evaluation (early stopping) for the test; the
+        step they come from. A resumed run that has not improved since takes checkpoints/best."""
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+            return self.best_step
+        try:
+            best = checkpoint.find(self.out, "best")
+        except checkpoint.CheckpointError:
+            return self.step  # never evaluated, or no best kept: the last weights
+        checkpoint.load_weights(self.model, best, self.device)
+        return checkpoint.load_trainer_state(best)["step"]
 
     def _sample(self) -> str:
         c = self.config

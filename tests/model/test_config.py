@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -105,3 +106,9 @@ def test_depth_dependent_preset_keeps_long_memory_in_the_top_sixth_only():
     full = get_preset("seed-xl-small")
     assert sum(full.memory_lengths()) == 6 * sum(small.memory_lengths())
     assert get_preset("seed-xl-top-tiny").memory_lengths() == [0, 0, 0, 256]
+
+
+def test_xl_knn_preset_is_knn_plus_one_segment_of_recurrence():
+    knn, xl_knn = get_preset("seed-knn-small"), get_preset("seed-xl-knn-small")
+    assert xl_knn.memory.length == xl_knn.seq_len == 512 and knn.memory.length == 0
+    assert dataclasses.replace(xl_knn, memory=knn.memory) == knn  # nothing else differs

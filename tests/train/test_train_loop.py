@@ -10,7 +10,8 @@ import pytest
 import torch
 from train_helpers import fast_config, tiny_model
 
-from memlm.train import CheckpointError, Trainer, train
+from memlm.config import ConfigError
+from memlm.train import CheckpointError, Trainer, checkpoint, train
 from memlm.train import distributed
 from memlm.train.metrics import read
 
@@ -97,3 +98,56 @@ def test_a_run_directory_is_not_overwritten_without_resume(corpus, tmp_path):
         train(tiny_model(), fast_config(corpus, tmp_path / "run", steps=2))
     with pytest.raises(CheckpointError, match="no such run"):
         train(tiny_model(), fast_config(corpus, tmp_path / "other", steps=2, resume=True))
+
+
+def fake_validation(monkeypatch, scores: list[float]) -> None:
+    """Validation bpb replaced by `scores` in turn (the test split is still scored for real), so that
+    which evaluation is best is known in advance."""
+    real, queue = Trainer._evaluate_split, list(scores)
+
+    def evaluate_split(self, name, max_tokens=None):
+        result = real(self, name, max_tokens)
+        return {**result, "bpb": queue.pop(0)} if name == "validation" else result
+
+    monkeypatch.setattr(Trainer, "_evaluate_split", evaluate_split)
+
+
+def test_bpb(run_dir, pointer: str) -> float:
+    """Test bpb of a run's checkpoint, computed apart from the trainer."""
+    from memlm.data import prepare
+    from memlm.eval import evaluate
+    model, config = checkpoint.load_model(checkpoint.find(run_dir, pointer))
+    split = prepare(config["train"]["data"], None, tuple(config["train"]["fractions"])).split("test")
+    return evaluate(model, split, 4, 32)["bpb"]
+
+
+test_bpb.__test__ = False  # a helper, not a test
+
+
+@pytest.mark.parametrize("weights", ["best", "last"])
+def test_test_weights_score_the_best_validation_or_the_last_step(corpus, tmp_path, monkeypatch, weights):
+    fake_validation(monkeypatch, [9.0, 5.0, 1.0, 4.0, 6.0])  # evaluations at steps 0, 2, 4, 6, 8: best at 4
+    out = tmp_path / "run"
+    summary = train(tiny_model(), fast_config(corpus, out, steps=8, eval_every=2, checkpoint_every=2,
+                                              test_weights=weights))
+    assert checkpoint.find(out, "best").name == "step-00000004"
+    expected = test_bpb(out, weights if weights == "best" else "latest")
+    assert summary["test_bpb"] == pytest.approx(expected, rel=1e-6)
+    assert summary["test_bpb"] != pytest.approx(test_bpb(out, "latest" if weights == "best" else "best"), rel=1e-4)
+    assert summary["test_step"] == (4 if weights == "best" else 8) and summary["test_weights"] == weights
+    assert read(out)[-1]["weights_step"] == summary["test_step"]
+
+
+def test_a_resumed_run_tests_the_best_checkpoint_of_before(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fake_validation(monkeypatch, [9.0, 5.0, 1.0, 4.0, 6.0, 7.0, 8.0])
+    train(tiny_model(), fast_config(corpus, out, steps=8, eval_every=2, checkpoint_every=2, test_weights="best"))
+    summary = train(tiny_model(), fast_config(corpus, out, steps=12, eval_every=2, checkpoint_every=2,
+                                              test_weights="best", resume=True))  # evaluates at 10, 12: worse
+    assert summary["test_step"] == 4
+    assert summary["test_bpb"] == pytest.approx(test_bpb(out, "best"), rel=1e-6)
+
+
+def test_test_weights_must_be_best_or_last(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="test_weights"):
+        fast_config(corpus, tmp_path / "run", test_weights="first").validate()
