@@ -31,7 +31,7 @@ import memlm
 from memlm.bench import reference
 from memlm.config import ModelConfig
 from memlm.model import static_decode
-from memlm.memory.state import State
+from memlm.memory.state import State, allow_memory_recompiles
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """(model, inputs (B, T), targets (B, T)) -> scalar training loss."""
@@ -220,6 +220,7 @@ class StreamObjective(nn.Module):
         model = self.model
         if compile:
             if self.compiled is None:
+                allow_memory_recompiles()  # as the Trainer does: memories filling are new graphs
                 self.__dict__["compiled"] = torch.compile(self.model)
             model = self.compiled
         out = model(inputs, targets=targets, state=self.state)

@@ -435,3 +435,19 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         return (t // S) * (S * BN) + t % S + (i % BN) * S
 
     return _finish(cand, slot_of, counts, k, out_dtype)
+
+
+@torch.library.custom_op("memlm::fused_inner_product_topk", mutates_args=())
+def fused_topk_op(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_inner_product_topk` with its defaults, as one operator (torch.ops.memlm.
+    fused_inner_product_topk) that torch.compile calls without tracing into it. Traced, the
+    Triton launches and the configuration code broke the graph in every kNN layer's forward, so
+    dynamo compiled each block as a frame of its own (and gave up past its recompile limit)."""
+    return fused_inner_product_topk(queries, keys, counts, k)
+
+
+@fused_topk_op.register_fake
+def _fused_topk_shapes(queries, keys, counts, k):
+    G, M, _ = queries.shape
+    return keys.new_empty(G, M, k), keys.new_empty(G, M, k, dtype=torch.long)

@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 import torch
 
 
+MEMORY_RECOMPILE_LIMIT = 64
+"""torch._dynamo's recompile limit while a model with memory runs compiled (allow_memory_recompiles)."""
+
+
+def allow_memory_recompiles() -> None:
+    """Raise torch._dynamo's recompile limit for a model that carries a state: memories fill,
+    compressed memories fill after them, learned spans trim memory to new lengths, and each is a
+    new graph (seed-mem-tiny compiles 7 while filling). Past dynamo's limit (8) the forward would
+    silently run eagerly for the rest of the run. Applied by whoever compiles (Trainer, bench)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MEMORY_RECOMPILE_LIMIT)
+
+
 CLEARED_ON_RESET = ("feedback", "memory_tokens", "memory_written")
 """Per-row layer tensors (B, ...) that are not keyed by position, so `row_start` cannot hide
 them: `reset` zeroes (False for bool tensors) the rows it forgets."""

@@ -335,6 +335,8 @@ class ExactStore(Store):
         super().__init__(rows, heads, dim, capacity, device, dtype, shared)
         self.chunk_elements = chunk_elements
         self.fused = fused
+        # decided (and the operator registered, by importing fused_topk) here, outside any compiled code
+        self.fused_ready = self.device.type == "cuda" and _fused_topk().available(self.device)
 
     def options(self) -> dict:
         return {"chunk_elements": self.chunk_elements, "fused": self.fused}
@@ -355,8 +357,8 @@ class ExactStore(Store):
         x = x.reshape(R * Hkv, M, D)  # (R*Hkv, M, D): one group per row and kv head
         keys = self.keys.view(R * Hkv, self.capacity, D)[:, :C]
         counts = self.counts.repeat_interleave(Hkv)  # (R*Hkv,)
-        if self.fused and self.device.type == "cuda" and _fused_topk().available(self.device):
-            scores, slots = _fused_topk().fused_inner_product_topk(x, keys, counts, kk)  # (R*Hkv, M, kk); -1 / -inf done
+        if self.fused and self.fused_ready:  # (R*Hkv, M, kk); -1 / -inf done; one opaque op under torch.compile
+            scores, slots = torch.ops.memlm.fused_inner_product_topk(x, keys, counts, kk)
         else:
             scores, slots = self._chunked_topk(x, keys, counts, kk)
         scores, slots = scores.view(R, Hkv, M, kk), slots.view(R, Hkv, M, kk)

@@ -36,7 +36,7 @@ from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
 from memlm.longrange import RecallStreams, markdown as recall_markdown, recall_accuracy
 from memlm.eval import evaluate
-from memlm.memory.state import State
+from memlm.memory.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
 from memlm.train import checkpoint, distributed
 from memlm.train.config import TrainConfig
@@ -50,8 +50,6 @@ from memlm.train.schedule import Schedule, step_progress
 
 EVALUATIONS = 10
 """Evaluations (and checkpoints) over a run whose eval_every is None."""
-MEMORY_RECOMPILE_LIMIT = 64
-"""torch._dynamo's recompile limit while a model with memory trains compiled (see Trainer.__init__)."""
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 """Dense bf16 tensor-core peaks (vendor figures) by device-name fragment: the MFU estimate's
 fallback when measuring the peak fails."""
@@ -139,10 +137,8 @@ class Trainer:
 
         self.train_model: torch.nn.Module = self.model
         if c.compile:
-            if self.stateful:  # memories fill, compressed memories fill, learned spans trim memory to
-                # new lengths: each a new graph (seed-mem-tiny compiles 7 while filling); past dynamo's
-                # limit (8) the whole forward would silently run eagerly for the rest of the run
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MEMORY_RECOMPILE_LIMIT)
+            if self.stateful:  # filling memories and trimmed spans are new graphs
+                allow_memory_recompiles()
             self.train_model = torch.compile(self.train_model)
         if info.enabled:
             self.train_model = DistributedDataParallel(  # memory mechanisms use some weights only on some steps

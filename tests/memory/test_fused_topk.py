@@ -151,6 +151,12 @@ def _interpreter_case(case):
     torch.testing.assert_close(scores, ref[0], rtol=0, atol=1e-5)
     if case == 1:  # default out_dtype: the keys' dtype, as ExactStore._topk returns scores
         assert fused_inner_product_topk(queries, keys, counts, k, **options)[0].dtype == dtype
+    if case == 0:  # the operator ExactStore calls: compiled as one node, no graph break (fullgraph)
+        search = torch.compile(lambda q, c: torch.ops.memlm.fused_inner_product_topk(q, keys, c, k),
+                               backend="aot_eager", fullgraph=True)
+        op_scores, op_slots = search(queries, counts)
+        direct = fused_inner_product_topk(queries, keys, counts, k)
+        assert torch.equal(op_scores, direct[0]) and torch.equal(op_slots, direct[1])
 
 
 def test_triton_kernels_in_the_interpreter():

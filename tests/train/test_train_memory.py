@@ -98,16 +98,19 @@ def test_recall_task_options_are_checked():
         TrainConfig(recall_distances=()).validate()
 
 
-def test_compiled_memory_training_raises_the_recompile_limit(corpus, tmp_path, monkeypatch):
+def test_compiled_memory_training_raises_the_recompile_limit(corpus, tmp_path):
     """Filling memories and learned spans compile new graphs; past dynamo's default limit (8)
     the forward would run eagerly for the rest of the run, so a compiled model with memory
     trains under MEMORY_RECOMPILE_LIMIT, and a model without memory leaves the limit alone."""
     from memlm.train import distributed
-    from memlm.train.trainer import MEMORY_RECOMPILE_LIMIT
+    from memlm.memory.state import MEMORY_RECOMPILE_LIMIT
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     info = distributed.setup("cpu")
-    Trainer(tiny_model(), fast_config(corpus, tmp_path / "plain", compile=True), info)
-    assert torch._dynamo.config.recompile_limit == 8
-    Trainer(tiny_model().replace(**{"memory.length": 32}), fast_config(corpus, tmp_path / "xl", compile=True), info)
-    assert torch._dynamo.config.recompile_limit == MEMORY_RECOMPILE_LIMIT > 8
+    # dynamo's own patching: monkeypatch's undo deleted the setting from dynamo's config module,
+    # which broke every later compilation in the process
+    with torch._dynamo.config.patch(recompile_limit=8):
+        Trainer(tiny_model(), fast_config(corpus, tmp_path / "plain", compile=True), info)
+        assert torch._dynamo.config.recompile_limit == 8
+        Trainer(tiny_model().replace(**{"memory.length": 32}), fast_config(corpus, tmp_path / "xl", compile=True),
+                info)
+        assert torch._dynamo.config.recompile_limit == MEMORY_RECOMPILE_LIMIT > 8
