@@ -388,6 +388,8 @@ class Trainer:
 
     def _sample(self) -> str:
         c = self.config
+        if not c.sample_bytes:  # no sampling: not even the prompt's forward pass (new shapes to compile)
+            return c.sample_prompt
         with self.autocast:
             text, _ = sample_text(self.model, c.sample_prompt, c.sample_bytes, c.sample_temperature, seed=c.seed)
         self.log.sample(self.step, c.sample_prompt + text)

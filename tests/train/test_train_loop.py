@@ -151,3 +151,18 @@ def test_a_resumed_run_tests_the_best_checkpoint_of_before(corpus, tmp_path, mon
 def test_test_weights_must_be_best_or_last(corpus, tmp_path):
     with pytest.raises(ConfigError, match="test_weights"):
         fast_config(corpus, tmp_path / "run", test_weights="first").validate()
+
+
+def test_no_sample_bytes_runs_no_sampling(corpus, tmp_path, monkeypatch):
+    """sample_bytes=0 (the race's default) samples nothing: the sampler is never called, so a
+    budgeted run spends no clock on it (or on compiling its batch-of-one shapes)."""
+    from memlm.train import trainer as trainer_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sample_text called with sample_bytes=0")
+
+    monkeypatch.setattr(trainer_module, "sample_text", refuse)
+    out = tmp_path / "run"
+    summary = train(tiny_model(), fast_config(corpus, out, steps=4, eval_every=2, sample_bytes=0))
+    assert summary["sample"] == "" and not (out / "samples.txt").exists()
+    assert [r["step"] for r in read(out) if r["kind"] == "eval"] == [0, 2, 4]
