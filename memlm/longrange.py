@@ -88,6 +88,16 @@ from memlm.data import EOD, DataError, Segment
 
 DISTANCES = (64, 256, 1024, 4096)
 """Default filler lengths (bytes) of `recall_accuracy`."""
+
+
+def distances_for(seq_len: int) -> tuple[int, ...]:
+    """Filler lengths that tell a segment of `seq_len` from memory: 1/4 and 3/4 of a segment (a
+    window without memory sees them), 3/2 segments (the previous segment: a Transformer-XL memory
+    of one segment holds it) and 3 segments (only a longer reach: kNN memory, a longer or deeper
+    recurrent memory). For 512: 128, 384, 768, 1536."""
+    if seq_len < 4:
+        raise ValueError(f"seq_len must be at least 4, got {seq_len}")
+    return (seq_len // 4, 3 * seq_len // 4, 3 * seq_len // 2, 3 * seq_len)
 FILLER_KINDS = ("mixed", "english", "python")
 TARGETS = ("answers", "all")
 """Which targets `RecallStreams` trains: the answer digits only, or every byte (see RecallStreams)."""

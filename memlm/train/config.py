@@ -33,8 +33,8 @@ class TrainConfig:
     """Training corpus: 'stdlib', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
     task: str = "lm"
     """What to train on: lm (the corpus of --data), or recall (endless documents of the long-range recall task, memlm.longrange; --data then serves only the validation and test bpb, and the run ends with recall accuracy by distance)."""
-    recall_distances: tuple[int, ...] = (64, 256, 1024, 2048)
-    """recall task: filler lengths in bytes between a key's definition and its query scored at the end; training documents draw theirs log-uniformly from 0 to the largest (memlm.longrange.spread_distance)."""
+    recall_distances: tuple[int, ...] | None = None
+    """recall task: filler lengths in bytes between a key's definition and its query scored at the end; training documents draw theirs log-uniformly from 0 to the largest (memlm.longrange.spread_distance). None = derived from the segment length L: L/4, 3L/4 (inside a window), 3L/2 (one segment back: XL memory) and 3L (memlm.longrange.distances_for)."""
     recall_targets: str = "answers"
     """recall task: which bytes are trained: answers (the queried value digits only: the task's digit NLL is the loss; a batch holding no answer is trained on all its bytes), or all (language modelling of the whole documents, which a small model does not turn into recall)."""
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
@@ -137,7 +137,8 @@ class TrainConfig:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
         if self.task not in TASKS:
             raise ConfigError("task", self.task, f"allowed: {', '.join(TASKS)}")
-        if not self.recall_distances or any(not isinstance(d, int) or d < 0 for d in self.recall_distances):
+        if self.recall_distances is not None and (
+                not self.recall_distances or any(not isinstance(d, int) or d < 0 for d in self.recall_distances)):
             raise ConfigError("recall_distances", self.recall_distances, "must be one or more byte counts >= 0")
         if self.recall_targets not in RECALL_TARGETS:
             raise ConfigError("recall_targets", self.recall_targets, f"allowed: {', '.join(RECALL_TARGETS)}")
@@ -170,6 +171,6 @@ class TrainConfig:
             raise ConfigError(unknown[0], data[unknown[0]], f"unknown train field; known: {', '.join(sorted(names))}")
         data = dict(data)
         for name in ("fractions", "recall_distances"):
-            if name in data:
+            if data.get(name) is not None:
                 data[name] = tuple(data[name])
         return cls(**data)

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
-from memlm.longrange import RecallStreams, markdown as recall_markdown, recall_accuracy
+from memlm.longrange import RecallStreams, distances_for, markdown as recall_markdown, recall_accuracy
 from memlm.eval import evaluate
 from memlm.memory.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
@@ -108,6 +108,7 @@ class Trainer:
         self.corpus = self._prepare_corpus()
         self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
         self.seq_len = self.model_config.seq_len
+        self.recall_distances = c.recall_distances or distances_for(self.seq_len)  # recall task only
         self.stateful = self.model_config.stateful
         self.loader = self._make_loader(c.seed)
 
@@ -154,7 +155,7 @@ class Trainer:
         """Contiguous streams for models that carry memory, random windows otherwise."""
         c, info = self.config, self.info
         if c.task == "recall":  # endless recall documents, as streams (models without memory ignore the state)
-            return RecallStreams(c.batch_size, self.seq_len, c.recall_distances, seed=seed, rank=info.rank,
+            return RecallStreams(c.batch_size, self.seq_len, self.recall_distances, seed=seed, rank=info.rank,
                                  world_size=info.world_size, targets=c.recall_targets)
         if self.stateful:
             return Streams(self.train_split, c.batch_size, self.seq_len, rank=info.rank, world_size=info.world_size)
@@ -345,7 +346,7 @@ class Trainer:
                 modes = [True, False] if self.stateful else [False]
                 for stateful in modes:
                     results["memory" if stateful else "windowed"] = recall_accuracy(
-                        model, c.recall_distances, 64, c.batch_size, seed=c.seed, stateful=stateful)
+                        model, self.recall_distances, 64, c.batch_size, seed=c.seed, stateful=stateful)
         finally:
             model.train(was_training)
         (self.out / "recall.md").write_text("\n\n".join(recall_markdown(r) for r in results.values()) + "\n")

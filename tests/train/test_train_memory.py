@@ -114,3 +114,20 @@ def test_compiled_memory_training_raises_the_recompile_limit(corpus, tmp_path):
         Trainer(tiny_model().replace(**{"memory.length": 32}), fast_config(corpus, tmp_path / "xl", compile=True),
                 info)
         assert torch._dynamo.config.recompile_limit == MEMORY_RECOMPILE_LIMIT > 8
+
+
+def test_recall_distances_default_to_the_segment_length(corpus, tmp_path):
+    """Without --recall_distances the task asks inside a window (L/4, 3L/4), one segment back
+    (3L/2: what an XL memory of one segment holds) and three back (3L)."""
+    from memlm.longrange import distances_for
+    from memlm.train import distributed
+
+    assert distances_for(512) == (128, 384, 768, 1536)
+    with pytest.raises(ValueError, match="seq_len"):
+        distances_for(2)
+    trainer = Trainer(tiny_model(), fast_config(corpus, tmp_path / "run", task="recall"), distributed.setup("cpu"))
+    assert trainer.config.recall_distances is None and trainer.recall_distances == (8, 24, 48, 96)  # seq_len 32
+    assert trainer.loader.distances == (8, 24, 48, 96)
+    given = Trainer(tiny_model(), fast_config(corpus, tmp_path / "given", task="recall", recall_distances=(5, 7)),
+                    distributed.setup("cpu"))
+    assert given.recall_distances == (5, 7)
