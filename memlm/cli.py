@@ -122,19 +122,25 @@ class EvalCommand:
     no_memory: bool = False
     """Recall: score without the model's memory (independent windows of seq_len), the no-memory baseline."""
     memory: str | None = None
-    """Knowledge memory directory (memlm memorize): its stores replace the kNN layers' own, read-only."""
+    """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
+    memory_mode: Literal["add", "replace"] = "add"
+    """add: the kNN layers search the knowledge memory and their own stream's past together (best k by
+    score); replace: the knowledge memory only."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
     json: bool = False
     """Print the result as one JSON object on the last line."""
 
 
-def attach_memory(model: LanguageModel, memory: str | None, device: torch.device) -> dict | None:
-    """Load a knowledge memory into `model.knowledge`; a short description of it, or None."""
+def attach_memory(model: LanguageModel, memory: str | None, device: torch.device, mode: str = "add") -> dict | None:
+    """Load a knowledge memory into `model.knowledge`, used as `mode` says; a short description of it,
+    or None."""
     if memory is None:
         return None
     model.knowledge = load_memory(memory, model, device)
-    return {"dir": str(memory), "layers": {layer: int(store.counts[0]) for layer, store in model.knowledge.items()}}
+    model.knowledge_mode = mode
+    return {"dir": str(memory), "mode": mode,
+            "layers": {layer: int(store.counts[0]) for layer, store in model.knowledge.items()}}
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -148,7 +154,7 @@ def cmd_eval(argv: list[str]) -> int:
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
     train_config = saved["train"]
-    memory = attach_memory(model, args.memory, device)
+    memory = attach_memory(model, args.memory, device, args.memory_mode)
     if args.task == "recall":
         result = eval_recall(model, args, device, train_config.get("precision", "auto"))
     else:
@@ -248,7 +254,10 @@ class GenerateCommand:
     seed: int = 0
     """Sampling seed (the same seed gives the same text)."""
     memory: str | None = None
-    """Knowledge memory directory (memlm memorize): its stores replace the kNN layers' own, read-only."""
+    """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
+    memory_mode: Literal["add", "replace"] = "add"
+    """add: the kNN layers search the knowledge memory and their own stream's past together (best k by
+    score); replace: the knowledge memory only."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
     json: bool = False
@@ -266,7 +275,7 @@ def cmd_generate(argv: list[str]) -> int:
         raise UsageError(f"--top-p must lie in (0, 1], got {args.top_p}")
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
-    attach_memory(model, args.memory, device)
+    attach_memory(model, args.memory, device, args.memory_mode)
     with autocast(device, saved["train"].get("precision", "auto")):
         text, ids = sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                 args.seed)

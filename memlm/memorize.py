@@ -21,12 +21,17 @@ per layer of capacity = the number of entries (or `capacity`: a smaller one keep
 token's offset in the split.
 
 Reading (`load_memory`): each layer's store is loaded shared and read-only and set as
-`model.knowledge`; `LanguageModel.init_state` then puts it IN PLACE of that layer's per-row
-store. Every batch row reads the same memory; a completed segment is not written anywhere
-(the model skips shared stores when it writes, and `State.reset` skips them), so with
-`--memory` the kNN layer retrieves from the memorised corpus only, not from the stream's own
-past (its recurrent/local attention still sees that). Departure from the paper: there the
-memory is the document's own past; combining both (two stores per layer) is future work.
+`model.knowledge`; every batch row reads the same memory, which is never written, reset or
+checkpointed. `LanguageModel.init_state` then combines it with each kNN layer's per-row store
+as `model.knowledge_mode` says (`memlm eval/generate --memory_mode`):
+- add (default): the layer searches its own stream's past and the knowledge memory together and
+  keeps the k best by score (memlm.memory.stores.WithKnowledge); completed segments are written
+  to the own store as in training.
+- replace: the knowledge memory takes the own store's place, so the kNN layer retrieves from
+  the memorised corpus only (its recurrent/local attention still sees the stream's past). On an
+  H200 this lost the past the model had learnt to read: test bpb 0.8166 without the memory,
+  0.8220 with it (BENCHMARKS.md).
+Departure from the paper: there the memory is the document's own past only.
 """
 
 from __future__ import annotations

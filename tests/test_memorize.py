@@ -29,7 +29,8 @@ def split_of(ids: torch.Tensor) -> TokenSplit:
     return TokenSplit("test", ids.numpy().astype(np.uint16), np.zeros(1, dtype=np.int64))
 
 
-def test_knowledge_is_read_exactly_like_the_models_own_memory():
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_knowledge_is_read_exactly_like_the_models_own_memory(mode):
     model = build()
     ids = torch.randint(0, 256, (1, 2 * T))
     own, state = by_segments(model, ids, T)  # segment 2 reads segment 1 from the row's own store
@@ -43,20 +44,29 @@ def test_knowledge_is_read_exactly_like_the_models_own_memory():
     torch.testing.assert_close(values[:, :T], own_values[:, :T], atol=0, rtol=0)
     assert positions.tolist() == list(range(T))
 
-    # segment 2 as a fresh stream reading the knowledge memory instead: the same logits (RoPE is
-    # relative and memories have no position), for every row of a batch
-    model.knowledge = stores
+    # segment 2 as a fresh stream reading the knowledge memory (with its own store, still empty,
+    # or instead of it): the same logits (RoPE is relative and memories have no position), for
+    # every row of a batch
+    model.knowledge, model.knowledge_mode = stores, mode
     fresh = model.init_state(3)
-    assert fresh.stores[1] is knowledge
+    store = fresh.stores[1]
+    assert store is knowledge if mode == "replace" else (store.knowledge is knowledge and store.rows == 3)
     out = model(ids[:, T:].expand(3, T), state=fresh)
     for row in range(3):
         torch.testing.assert_close(out.logits[row], own[0, T:], atol=1e-5, rtol=0)
-    assert int(knowledge.counts[0]) == T and int(knowledge.written[0]) == T  # completed segment: not written
+    assert int(knowledge.counts[0]) == T and int(knowledge.written[0]) == T  # knowledge: never written
     state = out.state.reset(torch.tensor([True, False, True]))  # reset skips the knowledge store
-    assert int(knowledge.counts[0]) == T and 1 not in state.state_dict()["stores"]
+    assert int(knowledge.counts[0]) == T
+    if mode == "add":  # the completed segment went to each row's own store, which reset and saving see
+        assert store.counts.tolist() == [0, T, 0] and state.state_dict()["stores"][1]["counts"].tolist() == [0, T, 0]
+    else:
+        assert 1 not in state.state_dict()["stores"]
     assert model.init_state(1, knowledge={}).stores[1] is not knowledge  # the per-row store again
     with pytest.raises(ValueError, match="shared store"):
         model.init_state(1, knowledge={0: knowledge})  # layer 0 is no kNN layer
+    model.knowledge_mode = "both"
+    with pytest.raises(ValueError, match="knowledge_mode"):
+        model.init_state(1)
 
 
 @pytest.mark.parametrize("backend", ["exact", "faiss"])

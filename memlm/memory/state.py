@@ -52,7 +52,8 @@ class State:
     """kNN memory stores by layer index (memlm.memory.stores). They are external memory, written
     in place when a segment completes, so every State of one stream shares them; `reset` clears
     their rows in place too. A shared read-only store (knowledge memory, memlm.memorize) is
-    read by every row and never written, reset or checkpointed."""
+    read by every row and never written, reset or checkpointed; combined with a per-row store
+    (stores.WithKnowledge) only the per-row part is."""
 
     @classmethod
     def empty(cls, batch_size: int, num_layers: int, device: torch.device | str | None = None) -> "State":

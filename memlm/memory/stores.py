@@ -624,6 +624,53 @@ class FaissStore(Store):
         return torch.from_numpy(scores), torch.from_numpy(slots)
 
 
+class WithKnowledge:
+    """A kNN layer's own per-row store plus a shared knowledge store (memlm.memorize), read as one
+    memory: a search takes the top k of each and keeps the k best of the 2k by score, so the
+    knowledge adds candidates and never hides an own entry that scores higher. Writes, resets, the
+    saved state and everything else are the own store's; the knowledge store stays read-only.
+
+    Departure: "Memorizing Transformers" (arXiv 2203.08913) searches the document's own past
+    only; adding a corpus memorised beforehand (`memlm memorize`) is the programme's knowledge
+    memory, and mixing the two by score is our choice (replacing the own store lost the past the
+    model was trained to read: test bpb 0.8166 -> 0.8220 on an H200, BENCHMARKS.md)."""
+
+    shared = False
+
+    def __init__(self, own: Store, knowledge: Store):
+        if own.shared or not knowledge.shared:
+            raise StoreError("WithKnowledge takes a per-row store and a shared knowledge store")
+        if (own.heads, own.dim) != (knowledge.heads, knowledge.dim):
+            raise StoreError(f"knowledge store of {knowledge.heads} heads x {knowledge.dim} does not match the "
+                             f"layer's store of {own.heads} heads x {own.dim}")
+        self.own, self.knowledge = own, knowledge
+
+    def __getattr__(self, name: str):  # rows, heads, counts, write, reset, state_dict, ...: the own store's
+        if name in ("own", "knowledge"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.own, name)
+
+    def __repr__(self) -> str:
+        return f"WithKnowledge({self.own!r}, {self.knowledge!r})"
+
+    @torch.no_grad()
+    def search(self, q: torch.Tensor, k: int, return_positions: bool = False):
+        """Store.search over both stores (positions: the own store's stream positions, the
+        knowledge store's offsets in its memorised split)."""
+        found = [self.own.search(q, k, return_positions), self.knowledge.search(q, k, return_positions)]
+        parts = [f[0] for f in found] if return_positions else found
+        scores = torch.cat([p.scores for p in parts], dim=-1)  # (B, H, T, 2k)
+        best = scores.topk(k, dim=-1).indices  # (B, H, T, k), best first
+        D = parts[0].keys.shape[-1]
+        pick = best[..., None].expand(*best.shape, D)
+        out = Retrieved(torch.cat([p.keys for p in parts], dim=-2).gather(-2, pick),
+                        torch.cat([p.values for p in parts], dim=-2).gather(-2, pick),
+                        scores.gather(-1, best), torch.cat([p.valid for p in parts], dim=-1).gather(-1, best))
+        if not return_positions:
+            return out
+        return out, torch.cat([f[1] for f in found], dim=-1).gather(-1, best)
+
+
 def make_store(kind: str, rows: int, heads: int, dim: int, capacity: int,
                device: torch.device | str | None = None, **options) -> Store:
     """A store by name: "exact" (ExactStore) or "faiss" (FaissStore; `index="flat" | "ivf" |

@@ -29,12 +29,16 @@ from torch import nn
 from memlm.config import ModelConfig
 from memlm.memory import recurrence, tokens
 from memlm.memory.compressive import Compressor
-from memlm.memory.stores import Store, make_store
+from memlm.memory.stores import Store, WithKnowledge, make_store
 from memlm.memory.state import State
 from memlm.model.attention import SegmentContext
 from memlm.model.block import Block
 from memlm.model.norms import make_norm
 from memlm.model.positions import AbsolutePositions, T5RelativeBias, TupeBias
+
+
+KNOWLEDGE_MODES = ("add", "replace")
+"""How init_state uses a knowledge memory: searched with each kNN layer's own store, or instead of it."""
 
 
 @dataclass
@@ -79,6 +83,7 @@ class LanguageModel(nn.Module):
         # knowledge memory (memlm.memorize): shared read-only kNN stores by layer that init_state
         # puts in place of those layers' per-row stores; plain objects, not parameters or buffers
         self.knowledge: dict[int, Store] = {}
+        self.knowledge_mode = "add"  # how init_state uses it: add (to the own stores) or replace (them)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -96,8 +101,10 @@ class LanguageModel(nn.Module):
         """Empty memory for `batch_size` streams. For a model without memory mechanisms the
         state is a growing key/value cache.
 
-        knowledge: shared read-only kNN stores by layer (None = `self.knowledge`); each replaces
-        its layer's per-row store, so every row reads it and completed segments are not written."""
+        knowledge: shared read-only kNN stores by layer (None = `self.knowledge`), read by every
+        row. `self.knowledge_mode` "add" (default): searched together with the layer's own per-row
+        store (memlm.memory.stores.WithKnowledge), which completed segments still fill; "replace":
+        in place of it, so the layer reads the knowledge only and nothing is written."""
         device = device if device is not None else self.embed.weight.device
         state = State.empty(batch_size, len(self.blocks), device)
         m = self.config.memory
@@ -106,10 +113,16 @@ class LanguageModel(nn.Module):
         if bad:
             raise ValueError(f"knowledge memory of layers {bad}: each must be a shared store (store.share()) "
                              f"of a kNN layer (memory.knn_layers = {m.knn_layers})")
+        if self.knowledge_mode not in KNOWLEDGE_MODES:
+            raise ValueError(f"knowledge_mode must be one of {', '.join(KNOWLEDGE_MODES)}, got {self.knowledge_mode!r}")
         for layer in m.knn_layers or ():
-            state.stores[layer] = knowledge[layer] if layer in knowledge else make_store(
-                m.knn_backend, rows=batch_size, heads=self.config.kv_heads, dim=self.config.head_dim,
-                capacity=m.knn_capacity, device=device, **({"dtype": m.knn_dtype} if m.knn_backend == "exact" else {}))
+            if layer in knowledge and self.knowledge_mode == "replace":
+                state.stores[layer] = knowledge[layer]
+                continue
+            own = make_store(m.knn_backend, rows=batch_size, heads=self.config.kv_heads, dim=self.config.head_dim,
+                             capacity=m.knn_capacity, device=device,
+                             **({"dtype": m.knn_dtype} if m.knn_backend == "exact" else {}))
+            state.stores[layer] = WithKnowledge(own, knowledge[layer]) if layer in knowledge else own
         return state
 
     def load_state(self, data: dict, device: torch.device | str | None = None) -> State:

@@ -359,3 +359,36 @@ def test_bad_arguments_are_refused_clearly():
     with pytest.raises(ValueError, match="positions"):
         store.write(unit(2, 2, 2, 4), unit(2, 2, 2, 4), torch.arange(3))
     assert isinstance(make_store("faiss-ivf", 1, 1, 4, 4), FaissStore)
+
+
+def test_own_store_with_knowledge_reads_the_best_of_both_and_writes_only_its_own():
+    """WithKnowledge (knowledge memory added to a layer's own store): a search equals brute force
+    over each row's own entries together with the shared entries; writes and resets reach the own
+    store only."""
+    from memlm.memory.stores import WithKnowledge
+
+    torch.manual_seed(0)
+    own = make_store("exact", rows=2, heads=1, dim=8, capacity=30)
+    own_keys, _ = fill(own, 12, 5)  # (2, 1, 12, 8), positions 0..11
+    knowledge = make_store("exact", rows=1, heads=1, dim=8, capacity=40)
+    shared_keys, _ = fill(knowledge, 40, 20, start=1000)  # positions 1000..1039
+    both = WithKnowledge(own, knowledge.share())
+    q = unit(2, 2, 5, 8)
+    out, pos = both.search(q, 6, return_positions=True)
+    for row in range(2):  # brute force over the row's 12 entries and the 40 shared ones
+        keys = torch.cat([own_keys[row:row + 1], shared_keys], dim=2)  # (1, 1, 52, 8)
+        scores, picked, want_pos = brute_force(keys, torch.cat([torch.arange(12), torch.arange(1000, 1040)]),
+                                               q[row:row + 1], 6)
+        torch.testing.assert_close(out.scores[row:row + 1], scores, rtol=0, atol=1e-6)
+        assert torch.equal(pos[row:row + 1], want_pos) and torch.equal(out.keys[row:row + 1], picked)
+        assert torch.equal(out.values[row:row + 1], 3 * picked)
+    assert (pos < 12).any() and (pos >= 1000).any()  # both stores contribute here
+
+    fill(both, 3, 3, start=12)  # writes go to the own store
+    assert own.counts.tolist() == [15, 15] and knowledge.counts.tolist() == [40]
+    both.reset(torch.tensor([True, False]))
+    assert own.counts.tolist() == [0, 15] and knowledge.counts.tolist() == [40]
+    after, pos = both.search(q, 6, return_positions=True)  # row 0 forgot its past, row 1 did not
+    assert bool((pos[0] >= 1000).all()) and after.valid.all() and (pos[1] < 1000).any()
+    with pytest.raises(StoreError, match="shared knowledge store"):
+        WithKnowledge(knowledge, knowledge)
