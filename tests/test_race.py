@@ -61,6 +61,8 @@ def test_per_contender_runs_merge_into_one_table(corpus, tmp_path, capsys):
         assert all(math.isfinite(row[k]) for k in ("test_bpb", "val_bpb", "train_loss", "tokens_per_s"))
         assert 0 < row["test_bpb"] < 9 and row["params"] > 0 and row["warmup_s"] == 0.0  # no compile on CPU
         assert Path(row["run_dir"], "metrics.jsonl").exists()
+        assert row["first_log"]["step"] == 4 and 0 < row["first_log"]["elapsed_s"] < 60
+        assert row["test_weights"] == "best" and row["test_step"] in (0, 4)  # the race's default: early stopping
     assert merged["rows"][0]["stateful"] is False and merged["rows"][1]["stateful"] is True
     (table,) = (tmp_path / "merged").glob("race-*.md")
     text = table.read_text()
@@ -86,6 +88,12 @@ def test_merge_notes_settings_that_differ(tmp_path):
     assert any("differ in minutes" in note for note in merged["notes"])
     with pytest.raises(ValueError, match="not a memlm race result"):
         race.merge([{"kind": "memlm bench"}])
+    # a contender whose clock ran long before its first logged step is pointed out under the table
+    merged["rows"][1]["first_log"] = {"step": 10, "elapsed_s": 57.5}
+    merged["rows"][0]["first_log"] = {"step": 10, "elapsed_s": 0.4}
+    notes = [line for line in race.markdown(merged).splitlines() if "before step" in line]
+    assert notes == ["- x spent 58 s of its clock before step 10 (the first logged): compilation the warm-up did "
+                     "not cover?"]
 
 
 def test_bad_contender_names_are_usage_errors(corpus, capsys):

@@ -289,6 +289,7 @@ def scores(summary: dict, records: list[dict], trainer: Trainer) -> dict:
             "train_bpb": train[-1]["bpb"] if train else None, "val_bpb": evals[-1]["bpb"] if evals else None,
             "best_val_bpb": summary["best_val_bpb"], "test_bpb": summary["test_bpb"],
             "test_weights": summary["test_weights"], "test_step": summary["test_step"],
+            "first_log": {"step": train[0]["step"], "elapsed_s": train[0]["elapsed"]} if train else None,
             "test_tokens": summary["test_tokens"], "test_by_position": summary["test_by_position"]}
 
 
@@ -381,6 +382,10 @@ def verdict(rows: list[dict]) -> str | None:
             f"({peer['test_bpb']:.4f}): {abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} test bpb")
 
 
+SLOW_START_S = 10.0
+"""A contender whose first logged training step comes later than this on its clock is noted."""
+
+
 def markdown(result: dict) -> str:
     """The result as a markdown section: settings, the table, the verdict and notes."""
     meta, c = result["meta"], result["config"]
@@ -409,7 +414,10 @@ def markdown(result: dict) -> str:
     ]
     lines += ["| " + " | ".join(row_cells(row)) + " |" for row in result["rows"]]
     summary = verdict(result["rows"])
-    lines += [""] + ([f"- {summary}"] if summary else []) + [f"- {note}" for note in result["notes"]]
+    slow = [f"{row['contender']} spent {row['first_log']['elapsed_s']:.0f} s of its clock before step "
+            f"{row['first_log']['step']} (the first logged): compilation the warm-up did not cover?"
+            for row in result["rows"] if (row.get("first_log") or {}).get("elapsed_s", 0) > SLOW_START_S]
+    lines += [""] + ([f"- {summary}"] if summary else []) + [f"- {note}" for note in result["notes"] + slow]
     return "\n".join(lines).rstrip() + "\n"
 
 
