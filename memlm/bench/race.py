@@ -14,14 +14,15 @@ A contender is a memlm preset name or a peer: `x-transformers` (rotary, no memor
 and built at the `--peer-shape` preset's shape (or --layers/--width/--heads/--seq-len).
 
 The clock: a contender's budget is the Trainer's wall clock, which starts at `fit()` and includes
-the validation evaluations made during training (10 over a minutes budget unless --eval-every sets
-a step interval; 8 batches each). Before
-it starts, `--compile-warmup` forward/backward passes (no weight update; data order, memory and RNG
-restored afterwards) and one validation evaluation let torch.compile compile every graph variant the
-run will need, so compilation is not charged to the budget; its seconds are reported as warm-up. The final validation and test
-evaluations and the one checkpoint come after the budget. Text samples are off by default
-(`--sample-bytes 0`): token-by-token sampling would cost each contender a different share of its
-budget.
+the validation evaluations made during training (10 over a minutes budget unless --eval-every
+sets a step interval; 8 batches each). Before it starts, `--compile-warmup` forward/backward
+passes (no weight update; data order, memory and RNG restored afterwards) and one validation
+evaluation let torch.compile compile every graph variant the run will need, so compilation is
+not charged to the budget; its seconds are reported as warm-up. The final validation and test
+evaluations and the one checkpoint come after the budget; the test scores the weights of the
+best validation (`--test-weights best`, the default) or the last ones. Text samples are off by
+default (`--sample-bytes 0`): token-by-token sampling would cost each contender a different
+share of its budget.
 """
 
 from __future__ import annotations
