@@ -239,3 +239,25 @@ def test_train_config_is_shared_by_every_contender(corpus, tmp_path):
     shared = race.train_config(config, tmp_path / "x")
     assert isinstance(shared, TrainConfig) and shared.out == str(tmp_path / "x") and not shared.resume
     assert (shared.lr, shared.seed, shared.sample_bytes, shared.steps) == (1e-3, 3, 0, 5)
+
+
+def test_peer_dropout_regularises_the_peers_alike(corpus, tmp_path):
+    """--peer-dropout p builds x-transformers with emb_dropout, ff_dropout and attn_dropout p: two
+    training passes differ, evaluation passes do not; 0 (the default) leaves it without dropout."""
+    pytest.importorskip("x_transformers")
+    config = tiny_race_config(corpus, tmp_path / "runs", peer_dropout=0.2)
+    (contender,) = race.plan(config, ["x-transformers-XL"])
+    assert contender.model_config.dropout == 0.2 and contender.description.endswith("dropout=0.2")
+    torch.manual_seed(0)
+    model = XTransformersLM(contender.model_config)
+    rates = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)})
+    assert rates == [0.2]
+    ids = torch.randint(0, 257, (2, 16))
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    (plain,) = race.plan(tiny_race_config(corpus, tmp_path / "runs"), ["x-transformers-XL"])
+    assert plain.model_config.dropout == 0.0
+    assert all(m.p == 0 for m in XTransformersLM(plain.model_config).modules() if isinstance(m, torch.nn.Dropout))
+    with pytest.raises(ValueError, match="peer dropout"):
+        race.plan(tiny_race_config(corpus, tmp_path / "runs", peer_dropout=1.5), ["x-transformers"])

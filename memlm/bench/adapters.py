@@ -68,6 +68,8 @@ class PeerConfig:
     features: dict[str, Any] = field(default_factory=lambda: {"rotary_pos_emb": True})
     """x-transformers Decoder switches (memlm.bench.peers.SEED_FEATURES for the programme's choices)."""
     memory: PeerMemory = field(default_factory=PeerMemory)
+    dropout: float = 0.0
+    """x-transformers' emb_dropout, ff_dropout and attn_dropout (memlm.bench.peers.x_transformer)."""
 
     @property
     def stateful(self) -> bool:
@@ -75,11 +77,12 @@ class PeerConfig:
         return self.memory.length > 0
 
     @classmethod
-    def of(cls, shape: Shape, memory: int = 0, features: dict[str, Any] | None = None) -> "PeerConfig":
+    def of(cls, shape: Shape, memory: int = 0, features: dict[str, Any] | None = None,
+           dropout: float = 0.0) -> "PeerConfig":
         return cls(layers=shape.layers, width=shape.width, heads=shape.heads, seq_len=shape.seq_len,
                    vocab_size=shape.vocab_size, features=dict(features if features is not None else
                                                               {"rotary_pos_emb": True}),
-                   memory=PeerMemory(length=memory))
+                   memory=PeerMemory(length=memory), dropout=dropout)
 
     @property
     def shape(self) -> Shape:
@@ -96,6 +99,8 @@ class PeerConfig:
             raise ValueError(f"peer width {self.width} is not a multiple of heads {self.heads}")
         if self.memory.length < 0:
             raise ValueError(f"peer memory.length must be >= 0, got {self.memory.length}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"peer dropout must be in [0, 1), got {self.dropout}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +190,8 @@ class XTransformersLM(nn.Module):
         self.config = config.validate()
         _import_x_transformers()
         from memlm.bench.peers import x_transformer
-        self.net = x_transformer(config.shape, config.features, max_mem_len=config.memory.length)
+        self.net = x_transformer(config.shape, config.features, max_mem_len=config.memory.length,
+                                 dropout=config.dropout)
 
     # ----- state ----------------------------------------------------------------------
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> PeerState:

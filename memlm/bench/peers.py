@@ -68,12 +68,16 @@ class RecurrentObjective(nn.Module):
 
 # ----- x-transformers ---------------------------------------------------------------------
 
-def x_transformer(shape: Shape, features: dict, max_mem_len: int = 0) -> nn.Module:
+def x_transformer(shape: Shape, features: dict, max_mem_len: int = 0, dropout: float = 0.0) -> nn.Module:
+    """x-transformers at `shape`; dropout > 0 sets its emb_dropout, ff_dropout and attn_dropout (its
+    nearest to memlm's dropout on embeddings and residual branches)."""
     from x_transformers import Decoder, TransformerWrapper
+    drop = {"ff_dropout": dropout, "attn_dropout": dropout} if dropout else {}
     return TransformerWrapper(
         num_tokens=shape.vocab_size, max_seq_len=shape.seq_len, tie_embedding=True, max_mem_len=max_mem_len,
+        emb_dropout=dropout,
         attn_layers=Decoder(dim=shape.width, depth=shape.layers, heads=shape.heads,
-                            attn_dim_head=shape.width // shape.heads, attn_flash=True, **features))
+                            attn_dim_head=shape.width // shape.heads, attn_flash=True, **drop, **features))
 
 
 def x_transformers_decoder(model: nn.Module) -> Decoder:

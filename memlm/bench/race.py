@@ -88,6 +88,9 @@ class RaceConfig(TrainConfig):
     """memlm preset whose shape (layers, width, heads, seq_len, vocabulary) the peers take."""
     overrides: list[str] = field(default_factory=list)
     """Dotted model overrides for the memlm contenders, as key=value (e.g. attention.backend=flex)."""
+    peer_dropout: float = 0.0
+    """Dropout of the peers (x-transformers' emb_dropout, ff_dropout and attn_dropout); 0 = their default.
+    Give the memlm contenders' dropout (--overrides dropout=P) to regularise both alike."""
     test_weights: str = "best"
     """Weights each contender is tested with: best (those of its lowest validation bpb during the budget,
     i.e. early stopping; the default, since fast models overfit a small corpus well within a budget)
@@ -176,8 +179,10 @@ def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
     for name in names:
         if name in PEERS:
             base = resolve(config.peer_shape, **shape)
-            peer = PeerConfig.of(Shape.of(base, 0), memory=base.seq_len if name.endswith("-XL") else 0)
-            contenders.append(Contender(name, "peer", peer, XTransformersLM, PEERS[name]))
+            peer = PeerConfig.of(Shape.of(base, 0), memory=base.seq_len if name.endswith("-XL") else 0,
+                                 dropout=config.peer_dropout).validate()
+            text = PEERS[name] + (f"; dropout={config.peer_dropout:g}" if config.peer_dropout else "")
+            contenders.append(Contender(name, "peer", peer, XTransformersLM, text))
         else:
             model_config = resolve(name, **shape, **overrides).validate()
             text = describe(name) + ("; " + ", ".join(config.overrides) if config.overrides else "")
@@ -320,7 +325,7 @@ def utc_stamp(date: str | None = None) -> str:
 COMPARED = ("data", "fractions", "steps", "tokens", "minutes", "batch_size", "grad_accum", "lr", "min_lr_frac",
             "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
             "precision", "compile", "eval_every", "eval_batches", "layers", "width", "heads", "seq_len",
-            "peer_shape", "overrides", "compile_warmup", "sample_bytes", "test_weights")
+            "peer_shape", "overrides", "compile_warmup", "sample_bytes", "test_weights", "peer_dropout")
 """Settings that must agree between merged runs (a difference is noted under the table)."""
 
 
