@@ -23,7 +23,7 @@ token's offset in the split.
 Reading (`load_memory`): each layer's store is loaded shared and read-only and set as
 `model.knowledge`; every batch row reads the same memory, which is never written, reset or
 checkpointed. `LanguageModel.init_state` then combines it with each kNN layer's per-row store
-as `model.knowledge_mode` says (`memlm eval/generate --memory_mode`):
+as `model.knowledge_mode` says (`memlm eval/generate --memory-mode`):
 - add (default): the layer searches its own stream's past and the knowledge memory together and
   keeps the k best by score (memlm.memory.stores.WithKnowledge); completed segments are written
   to the own store as in training.
