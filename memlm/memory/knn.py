@@ -34,8 +34,7 @@ class KnnAttention(nn.Module):
         """Attention of q (B, H, T, D) (unrotated, already scaled as the layer scales queries) over
         its retrieved pairs: (out (B, H, T, D), lse (B, H, T); -inf where nothing was retrieved)."""
         unit = F.normalize(q.float(), dim=-1)
-        keys, values, _, valid = store.search(unit.detach(), self.k)  # (B, H, T, k, D), ..., (B, H, T, k)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        keys, values, _, valid = store.search(unit.detach(), self.k, dtype=q.dtype)  # (B, H, T, k, D), ..., (B, H, T, k)
         if self.straight_through:
             through = (unit - unit.detach()).to(q.dtype)[..., None, :]  # (B, H, T, 1, D)
             keys, values = keys + through, values + through

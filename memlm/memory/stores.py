@@ -182,11 +182,14 @@ class Store:
         self._after_write()
 
     @torch.no_grad()
-    def search(self, q: torch.Tensor, k: int, return_positions: bool = False):
+    def search(self, q: torch.Tensor, k: int, return_positions: bool = False, dtype: torch.dtype | None = None):
         """Top-k entries by inner product for each query q (B, H, T, D) among its row's entries
         of its key/value head's memory. Returns Retrieved(keys, values, scores, valid), and with
         return_positions=True the pair (retrieved, positions (B, H, T, k) int64, -1 where not
-        valid). Results are on q's device, keys/values/scores in q's dtype."""
+        valid). Results are on q's device, keys/values/scores in `dtype` (default q's: a layer
+        searching with float32 unit queries asks for its compute dtype, which spares a float32
+        copy of every retrieved key and value)."""
+        dtype = dtype or q.dtype
         B, H, T, D = q.shape
         if D != self.dim or H % self.heads:
             raise ValueError(f"search expects queries (B, H, T, {self.dim}) with H a multiple of the store's "
@@ -207,9 +210,9 @@ class Store:
         keys = self.keys.view(-1, D)[index].masked_fill_(~valid[..., None], 0)  # (B, Hkv, G*T, k, D)
         values = self.values.view(-1, D)[index].masked_fill_(~valid[..., None], 0)
         scores = scores.masked_fill(~valid, float("-inf"))
-        out = Retrieved(keys.to(q.device, q.dtype).reshape(B, H, T, k, D),
-                        values.to(q.device, q.dtype).reshape(B, H, T, k, D),
-                        scores.to(q.device, q.dtype).reshape(B, H, T, k), valid.to(q.device).reshape(B, H, T, k))
+        out = Retrieved(keys.to(q.device, dtype).reshape(B, H, T, k, D),
+                        values.to(q.device, dtype).reshape(B, H, T, k, D),
+                        scores.to(q.device, dtype).reshape(B, H, T, k), valid.to(q.device).reshape(B, H, T, k))
         if not return_positions:
             return out
         positions = self.positions[row[:, None, None, None], slots.clamp(min=0)].masked_fill_(~valid, -1)
@@ -654,18 +657,19 @@ class WithKnowledge:
         return f"WithKnowledge({self.own!r}, {self.knowledge!r})"
 
     @torch.no_grad()
-    def search(self, q: torch.Tensor, k: int, return_positions: bool = False):
+    def search(self, q: torch.Tensor, k: int, return_positions: bool = False, dtype: torch.dtype | None = None):
         """Store.search over both stores (positions: the own store's stream positions, the
         knowledge store's offsets in its memorised split)."""
-        found = [self.own.search(q, k, return_positions), self.knowledge.search(q, k, return_positions)]
+        found = [store.search(q, k, return_positions) for store in (self.own, self.knowledge)]  # ranked in q's dtype
         parts = [f[0] for f in found] if return_positions else found
         scores = torch.cat([p.scores for p in parts], dim=-1)  # (B, H, T, 2k)
         best = scores.topk(k, dim=-1).indices  # (B, H, T, k), best first
         D = parts[0].keys.shape[-1]
         pick = best[..., None].expand(*best.shape, D)
-        out = Retrieved(torch.cat([p.keys for p in parts], dim=-2).gather(-2, pick),
-                        torch.cat([p.values for p in parts], dim=-2).gather(-2, pick),
-                        scores.gather(-1, best), torch.cat([p.valid for p in parts], dim=-1).gather(-1, best))
+        dtype = dtype or q.dtype  # cast after the merge: a lower precision would tie and reorder scores
+        out = Retrieved(torch.cat([p.keys for p in parts], dim=-2).gather(-2, pick).to(dtype),
+                        torch.cat([p.values for p in parts], dim=-2).gather(-2, pick).to(dtype),
+                        scores.gather(-1, best).to(dtype), torch.cat([p.valid for p in parts], dim=-1).gather(-1, best))
         if not return_positions:
             return out
         return out, torch.cat([f[1] for f in found], dim=-1).gather(-1, best)

@@ -344,6 +344,22 @@ def test_writes_are_detached_and_results_follow_the_query_dtype():
     assert store.search(q.detach().double(), 2).keys.dtype == torch.float64
 
 
+@pytest.mark.parametrize("kind,options", BACKENDS, ids=IDS)
+def test_results_in_a_requested_dtype_equal_the_cast_results(kind, options):
+    """search(q, k, dtype=bf16) with float32 queries (as a kNN layer under autocast asks) returns
+    exactly the float32 results cast to bf16: same entries, no float32 copy on the way."""
+    if kind == "faiss":
+        pytest.importorskip("faiss")
+    store = make_store(kind, rows=2, heads=1, dim=8, capacity=64, **options)
+    fill(store, 40, 20)
+    q = unit(2, 2, 5, 8)
+    plain, positions = store.search(q, 4, return_positions=True)
+    cast, cast_positions = store.search(q, 4, return_positions=True, dtype=torch.bfloat16)
+    assert torch.equal(cast_positions, positions) and cast.keys.dtype == torch.bfloat16
+    for got, want in zip(cast, plain):
+        assert torch.equal(got, want.to(torch.bfloat16) if want.is_floating_point() else want)
+
+
 def test_bad_arguments_are_refused_clearly():
     with pytest.raises(ValueError, match="unknown kNN store kind 'annoy'"):
         make_store("annoy", 1, 1, 4, 4)
@@ -390,5 +406,6 @@ def test_own_store_with_knowledge_reads_the_best_of_both_and_writes_only_its_own
     assert own.counts.tolist() == [0, 15] and knowledge.counts.tolist() == [40]
     after, pos = both.search(q, 6, return_positions=True)  # row 0 forgot its past, row 1 did not
     assert bool((pos[0] >= 1000).all()) and after.valid.all() and (pos[1] < 1000).any()
+    assert torch.equal(both.search(q, 6, dtype=torch.bfloat16).keys, after.keys.to(torch.bfloat16))
     with pytest.raises(StoreError, match="shared knowledge store"):
         WithKnowledge(knowledge, knowledge)
