@@ -86,8 +86,10 @@ def cmd_train(argv: list[str]) -> int:
     summary = train(args.model.validate(), config, preset=args.preset)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    print(f"test bpb {summary['test_bpb']:.4f} ({summary['test_tokens']:,} tokens) after {summary['steps']:,} steps, "
-          f"{summary['tokens']:,} training tokens, {summary['elapsed_s']:.0f} s")
+    weights = (f" with the best validation's weights (step {summary['test_step']:,})"
+               if summary["test_weights"] == "best" else "")
+    print(f"test bpb {summary['test_bpb']:.4f} ({summary['test_tokens']:,} tokens{weights}) after "
+          f"{summary['steps']:,} steps, {summary['tokens']:,} training tokens, {summary['elapsed_s']:.0f} s")
     print(f"sample:\n{summary['sample']}\n")
     print(f"run directory: {summary['run_dir']}")
     if args.json:

@@ -85,11 +85,14 @@ def test_train_defaults_are_the_main_job(monkeypatch, capsys):
     def fake_train(model_config, config, preset):
         calls.update(model=model_config, config=config, preset=preset)
         return {"run_dir": "runs/x", "steps": 1, "tokens": 1, "elapsed_s": 0.0, "test_bpb": 1.0, "test_tokens": 1,
-                "sample": ""}
+                "sample": "", "test_weights": config.test_weights, "test_step": 1}
 
     monkeypatch.setattr(cli, "train", fake_train)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the main job on a machine without a GPU
-    assert run(capsys, "train")[0] == 0
+    code, stdout, _ = run(capsys, "train", "--test_weights", "best")
+    assert code == 0 and "test bpb 1.0000 (1 tokens with the best validation's weights (step 1))" in stdout
+    code, stdout, _ = run(capsys, "train")
+    assert code == 0 and "test bpb 1.0000 (1 tokens) after 1 steps" in stdout
     assert calls["preset"] == "seed-tiny" and calls["model"] == get_preset("seed-tiny")
     config = calls["config"].resolve("cpu")
     assert (config.data, config.minutes, config.steps, config.batch_size, config.lr) == ("stdlib", 3.0, None, 8, 2e-3)
