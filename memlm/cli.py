@@ -125,16 +125,17 @@ class EvalCommand:
     """Recall: score without the model's memory (independent windows of seq_len), the no-memory baseline."""
     memory: str | None = None
     """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
-    memory_mode: Literal["add", "replace"] = "add"
-    """add: the kNN layers search the knowledge memory and their own stream's past together (best k by
-    score); replace: the knowledge memory only."""
+    memory_mode: Literal["fill", "add", "replace"] = "fill"
+    """How the kNN layers read the knowledge memory beside their own stream's past: fill (the slots
+    the own past leaves empty, e.g. at a document's start), add (the best k of both by score), or
+    replace (the knowledge memory only)."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
     json: bool = False
     """Print the result as one JSON object on the last line."""
 
 
-def attach_memory(model: LanguageModel, memory: str | None, device: torch.device, mode: str = "add") -> dict | None:
+def attach_memory(model: LanguageModel, memory: str | None, device: torch.device, mode: str = "fill") -> dict | None:
     """Load a knowledge memory into `model.knowledge`, used as `mode` says; a short description of it,
     or None."""
     if memory is None:
@@ -257,9 +258,10 @@ class GenerateCommand:
     """Sampling seed (the same seed gives the same text)."""
     memory: str | None = None
     """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
-    memory_mode: Literal["add", "replace"] = "add"
-    """add: the kNN layers search the knowledge memory and their own stream's past together (best k by
-    score); replace: the knowledge memory only."""
+    memory_mode: Literal["fill", "add", "replace"] = "fill"
+    """How the kNN layers read the knowledge memory beside their own stream's past: fill (the slots
+    the own past leaves empty, e.g. at a document's start), add (the best k of both by score), or
+    replace (the knowledge memory only)."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
     json: bool = False

@@ -24,9 +24,10 @@ Reading (`load_memory`): each layer's store is loaded shared and read-only and s
 `model.knowledge`; every batch row reads the same memory, which is never written, reset or
 checkpointed. `LanguageModel.init_state` then combines it with each kNN layer's per-row store
 as `model.knowledge_mode` says (`memlm eval/generate --memory-mode`):
-- add (default): the layer searches its own stream's past and the knowledge memory together and
-  keeps the k best by score (memlm.memory.stores.WithKnowledge); completed segments are written
-  to the own store as in training.
+- fill (default): the layer reads its own stream's past first and the knowledge memory in the
+  slots that past leaves empty (a document's start, short documents); completed segments are
+  written to the own store as in training (memlm.memory.stores.WithKnowledge).
+- add: the best k of both by score. A large knowledge memory then fills nearly every slot.
 - replace: the knowledge memory takes the own store's place, so the kNN layer retrieves from
   the memorised corpus only (its recurrent/local attention still sees the stream's past). On an
   H200 this lost the past the model had learnt to read: test bpb 0.8166 without the memory,

@@ -29,7 +29,7 @@ def split_of(ids: torch.Tensor) -> TokenSplit:
     return TokenSplit("test", ids.numpy().astype(np.uint16), np.zeros(1, dtype=np.int64))
 
 
-@pytest.mark.parametrize("mode", ["add", "replace"])
+@pytest.mark.parametrize("mode", ["fill", "add", "replace"])
 def test_knowledge_is_read_exactly_like_the_models_own_memory(mode):
     model = build()
     ids = torch.randint(0, 256, (1, 2 * T))
@@ -57,7 +57,7 @@ def test_knowledge_is_read_exactly_like_the_models_own_memory(mode):
     assert int(knowledge.counts[0]) == T and int(knowledge.written[0]) == T  # knowledge: never written
     state = out.state.reset(torch.tensor([True, False, True]))  # reset skips the knowledge store
     assert int(knowledge.counts[0]) == T
-    if mode == "add":  # the completed segment went to each row's own store, which reset and saving see
+    if mode != "replace":  # the completed segment went to each row's own store, which reset and saving see
         assert store.counts.tolist() == [0, T, 0] and state.state_dict()["stores"][1]["counts"].tolist() == [0, T, 0]
     else:
         assert 1 not in state.state_dict()["stores"]

@@ -37,8 +37,10 @@ from memlm.model.norms import make_norm
 from memlm.model.positions import AbsolutePositions, T5RelativeBias, TupeBias
 
 
-KNOWLEDGE_MODES = ("add", "replace")
-"""How init_state uses a knowledge memory: searched with each kNN layer's own store, or instead of it."""
+KNOWLEDGE_MODES = ("fill", "add", "replace")
+"""How init_state uses a knowledge memory: with each kNN layer's own store (fill: the slots the own
+past leaves empty; add: the best of both by score; memlm.memory.stores.WithKnowledge), or instead
+of it (replace)."""
 
 
 @dataclass
@@ -83,7 +85,7 @@ class LanguageModel(nn.Module):
         # knowledge memory (memlm.memorize): shared read-only kNN stores by layer that init_state
         # puts in place of those layers' per-row stores; plain objects, not parameters or buffers
         self.knowledge: dict[int, Store] = {}
-        self.knowledge_mode = "add"  # how init_state uses it: add (to the own stores) or replace (them)
+        self.knowledge_mode = "fill"  # how init_state uses it (KNOWLEDGE_MODES)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -102,9 +104,9 @@ class LanguageModel(nn.Module):
         state is a growing key/value cache.
 
         knowledge: shared read-only kNN stores by layer (None = `self.knowledge`), read by every
-        row. `self.knowledge_mode` "add" (default): searched together with the layer's own per-row
-        store (memlm.memory.stores.WithKnowledge), which completed segments still fill; "replace":
-        in place of it, so the layer reads the knowledge only and nothing is written."""
+        row. `self.knowledge_mode` "fill" (default) or "add": searched together with the layer's own
+        per-row store (memlm.memory.stores.WithKnowledge), which completed segments still fill;
+        "replace": in place of it, so the layer reads the knowledge only and nothing is written."""
         device = device if device is not None else self.embed.weight.device
         state = State.empty(batch_size, len(self.blocks), device)
         m = self.config.memory
@@ -122,7 +124,8 @@ class LanguageModel(nn.Module):
             own = make_store(m.knn_backend, rows=batch_size, heads=self.config.kv_heads, dim=self.config.head_dim,
                              capacity=m.knn_capacity, device=device,
                              **({"dtype": m.knn_dtype} if m.knn_backend == "exact" else {}))
-            state.stores[layer] = WithKnowledge(own, knowledge[layer]) if layer in knowledge else own
+            state.stores[layer] = (WithKnowledge(own, knowledge[layer], self.knowledge_mode) if layer in knowledge
+                                   else own)
         return state
 
     def load_state(self, data: dict, device: torch.device | str | None = None) -> State:

@@ -378,9 +378,9 @@ def test_bad_arguments_are_refused_clearly():
 
 
 def test_own_store_with_knowledge_reads_the_best_of_both_and_writes_only_its_own():
-    """WithKnowledge (knowledge memory added to a layer's own store): a search equals brute force
-    over each row's own entries together with the shared entries; writes and resets reach the own
-    store only."""
+    """WithKnowledge in add mode (knowledge memory added to a layer's own store): a search equals
+    brute force over each row's own entries together with the shared entries; writes and resets
+    reach the own store only."""
     from memlm.memory.stores import WithKnowledge
 
     torch.manual_seed(0)
@@ -388,7 +388,7 @@ def test_own_store_with_knowledge_reads_the_best_of_both_and_writes_only_its_own
     own_keys, _ = fill(own, 12, 5)  # (2, 1, 12, 8), positions 0..11
     knowledge = make_store("exact", rows=1, heads=1, dim=8, capacity=40)
     shared_keys, _ = fill(knowledge, 40, 20, start=1000)  # positions 1000..1039
-    both = WithKnowledge(own, knowledge.share())
+    both = WithKnowledge(own, knowledge.share(), mode="add")
     q = unit(2, 2, 5, 8)
     out, pos = both.search(q, 6, return_positions=True)
     for row in range(2):  # brute force over the row's 12 entries and the 40 shared ones
@@ -409,3 +409,33 @@ def test_own_store_with_knowledge_reads_the_best_of_both_and_writes_only_its_own
     assert torch.equal(both.search(q, 6, dtype=torch.bfloat16).keys, after.keys.to(torch.bfloat16))
     with pytest.raises(StoreError, match="shared knowledge store"):
         WithKnowledge(knowledge, knowledge)
+    with pytest.raises(StoreError, match="mode"):
+        WithKnowledge(own, knowledge, mode="mix")
+
+
+def test_knowledge_fills_the_slots_the_own_past_leaves_empty():
+    """fill mode: a row's own entries first (its own top k, in order), then the knowledge's best
+    in order, as many as the own past leaves empty: all of them for an empty row, none for a row
+    holding k entries or more."""
+    from memlm.memory.stores import WithKnowledge
+
+    torch.manual_seed(1)
+    own = make_store("exact", rows=3, heads=1, dim=8, capacity=30)
+    fill(own, 10, 10)
+    own.reset(torch.tensor([False, True, False]))
+    fill(own, 2, 2, start=10)
+    own.reset(torch.tensor([True, False, False]))
+    assert own.counts.tolist() == [0, 2, 12]  # an empty row, one short of k = 5, one past it
+    knowledge = make_store("exact", rows=1, heads=1, dim=8, capacity=40)
+    fill(knowledge, 40, 20, start=1000)
+    both = WithKnowledge(own, knowledge.share())  # fill is the default
+    q = unit(3, 2, 4, 8)
+    out, pos = both.search(q, 5, return_positions=True)
+    mine, mine_pos = own.search(q, 5, return_positions=True)
+    theirs, theirs_pos = knowledge.search(q, 5, return_positions=True)
+    assert torch.equal(pos[0], theirs_pos[0]) and torch.equal(out.keys[0], theirs.keys[0])  # empty row
+    assert torch.equal(pos[1, ..., :2], mine_pos[1, ..., :2]) and torch.equal(pos[1, ..., 2:], theirs_pos[1, ..., :3])
+    assert torch.equal(out.scores[1, ..., :2], mine.scores[1, ..., :2])
+    assert torch.equal(out.values[1, ..., 2:, :], theirs.values[1, ..., :3, :])
+    assert torch.equal(pos[2], mine_pos[2]) and torch.equal(out.keys[2], mine.keys[2])  # a full row: its own only
+    assert out.valid.all()
