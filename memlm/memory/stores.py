@@ -673,18 +673,19 @@ class WithKnowledge:
         found = [store.search(q, k, return_positions) for store in (self.own, self.knowledge)]  # ranked in q's dtype
         parts = [f[0] for f in found] if return_positions else found
         own = parts[0]
+        scores = torch.cat([p.scores for p in parts], dim=-1)  # (B, H, T, 2k): the own k, then the knowledge's
         slots = torch.arange(k, device=own.valid.device)  # (k,)
         if self.mode == "fill":  # slot j: the own entry j while there is one, then the knowledge's best
             held = own.valid.sum(dim=-1, keepdim=True)  # (B, H, T, 1) live own entries (valid ones come first)
             best = torch.where(slots < held, slots, k + (slots - held))  # (B, H, T, k) into the 2k candidates
         else:  # add: the k best of both by score
-            best = torch.cat([p.scores for p in parts], dim=-1).topk(k, dim=-1).indices  # (B, H, T, k)
+            best = scores.topk(k, dim=-1).indices  # (B, H, T, k)
         D = own.keys.shape[-1]
         pick = best[..., None].expand(*best.shape, D)
         dtype = dtype or q.dtype  # cast after the merge: a lower precision would tie and reorder scores
         out = Retrieved(torch.cat([p.keys for p in parts], dim=-2).gather(-2, pick).to(dtype),
                         torch.cat([p.values for p in parts], dim=-2).gather(-2, pick).to(dtype),
-                        torch.cat([p.scores for p in parts], dim=-1).gather(-1, best).to(dtype),
+                        scores.gather(-1, best).to(dtype),
                         torch.cat([p.valid for p in parts], dim=-1).gather(-1, best))
         if not return_positions:
             return out

@@ -37,7 +37,7 @@ from memlm.model.norms import make_norm
 from memlm.model.positions import AbsolutePositions, T5RelativeBias, TupeBias
 
 
-KNOWLEDGE_MODES = ("fill", "add", "replace")
+KNOWLEDGE_MODES = (*WithKnowledge.MODES, "replace")
 """How init_state uses a knowledge memory: with each kNN layer's own store (fill: the slots the own
 past leaves empty; add: the best of both by score; memlm.memory.stores.WithKnowledge), or instead
 of it (replace)."""

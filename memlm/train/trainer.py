@@ -216,7 +216,8 @@ class Trainer:
                    "elapsed_s": round(self.elapsed, 1), "test_bpb": test["bpb"], "test_loss": test["loss"],
                    "test_perplexity": test["perplexity"], "test_tokens": test["tokens"],
                    "test_by_position": test["by_position"], "test_weights": c.test_weights,
-                   "test_step": tested_step, "best_val_bpb": self.best_bpb if math.isfinite(self.best_bpb) else None, "sample": sample}
+                   "test_step": tested_step, "sample": sample,
+                   "best_val_bpb": self.best_bpb if math.isfinite(self.best_bpb) else None}
         if recall is not None:
             summary["recall"] = recall
         if main:
