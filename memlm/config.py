@@ -122,6 +122,10 @@ class MemoryConfig:
     reset_at_document: bool = True
     """Forget a stream's memory where a new document starts (at segment boundaries); False = carry it
     across documents."""
+    train_reset: float = 0.0
+    """Training only: the probability that a batch row also forgets its memory (recurrent, kNN, all
+    of its state) at the start of any segment, so the model learns to work from an empty memory,
+    which is how evaluation streams and generation begin. 0 = only at documents."""
     adaptive_span: bool = False
     """Adaptive attention span (arXiv 1905.07799): a learned span per head with a soft ramp."""
     span_max: int | None = None
@@ -317,6 +321,8 @@ class ModelConfig:
         if m.feedback == "memory" and not any(self.memory_lengths()):
             raise ConfigError("memory.feedback", m.feedback,
                               "feedback into memory needs memory.length (or lengths) > 0")
+        if not 0.0 <= m.train_reset < 1.0:
+            raise ConfigError("memory.train_reset", m.train_reset, "must lie in [0, 1)")
         if m.eval_multiplier <= 0:
             raise ConfigError("memory.eval_multiplier", m.eval_multiplier, "must be > 0")
         if m.knn_layers is not None:

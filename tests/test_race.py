@@ -241,6 +241,19 @@ def test_train_config_is_shared_by_every_contender(corpus, tmp_path):
     assert (shared.lr, shared.seed, shared.sample_bytes, shared.steps) == (1e-3, 3, 0, 5)
 
 
+def test_peer_train_reset_reaches_the_memory_peer_only(corpus, tmp_path):
+    """--peer-train-reset p sets the XL peer's memory.train_reset, which the Trainer reads as it reads
+    memlm's; the peer without memory has no memory to forget and keeps 0 out of its description."""
+    config = tiny_race_config(corpus, tmp_path / "runs", peer_train_reset=0.3)
+    xl, plain = race.plan(config, ["x-transformers-XL", "x-transformers"])
+    assert xl.model_config.memory.train_reset == 0.3 and xl.description.endswith("train_reset=0.3")
+    assert "train_reset" not in plain.description
+    assert race.plan(tiny_race_config(corpus, tmp_path / "runs"), ["x-transformers-XL"])[0] \
+        .model_config.memory.train_reset == 0.0
+    with pytest.raises(ValueError, match="train_reset"):
+        race.plan(tiny_race_config(corpus, tmp_path / "runs", peer_train_reset=1.0), ["x-transformers-XL"])
+
+
 def test_peer_dropout_regularises_the_peers_alike(corpus, tmp_path):
     """--peer-dropout p builds x-transformers with emb_dropout, ff_dropout and attn_dropout p: two
     training passes differ, evaluation passes do not; 0 (the default) leaves it without dropout."""

@@ -53,6 +53,9 @@ class PeerMemory:
     """XL memory: hidden states of this many earlier positions per layer (x-transformers max_mem_len); 0 = none."""
     reset_at_document: bool = True
     """Forget a stream's memory where a new document starts (at segment boundaries), as memlm's presets do."""
+    train_reset: float = 0.0
+    """Training only: each row also forgets its memory at a segment start with this probability
+    (memlm's memory.train_reset, applied by the Trainer)."""
 
 
 @dataclass
@@ -78,11 +81,11 @@ class PeerConfig:
 
     @classmethod
     def of(cls, shape: Shape, memory: int = 0, features: dict[str, Any] | None = None,
-           dropout: float = 0.0) -> "PeerConfig":
+           dropout: float = 0.0, train_reset: float = 0.0) -> "PeerConfig":
         return cls(layers=shape.layers, width=shape.width, heads=shape.heads, seq_len=shape.seq_len,
                    vocab_size=shape.vocab_size, features=dict(features if features is not None else
                                                               {"rotary_pos_emb": True}),
-                   memory=PeerMemory(length=memory), dropout=dropout)
+                   memory=PeerMemory(length=memory, train_reset=train_reset), dropout=dropout)
 
     @property
     def shape(self) -> Shape:
@@ -99,6 +102,8 @@ class PeerConfig:
             raise ValueError(f"peer width {self.width} is not a multiple of heads {self.heads}")
         if self.memory.length < 0:
             raise ValueError(f"peer memory.length must be >= 0, got {self.memory.length}")
+        if not 0 <= self.memory.train_reset < 1:
+            raise ValueError(f"peer memory.train_reset must be in [0, 1), got {self.memory.train_reset}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"peer dropout must be in [0, 1), got {self.dropout}")
         return self

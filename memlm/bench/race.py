@@ -91,6 +91,9 @@ class RaceConfig(TrainConfig):
     peer_dropout: float = 0.0
     """Dropout of the peers (x-transformers' emb_dropout, ff_dropout and attn_dropout); 0 = their default.
     Give the memlm contenders' dropout (--overrides dropout=P) to regularise both alike."""
+    peer_train_reset: float = 0.0
+    """The peers' memory.train_reset: in training each row also forgets its XL memory at a segment start
+    with this probability. Give the memlm contenders' (--overrides memory.train_reset=P) to train both alike."""
     test_weights: str = "best"
     """Weights each contender is tested with: best (those of its lowest validation bpb during the budget,
     i.e. early stopping; the default, since fast models overfit a small corpus well within a budget)
@@ -180,8 +183,10 @@ def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
         if name in PEERS:
             base = resolve(config.peer_shape, **shape)
             peer = PeerConfig.of(Shape.of(base, 0), memory=base.seq_len if name.endswith("-XL") else 0,
-                                 dropout=config.peer_dropout).validate()
+                                 dropout=config.peer_dropout, train_reset=config.peer_train_reset).validate()
             text = PEERS[name] + (f"; dropout={config.peer_dropout:g}" if config.peer_dropout else "")
+            if config.peer_train_reset and peer.stateful:
+                text += f"; train_reset={config.peer_train_reset:g}"
             contenders.append(Contender(name, "peer", peer, XTransformersLM, text))
         else:
             model_config = resolve(name, **shape, **overrides).validate()
@@ -325,7 +330,8 @@ def utc_stamp(date: str | None = None) -> str:
 COMPARED = ("data", "fractions", "steps", "tokens", "minutes", "batch_size", "grad_accum", "lr", "min_lr_frac",
             "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
             "precision", "compile", "eval_every", "eval_batches", "layers", "width", "heads", "seq_len",
-            "peer_shape", "overrides", "compile_warmup", "sample_bytes", "test_weights", "peer_dropout")
+            "peer_shape", "overrides", "compile_warmup", "sample_bytes", "test_weights", "peer_dropout",
+            "peer_train_reset")
 """Settings that must agree between merged runs (a difference is noted under the table)."""
 
 

@@ -4,15 +4,21 @@ framing of "Neural Turing Machines" (Graves et al., arXiv 1410.5401).
 A kNN layer's queries attend, besides their local context, to the top-k keys/values retrieved
 from an external store of this layer's past keys and values for the same stream. Reading:
 queries and stored keys are L2-normalised (inner-product search), as in the paper, so stale
-memories stay comparable; the retrieved logits are the layer's scaled query times the unit key; memories have no position (the unrotated queries score
-them). The two results are combined by a learned per-head gate (the paper) or by one joint
-softmax over local and retrieved keys. Writing: when a segment completes, the layer's keys
-and values of that segment are written, detached; the store is not differentiable, and
-gradients reach the queries through the attention over the retrieved pairs. The optional
-straight-through mode (the programme's sketch) adds the query's gradient path to the
-retrieved keys and values: k' = k + (q - sg(q)), v' = v + (q - sg(q)).
-Departure: writes happen per completed segment (seq_len positions), so token-by-token
-generation reads exactly what segment-by-segment training reads.
+memories stay comparable; the retrieved logits are the layer's scaled query times the unit
+key; memories have no position (the unrotated queries score them). The two results are
+combined by a learned per-head gate (the paper) or by one joint softmax over local and
+retrieved keys. Writing: when a segment completes, the layer's keys and values of that
+segment are written, detached; the store is not differentiable, and gradients reach the
+queries through the attention over the retrieved pairs. The optional straight-through mode
+(the programme's sketch) adds the query's gradient path to the retrieved keys and values:
+k' = k + (q - sg(q)), v' = v + (q - sg(q)).
+
+Departures from the paper:
+- A query that retrieves nothing (an empty store: a stream's first segment, or just after a
+  reset) takes its local result alone. The paper's gate would still scale that result by
+  (1 - g), an output the layer never sees while its store is full.
+- Writes happen per completed segment (seq_len positions), so token-by-token generation reads
+  exactly what segment-by-segment training reads.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class KnnAttention(nn.Module):
         if self.combine == "joint":
             return merge_partials(local, local_lse, memory, memory_lse)[0]
         gate = torch.sigmoid(self.gate).to(local.dtype)[None, :, None, None]  # (1, H, 1, 1)
+        gate = gate * memory_lse.isfinite()[..., None]  # (B, H, T, 1): closed where nothing was retrieved
         return gate * memory + (1 - gate) * local
 
 

@@ -290,8 +290,10 @@ class Trainer:
         for micro in range(accum):
             x, y, *flags = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
-            if self.state is not None and self.model_config.memory.reset_at_document:
-                self.state = self.state.reset(flags[0][:, 0].to(self.device))  # rows starting a document
+            if self.state is not None:
+                forget = self._rows_to_forget(flags[0][:, 0], micro)
+                if forget is not None:
+                    self.state = self.state.reset(forget.to(self.device))
             if self.info.enabled:  # all-reduce the gradients on the last micro-step only
                 self.train_model.require_backward_grad_sync = micro == accum - 1
             with self.autocast:
@@ -304,6 +306,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_optimizer_step()
         return loss_sum / accum, grad_norm
+
+    def _rows_to_forget(self, doc_start: torch.Tensor, micro: int) -> torch.Tensor | None:
+        """(B,) bool rows whose state is reset before this micro-batch, or None: rows starting a
+        document (memory.reset_at_document) and, with memory.train_reset = p, each row with
+        probability p, drawn from (seed, rank, step, micro) so that a resumed run draws the same."""
+        m = self.model_config.memory
+        forget = doc_start if m.reset_at_document else None  # (B,) bool
+        if m.train_reset > 0:
+            draw = np.random.default_rng([self.config.seed, self.info.rank, self.step, micro]).random(len(doc_start))
+            chance = torch.from_numpy(draw < m.train_reset)  # (B,) bool
+            forget = chance if forget is None else forget | chance
+        return forget
 
     # ----- logging, evaluation, samples -------------------------------------------------
     def _log_train(self, meter: Meter, lr: float, grad_norm: torch.Tensor) -> None:

@@ -16,7 +16,10 @@ def build(**extra):
     return memlm.build("seed-tiny", **base).eval()
 
 
-def test_empty_store_and_closed_gate_equal_local_attention():
+@pytest.mark.parametrize("gate", [-1e4, 3.0])
+def test_an_empty_store_leaves_local_attention_whatever_the_gate(gate):
+    """A query that retrieves nothing takes its local result alone, even with the gate open
+    (the paper's gate would scale it by 1 - g)."""
     torch.manual_seed(0)
     plain = memlm.build("seed-tiny", **tiny_overrides(layers=2, seq_len=8)).eval()
     for combine in ("gate", "joint"):
@@ -24,10 +27,13 @@ def test_empty_store_and_closed_gate_equal_local_attention():
         model.load_state_dict(plain.state_dict(), strict=False)
         if combine == "gate":
             with torch.no_grad():
-                model.blocks[1].attention.knn.gate.fill_(-1e4)
+                model.blocks[1].attention.knn.gate.fill_(gate)
         ids = torch.randint(0, 256, (2, 8))
         torch.testing.assert_close(model(ids, state=model.init_state(2)).logits, plain(ids).logits,
                                    atol=1e-5, rtol=0)
+        if combine == "gate" and gate > 0:  # once the store holds the first segment, the open gate mixes it in
+            _, state = by_segments(model, ids, 8)
+            assert not torch.allclose(model(ids, state=state).logits, plain(ids).logits, atol=1e-3)
 
 
 def test_segments_are_written_and_read_back():

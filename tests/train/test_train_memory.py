@@ -47,9 +47,40 @@ def test_memory_trainer_uses_streams_and_carries_a_detached_state(corpus, tmp_pa
     assert seen == [(32, 32, False), (64, 48, False), (96, 48, False)]
 
 
-@pytest.mark.parametrize("name", ["span+compressive", "knn"])
+def row_starts_per_step(monkeypatch, corpus, out, **memory):
+    """Train the tiny XL model 8 steps; per step, the rows whose state was reset during it."""
+    starts = []
+    original = Trainer.train_step
+
+    def spy(self):
+        position = self.state.position
+        result = original(self)
+        starts.append((self.state.row_start == position).tolist())
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    train(tiny_model().replace(**{"memory.length": 32, "memory.reset_at_document": False, **memory}),
+          fast_config(corpus, out, steps=8, checkpoint_every=8, eval_every=8))
+    monkeypatch.undo()
+    return starts
+
+
+def test_train_reset_forgets_random_rows_the_same_way_each_run(corpus, tmp_path, monkeypatch):
+    never = row_starts_per_step(monkeypatch, corpus, tmp_path / "never")
+    assert not any(any(step) for step in never[1:])  # documents are carried across; nothing is forgotten
+    drawn = row_starts_per_step(monkeypatch, corpus, tmp_path / "drawn", **{"memory.train_reset": 0.5})
+    resets = sum(sum(step) for step in drawn[1:])  # 7 steps x 4 rows, each forgotten with probability 0.5
+    assert 5 <= resets <= 23
+    again = row_starts_per_step(monkeypatch, corpus, tmp_path / "again", **{"memory.train_reset": 0.5})
+    assert again == drawn
+
+
+RESUMED = {**MECHANISMS, "xl+train_reset": {"memory.length": 32, "memory.train_reset": 0.3}}
+
+
+@pytest.mark.parametrize("name", ["span+compressive", "knn", "xl+train_reset"])
 def test_resume_with_memory_is_exact(corpus, tmp_path, monkeypatch, name):
-    model = tiny_model().replace(**MECHANISMS[name])
+    model = tiny_model().replace(**RESUMED[name])
     straight = tmp_path / "straight"
     train(model, fast_config(corpus, straight, steps=12, checkpoint_every=4))
     crashed = tmp_path / "crashed"
