@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from memlm.bench.timing import cuda_ms
-from memlm.memory.fused_topk import TopkConfig, available, candidate_scores, fused_inner_product_topk, tile_maxima
+from memlm.memory.fused_topk import (TopkConfig, available, candidate_scores, fused_inner_product_topk, row_topk,
+                                     tile_maxima)
 from memlm.memory.stores import ExactStore
 
 DEFAULT_CONFIGS = [  # (name, TopkConfig options): the default first
     ("default", {}),
+    ("torch-select", dict(selection="torch")),
     ("tile16", dict(tile=16)),
     ("bm256-bn64", dict(block_m=256, block_n=64)),
 ]
@@ -70,7 +72,7 @@ class FusedExactStore(ExactStore):
 
 
 def stages(queries, keys, counts, k, cfg: TopkConfig) -> dict[str, float]:
-    """ms of each stage of the fused path."""
+    """ms of each stage of the fused path, with both selections (torch.topk and row_topk)."""
     maxima = tile_maxima(queries, keys, counts, cfg)
     nt = min(cfg.n_tiles or k, maxima.shape[-1])
     chosen = maxima.topk(nt, dim=-1, sorted=False).indices
@@ -78,7 +80,9 @@ def stages(queries, keys, counts, k, cfg: TopkConfig) -> dict[str, float]:
     out = {"kernel1": cuda_ms(lambda: tile_maxima(queries, keys, counts, cfg), 0.3),
            "topk(tiles)": cuda_ms(lambda: maxima.topk(nt, dim=-1, sorted=False), 0.3),
            "kernel2": cuda_ms(lambda: candidate_scores(queries, keys, counts, chosen, cfg), 0.3),
-           "topk(cand)": cuda_ms(lambda: cand.topk(k, dim=-1), 0.3)}
+           "topk(cand)": cuda_ms(lambda: cand.topk(k, dim=-1), 0.3),
+           "row_topk(tiles)": cuda_ms(lambda: row_topk(maxima, nt), 0.3),
+           "row_topk(cand)": cuda_ms(lambda: row_topk(cand, k), 0.3)}
     del maxima, cand
     return out
 

@@ -42,10 +42,10 @@ ExactStore's tied choices.
 Pipeline (`fused_inner_product_topk`):
   1. kernel 1: per group and BLOCK_M queries, loop over key blocks, tl.dot, mask slots >=
      count to -inf, keep the tile maxima; write maxima (G, M, T), T ~ C / BN.
-  2. torch.topk(maxima, n_tiles) -> the n_tiles (default k) best tiles per query.
+  2. selection (`row_topk`, or torch.topk) of the n_tiles (default k) best tiles per query.
   3. kernel 2: per BLOCK_Q queries, gather the BN keys of each selected tile (a group's keys
      are a few MB: L2 hits), fp32 scores -> candidates (G, M, n_tiles * BN), slots implied.
-  4. torch.topk(candidates, k), best first; map (tile, row) -> slot; ranks >= count -> slot
+  4. selection of the k best candidates, best first; map (tile, row) -> slot; ranks >= count -> slot
      -1, score -inf; pad to k. Scores come back in `out_dtype` (default the keys' dtype, as
      ExactStore._topk returns them).
 
@@ -87,11 +87,12 @@ except Exception:  # ImportError, or a broken install
 # (no `from __future__ import annotations` here: older Triton interpreters recognise constexpr
 # parameters only by their evaluated annotation)
 
-__all__ = ["available", "brute_force_topk", "fused_inner_product_topk", "two_stage_topk_reference",
+__all__ = ["available", "brute_force_topk", "fused_inner_product_topk", "row_topk", "two_stage_topk_reference",
            "tile_slots", "TopkConfig"]
 
 LAYOUTS = ("strided", "consecutive")
 PRECISIONS = ("tf32x3", "ieee", "tf32")
+SELECTIONS = ("triton", "torch")
 
 
 def available(device) -> bool:
@@ -113,17 +114,21 @@ class TopkConfig:
     on sm_90, high occupancy for the gathers). num_warps, num_stages: kernel 1 (128 x 128 x 8
     warps: ~210 registers, no spills). n_tiles: tiles recomputed per query (default k, which
     exactness needs; more costs kernel-2 time and only narrows the near-tie window of the
-    inexact precision="tf32"; fewer than k is approximate).
+    inexact precision="tf32"; fewer than k is approximate). selection: how the best tiles and
+    then the best candidates are picked: "triton" (`row_topk`, one program per row) or "torch"
+    (torch.topk).
     """
 
     def __init__(self, tile: int = 32, layout: str = "strided", block_m: int = 128, block_n: int = 128,
                  block_q: int = 1, n_tiles: int | None = None, num_warps: int = 8, num_stages: int = 3,
-                 num_warps_2: int = 4, precision: str = "tf32x3"):
+                 num_warps_2: int = 4, precision: str = "tf32x3", selection: str = "triton"):
         for name, value in (("tile", tile), ("block_m", block_m), ("block_n", block_n), ("block_q", block_q)):
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if block_m < 16 or block_n < 16:
@@ -132,7 +137,7 @@ class TopkConfig:
             raise ValueError(f"consecutive layout: block_n ({block_n}) must be a multiple of tile ({tile})")
         self.tile, self.layout, self.block_m, self.block_n, self.block_q = tile, layout, block_m, block_n, block_q
         self.n_tiles, self.num_warps, self.num_stages, self.num_warps_2 = n_tiles, num_warps, num_stages, num_warps_2
-        self.precision = precision
+        self.precision, self.selection = precision, selection
 
     @property
     def stride(self) -> int:
@@ -148,7 +153,7 @@ class TopkConfig:
         return (f"TopkConfig(tile={self.tile}, layout={self.layout!r}, block_m={self.block_m}, "
                 f"block_n={self.block_n}, block_q={self.block_q}, n_tiles={self.n_tiles}, "
                 f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_warps_2={self.num_warps_2}, "
-                f"precision={self.precision!r})")
+                f"precision={self.precision!r}, selection={self.selection!r})")
 
 
 def tile_slots(tiles: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
@@ -168,16 +173,17 @@ def _masked_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tens
     return scores.masked_fill_(dead[:, None, :], float("-inf"))
 
 
-def _finish(cand: torch.Tensor, slot_of, counts: torch.Tensor, k: int, out_dtype: torch.dtype):
+def _finish(cand: torch.Tensor, slot_of, counts: torch.Tensor, k: int, out_dtype: torch.dtype, topk=None):
     """Top k of candidate scores (G, M, n) -> (scores (G, M, k) out_dtype, slots (G, M, k) long),
-    best first; `slot_of(indices)` maps candidate indices to slots. Ranks >= count: -1 / -inf."""
+    best first; `slot_of(indices)` maps candidate indices to slots. Ranks >= count: -1 / -inf.
+    topk(x, k) -> (values, indices), best first: torch.topk by default."""
     G, M, n = cand.shape
     kk = min(k, n)
-    top = cand.topk(kk, dim=-1)
-    slots = slot_of(top.indices)
+    top = cand.topk(kk, dim=-1) if topk is None or n == 0 else topk(cand, kk)
+    slots = slot_of(top[1])
     found = torch.arange(kk, device=cand.device) < counts.to(cand.device)[:, None, None]  # (G, 1, kk)
     slots = slots.masked_fill(~found, -1)
-    scores = top.values.masked_fill(~found, float("-inf")).to(out_dtype)
+    scores = top[0].masked_fill(~found, float("-inf")).to(out_dtype)
     if kk < k:
         scores = torch.nn.functional.pad(scores, (0, k - kk), value=float("-inf"))
         slots = torch.nn.functional.pad(slots, (0, k - kk), value=-1)
@@ -327,17 +333,42 @@ def _candidates_kernel(Q, K, CNT, SEL, OUT, M, C, D, nt,
         tl.store(out + j * BN * soc, tl.where(ok, s, float("-inf")), mask=q_ok[:, None])
 
 
+def _row_topk_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik, BLOCK_N: tl.constexpr):
+    """Selection: program r -> the K largest of row X[r, :N] (fp32), best first: VAL[r, j] and
+    their column IDX[r, j]. Each value is packed with its column into one int64 whose order is the
+    values' order (ties: the lower column first); K rounds of a row maximum then take them out
+    one by one. Exact, with no sort: the rows are short (2,048 tile maxima, 1,024 candidates) and
+    K small (32), where torch.topk's radix selection reads them several times."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    ok = offs < N
+    x = tl.load(X + r * sxr + offs * sxn, mask=ok, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 in the floats' order
+    packed = (order.to(tl.int64) << 32) + (BLOCK_N - 1 - offs).to(tl.int64)  # unique; lower column wins ties
+    lowest = tl.full((BLOCK_N,), -9223372036854775807 - 1, tl.int64)
+    packed = tl.where(ok, packed, lowest)
+    for j in range(0, K):
+        best = tl.max(packed, axis=0)
+        packed = tl.where(packed == best, lowest, packed)
+        col = BLOCK_N - 1 - (best & 0xFFFFFFFF)
+        top = (best >> 32).to(tl.int32)
+        value = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        tl.store(VAL + r * svr + j * svk, value)
+        tl.store(IDX + r * sir + j * sik, col)
+
+
 _KERNELS: dict = {}
 
 
 def _kernels():
-    """(kernel 1, kernel 2), jit-decorated on first use for the current TRITON_INTERPRET mode
+    """(kernel 1, kernel 2, selection), jit-decorated on first use for the current TRITON_INTERPRET mode
     (triton.jit reads it when it decorates)."""
     if triton is None:
         raise RuntimeError("fused_inner_product_topk needs triton (see available())")
     mode = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel))
+        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel), triton.jit(_row_topk_kernel))
     return _KERNELS[mode]
 
 
@@ -350,7 +381,7 @@ def _launch_guard(device: torch.device):
 
 def tile_maxima(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, cfg: TopkConfig) -> torch.Tensor:
     """Kernel 1: (G, M, T) fp32 tile maxima (T = cfg.n_tiles_total(C))."""
-    k1, _ = _kernels()
+    k1 = _kernels()[0]
     G, M, D = queries.shape
     C = keys.shape[1]
     T = cfg.n_tiles_total(C)
@@ -372,7 +403,7 @@ def tile_maxima(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
 def candidate_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, chosen: torch.Tensor,
                      cfg: TopkConfig) -> torch.Tensor:
     """Kernel 2: (G, M, nt * BN) fp32 scores of the keys of the chosen tiles (G, M, nt)."""
-    _, k2 = _kernels()
+    k2 = _kernels()[1]
     G, M, D = queries.shape
     C, nt = keys.shape[1], chosen.shape[2]
     out = torch.empty(G, M, nt * cfg.tile, dtype=torch.float32, device=keys.device)
@@ -384,6 +415,24 @@ def candidate_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Te
                  BLOCK_Q=cfg.block_q, BN=cfg.tile, BLOCK_D=BLOCK_D, STRIDE=cfg.stride,
                  num_warps=cfg.num_warps_2)
     return out
+
+
+def row_topk(x: torch.Tensor, k: int, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x (..., n) fp32, best first: (values (..., k) fp32,
+    indices (..., k) long), like torch.topk(x, k) (ties: the lower index first). One Triton program
+    per row; n up to 2^15 (the row is held in registers)."""
+    n = x.shape[-1]
+    if not 1 <= k <= n or n > 2 ** 15:
+        raise ValueError(f"row_topk needs 1 <= k <= n <= 32768, got k={k}, n={n}")
+    rows = x.reshape(-1, n)
+    values = torch.empty(rows.shape[0], k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
+    if rows.shape[0]:
+        with _launch_guard(x.device):
+            _kernels()[2][(rows.shape[0],)](rows, values, indices, n, k, *rows.stride(), *values.stride(),
+                                            *indices.stride(), BLOCK_N=max(16, 1 << (n - 1).bit_length()),
+                                            num_warps=num_warps)
+    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
 
 
 MAX_MAXIMA_ELEMENTS = 2 ** 28
@@ -425,7 +474,8 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         return torch.cat([scores for scores, _ in parts], dim=1), torch.cat([slots for _, slots in parts], dim=1)
     maxima = tile_maxima(queries, keys, counts, cfg)  # (G, M, T)
     nt = min(cfg.n_tiles or k, maxima.shape[-1])
-    chosen = maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
+    topk = row_topk if cfg.selection == "triton" else None
+    chosen = row_topk(maxima, nt)[1] if topk else maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
     del maxima
     cand = candidate_scores(queries, keys, counts, chosen, cfg)  # (G, M, nt * BN)
     BN, S = cfg.tile, cfg.stride
@@ -434,7 +484,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         t = chosen.gather(-1, i // BN)
         return (t // S) * (S * BN) + t % S + (i % BN) * S
 
-    return _finish(cand, slot_of, counts, k, out_dtype)
+    return _finish(cand, slot_of, counts, k, out_dtype, topk)
 
 
 @torch.library.custom_op("memlm::fused_inner_product_topk", mutates_args=())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from memlm.bench.timing import cuda_ms
-from memlm.memory.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk,
+from memlm.memory.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk, row_topk,
                                      tile_slots, two_stage_topk_reference)
 
 
@@ -124,13 +124,35 @@ INTERPRETER_CASES = [  # G, M, C, D, k, counts, dtype, config
     (2, 6, 40, 16, 50, [40, 33], torch.float32, dict(tile=8, block_m=16, block_n=16)),  # k > C
     (2, 8, 64, 8, 4, [0, 64], torch.float32, dict(tile=16, block_m=16, block_n=16)),  # D < 16, an empty group
     (2, 8, 96, 16, 4, [96, 50], torch.float16, dict(tile=8, block_m=16, block_n=32, n_tiles=6)),
+    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, selection="torch")),
+    (2, 9, 150, 32, 8, [150, 60], torch.bfloat16, dict(tile=4, block_m=16, block_n=16, layout="consecutive",
+                                                       selection="torch")),
     # queries searched in chunks of 5 (2 groups x 64 tiles x 5 queries of maxima at once)
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, max_elements=2 * 64 * 5)),
 ]
 
 
+def _row_topk_case():
+    """row_topk against torch.topk: the same values, best first, indices that hold them, ties
+    taken lower index first, -inf entries last (rows of maxima with dead tiles)."""
+    for n, k in [(2048, 32), (1000, 7), (33, 33), (16, 1)]:
+        x = torch.randn(3, n)
+        x[0, 5:] = float("-inf")
+        x[1, :10] = 0.5
+        x[1, 10:] = torch.rand(n - 10) * 0.4  # ten tied maxima
+        values, indices = row_topk(x, k)
+        assert torch.equal(values, x.topk(k, dim=-1).values), (n, k)
+        assert torch.equal(x.gather(-1, indices), values)
+        assert all(len(set(row.tolist())) == k for row in indices)
+        assert indices[1, :min(k, 10)].tolist() == list(range(min(k, 10)))
+    with pytest.raises(ValueError, match="row_topk"):
+        row_topk(torch.zeros(2, 4), 5)
+
+
 def _interpreter_case(case):
     """One INTERPRETER_CASES entry; runs in a child process with TRITON_INTERPRET=1."""
+    if case == 0:
+        _row_topk_case()
     torch.manual_seed(case)
     G, M, C, D, k, counts, dtype, options = INTERPRETER_CASES[case]
     options = dict(options)
