@@ -46,6 +46,9 @@ SWEEP_CONFIGS = DEFAULT_CONFIGS + [
     ("q4-w8", dict(block_q=4, num_warps_2=8)),
     ("tile16-bm256-bn64", dict(tile=16, block_m=256, block_n=64)),
     ("tf32 (inexact, fp32)", dict(precision="tf32")),
+    ("select-w1", dict(num_warps_select=1)),
+    ("select-w2", dict(num_warps_select=2)),
+    ("select-w8", dict(num_warps_select=8)),
 ]
 
 
@@ -81,8 +84,8 @@ def stages(queries, keys, counts, k, cfg: TopkConfig) -> dict[str, float]:
            "topk(tiles)": cuda_ms(lambda: maxima.topk(nt, dim=-1, sorted=False), 0.3),
            "kernel2": cuda_ms(lambda: candidate_scores(queries, keys, counts, chosen, cfg), 0.3),
            "topk(cand)": cuda_ms(lambda: cand.topk(k, dim=-1), 0.3),
-           "row_topk(tiles)": cuda_ms(lambda: row_topk(maxima, nt), 0.3),
-           "row_topk(cand)": cuda_ms(lambda: row_topk(cand, k), 0.3)}
+           "row_topk(tiles)": cuda_ms(lambda: row_topk(maxima, nt, cfg.num_warps_select), 0.3),
+           "row_topk(cand)": cuda_ms(lambda: row_topk(cand, k, cfg.num_warps_select), 0.3)}
     del maxima, cand
     return out
 

@@ -115,13 +115,14 @@ class TopkConfig:
     warps: ~210 registers, no spills). n_tiles: tiles recomputed per query (default k, which
     exactness needs; more costs kernel-2 time and only narrows the near-tie window of the
     inexact precision="tf32"; fewer than k is approximate). selection: how the best tiles and
-    then the best candidates are picked: "triton" (`row_topk`, one program per row) or "torch"
-    (torch.topk).
+    then the best candidates are picked: "triton" (`row_topk`, one program of num_warps_select
+    warps per row) or "torch" (torch.topk).
     """
 
     def __init__(self, tile: int = 32, layout: str = "strided", block_m: int = 128, block_n: int = 128,
                  block_q: int = 1, n_tiles: int | None = None, num_warps: int = 8, num_stages: int = 3,
-                 num_warps_2: int = 4, precision: str = "tf32x3", selection: str = "triton"):
+                 num_warps_2: int = 4, precision: str = "tf32x3", selection: str = "triton",
+                 num_warps_select: int = 4):
         for name, value in (("tile", tile), ("block_m", block_m), ("block_n", block_n), ("block_q", block_q)):
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
@@ -137,7 +138,7 @@ class TopkConfig:
             raise ValueError(f"consecutive layout: block_n ({block_n}) must be a multiple of tile ({tile})")
         self.tile, self.layout, self.block_m, self.block_n, self.block_q = tile, layout, block_m, block_n, block_q
         self.n_tiles, self.num_warps, self.num_stages, self.num_warps_2 = n_tiles, num_warps, num_stages, num_warps_2
-        self.precision, self.selection = precision, selection
+        self.precision, self.selection, self.num_warps_select = precision, selection, num_warps_select
 
     @property
     def stride(self) -> int:
@@ -153,7 +154,8 @@ class TopkConfig:
         return (f"TopkConfig(tile={self.tile}, layout={self.layout!r}, block_m={self.block_m}, "
                 f"block_n={self.block_n}, block_q={self.block_q}, n_tiles={self.n_tiles}, "
                 f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_warps_2={self.num_warps_2}, "
-                f"precision={self.precision!r}, selection={self.selection!r})")
+                f"precision={self.precision!r}, selection={self.selection!r}, "
+                f"num_warps_select={self.num_warps_select})")
 
 
 def tile_slots(tiles: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
@@ -474,8 +476,8 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         return torch.cat([scores for scores, _ in parts], dim=1), torch.cat([slots for _, slots in parts], dim=1)
     maxima = tile_maxima(queries, keys, counts, cfg)  # (G, M, T)
     nt = min(cfg.n_tiles or k, maxima.shape[-1])
-    topk = row_topk if cfg.selection == "triton" else None
-    chosen = row_topk(maxima, nt)[1] if topk else maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
+    topk = (lambda x, n: row_topk(x, n, cfg.num_warps_select)) if cfg.selection == "triton" else None
+    chosen = topk(maxima, nt)[1] if topk else maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
     del maxima
     cand = candidate_scores(queries, keys, counts, chosen, cfg)  # (G, M, nt * BN)
     BN, S = cfg.tile, cfg.stride

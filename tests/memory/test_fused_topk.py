@@ -125,6 +125,7 @@ INTERPRETER_CASES = [  # G, M, C, D, k, counts, dtype, config
     (2, 8, 64, 8, 4, [0, 64], torch.float32, dict(tile=16, block_m=16, block_n=16)),  # D < 16, an empty group
     (2, 8, 96, 16, 4, [96, 50], torch.float16, dict(tile=8, block_m=16, block_n=32, n_tiles=6)),
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, selection="torch")),
+    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, num_warps_select=1)),
     (2, 9, 150, 32, 8, [150, 60], torch.bfloat16, dict(tile=4, block_m=16, block_n=16, layout="consecutive",
                                                        selection="torch")),
     # queries searched in chunks of 5 (2 groups x 64 tiles x 5 queries of maxima at once)
