@@ -218,7 +218,8 @@ def warm_up(trainer: Trainer, passes: int) -> float:
     start, device = time.perf_counter(), trainer.device
     loader_state, rng = trainer.loader.state_dict(), torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    state = trainer.model.init_state(trainer.config.batch_size, device=device) if trainer.stateful else None
+    # made as the trainer makes its own (on the model's device), so the compiled graphs' guards match it
+    state = trainer.model.init_state(trainer.config.batch_size) if trainer.stateful else None
     for i in range(passes):
         x, y, *flags = trainer.loader.next_batch()
         x, y = x.to(device), y.to(device)  # (B, T)

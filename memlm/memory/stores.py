@@ -122,9 +122,13 @@ class Store:
         if shared and rows != 1:
             raise ValueError(f"a shared store has exactly one row, got rows={rows}")
         self.rows, self.heads, self.dim, self.capacity = rows, heads, dim, capacity
-        self.device = torch.device("cpu" if device is None else device)
         self.dtype, self.shared = dtype, shared
-        self.keys = torch.zeros(rows, heads, capacity, dim, dtype=dtype, device=self.device)  # (R, Hkv, C, D)
+        self.keys = torch.zeros(rows, heads, capacity, dim, dtype=dtype,
+                                device="cpu" if device is None else device)  # (R, Hkv, C, D)
+        # the tensors' own device: "cuda" becomes "cuda:0", so that a store made with either name
+        # passes the same torch.compile guards (a race warm-up's stores on "cuda" against the
+        # trainer's on "cuda:0" recompiled the whole forward after the clock had started)
+        self.device = self.keys.device
         self.values = torch.zeros_like(self.keys)                                               # (R, Hkv, C, D)
         self.positions = torch.full((rows, capacity), -1, dtype=torch.long, device=self.device)  # (R, C)
         self.counts = torch.zeros(rows, dtype=torch.long, device=self.device)                    # (R,)

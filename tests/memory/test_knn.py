@@ -176,3 +176,25 @@ def test_compiled_model_does_not_recompile_while_the_store_fills():
         eager_state, compiled_state = eager.state, out.state
     assert counter.frame_count == 2
     assert compiled_state.stores[1].counts.tolist() == eager_state.stores[1].counts.tolist() == [40, 40]
+
+
+def test_states_made_on_two_names_of_one_device_share_the_compiled_graphs():
+    """A store takes its tensors' device, not the name it was given: "cpu:0" here, "cuda" against
+    "cuda:0" on a GPU (tests/gpu/test_store_device.py), where the race warm-up's states and the
+    trainer's differed so and the first training step recompiled the whole forward."""
+    from torch._dynamo.testing import CompileCounter
+
+    assert make_store("exact", 1, 1, 8, 16, device="cpu:0").device == torch.device("cpu")
+    torch.manual_seed(0)
+    model = build(**{"memory.length": 8})
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    torch._dynamo.reset()
+    ids = torch.randint(0, 256, (2, 8))
+    frames = []
+    for device in ("cpu:0", None):  # None: the model's device
+        state = model.init_state(2, device=device)
+        for _ in range(3):
+            state = compiled(ids, state=state).state.detach()
+        frames.append(counter.frame_count)
+    assert frames[1] == frames[0]
