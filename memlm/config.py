@@ -98,6 +98,9 @@ class FeedForwardConfig:
     """Feed-forward: gelu, relu2 (squared ReLU, arXiv 2109.08668), swiglu, geglu, none."""
     mult: float = 4.0
     """Hidden width = mult * model width (gated kinds use 2/3 of it, rounded to 8)."""
+    dropout: float = 0.0
+    """Dropout on the hidden activations, before the output projection (training only; where
+    x-transformers' ff_dropout acts, besides the model's dropout on the residual branches)."""
 
 
 @dataclass
@@ -265,7 +268,7 @@ class ModelConfig:
                 raise ConfigError("attention.kv_heads", a.kv_heads,
                                   f"must divide attention.heads={a.heads}")
         for name, value in [("dropout", self.dropout), ("attention.dropout", a.dropout),
-                            ("attention.forgetful", a.forgetful)]:
+                            ("attention.forgetful", a.forgetful), ("feedforward.dropout", self.feedforward.dropout)]:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(name, value, "must lie in [0, 1)")
         if a.backend == "flex" and a.dropout > 0:

@@ -26,7 +26,7 @@ class Block(nn.Module):
         self.feedforward = None
         if f.kind != "none":
             self.ff_norm = make_norm(n.kind, config.width, n.eps, config.bias)
-            self.feedforward = FeedForward(f.kind, config.width, f.mult, config.bias)
+            self.feedforward = FeedForward(f.kind, config.width, f.mult, config.bias, f.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: SegmentContext, cache: dict[str, torch.Tensor] | None,

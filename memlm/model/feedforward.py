@@ -29,11 +29,12 @@ def hidden_width(kind: str, width: int, mult: float) -> int:
 
 
 class FeedForward(nn.Module):
-    """x -> down(act(up(x))), or down(act(gate(x)) * up(x)) for gated kinds."""
+    """x -> down(drop(act(up(x)))), or down(drop(act(gate(x)) * up(x))) for gated kinds."""
 
-    def __init__(self, kind: str, width: int, mult: float, bias: bool):
+    def __init__(self, kind: str, width: int, mult: float, bias: bool, dropout: float = 0.0):
         super().__init__()
         self.kind = kind
+        self.dropout = nn.Dropout(dropout)
         self.activation = ACTIVATIONS[kind]
         hidden = hidden_width(kind, width, mult)
         self.up = nn.Linear(width, hidden * (2 if kind in GATED else 1), bias=bias)
@@ -44,5 +45,5 @@ class FeedForward(nn.Module):
         h = self.up(x)  # (B, T, hidden) or (B, T, 2 * hidden)
         if self.kind in GATED:
             gate, h = h.chunk(2, dim=-1)
-            return self.down(self.activation(gate) * h)
-        return self.down(self.activation(h))
+            return self.down(self.dropout(self.activation(gate) * h))
+        return self.down(self.dropout(self.activation(h)))

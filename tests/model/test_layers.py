@@ -44,6 +44,32 @@ def test_squared_relu_formula_and_feedforward():
     torch.testing.assert_close(glu(x), (F.silu(gate) * up) @ glu.down.weight.T)
 
 
+@pytest.mark.parametrize("kind", ["relu2", "swiglu"])
+def test_feedforward_dropout_acts_on_the_hidden_activations_in_training_only(kind):
+    """down(drop(act(...))): the same mask on the hidden units gives the formula; evaluation and
+    p = 0 leave the layer as it was; the block passes feedforward.dropout to its layer."""
+    torch.manual_seed(0)
+    ff = FeedForward(kind, 8, 4.0, bias=False, dropout=0.5)
+    x = torch.randn(2, 3, 8)
+    if kind == "relu2":
+        hidden = F.relu(x @ ff.up.weight.T).square()
+    else:
+        gate, up = (x @ ff.up.weight.T).chunk(2, -1)
+        hidden = F.silu(gate) * up
+    torch.manual_seed(1)
+    dropped = ff(x)
+    torch.manual_seed(1)
+    mask = F.dropout(torch.ones_like(hidden), 0.5)  # the same draw: 0 or 1 / (1 - p)
+    torch.testing.assert_close(dropped, (hidden * mask) @ ff.down.weight.T)
+    assert (mask == 0).any() and (mask == 2).any()
+    ff.eval()
+    torch.testing.assert_close(ff(x), hidden @ ff.down.weight.T)
+    model = memlm.build("seed-tiny", **tiny_overrides(layers=1), **{"feedforward.dropout": 0.3})
+    assert model.blocks[0].feedforward.dropout.p == 0.3
+    with pytest.raises(memlm.config.ConfigError, match="feedforward.dropout"):
+        memlm.build("seed-tiny", **{"feedforward.dropout": 1.0})
+
+
 def attention_params(width, heads, kv_heads, head_dim, bias):
     weights = width * heads * head_dim + 2 * width * kv_heads * head_dim + heads * head_dim * width
     biases = (heads * head_dim + 2 * kv_heads * head_dim + width) if bias else 0
