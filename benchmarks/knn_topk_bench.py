@@ -31,6 +31,7 @@ from memlm.memory.stores import ExactStore
 DEFAULT_CONFIGS = [  # (name, TopkConfig options): the default first
     ("default", {}),
     ("torch-select", dict(selection="torch")),
+    ("bitonic-select", dict(selection="bitonic")),
     ("tile16", dict(tile=16)),
     ("bm256-bn64", dict(block_m=256, block_n=64)),
 ]
@@ -86,6 +87,11 @@ def stages(queries, keys, counts, k, cfg: TopkConfig) -> dict[str, float]:
            "topk(cand)": cuda_ms(lambda: cand.topk(k, dim=-1), 0.3),
            "row_topk(tiles)": cuda_ms(lambda: row_topk(maxima, nt, cfg.num_warps_select), 0.3),
            "row_topk(cand)": cuda_ms(lambda: row_topk(cand, k, cfg.num_warps_select), 0.3)}
+    try:  # Triton's bitonic tl.topk, where this Triton has it
+        out["bitonic(tiles)"] = cuda_ms(lambda: row_topk(maxima, nt, cfg.num_warps_select, bitonic=True), 0.3)
+        out["bitonic(cand)"] = cuda_ms(lambda: row_topk(cand, k, cfg.num_warps_select, bitonic=True), 0.3)
+    except RuntimeError as error:
+        print(f"  ({error})")
     del maxima, cand
     return out
 

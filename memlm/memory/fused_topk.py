@@ -92,7 +92,7 @@ __all__ = ["available", "brute_force_topk", "fused_inner_product_topk", "row_top
 
 LAYOUTS = ("strided", "consecutive")
 PRECISIONS = ("tf32x3", "ieee", "tf32")
-SELECTIONS = ("triton", "torch")
+SELECTIONS = ("triton", "bitonic", "torch")
 
 
 def available(device) -> bool:
@@ -116,7 +116,8 @@ class TopkConfig:
     exactness needs; more costs kernel-2 time and only narrows the near-tie window of the
     inexact precision="tf32"; fewer than k is approximate). selection: how the best tiles and
     then the best candidates are picked: "triton" (`row_topk`, one program of num_warps_select
-    warps per row) or "torch" (torch.topk).
+    warps per row, k rounds of a row maximum), "bitonic" (`row_topk` with Triton's bitonic
+    tl.topk, Triton versions that have it) or "torch" (torch.topk).
     """
 
     def __init__(self, tile: int = 32, layout: str = "strided", block_m: int = 128, block_n: int = 128,
@@ -360,6 +361,27 @@ def _row_topk_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik, BLOCK_N: t
         tl.store(IDX + r * sir + j * sik, col)
 
 
+def _row_topk_bitonic_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik,
+                             BLOCK_N: tl.constexpr, KP: tl.constexpr):
+    """Selection as `_row_topk_kernel` (the same packed keys, so the same result), by Triton's
+    bitonic top-k of KP (a power of two >= K) in place of K rounds of a row maximum."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    ok = offs < N
+    x = tl.load(X + r * sxr + offs * sxn, mask=ok, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    packed = (order.to(tl.int64) << 32) + (BLOCK_N - 1 - offs).to(tl.int64)
+    packed = tl.where(ok, packed, tl.full((BLOCK_N,), -9223372036854775807 - 1, tl.int64))
+    best = tl.topk(packed, KP)  # (KP,) largest first
+    col = BLOCK_N - 1 - (best & 0xFFFFFFFF)
+    top = (best >> 32).to(tl.int32)
+    value = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    j = tl.arange(0, KP)
+    tl.store(VAL + r * svr + j * svk, value, mask=j < K)
+    tl.store(IDX + r * sir + j * sik, col, mask=j < K)
+
+
 _KERNELS: dict = {}
 
 
@@ -370,7 +392,8 @@ def _kernels():
         raise RuntimeError("fused_inner_product_topk needs triton (see available())")
     mode = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel), triton.jit(_row_topk_kernel))
+        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel), triton.jit(_row_topk_kernel),
+                          triton.jit(_row_topk_bitonic_kernel))
     return _KERNELS[mode]
 
 
@@ -419,21 +442,26 @@ def candidate_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Te
     return out
 
 
-def row_topk(x: torch.Tensor, k: int, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def row_topk(x: torch.Tensor, k: int, num_warps: int = 4, bitonic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of x (..., n) fp32, best first: (values (..., k) fp32,
     indices (..., k) long), like torch.topk(x, k) (ties: the lower index first). One Triton program
-    per row; n up to 2^15 (the row is held in registers)."""
+    per row; n up to 2^15 (the row is held in registers). bitonic: Triton's tl.topk instead of k
+    rounds of a row maximum (the same result; needs a Triton that has tl.topk)."""
     n = x.shape[-1]
     if not 1 <= k <= n or n > 2 ** 15:
         raise ValueError(f"row_topk needs 1 <= k <= n <= 32768, got k={k}, n={n}")
+    if bitonic and not hasattr(tl, "topk"):
+        raise RuntimeError(f"triton {triton.__version__} has no tl.topk: use selection='triton'")
     rows = x.reshape(-1, n)
     values = torch.empty(rows.shape[0], k, dtype=torch.float32, device=x.device)
     indices = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
+    block_n = max(16, 1 << (n - 1).bit_length())
+    extra = {"KP": 1 << (k - 1).bit_length()} if bitonic else {}
     if rows.shape[0]:
         with _launch_guard(x.device):
-            _kernels()[2][(rows.shape[0],)](rows, values, indices, n, k, *rows.stride(), *values.stride(),
-                                            *indices.stride(), BLOCK_N=max(16, 1 << (n - 1).bit_length()),
-                                            num_warps=num_warps)
+            _kernels()[3 if bitonic else 2][(rows.shape[0],)](
+                rows, values, indices, n, k, *rows.stride(), *values.stride(), *indices.stride(),
+                BLOCK_N=block_n, num_warps=num_warps, **extra)
     return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
 
 
@@ -476,7 +504,8 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         return torch.cat([scores for scores, _ in parts], dim=1), torch.cat([slots for _, slots in parts], dim=1)
     maxima = tile_maxima(queries, keys, counts, cfg)  # (G, M, T)
     nt = min(cfg.n_tiles or k, maxima.shape[-1])
-    topk = (lambda x, n: row_topk(x, n, cfg.num_warps_select)) if cfg.selection == "triton" else None
+    topk = (lambda x, n: row_topk(x, n, cfg.num_warps_select, cfg.selection == "bitonic")) \
+        if cfg.selection != "torch" else None
     chosen = topk(maxima, nt)[1] if topk else maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
     del maxima
     cand = candidate_scores(queries, keys, counts, chosen, cfg)  # (G, M, nt * BN)

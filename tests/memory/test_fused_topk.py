@@ -128,9 +128,17 @@ INTERPRETER_CASES = [  # G, M, C, D, k, counts, dtype, config
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, num_warps_select=1)),
     (2, 9, 150, 32, 8, [150, 60], torch.bfloat16, dict(tile=4, block_m=16, block_n=16, layout="consecutive",
                                                        selection="torch")),
+    (2, 6, 40, 16, 20, [40, 33], torch.float32, dict(tile=8, block_m=16, block_n=16, selection="bitonic")),
     # queries searched in chunks of 5 (2 groups x 64 tiles x 5 queries of maxima at once)
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, max_elements=2 * 64 * 5)),
 ]
+
+
+def has_bitonic() -> bool:
+    """Whether this Triton has tl.topk (selection="bitonic")."""
+    import triton.language
+
+    return hasattr(triton.language, "topk")
 
 
 def _row_topk_case():
@@ -146,6 +154,9 @@ def _row_topk_case():
         assert torch.equal(x.gather(-1, indices), values)
         assert all(len(set(row.tolist())) == k for row in indices)
         assert indices[1, :min(k, 10)].tolist() == list(range(min(k, 10)))
+        if has_bitonic():  # the bitonic variant: the same packed keys, the same result
+            bitonic = row_topk(x, k, bitonic=True)
+            assert torch.equal(bitonic[0], values) and torch.equal(bitonic[1], indices), (n, k)
     with pytest.raises(ValueError, match="row_topk"):
         row_topk(torch.zeros(2, 4), 5)
 
@@ -157,6 +168,8 @@ def _interpreter_case(case):
     torch.manual_seed(case)
     G, M, C, D, k, counts, dtype, options = INTERPRETER_CASES[case]
     options = dict(options)
+    if options.get("selection") == "bitonic" and not has_bitonic():
+        return
     max_elements = options.pop("max_elements", None)
     queries = F.normalize(torch.randn(G, M, D), dim=-1).to(dtype)
     keys = F.normalize(torch.randn(G, C + 5, D), dim=-1).to(dtype)[:, :C]  # a slice, as the store passes
