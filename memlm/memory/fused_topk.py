@@ -336,12 +336,15 @@ def _candidates_kernel(Q, K, CNT, SEL, OUT, M, C, D, nt,
         tl.store(out + j * BN * soc, tl.where(ok, s, float("-inf")), mask=q_ok[:, None])
 
 
-def _row_topk_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik, BLOCK_N: tl.constexpr):
+def _row_topk_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik,
+                     BLOCK_N: tl.constexpr, BITONIC: tl.constexpr, KP: tl.constexpr):
     """Selection: program r -> the K largest of row X[r, :N] (fp32), best first: VAL[r, j] and
     their column IDX[r, j]. Each value is packed with its column into one int64 whose order is the
-    values' order (ties: the lower column first); K rounds of a row maximum then take them out
-    one by one. Exact, with no sort: the rows are short (2,048 tile maxima, 1,024 candidates) and
-    K small (32), where torch.topk's radix selection reads them several times."""
+    values' order (ties: the lower column first). Then either K rounds of a row maximum take them
+    out one by one, or (BITONIC) Triton's bitonic tl.topk takes the best KP (a power of two >= K)
+    at once; the same keys give the same result. Exact, with no full sort: the rows are short
+    (2,048 tile maxima, 1,024 candidates) and K small (32), where torch.topk's radix selection
+    reads them several times."""
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     ok = offs < N
@@ -351,35 +354,23 @@ def _row_topk_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik, BLOCK_N: t
     packed = (order.to(tl.int64) << 32) + (BLOCK_N - 1 - offs).to(tl.int64)  # unique; lower column wins ties
     lowest = tl.full((BLOCK_N,), -9223372036854775807 - 1, tl.int64)
     packed = tl.where(ok, packed, lowest)
-    for j in range(0, K):
-        best = tl.max(packed, axis=0)
-        packed = tl.where(packed == best, lowest, packed)
+    if BITONIC:
+        best = tl.topk(packed, KP)  # (KP,) largest first
+        j = tl.arange(0, KP)
         col = BLOCK_N - 1 - (best & 0xFFFFFFFF)
         top = (best >> 32).to(tl.int32)
         value = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        tl.store(VAL + r * svr + j * svk, value)
-        tl.store(IDX + r * sir + j * sik, col)
-
-
-def _row_topk_bitonic_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik,
-                             BLOCK_N: tl.constexpr, KP: tl.constexpr):
-    """Selection as `_row_topk_kernel` (the same packed keys, so the same result), by Triton's
-    bitonic top-k of KP (a power of two >= K) in place of K rounds of a row maximum."""
-    r = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    ok = offs < N
-    x = tl.load(X + r * sxr + offs * sxn, mask=ok, other=float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    packed = (order.to(tl.int64) << 32) + (BLOCK_N - 1 - offs).to(tl.int64)
-    packed = tl.where(ok, packed, tl.full((BLOCK_N,), -9223372036854775807 - 1, tl.int64))
-    best = tl.topk(packed, KP)  # (KP,) largest first
-    col = BLOCK_N - 1 - (best & 0xFFFFFFFF)
-    top = (best >> 32).to(tl.int32)
-    value = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    j = tl.arange(0, KP)
-    tl.store(VAL + r * svr + j * svk, value, mask=j < K)
-    tl.store(IDX + r * sir + j * sik, col, mask=j < K)
+        tl.store(VAL + r * svr + j * svk, value, mask=j < K)
+        tl.store(IDX + r * sir + j * sik, col, mask=j < K)
+    else:
+        for j in range(0, K):
+            best = tl.max(packed, axis=0)
+            packed = tl.where(packed == best, lowest, packed)
+            col = BLOCK_N - 1 - (best & 0xFFFFFFFF)
+            top = (best >> 32).to(tl.int32)
+            value = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+            tl.store(VAL + r * svr + j * svk, value)
+            tl.store(IDX + r * sir + j * sik, col)
 
 
 _KERNELS: dict = {}
@@ -392,8 +383,7 @@ def _kernels():
         raise RuntimeError("fused_inner_product_topk needs triton (see available())")
     mode = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel), triton.jit(_row_topk_kernel),
-                          triton.jit(_row_topk_bitonic_kernel))
+        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel), triton.jit(_row_topk_kernel))
     return _KERNELS[mode]
 
 
@@ -456,12 +446,11 @@ def row_topk(x: torch.Tensor, k: int, num_warps: int = 4, bitonic: bool = False)
     values = torch.empty(rows.shape[0], k, dtype=torch.float32, device=x.device)
     indices = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
     block_n = max(16, 1 << (n - 1).bit_length())
-    extra = {"KP": 1 << (k - 1).bit_length()} if bitonic else {}
     if rows.shape[0]:
         with _launch_guard(x.device):
-            _kernels()[3 if bitonic else 2][(rows.shape[0],)](
-                rows, values, indices, n, k, *rows.stride(), *values.stride(), *indices.stride(),
-                BLOCK_N=block_n, num_warps=num_warps, **extra)
+            _kernels()[2][(rows.shape[0],)](rows, values, indices, n, k, *rows.stride(), *values.stride(),
+                                            *indices.stride(), BLOCK_N=block_n, BITONIC=bitonic,
+                                            KP=1 << (k - 1).bit_length() if bitonic else 1, num_warps=num_warps)
     return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
 
 
