@@ -32,6 +32,8 @@ DEFAULT_CONFIGS = [  # (name, TopkConfig options): the default first
     ("default", {}),
     ("torch-select", dict(selection="torch")),
     ("bitonic-select", dict(selection="bitonic")),
+    ("select-whole-rows", dict(select_group=1)),
+    ("select-w1", dict(num_warps_select=1)),
     ("tile16", dict(tile=16)),
     ("bm256-bn64", dict(block_m=256, block_n=64)),
 ]
@@ -47,9 +49,13 @@ SWEEP_CONFIGS = DEFAULT_CONFIGS + [
     ("q4-w8", dict(block_q=4, num_warps_2=8)),
     ("tile16-bm256-bn64", dict(tile=16, block_m=256, block_n=64)),
     ("tf32 (inexact, fp32)", dict(precision="tf32")),
-    ("select-w1", dict(num_warps_select=1)),
     ("select-w2", dict(num_warps_select=2)),
     ("select-w8", dict(num_warps_select=8)),
+    ("select-group4", dict(select_group=4)),
+    ("select-group16", dict(select_group=16)),
+    ("select-whole-rows-w1", dict(select_group=1, num_warps_select=1)),
+    ("bitonic-whole-rows", dict(selection="bitonic", select_group=1)),
+    ("bitonic-w1", dict(selection="bitonic", num_warps_select=1)),
 ]
 
 
@@ -85,11 +91,12 @@ def stages(queries, keys, counts, k, cfg: TopkConfig) -> dict[str, float]:
            "topk(tiles)": cuda_ms(lambda: maxima.topk(nt, dim=-1, sorted=False), 0.3),
            "kernel2": cuda_ms(lambda: candidate_scores(queries, keys, counts, chosen, cfg), 0.3),
            "topk(cand)": cuda_ms(lambda: cand.topk(k, dim=-1), 0.3),
-           "row_topk(tiles)": cuda_ms(lambda: row_topk(maxima, nt, cfg.num_warps_select), 0.3),
-           "row_topk(cand)": cuda_ms(lambda: row_topk(cand, k, cfg.num_warps_select), 0.3)}
+           "row_topk(tiles)": cuda_ms(lambda: row_topk(maxima, nt, cfg.num_warps_select, group=cfg.select_group), 0.3),
+           "row_topk(cand)": cuda_ms(lambda: row_topk(cand, k, cfg.num_warps_select, group=cfg.select_group), 0.3)}
     try:  # Triton's bitonic tl.topk, where this Triton has it
-        out["bitonic(tiles)"] = cuda_ms(lambda: row_topk(maxima, nt, cfg.num_warps_select, bitonic=True), 0.3)
-        out["bitonic(cand)"] = cuda_ms(lambda: row_topk(cand, k, cfg.num_warps_select, bitonic=True), 0.3)
+        out["bitonic(tiles)"] = cuda_ms(lambda: row_topk(maxima, nt, cfg.num_warps_select, True, cfg.select_group),
+                                        0.3)
+        out["bitonic(cand)"] = cuda_ms(lambda: row_topk(cand, k, cfg.num_warps_select, True, cfg.select_group), 0.3)
     except RuntimeError as error:
         print(f"  ({error})")
     del maxima, cand

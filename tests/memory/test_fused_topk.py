@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from memlm.bench.timing import cuda_ms
 from memlm.memory.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk, row_topk,
-                                     tile_slots, two_stage_topk_reference)
+                                     select_group, tile_slots, two_stage_topk_reference)
 
 
 def exact_scores(queries, keys, slots):
@@ -126,6 +126,7 @@ INTERPRETER_CASES = [  # G, M, C, D, k, counts, dtype, config
     (2, 8, 96, 16, 4, [96, 50], torch.float16, dict(tile=8, block_m=16, block_n=32, n_tiles=6)),
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, selection="torch")),
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, num_warps_select=1)),
+    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, select_group=1)),
     (2, 9, 150, 32, 8, [150, 60], torch.bfloat16, dict(tile=4, block_m=16, block_n=16, layout="consecutive",
                                                        selection="torch")),
     (2, 6, 40, 16, 20, [40, 33], torch.float32, dict(tile=8, block_m=16, block_n=16, selection="bitonic")),
@@ -143,22 +144,31 @@ def has_bitonic() -> bool:
 
 def _row_topk_case():
     """row_topk against torch.topk: the same values, best first, indices that hold them, ties
-    taken lower index first, -inf entries last (rows of maxima with dead tiles)."""
-    for n, k in [(2048, 32), (1000, 7), (33, 33), (16, 1)]:
-        x = torch.randn(3, n)
+    taken lower index first, -inf entries last (rows of maxima with dead tiles); whole rows
+    (group 1) and rows narrowed to their best groups (automatic and explicit group sizes) alike."""
+    assert (select_group(2048, 32), select_group(1024, 32), select_group(33, 33)) == (8, 4, 1)
+    for n, k in [(2048, 32), (1000, 7), (33, 33), (16, 1), (100, 20)]:
+        x = torch.randn(4, n)
         x[0, 5:] = float("-inf")
         x[1, :10] = 0.5
         x[1, 10:] = torch.rand(n - 10) * 0.4  # ten tied maxima
-        values, indices = row_topk(x, k)
-        assert torch.equal(values, x.topk(k, dim=-1).values), (n, k)
-        assert torch.equal(x.gather(-1, indices), values)
-        assert all(len(set(row.tolist())) == k for row in indices)
-        assert indices[1, :min(k, 10)].tolist() == list(range(min(k, 10)))
-        if has_bitonic():  # the bitonic variant: the same packed keys, the same result
-            bitonic = row_topk(x, k, bitonic=True)
-            assert torch.equal(bitonic[0], values) and torch.equal(bitonic[1], indices), (n, k)
+        x[2, ::3] = 9.0  # ties spread over every group
+        for group in (1, 0, 2, 16):
+            if group > 1 and max(16, 1 << (n - 1).bit_length()) // group < 1 << (k - 1).bit_length():
+                continue  # fewer groups than k
+            values, indices = row_topk(x, k, group=group)
+            assert torch.equal(values, x.topk(k, dim=-1).values), (n, k, group)
+            assert torch.equal(x.gather(-1, indices), values)
+            assert all(len(set(row.tolist())) == k for row in indices)
+            assert indices[1, :min(k, 10)].tolist() == list(range(min(k, 10)))
+            assert indices[2, :min(k, (n + 2) // 3)].tolist() == list(range(0, 3 * min(k, (n + 2) // 3), 3))
+            if has_bitonic():  # the bitonic variant: the same packed keys, the same result
+                bitonic = row_topk(x, k, bitonic=True, group=group)
+                assert torch.equal(bitonic[0], values) and torch.equal(bitonic[1], indices), (n, k, group)
     with pytest.raises(ValueError, match="row_topk"):
         row_topk(torch.zeros(2, 4), 5)
+    with pytest.raises(ValueError, match="group"):
+        row_topk(torch.zeros(2, 64), 32, group=4)  # 16 groups cannot hold the best 32
 
 
 def _interpreter_case(case):
