@@ -28,12 +28,11 @@ from memlm.memory.fused_topk import (TopkConfig, available, candidate_scores, fu
                                      tile_maxima)
 from memlm.memory.stores import ExactStore
 
-DEFAULT_CONFIGS = [  # (name, TopkConfig options): the default first
+DEFAULT_CONFIGS = [  # (name, TopkConfig options): the default (bitonic selection, 1 warp, best groups) first
     ("default", {}),
     ("torch-select", dict(selection="torch")),
-    ("bitonic-select", dict(selection="bitonic")),
-    ("select-whole-rows", dict(select_group=1)),
-    ("select-w1", dict(num_warps_select=1)),
+    ("rounds-w1", dict(selection="triton")),
+    ("rounds-w4-whole-rows", dict(selection="triton", num_warps_select=4, select_group=1)),  # the 5th session's
     ("tile16", dict(tile=16)),
     ("bm256-bn64", dict(block_m=256, block_n=64)),
 ]
@@ -49,13 +48,13 @@ SWEEP_CONFIGS = DEFAULT_CONFIGS + [
     ("q4-w8", dict(block_q=4, num_warps_2=8)),
     ("tile16-bm256-bn64", dict(tile=16, block_m=256, block_n=64)),
     ("tf32 (inexact, fp32)", dict(precision="tf32")),
-    ("select-w2", dict(num_warps_select=2)),
-    ("select-w8", dict(num_warps_select=8)),
-    ("select-group4", dict(select_group=4)),
-    ("select-group16", dict(select_group=16)),
-    ("select-whole-rows-w1", dict(select_group=1, num_warps_select=1)),
-    ("bitonic-whole-rows", dict(selection="bitonic", select_group=1)),
-    ("bitonic-w1", dict(selection="bitonic", num_warps_select=1)),
+    ("bitonic-w2", dict(num_warps_select=2)),
+    ("bitonic-w4", dict(num_warps_select=4)),
+    ("bitonic-whole-rows", dict(select_group=1)),
+    ("bitonic-group4", dict(select_group=4)),
+    ("bitonic-group16", dict(select_group=16)),
+    ("rounds-w2", dict(selection="triton", num_warps_select=2)),
+    ("rounds-w4", dict(selection="triton", num_warps_select=4)),
 ]
 
 

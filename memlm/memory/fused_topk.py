@@ -93,7 +93,7 @@ __all__ = ["available", "brute_force_topk", "fused_inner_product_topk", "row_top
 
 LAYOUTS = ("strided", "consecutive")
 PRECISIONS = ("tf32x3", "ieee", "tf32")
-SELECTIONS = ("triton", "bitonic", "torch")
+SELECTIONS = ("auto", "triton", "bitonic", "torch")
 
 
 def available(device) -> bool:
@@ -118,14 +118,20 @@ class TopkConfig:
     inexact precision="tf32"; fewer than k is approximate). selection: how the best tiles and
     then the best candidates are picked: "triton" (`row_topk`, one program of num_warps_select
     warps per row, k rounds of a row maximum), "bitonic" (`row_topk` with Triton's bitonic
-    tl.topk, Triton versions that have it) or "torch" (torch.topk); select_group: row_topk's
-    group (0: its automatic choice, 1: rank whole rows).
+    tl.topk, Triton versions that have it), "auto" (bitonic where Triton has tl.topk, else
+    triton) or "torch" (torch.topk); select_group: row_topk's group (0: its automatic choice,
+    1: rank whole rows).
+
+    Defaults: the fastest of `benchmarks/knn_topk_bench.py --sweep` on an H200 (torch 2.11,
+    Triton 3.6; 32 rows x 65,536 bf16 keys, 32 x 4,096 queries, k 32): the whole search 6.17 ms
+    with bitonic selection in one warp over the best groups, against 11.77 ms with 4 warps and
+    k rounds, 13.49 ms ranking whole rows and 14.21 ms with torch.topk (BENCHMARKS.md).
     """
 
     def __init__(self, tile: int = 32, layout: str = "strided", block_m: int = 128, block_n: int = 128,
                  block_q: int = 1, n_tiles: int | None = None, num_warps: int = 8, num_stages: int = 3,
-                 num_warps_2: int = 4, precision: str = "tf32x3", selection: str = "triton",
-                 num_warps_select: int = 4, select_group: int = 0):
+                 num_warps_2: int = 4, precision: str = "tf32x3", selection: str = "auto",
+                 num_warps_select: int = 1, select_group: int = 0):
         for name, value in (("tile", tile), ("block_m", block_m), ("block_n", block_n), ("block_q", block_q)):
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
@@ -143,6 +149,8 @@ class TopkConfig:
             raise ValueError(f"consecutive layout: block_n ({block_n}) must be a multiple of tile ({tile})")
         self.tile, self.layout, self.block_m, self.block_n, self.block_q = tile, layout, block_m, block_n, block_q
         self.n_tiles, self.num_warps, self.num_stages, self.num_warps_2 = n_tiles, num_warps, num_stages, num_warps_2
+        if selection == "auto":
+            selection = "bitonic" if triton is not None and hasattr(tl, "topk") else "triton"
         self.precision, self.selection, self.num_warps_select = precision, selection, num_warps_select
         self.select_group = select_group
 

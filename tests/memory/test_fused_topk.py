@@ -125,8 +125,9 @@ INTERPRETER_CASES = [  # G, M, C, D, k, counts, dtype, config
     (2, 8, 64, 8, 4, [0, 64], torch.float32, dict(tile=16, block_m=16, block_n=16)),  # D < 16, an empty group
     (2, 8, 96, 16, 4, [96, 50], torch.float16, dict(tile=8, block_m=16, block_n=32, n_tiles=6)),
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, selection="torch")),
-    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, num_warps_select=1)),
-    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, select_group=1)),
+    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, selection="triton")),
+    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, selection="triton",
+                                                        num_warps_select=4, select_group=1)),
     (2, 9, 150, 32, 8, [150, 60], torch.bfloat16, dict(tile=4, block_m=16, block_n=16, layout="consecutive",
                                                        selection="torch")),
     (2, 6, 40, 16, 20, [40, 33], torch.float32, dict(tile=8, block_m=16, block_n=16, selection="bitonic")),
@@ -140,6 +141,19 @@ def has_bitonic() -> bool:
     import triton.language
 
     return hasattr(triton.language, "topk")
+
+
+def test_the_default_selection_is_bitonic_where_triton_has_it():
+    """selection="auto" (the default) resolves to Triton's bitonic tl.topk where it exists (the
+    fastest on an H200) and to k rounds of a row maximum elsewhere; explicit choices stay."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    assert TopkConfig().selection == ("bitonic" if has_bitonic() else "triton")
+    assert TopkConfig(selection="triton").selection == "triton"
+    with pytest.raises(ValueError, match="selection"):
+        TopkConfig(selection="heap")
+    with pytest.raises(ValueError, match="select_group"):
+        TopkConfig(select_group=3)
 
 
 def _row_topk_case():
