@@ -19,8 +19,9 @@ sets a step interval; 8 batches each). Before it starts, `--compile-warmup` forw
 passes (no weight update; data order, memory and RNG restored afterwards) and one validation
 evaluation let torch.compile compile every graph variant the run will need, so compilation is
 not charged to the budget; its seconds are reported as warm-up. The final validation and test
-evaluations and the one checkpoint come after the budget; the test scores the weights of the
-best validation (`--test-weights best`, the default) or the last ones. Text samples are off by
+evaluations and the checkpoints come after the budget: latest (the last step) and, with
+`--test-weights best` (the default), best, the weights of the best validation, which the test
+scores (`memlm eval/memorize <out>/<contender>/checkpoints/best`). Text samples are off by
 default (`--sample-bytes 0`): token-by-token sampling would cost each contender a different
 share of its budget.
 """
@@ -107,7 +108,8 @@ class RaceConfig(TrainConfig):
     sample_bytes: int = 0
     """Bytes sampled at each evaluation; 0 (default) keeps sampling out of the budget."""
     checkpoint_every: int | None = 1_000_000_000
-    """Steps between checkpoints; the default keeps only the last one, written after the budget."""
+    """Steps between checkpoints; the default writes them only after the budget (latest, and best:
+    the tested weights)."""
     results: str = "benchmarks"
     """Directory of the JSON and markdown results (race-<UTC time>-<device>[-<contender>].json/.md)."""
     json: bool = False

@@ -209,6 +209,8 @@ class Trainer:
                         self.next_mark = self._next_mark()
                 self.bar.update(self._bar_position())
             tested_step = self._restore_best() if c.test_weights == "best" else self.step
+            if c.test_weights == "best" and c.keep_best and self.best_weights is not None and main:
+                self._save_best_weights()
             test = self._evaluate_split("test")
             recall = self._recall() if c.task == "recall" and main else None
             sample = "" if not main else self.sample if self.sample is not None else self._sample()
@@ -442,6 +444,15 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "ranks": ranks}
         pointers = ("latest", "best") if self.config.keep_best and self.best_bpb_improved else ("latest",)
         checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.step, self.model, state, self.run_config(), pointers)
+
+    def _save_best_weights(self) -> None:
+        """Keep the restored best-validation weights as checkpoints/best when no checkpoint was
+        written at their step (races checkpoint only after the budget): `memlm eval`, `generate` and
+        `memorize` can then read the weights the test scored. A weights checkpoint: its trainer
+        state holds the step and the best bpb only, no optimizer or data state to resume from."""
+        state = {"step": self.best_step, "best_bpb": self.best_bpb, "weights_only": True}
+        checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.best_step, self.model, state, self.run_config(),
+                        ("best",))
 
     def _load_trainer_state(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]

@@ -138,6 +138,22 @@ def test_test_weights_score_the_best_validation_or_the_last_step(corpus, tmp_pat
     assert read(out)[-1]["weights_step"] == summary["test_step"]
 
 
+def test_the_tested_best_weights_are_kept_when_no_checkpoint_was_written_at_their_step(corpus, tmp_path,
+                                                                                       monkeypatch):
+    """A race checkpoints only after its budget; checkpoints/best must still hold the weights
+    the test scored (for memlm eval / memorize), while latest stays the last step's."""
+    fake_validation(monkeypatch, [9.0, 5.0, 1.0, 4.0, 6.0])  # best at step 4, no checkpoint there
+    out = tmp_path / "run"
+    summary = train(tiny_model(), fast_config(corpus, out, steps=8, eval_every=2, checkpoint_every=1000,
+                                              test_weights="best"))
+    assert summary["test_step"] == 4
+    assert checkpoint.find(out, "best").name == "step-00000004"
+    assert checkpoint.find(out, "latest").name == "step-00000008"
+    assert checkpoint.load_trainer_state(checkpoint.find(out, "best"))["step"] == 4
+    assert summary["test_bpb"] == pytest.approx(test_bpb(out, "best"), rel=1e-6)
+    assert summary["test_bpb"] != pytest.approx(test_bpb(out, "latest"), rel=1e-4)
+
+
 def test_a_resumed_run_tests_the_best_checkpoint_of_before(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     fake_validation(monkeypatch, [9.0, 5.0, 1.0, 4.0, 6.0, 7.0, 8.0])
