@@ -163,8 +163,9 @@ class MemoryConfig:
     """kNN memory store: exact (device tensors, matmul + top-k) or faiss (faiss-cpu index)."""
     knn_dtype: str = "float32"
     """kNN memory, exact store: precision of the stored keys/values and of the search (float32, or
-    bfloat16: half the memory and about 0.6x the search time on a GPU; near-equal scores may rank
-    differently). The faiss store holds float32."""
+    bfloat16: half the memory and about 0.36x the search time on an H200, 6.3 against 17.5 ms at
+    32 rows x 65,536 keys and 32 x 4,096 queries; near-equal scores may rank differently). The
+    faiss store holds float32."""
     knn_combine: str = "gate"
     """How retrieved and local attention combine: gate (learned per-head sigmoid gate, as in the
     paper) or joint (one softmax over local and retrieved keys)."""
