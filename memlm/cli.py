@@ -125,6 +125,10 @@ class EvalCommand:
     """Recall: score without the model's memory (independent windows of seq_len), the no-memory baseline."""
     memory: str | None = None
     """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
+    memory_multiplier: float | None = None
+    """Evaluate with recurrent memories this many times as long as trained (the model's
+    memory.eval_multiplier; Transformer-XL tests with a longer memory than it trains with);
+    None = the run's own setting."""
     memory_mode: Literal["fill", "add", "replace"] = "fill"
     """How the kNN layers read the knowledge memory beside their own stream's past: fill (the slots
     the own past leaves empty, e.g. at a document's start), add (the best k of both by score), or
@@ -154,8 +158,10 @@ def cmd_eval(argv: list[str]) -> int:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.task == "recall":
         check_recall_options(args)
+    if args.memory_multiplier is not None and args.memory_multiplier <= 0:
+        raise UsageError(f"--memory-multiplier must be positive, got {args.memory_multiplier}")
     device = pick_device(args.device)
-    model, saved = load_model(args.path, device)
+    model, saved = load_model(args.path, device, args.memory_multiplier)
     train_config = saved["train"]
     memory = attach_memory(model, args.memory, device, args.memory_mode)
     if args.task == "recall":
@@ -167,7 +173,8 @@ def cmd_eval(argv: list[str]) -> int:
         with autocast(device, train_config.get("precision", "auto")):
             result = evaluate(model, corpus.split(args.split), batch_size, model.config.seq_len, args.max_tokens,
                               stateful=model.config.stateful, reset=model.config.memory.reset_at_document)
-        result = {"checkpoint": str(find(args.path)), "data": data, "split": args.split, **result}
+        result = {"checkpoint": str(find(args.path)), "data": data, "split": args.split,
+                  "memory_lengths": model.config.memory_lengths(training=False), **result}
         print(f"{args.split} bpb {result['bpb']:.4f} | loss {result['loss']:.4f} nats | perplexity "
               f"{result['perplexity']:.4f} | {result['tokens']:,} tokens | {result['checkpoint']}")
         print(position_table(result["by_position"]))
@@ -258,6 +265,10 @@ class GenerateCommand:
     """Sampling seed (the same seed gives the same text)."""
     memory: str | None = None
     """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
+    memory_multiplier: float | None = None
+    """Evaluate with recurrent memories this many times as long as trained (the model's
+    memory.eval_multiplier; Transformer-XL tests with a longer memory than it trains with);
+    None = the run's own setting."""
     memory_mode: Literal["fill", "add", "replace"] = "fill"
     """How the kNN layers read the knowledge memory beside their own stream's past: fill (the slots
     the own past leaves empty, e.g. at a document's start), add (the best k of both by score), or

@@ -15,6 +15,8 @@ import torch
 
 import memlm
 from memlm import cli
+from memlm.data import prepare
+from memlm.eval import evaluate
 from memlm.longrange import recall_accuracy
 from memlm.memory.stores import StoreError, load_store
 from memlm.train import load_model
@@ -103,6 +105,29 @@ def test_recall_task_through_the_cli(tmp_path, knn_run):
     windowed = last_json(stdout)
     assert code == 0 and windowed["stateful"] is False
     assert windowed["by_distance"] == recall_accuracy(loaded, (64,), 4, 16, 3, pairs=2, stateful=False)["by_distance"]
+
+
+def test_eval_with_a_longer_memory_than_trained(corpus, tmp_path):
+    """--memory-multiplier scores exactly what the model with that eval_multiplier scores."""
+    torch.manual_seed(0)
+    run = save_run(tmp_path / "xl", tiny(**{"memory.length": 16}), corpus)
+    results = {}
+    for times in (None, "1", "3"):
+        code, stdout, _ = call("eval", run, "--max-tokens", "512", "--json",
+                               *(["--memory-multiplier", times] if times else []))
+        assert code == 0
+        results[times] = last_json(stdout)
+    assert results[None]["memory_lengths"] == results["1"]["memory_lengths"] == [16, 16]
+    assert results["3"]["memory_lengths"] == [48, 48]
+    assert results[None]["bpb"] == results["1"]["bpb"]
+    longer = tiny(**{"memory.length": 16, "memory.eval_multiplier": 3.0})
+    loaded, saved = load_model(run)
+    longer.load_state_dict(loaded.state_dict())
+    split = prepare(str(corpus), saved["train"]["cache_dir"], (0.8, 0.1, 0.1)).split("test")
+    expected = evaluate(longer.eval(), split, 2, 32, 512, stateful=True)
+    assert results["3"]["bpb"] == pytest.approx(expected["bpb"], abs=1e-6)
+    assert results["3"]["bpb"] != pytest.approx(results["1"]["bpb"], abs=1e-4)  # the longer memory is used
+    assert call("eval", run, "--memory-multiplier", "0")[0] != 0
 
 
 # ----- adaptive span ----------------------------------------------------------------------

@@ -119,11 +119,19 @@ def read_config(checkpoint: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {Path(checkpoint) / CONFIG}: {e}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, dict[str, Any]]:
-    """The model of a run directory or checkpoint (in eval mode), and its saved configs."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               eval_multiplier: float | None = None) -> tuple[LanguageModel, dict[str, Any]]:
+    """The model of a run directory or checkpoint (in eval mode), and its saved configs.
+
+    eval_multiplier: replaces the saved `memory.eval_multiplier` (memory lengths in evaluation mode
+    are the trained ones times this; it changes no weight, so any trained model can take it)."""
     checkpoint = find(path)
     config = read_config(checkpoint)
-    model = LanguageModel(ModelConfig.from_dict(config["model"]))
+    model_config = ModelConfig.from_dict(config["model"])
+    if eval_multiplier is not None:
+        model_config.memory.eval_multiplier = eval_multiplier
+        model_config.validate()
+    model = LanguageModel(model_config)
     load_weights(model, checkpoint, device)
     return model.to(device).eval(), config
 
