@@ -112,3 +112,14 @@ def test_xl_knn_preset_is_knn_plus_one_segment_of_recurrence():
     knn, xl_knn = get_preset("seed-knn-small"), get_preset("seed-xl-knn-small")
     assert xl_knn.memory.length == xl_knn.seq_len == 512 and knn.memory.length == 0
     assert dataclasses.replace(xl_knn, memory=knn.memory) == knn  # nothing else differs
+
+
+def test_xl2_knn_preset_is_the_race_recipe():
+    """xl2-knn-small is exactly the override set raced on the GPU (BENCHMARKS.md, 14:37 UTC)."""
+    raced = resolve("seed-xl-knn-small", **{
+        "dropout": 0.2, "feedforward.dropout": 0.2, "attention.dropout": 0.1, "memory.train_reset": 0.1,
+        "norm.kind": "layernorm", "feedforward.kind": "gelu", "attention.kv_heads": 8,
+        "attention.qk_norm": False, "bias": True, "position.rope_dim": 32, "memory.length": 1024})
+    assert get_preset("xl2-knn-small") == raced
+    tiny = get_preset("xl2-knn-tiny")
+    assert tiny.memory_lengths() == [512] * 4 and tiny.position.rope_dim == 16 and tiny.memory.knn_layers == [2]
