@@ -5,6 +5,10 @@ separated by commas. Each source is one of
 
 - ``"stdlib"``: every ``*.py`` file of the running interpreter's standard library
   (``sysconfig.get_paths()["stdlib"]``, tests included, site-packages excluded);
+- ``"stdlib-long"``: the same files joined into long documents: each directory's files, in
+  name order, each after a ``# file: <path>`` line, concatenated into documents of at most
+  64 KiB (a larger file stays one document). Related code in documents of up to 128 segments
+  of 512 bytes, for measuring memory that reaches far back (`Joined`);
 - a directory: every file, recursively, whose relative path matches an `include` glob and
   no `exclude` glob (an excluded directory is skipped whole); files holding a NUL byte are
   binary and skipped;
@@ -225,6 +229,55 @@ class Enwik8(Source):
         yield Document(f"{members[0]}[test]", "test", data[validation_end:])
 
 
+class Joined(Source):
+    """A directory's files joined into long documents: the files of each sub-directory, in name
+    order, each after a ``# file: <relative path>`` line, concatenated into documents of at most
+    `max_bytes` (a file larger than that is a document alone). Documents are named
+    ``<directory>#<part>`` (the top directory is ``""``), which sorts as they are yielded."""
+
+    kind = "joined"
+
+    def __init__(self, inner: Directory, max_bytes: int):
+        if max_bytes < 1:
+            raise DataError(f"joined documents need a positive size, got {max_bytes}")
+        super().__init__(inner.path)
+        self.inner, self.max_bytes = inner, max_bytes
+        self.label = f"{inner.label}-long"
+
+    @property
+    def key(self) -> dict:
+        return {"kind": self.kind, "max_bytes": self.max_bytes, "inner": self.inner.key}
+
+    def stamp(self) -> list:
+        return self.inner.stamp()
+
+    def count(self) -> int:
+        return len(self.inner.names)
+
+    def documents(self) -> Iterator[Document]:
+        by_directory: dict[str, list[str]] = {}
+        for name in self.inner.names:
+            by_directory.setdefault(name.rpartition("/")[0], []).append(name)
+        for directory in sorted(by_directory):
+            part, pieces, size = 0, [], 0
+            for name in by_directory[directory]:
+                data = _read(self.inner.path / name)
+                if not _is_text(data) or not data:
+                    continue
+                piece = f"# file: {name}\n".encode() + data + (b"" if data.endswith(b"\n") else b"\n")
+                if pieces and size + len(piece) > self.max_bytes:
+                    yield Document(f"{directory}#{part:04d}", None, b"".join(pieces))
+                    part, pieces, size = part + 1, [], 0
+                pieces.append(piece)
+                size += len(piece)
+            if pieces:
+                yield Document(f"{directory}#{part:04d}", None, b"".join(pieces))
+
+
+STDLIB_LONG_BYTES = 65536
+"""Size limit of a stdlib-long document: 128 segments of 512 bytes."""
+
+
 def enwik8_offsets(size: int) -> tuple[int, int]:
     """(end of train, end of validation) for an enwik8 file of `size` bytes: 90% / 5% / 5%.
 
@@ -266,9 +319,12 @@ def parse_spec(
 def _source(spec: str, include: Sequence[str], exclude: Sequence[str]) -> Source:
     if spec == "stdlib":
         return stdlib_source()
+    if spec == "stdlib-long":
+        return Joined(stdlib_source(), STDLIB_LONG_BYTES)
     path = Path(spec).expanduser().resolve()
     if not path.exists():
-        raise DataError(f"data source not found: {spec} (expected 'stdlib', a file, a directory or an archive)")
+        raise DataError(f"data source not found: {spec} (expected 'stdlib', 'stdlib-long', a file, a directory "
+                        f"or an archive)")
     if path.is_dir():
         return Directory(path, include, exclude)
     name = path.name.lower()

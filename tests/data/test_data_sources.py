@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from memlm.data import EOD, prepare
-from memlm.data.sources import CompressedFile, Directory, Enwik8, TextFile, ZipArchive, enwik8_offsets, parse_spec, stdlib_source
+from memlm.data.errors import DataError
+from memlm.data.sources import (STDLIB_LONG_BYTES, CompressedFile, Directory, Enwik8, Joined, TextFile, ZipArchive,
+                                enwik8_offsets, parse_spec, stdlib_source)
 
 FRACTIONS = (0.5, 0.25, 0.25)
 
@@ -113,3 +115,39 @@ def test_stdlib_lists_real_python_files():
     assert all(n.endswith(".py") for n in names)
     assert not any(n.startswith(("site-packages/", "dist-packages/")) or "__pycache__" in n for n in names)
     assert (source.path / "os.py").read_bytes().startswith(b'r"""')
+
+
+def test_joined_documents_group_a_directory_in_name_order_up_to_a_size(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "pkg" / "sub").mkdir(parents=True)
+    files = {"top.py": b"t = 1\n", "pkg/a.py": b"a" * 30 + b"\n", "pkg/b.py": b"b" * 20,  # no final newline
+             "pkg/c.py": b"c" * 90 + b"\n", "pkg/d.py": b"d\n", "pkg/sub/e.py": b"e\n", "pkg/z.bin": b"\x00"}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    joined = Joined(Directory(root), max_bytes=80)
+    got = docs(joined)
+    piece = {name: f"# file: {name}\n".encode() + data + (b"" if data.endswith(b"\n") else b"\n")
+             for name, data in files.items()}
+    assert got == {  # a.py (48 bytes) + b.py (36) > 80: b.py starts part 1; c.py (107) alone; d.py after it
+        "#0000": piece["top.py"],
+        "pkg#0000": piece["pkg/a.py"],
+        "pkg#0001": piece["pkg/b.py"],
+        "pkg#0002": piece["pkg/c.py"],
+        "pkg#0003": piece["pkg/d.py"],
+        "pkg/sub#0000": piece["pkg/sub/e.py"],
+    }
+    assert list(got) == sorted(got)  # yielded in name order, as every source yields
+    roomy = docs(Joined(Directory(root), max_bytes=10_000))
+    assert roomy["pkg#0000"] == b"".join(piece[f"pkg/{n}.py"] for n in "abcd")  # z.bin: binary, skipped
+    assert Joined(Directory(root), 80).key != Joined(Directory(root), 81).key  # the size is part of the cache key
+    with pytest.raises(DataError, match="positive"):
+        Joined(Directory(root), 0)
+
+
+def test_stdlib_long_joins_the_stdlib():
+    (source,) = parse_spec("stdlib-long")
+    assert isinstance(source, Joined) and source.max_bytes == STDLIB_LONG_BYTES == 128 * 512
+    assert source.inner.key == stdlib_source().key and source.stamp() == stdlib_source().stamp()
+    first = next(source.documents())  # the top directory's first modules
+    assert first.name == "#0000" and first.data.startswith(b"# file: ")
+    assert len(first.data) <= STDLIB_LONG_BYTES
