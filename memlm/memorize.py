@@ -97,8 +97,9 @@ def memorize(model, split: TokenSplit, batch_size: int, max_tokens: int | None =
     capacity: entries per store; None = every memorised token.
     reset: reset the state at document starts; None = `model.config.memory.reset_at_document`.
     progress: called as progress(segments done, segments in all or None) after each segment.
-    Runs in the caller's precision (wrap it in autocast for bf16); the stores hold float32 on
-    the CPU (`load_memory` moves exact stores to the model's device).
+    Runs in the caller's precision (wrap it in autocast for bf16); the stores live on the CPU in
+    the model's `memory.knn_dtype` (exact backend; the faiss backend holds float32), and
+    `load_memory` moves exact stores to the model's device.
     """
     layers = knn_layers(model)
     if batch_size < 1:
