@@ -265,10 +265,6 @@ class GenerateCommand:
     """Sampling seed (the same seed gives the same text)."""
     memory: str | None = None
     """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
-    memory_multiplier: float | None = None
-    """Evaluate with recurrent memories this many times as long as trained (the model's
-    memory.eval_multiplier; Transformer-XL tests with a longer memory than it trains with);
-    None = the run's own setting."""
     memory_mode: Literal["fill", "add", "replace"] = "fill"
     """How the kNN layers read the knowledge memory beside their own stream's past: fill (the slots
     the own past leaves empty, e.g. at a document's start), add (the best k of both by score), or
