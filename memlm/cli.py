@@ -348,6 +348,8 @@ def cmd_memorize(argv: list[str]) -> int:
     with autocast(device, train_config.get("precision", "auto")):
         stores, tokens = memorize(model, split, batch_size, args.max_tokens, args.capacity, progress=progress)
     checkpoint = find(args.path)
+    entries = sum(int(store.counts[0]) for store in stores.values())
+    print(f"writing {entries:,} entries to {args.out}", file=sys.stderr)  # can take minutes for GBs
     manifest = {"model": {"run": str(args.path), "checkpoint": str(checkpoint), "knn_layers": sorted(stores),
                           "kv_heads": model.config.kv_heads, "head_dim": model.config.head_dim,
                           "seq_len": model.config.seq_len},
