@@ -117,7 +117,8 @@ class MemoryConfig:
     """Memory lengths are multiplied by this in evaluation mode (longer memory at test time, as
     Transformer-XL evaluates). With RoPE it hurts: distances beyond those trained are new to the
     model (H200, test bpb: xl2-knn-small 0.642 at 1x, 2.19 at 2x; the same with memory 512 0.669
-    at 1x, 0.793 at 2x, 3.99 at 4x). Train with the longer memory instead. `memlm eval
+    at 1x, 0.793 at 2x, 3.99 at 4x). Train with the longer memory instead, or use xPos, which
+    took 2x and 4x slightly better than 1x in a CPU screen (BENCHMARKS.md). `memlm eval
     --memory-multiplier` sets it for a trained model."""
     feedback: str = "none"
     """Layerwise feedback: none; memory (layer i's memory is the previous segments' output of layer
