@@ -618,7 +618,7 @@ def _xl_knn(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
 def _xl2_knn(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
     """The 10-minute race's best memory model (BENCHMARKS.md): seed-xl-knn's memory with a
     Transformer-XL memory of two segments (Dai et al., arXiv 1901.02860), on GPT-2-style blocks as
-    x-transformers builds them (LayerNorm, GELU, biases, one key/value head per head, no QK-norm,
+    x-transformers builds them (LayerNorm, GELU, biases, a key/value head per query head, no QK-norm,
     RoPE on half of each head), with dropout on embeddings and residual branches (0.2), the
     feed-forward hidden units (0.2) and the attention probabilities (0.1), and memory.train_reset
     0.1. The dropout suits corpora of ~10M tokens trained for many epochs; lower it for large ones.
