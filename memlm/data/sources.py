@@ -252,7 +252,7 @@ class Joined(Source):
         return self.inner.stamp()
 
     def count(self) -> int:
-        return len(self.inner.names)
+        return self.inner.count()
 
     def documents(self) -> Iterator[Document]:
         by_directory: dict[str, list[str]] = {}
