@@ -489,6 +489,11 @@ def select_group(n: int, k: int) -> int:
     return best if best > 1 and block_n // best + kp * best < block_n else 1
 
 
+ROW_TOPK_MAX_N = 2 ** 15
+"""The widest row `row_topk` takes (it holds a row in registers). Wider rows, the tile maxima of
+a knowledge memory of more than ~2M keys, are selected by torch.topk instead."""
+
+
 def row_topk(x: torch.Tensor, k: int, num_warps: int = 4, bitonic: bool = False,
              group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of x (..., n) fp32, best first: (values (..., k) fp32,
@@ -498,8 +503,8 @@ def row_topk(x: torch.Tensor, k: int, num_warps: int = 4, bitonic: bool = False,
     the entries of the best groups of `group` consecutive columns (a power of two; 1 = off, 0 =
     `select_group`'s choice; see _row_topk_kernel)."""
     n = x.shape[-1]
-    if not 1 <= k <= n or n > 2 ** 15:
-        raise ValueError(f"row_topk needs 1 <= k <= n <= 32768, got k={k}, n={n}")
+    if not 1 <= k <= n or n > ROW_TOPK_MAX_N:
+        raise ValueError(f"row_topk needs 1 <= k <= n <= {ROW_TOPK_MAX_N}, got k={k}, n={n}")
     if bitonic and not hasattr(tl, "topk"):
         raise RuntimeError(f"triton {triton.__version__} has no tl.topk: use selection='triton'")
     block_n, kp = max(16, 1 << (n - 1).bit_length()), 1 << (k - 1).bit_length()
@@ -557,9 +562,12 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         return torch.cat([scores for scores, _ in parts], dim=1), torch.cat([slots for _, slots in parts], dim=1)
     maxima = tile_maxima(queries, keys, counts, cfg)  # (G, M, T)
     nt = min(cfg.n_tiles or k, maxima.shape[-1])
-    topk = (lambda x, n: row_topk(x, n, cfg.num_warps_select, cfg.selection == "bitonic", cfg.select_group)) \
-        if cfg.selection != "torch" else None
-    chosen = topk(maxima, nt)[1] if topk else maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
+    def topk(x, n):  # the configured selection; torch.topk where it is "torch" or rows are too wide
+        if cfg.selection == "torch" or x.shape[-1] > ROW_TOPK_MAX_N:
+            return x.topk(n, dim=-1)
+        return row_topk(x, n, cfg.num_warps_select, cfg.selection == "bitonic", cfg.select_group)
+
+    chosen = topk(maxima, nt)[1]  # (G, M, nt)
     del maxima
     cand = candidate_scores(queries, keys, counts, chosen, cfg)  # (G, M, nt * BN)
     BN, S = cfg.tile, cfg.stride

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from memlm.bench.timing import cuda_ms
+from memlm.memory import fused_topk
 from memlm.memory.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk, row_topk,
                                      select_group, tile_slots, two_stage_topk_reference)
 
@@ -133,6 +134,8 @@ INTERPRETER_CASES = [  # G, M, C, D, k, counts, dtype, config
     (2, 6, 40, 16, 20, [40, 33], torch.float32, dict(tile=8, block_m=16, block_n=16, selection="bitonic")),
     # queries searched in chunks of 5 (2 groups x 64 tiles x 5 queries of maxima at once)
     (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, max_elements=2 * 64 * 5)),
+    # rows of tile maxima wider than row_topk takes (a knowledge memory of > 2M keys): torch.topk selects
+    (2, 17, 200, 32, 8, [200, 123], torch.float32, dict(tile=4, block_m=16, block_n=32, row_topk_max_n=32)),
 ]
 
 
@@ -195,6 +198,12 @@ def _interpreter_case(case):
     if options.get("selection") == "bitonic" and not has_bitonic():
         return
     max_elements = options.pop("max_elements", None)
+    row_limit = options.pop("row_topk_max_n", None)
+    fused_topk.ROW_TOPK_MAX_N = row_limit or 2 ** 15
+    if row_limit is not None:
+        assert TopkConfig(**options).n_tiles_total(C) > row_limit
+        with pytest.raises(ValueError, match="row_topk"):
+            row_topk(torch.zeros(1, row_limit + 1), 1)
     queries = F.normalize(torch.randn(G, M, D), dim=-1).to(dtype)
     keys = F.normalize(torch.randn(G, C + 5, D), dim=-1).to(dtype)[:, :C]  # a slice, as the store passes
     counts = torch.tensor(counts)
