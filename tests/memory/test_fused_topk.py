@@ -320,3 +320,16 @@ def test_gpu_real_size_against_brute_force(dtype):
     brute = cuda_ms(lambda: exact_store_topk(queries, keys, counts, k), max_reps=2)
     print(f"\n{dtype}: fused {fused:.2f} ms, brute force (ExactStore loop) {brute:.2f} ms per search of "
           f"{G}x{M} queries over {C} keys; near-tie swaps vs brute force: {missing:.2e} of results")
+
+
+@gpu
+def test_gpu_knowledge_memory_wider_than_row_topk():
+    """One shared store of 2.5M bf16 keys (a knowledge memory): 78,208 tiles per query, more than
+    row_topk holds in a row, so the tiles are chosen by torch.topk; still brute force's top k."""
+    torch.manual_seed(0)
+    G, M, C, D, k = 1, 256, 2_500_000, 64, 32
+    queries = F.normalize(torch.randn(G, M, D, device="cuda"), dim=-1).bfloat16()
+    keys = F.normalize(torch.randn(G, C, D, device="cuda"), dim=-1).bfloat16()
+    counts = torch.full((G,), C, device="cuda")
+    assert TopkConfig().n_tiles_total(C) > fused_topk.ROW_TOPK_MAX_N
+    gpu_check(queries, keys, counts, k, atol=2e-5)

@@ -123,3 +123,14 @@ def test_xl2_knn_preset_is_the_race_recipe():
     assert get_preset("xl2-knn-small") == raced
     tiny = get_preset("xl2-knn-tiny")
     assert tiny.memory_lengths() == [512] * 4 and tiny.position.rope_dim == 16 and tiny.memory.knn_layers == [2]
+
+
+def test_xl4_xpos_knn_preset_is_the_race_recipe():
+    """xl4-xpos-knn-small is xl2-knn-small with the overrides raced at 16:32 UTC (BENCHMARKS.md),
+    and evaluates with twice the memory it trains with."""
+    raced = resolve("xl2-knn-small", **{"position.kind": "xpos", "memory.length": 2048,
+                                        "memory.eval_multiplier": 2.0})
+    small = get_preset("xl4-xpos-knn-small")
+    assert small == raced
+    assert small.memory_lengths(training=True) == [2048] * 12 and small.memory_lengths(training=False) == [4096] * 12
+    assert small.position.rope_dim == 32 and get_preset("xl4-xpos-knn-tiny").memory_lengths() == [1024] * 4
