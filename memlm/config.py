@@ -616,7 +616,7 @@ def _xl_knn(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
 
 
 def _xl2_knn(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
-    """The 10-minute race's best memory model (BENCHMARKS.md): seed-xl-knn's memory with a
+    """The best memory model of the 14:37 UTC race (BENCHMARKS.md): seed-xl-knn's memory with a
     Transformer-XL memory of two segments (Dai et al., arXiv 1901.02860), on GPT-2-style blocks as
     x-transformers builds them (LayerNorm, GELU, biases, a key/value head per query head, no QK-norm,
     RoPE on half of each head), with dropout on embeddings and residual branches (0.2), the
@@ -639,7 +639,7 @@ def _xl4_xpos_knn(layers: int, width: int, heads: int, seq_len: int) -> ModelCon
     twice that memory in evaluation (memory.eval_multiplier 2, as Transformer-XL, arXiv 1901.02860,
     tests with a longer memory than it trains with). xPos's decay keeps distances beyond those
     trained usable, where RoPE's break (BENCHMARKS.md, 16:32 UTC): the 10-minute race's best,
-    4.8% below x-transformers-XL in test bpb on the stdlib corpus. It trains 25% slower than
+    4.8% below x-transformers-XL in test bpb on the stdlib corpus. It trains about 25% slower than
     xl2-knn; the attention spans five segments."""
     config = _xl2_knn(layers, width, heads, seq_len)
     config.position.kind = "xpos"
@@ -680,9 +680,9 @@ DESCRIPTIONS = {
     "seed-compressive": "seed-xl + compressive memory (rate 4, seq_len / 4 slots, learned conv)",
     "seed-knn": "seed + one kNN memory layer at 3/4 depth (65,536 bf16 entries per row, exact, top-32, gated)",
     "seed-xl-knn": "seed-knn + Transformer-XL recurrent memory of one segment (as in Memorizing Transformers)",
-    "xl2-knn": "the race's best: GPT-2-style blocks, RoPE on half of each head, XL memory of two segments, "
+    "xl2-knn": "GPT-2-style blocks, RoPE on half of each head, XL memory of two segments, "
                "one kNN layer, dropout 0.2/0.2/0.1, train_reset 0.1",
-    "xl4-xpos-knn": "xl2-knn with xPos instead of RoPE and XL memory of four segments, twice that in evaluation",
+    "xl4-xpos-knn": "the race's best: xl2-knn with xPos instead of RoPE and XL memory of four segments, twice that in evaluation",
 }
 
 
