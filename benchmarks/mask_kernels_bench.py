@@ -10,6 +10,8 @@ Variants, each compiled with torch.compile and checked against the eager referen
   flex-expand    flex-score with the key/value heads repeated to the query heads (no GQA)
   flex-b64       flex-score with 64 x 64 tiles
 and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a float mask).
+--dropout P gives sdpa-bool attention dropout (flex has none; memlm's auto backend takes sdpa then);
+--only sdpa-bool,flex-b64 times just those variants.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--k-len", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     args = parser.parse_args()
     B, H, Hkv, Tq, Tk, D = args.batch, args.heads, args.kv_heads, args.q_len, args.k_len, args.dim
     offset = Tq - Tk  # keys k_offset..Tq-1: a memory of Tk - Tq before the segment
@@ -53,7 +57,8 @@ def main() -> None:
 
     def sdpa_bool():
         mask = visible if bias is None else bias[None].to(dtype).masked_fill(~visible, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hkv != H)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hkv != H,
+                                              dropout_p=args.dropout)
 
     causal_block = create_block_mask(lambda b, h, i, j: j + offset <= i, None, None, Tq, Tk, device=device)
 
@@ -83,10 +88,13 @@ def main() -> None:
         "flex-expand": torch.compile(lambda: flex_expand(q, k, v)),
         "flex-b64": torch.compile(lambda: flex_score(q, k, v, {"BLOCK_M": 64, "BLOCK_N": 64})),
     }
+    if args.only:
+        variants = {name: variants[name] for name in args.only.split(",")}
     reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset, key_mask=key_mask, scale=scale,
                                 bias=bias)
-    print(f"B{B} H{H} Hkv{Hkv} Tq{Tq} Tk{Tk} D{D} bf16{' +bias' if bias is not None else ''}: fwd / fwd+bwd ms, "
-          f"max |out - eager fp32|")
+    print(f"B{B} H{H} Hkv{Hkv} Tq{Tq} Tk{Tk} D{D} bf16{' +bias' if bias is not None else ''}"
+          f"{f' sdpa dropout {args.dropout}' if args.dropout else ''}: fwd / fwd+bwd ms, max |out - eager fp32|"
+          f"{' (sdpa-bool: dropout, so not comparable)' if args.dropout else ''}")
     for name, fn in variants.items():
         try:
             out = fn()
