@@ -118,8 +118,9 @@ class MemoryConfig:
     Transformer-XL evaluates). With RoPE it hurts: distances beyond those trained are new to the
     model (H200, test bpb: xl2-knn-small 0.642 at 1x, 2.19 at 2x; the same with memory 512 0.669
     at 1x, 0.793 at 2x, 3.99 at 4x). Train with the longer memory instead, or use xPos, which
-    took 2x and 4x slightly better than 1x in a CPU screen (BENCHMARKS.md). `memlm eval
-    --memory-multiplier` sets it for a trained model."""
+    takes it (H200: xl2-knn-small with xPos 0.647 at 1x, 0.639 at 2x, 0.638 at 4x; the preset
+    xl4-xpos-knn-small evaluates at 2x). `memlm eval --memory-multiplier` sets it for a trained
+    model."""
     feedback: str = "none"
     """Layerwise feedback: none; memory (layer i's memory is the previous segments' output of layer
     i+1, the top layer's its own output); add (add the previous segment's output of layer i+1 to
