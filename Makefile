@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 # On a machine without an NVIDIA GPU take the CPU build of torch that pip finds locally,
 # instead of letting `torch>=2.6` pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
+# The CPU build of torch brings no Triton; the tests run the kNN search's Triton kernels under
+# Triton's interpreter when it is there. (A CUDA build brings the Triton it was built with.)
+TRITON_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "triton>=3.5")
 
 .PHONY: setup train test clean
 setup: $(VENV)/.installed
@@ -11,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(if $(TRITON_SPEC),"$(TRITON_SPEC)")
 	touch $@
 
 train: setup
