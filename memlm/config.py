@@ -683,7 +683,8 @@ DESCRIPTIONS = {
     "seed-xl-knn": "seed-knn + Transformer-XL recurrent memory of one segment (as in Memorizing Transformers)",
     "xl2-knn": "GPT-2-style blocks, RoPE on half of each head, XL memory of two segments, "
                "one kNN layer, dropout 0.2/0.2/0.1, train_reset 0.1",
-    "xl4-xpos-knn": "the race's best: xl2-knn with xPos instead of RoPE and XL memory of four segments, twice that in evaluation",
+    "xl4-xpos-knn": "the race's best: xl2-knn with xPos instead of RoPE and XL memory of four segments, "
+                    "twice that in evaluation",
 }
 
 

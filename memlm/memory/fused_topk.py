@@ -562,6 +562,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         return torch.cat([scores for scores, _ in parts], dim=1), torch.cat([slots for _, slots in parts], dim=1)
     maxima = tile_maxima(queries, keys, counts, cfg)  # (G, M, T)
     nt = min(cfg.n_tiles or k, maxima.shape[-1])
+
     def topk(x, n):  # the configured selection; torch.topk where it is "torch" or rows are too wide
         if cfg.selection == "torch" or x.shape[-1] > ROW_TOPK_MAX_N:
             return x.topk(n, dim=-1)
