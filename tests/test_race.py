@@ -17,6 +17,7 @@ import torch
 from memlm import cli
 from memlm.bench import race
 from memlm.bench.adapters import PeerConfig, PeerMemory, PeerState, XTransformersLM
+from memlm.config import get_preset
 from memlm.data import prepare
 from memlm.eval import evaluate
 from memlm.train import Trainer, checkpoint, distributed
@@ -103,6 +104,35 @@ def test_bad_contender_names_are_usage_errors(corpus, capsys):
     assert code == 2 and "outside 0..1" in err
     code, _, err = run(capsys, *CONTENDERS, "--only", "gpt-5", *TINY, "--data", corpus)
     assert code == 2 and "unknown contender gpt-5" in err
+
+
+def test_a_contender_carries_overrides_of_its_own(corpus, tmp_path, capsys):
+    """PRESET:key=value[:key=value] races a variant of a preset beside it: its overrides apply after
+    --overrides (and win over them), the row and its run directory are its own, and its saved
+    model is the variant."""
+    config = tiny_race_config(corpus, tmp_path / "runs", overrides=["dropout=0.1"])
+    plain, variant, louder = race.plan(config, ["seed-xl-tiny", "seed-xl-tiny:memory.length=64:attention.kv_heads=2",
+                                                "seed-xl-tiny:dropout=0.3"])
+    preset_memory = get_preset("seed-xl-tiny").memory.length  # --seq-len leaves a preset's memory length as it is
+    assert (plain.model_config.memory.length, plain.model_config.kv_heads, plain.model_config.dropout) == \
+        (preset_memory, 1, 0.1)
+    assert (variant.model_config.memory.length, variant.model_config.kv_heads, variant.model_config.dropout) == (64, 2, 0.1)
+    assert variant.description.endswith("; dropout=0.1, memory.length=64, attention.kv_heads=2")
+    assert louder.model_config.dropout == 0.3 and louder.model_config.memory == plain.model_config.memory
+    for names, message in [(["x-transformers:dropout=0.1"], "a peer takes no overrides"),
+                           (["seed-xl-tiny:dropout"], "must read key=value"),
+                           (["gpt-5:dropout=0.1"], "unknown contender gpt-5:dropout=0.1")]:
+        with pytest.raises(ValueError, match=message):
+            race.plan(config, names)
+
+    code, out, _ = run(capsys, "--contenders", "seed-tiny", "seed-tiny:attention.kv_heads=2", *TINY, "--steps", "2",
+                       "--eval-every", "2", "--data", corpus, "--out", tmp_path / "runs", "--results", tmp_path, "--json")
+    assert code == 0
+    rows = last_json(out)["rows"]
+    assert [row["contender"] for row in rows] == ["seed-tiny", "seed-tiny:attention.kv_heads=2"]
+    assert rows[0]["run_dir"] != rows[1]["run_dir"] and rows[1]["params"] > rows[0]["params"] > 0  # a second key/value head
+    saved = json.loads(Path(rows[1]["run_dir"], "config.json").read_text())
+    assert saved["model"]["attention"]["kv_heads"] == 2
 
 
 def test_a_missing_peer_library_fails_its_row_with_the_install_command(corpus, tmp_path, capsys, monkeypatch):

@@ -71,7 +71,9 @@ class RaceConfig(TrainConfig):
 
     contenders: list[str] | None = None
     """Contenders: memlm preset names and the peers x-transformers, x-transformers-XL; None = seed-small
-    seed-xl-small x-transformers x-transformers-XL on CUDA, seed-tiny seed-xl-tiny on CPU."""
+    seed-xl-small x-transformers x-transformers-XL on CUDA, seed-tiny seed-xl-tiny on CPU. A preset may
+    carry overrides of its own after colons, PRESET:key=value[:key=value...] (variants of one preset
+    side by side, e.g. xl4-xpos-knn-small:attention.dropout=0), applied after --overrides."""
     only: str | None = None
     """Run only this contender (e.g. one per GPU, in parallel); its JSON merges with the others' (`memlm race merge`)."""
     contender_index: int | None = None
@@ -165,18 +167,32 @@ def selected_names(config: RaceConfig, device: torch.device) -> list[str]:
     return names
 
 
+VARIANT_SEPARATOR = ":"
+"""Between a contender's preset and its own overrides: PRESET:key=value:key=value."""
+
+
+def split_contender(name: str) -> tuple[str, list[str]]:
+    """'xl4-xpos-knn-small:attention.dropout=0' -> ('xl4-xpos-knn-small', ['attention.dropout=0'])."""
+    base, *own = name.split(VARIANT_SEPARATOR)
+    return base, own
+
+
 def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
     """The contenders, checked and built as configs (no model is made yet)."""
     known = presets() + list(PEERS)
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if split_contender(name)[0] not in known]
     if unknown:
         raise ValueError(f"unknown contender {', '.join(unknown)}; known: memlm presets ({', '.join(presets())}) "
                          f"and peers {', '.join(PEERS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"a contender is named twice: {' '.join(names)}")
-    for item in config.overrides:
+    for item in config.overrides + [item for name in names for item in split_contender(name)[1]]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must read key=value")
+    with_own = [name for name in names if split_contender(name)[1] and split_contender(name)[0] in PEERS]
+    if with_own:
+        raise ValueError(f"{', '.join(with_own)}: a peer takes no overrides of its own (give --peer-dropout, "
+                         f"--peer-train-reset, --peer-shape)")
     shape = {k: v for k, v in dict(layers=config.layers, width=config.width, seq_len=config.seq_len,
                                     **{"attention.heads": config.heads}).items() if v is not None}
     overrides = dict(item.split("=", 1) for item in config.overrides)
@@ -191,8 +207,11 @@ def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
                 text += f"; train_reset={config.peer_train_reset:g}"
             contenders.append(Contender(name, "peer", peer, XTransformersLM, text))
         else:
-            model_config = resolve(name, **shape, **overrides).validate()
-            text = describe(name) + ("; " + ", ".join(config.overrides) if config.overrides else "")
+            preset, own = split_contender(name)
+            own_overrides = dict(item.split("=", 1) for item in own)
+            model_config = resolve(preset, **{**shape, **overrides, **own_overrides}).validate()
+            given = config.overrides + own
+            text = describe(preset) + ("; " + ", ".join(given) if given else "")
             contenders.append(Contender(name, "memlm", model_config, None, text))
     return contenders
 
