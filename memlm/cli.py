@@ -10,7 +10,8 @@
     memlm memorize RUN_OR_CKPT --out MEMDIR [--data SRC --split train --max-tokens N --batch-size B
                                              --capacity C]  (knowledge memory for kNN layers, memlm.memorize)
     memlm presets [--json]
-    memlm race [--contenders A B ...] [--minutes M | --steps N] [--only NAME | --contender-index I] [TrainConfig options]
+    memlm race [--contenders A B ...] [--minutes M | --steps N] [--devices cuda:0 ... | --only NAME | --contender-index I]
+               [TrainConfig options]
     memlm race merge FILES...                  (memlm.bench.race: contenders trained for one budget, test bpb)
 
 argparse picks the command; tyro parses its options from a dataclass, so the help texts are

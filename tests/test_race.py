@@ -77,6 +77,40 @@ def test_per_contender_runs_merge_into_one_table(corpus, tmp_path, capsys):
     assert [row["test_bpb"] for row in whole["rows"]] == [row["test_bpb"] for row in merged["rows"]]
 
 
+def test_contenders_race_side_by_side_in_processes_of_their_own(corpus, tmp_path, capsys):
+    """--devices: each contender trains in a child process on a device of its own; the merged table
+    has the rows in --contenders order, with the scores they get in one process (up to the float
+    sums of a different thread count), each child's output in its log, and the parent's settings."""
+    common = [*CONTENDERS, *TINY, "--data", corpus, "--json"]
+    code, out, err = run(capsys, *common, "--devices", "cpu", "cpu", "--out", tmp_path / "side",
+                         "--results", tmp_path / "side-results")
+    assert code == 0, err
+    side = last_json(out)
+    code, out, _ = run(capsys, *common, "--out", tmp_path / "alone", "--results", tmp_path / "alone-results")
+    alone = last_json(out)
+    assert [row["contender"] for row in side["rows"]] == ["seed-tiny", "seed-xl-tiny"]
+    for ours, theirs in zip(side["rows"], alone["rows"]):
+        assert ours["error"] is None and ours["steps"] == theirs["steps"] == 4
+        assert ours["test_bpb"] == pytest.approx(theirs["test_bpb"], rel=1e-4)
+        assert ours["run_dir"] == str(tmp_path / "side" / ours["contender"])
+        assert "test bpb" in (tmp_path / "side" / f"{ours['contender']}.log").read_text()
+    assert side["config"]["devices"] == ["cpu", "cpu"] and side["config"]["only"] is None and not side["single"]
+    assert len(list((tmp_path / "side-results").glob("race-*.json"))) == 1  # the merged table, as one race writes
+    assert "on cpu: output in" in err
+
+    code, _, err = run(capsys, *common, "--devices", "gpu0")
+    assert code == 2 and "--devices takes cpu, cuda or cuda:N" in err
+
+    if not torch.cuda.is_available():  # a child that dies before it writes a result is a failed row
+        code, out, _ = run(capsys, *common, "--devices", "cpu", "cuda", "--out", tmp_path / "dies",
+                           "--results", tmp_path / "dies-results")
+        assert code == 1
+        ok, dead = last_json(out)["rows"]
+        assert ok["error"] is None and ok["test_bpb"] == pytest.approx(alone["rows"][0]["test_bpb"], rel=1e-4)
+        assert dead["contender"] == "seed-xl-tiny" and dead.get("test_bpb") is None
+        assert "left no result" in dead["error"] and str(tmp_path / "dies" / "seed-xl-tiny.log") in dead["error"]
+
+
 def test_merge_notes_settings_that_differ(tmp_path):
     row = {"contender": "seed-tiny", "kind": "memlm", "description": "", "error": None, "test_bpb": 1.0,
            "meta": {"device": "cpu", "torch": "2", "commit": None, "python": "3", "date": "2026-01-01T00:00:00+00:00"}}

@@ -2,6 +2,7 @@
 test bits per byte, side by side in one table (the quality counterpart of `memlm bench`'s speeds).
 
     memlm race --contenders seed-small seed-xl-small x-transformers x-transformers-XL --minutes 2.33
+    memlm race ... --devices cuda:0 cuda:1 cuda:2 cuda:3   # side by side: a process and a GPU each
     memlm race ... --only x-transformers-XL          # one contender (one GPU each, in parallel), its own JSON
     memlm race merge benchmarks/race-*-<stamp>*.json # one table from several such files
 
@@ -78,6 +79,10 @@ class RaceConfig(TrainConfig):
     """Run only this contender (e.g. one per GPU, in parallel); its JSON merges with the others' (`memlm race merge`)."""
     contender_index: int | None = None
     """Run only the contender at this index (from 0) of --contenders."""
+    devices: list[str] | None = None
+    """Race the contenders side by side, each in a process of its own on one of these devices (cuda:N,
+    cuda or cpu; one contender per device at a time), then merge them into one table; each one's output
+    goes to <out>/<contender>.log. None = one after another in this process."""
     layers: int | None = None
     """Depth of every contender; None = each preset's own (peers: --peer-shape's)."""
     width: int | None = None
@@ -336,9 +341,37 @@ def run_race(config: RaceConfig) -> dict:
     for contender in contenders:
         log(f"{contender.name} ({contender.description}) -> {runs / slug(contender.name)}")
         rows.append(run_contender(contender, config, runs, device))
+    return {**race_result(config, names, device), "rows": rows,
+            "single": config.only is not None or config.contender_index is not None}
+
+
+def race_result(config: RaceConfig, names: list[str], device: torch.device) -> dict:
+    """A result without rows: this machine's environment and the race's settings."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "json"}
     return {"kind": RESULT_KIND, "meta": environment(device), "config": {**settings, "contenders": names},
-            "single": config.only is not None or config.contender_index is not None, "rows": rows, "notes": []}
+            "single": False, "rows": [], "notes": []}
+
+
+def run_side_by_side(config: RaceConfig, argv: list[str], device: torch.device) -> dict:
+    """--devices: every contender in a child process on a device of its own (memlm.bench.parallel),
+    their results merged; a child that left no result is a failed row pointing at its log."""
+    from memlm.bench.parallel import run_children
+
+    names = contender_names(config, device)
+    runs = Path(config.out) if config.out else Path("runs") / f"race-{utc_stamp()}"
+    ended = run_children(names, argv, config.devices, runs, log)
+    loaded = [load(path) for path in ended.values() if isinstance(path, Path)]
+    result = {**(merge(loaded) if loaded else race_result(config, names, device)),
+              "config": race_result(config, names, device)["config"], "single": False}
+    contenders = {contender.name: contender for contender in plan(config, names)}
+    for name, code in ended.items():
+        if not isinstance(code, Path):
+            result["rows"].append({"contender": name, "kind": contenders[name].kind,
+                                   "description": contenders[name].description, "run_dir": str(runs / slug(name)),
+                                   "meta": environment(device), "error": f"its process ended with exit code {code} "
+                                   f"and left no result: see {runs / slug(name)}.log"})
+    result["rows"].sort(key=lambda row: names.index(row["contender"]))
+    return result
 
 
 def utc_stamp(date: str | None = None) -> str:
@@ -493,18 +526,22 @@ def main(argv: list[str] | None = None) -> int:
                                   "same budget, then scored on test bpb. `memlm race merge FILES...` merges results.")
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("memlm race trains one contender per process: instead of torchrun, start one "
-                             "`memlm race --only NAME` per GPU (CUDA_VISIBLE_DEVICES) and merge their JSON")
+            raise ValueError("memlm race trains one contender per process: instead of torchrun, give "
+                             "--devices cuda:0 cuda:1 ... (a process and a GPU per contender)")
         device = distributed.pick_device(config.device)
         plan(config, contender_names(config, device))  # every name checked before anything trains
         plan(config, selected_names(config, device))
         TrainConfig.validate(config)
         if config.compile_warmup < 0:
             raise ValueError(f"--compile-warmup must be >= 0, got {config.compile_warmup}")
+        if config.devices is not None:
+            from memlm.bench.parallel import check_devices
+            check_devices(config.devices)
     except (ValueError, ConfigError) as error:
         print(f"memlm race: error: {error}", file=sys.stderr)
         return 2
-    result = run_race(config)
+    side_by_side = config.devices is not None and config.only is None and config.contender_index is None
+    result = run_side_by_side(config, argv, device) if side_by_side else run_race(config)
     return report(result, config.results, config.json)
 
 
