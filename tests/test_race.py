@@ -111,6 +111,18 @@ def test_contenders_race_side_by_side_in_processes_of_their_own(corpus, tmp_path
         assert "left no result" in dead["error"] and str(tmp_path / "dies" / "seed-xl-tiny.log") in dead["error"]
 
 
+def test_each_child_sees_only_its_own_gpu():
+    """cuda:N becomes --device cuda with CUDA_VISIBLE_DEVICES naming the N-th GPU this process sees."""
+    from memlm.bench.parallel import child_device
+
+    assert child_device("cuda:3", {"PATH": "x"}) == ("cuda", {"PATH": "x", "CUDA_VISIBLE_DEVICES": "3"})
+    assert child_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "4, 6"})[1]["CUDA_VISIBLE_DEVICES"] == "6"
+    assert child_device("cpu", {"CUDA_VISIBLE_DEVICES": "4"}) == ("cpu", {"CUDA_VISIBLE_DEVICES": "4"})
+    assert child_device("cuda", {}) == ("cuda", {})
+    with pytest.raises(ValueError, match="only 2 GPUs are visible"):
+        child_device("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
+
+
 def test_merge_notes_settings_that_differ(tmp_path):
     row = {"contender": "seed-tiny", "kind": "memlm", "description": "", "error": None, "test_bpb": 1.0,
            "meta": {"device": "cpu", "torch": "2", "commit": None, "python": "3", "date": "2026-01-01T00:00:00+00:00"}}
