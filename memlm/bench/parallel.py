@@ -25,10 +25,12 @@ POLL_S = 2.0
 
 
 def check_devices(devices: list[str]) -> None:
-    """Raise ValueError unless every entry is cpu, cuda or cuda:N."""
+    """Raise ValueError unless every entry is cpu, cuda or cuda:N, with N a GPU this process may see."""
     bad = [d for d in devices if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()))]
     if bad or not devices:
         raise ValueError(f"--devices takes cpu, cuda or cuda:N entries, got {' '.join(devices) or 'none'}")
+    for device in devices:
+        child_device(device, dict(os.environ))
 
 
 def child_device(device: str, environ: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -41,8 +43,8 @@ def child_device(device: str, environ: dict[str, str]) -> tuple[str, dict[str, s
     visible = [v for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if visible:
         if index >= len(visible):
-            raise ValueError(f"{device}: only {len(visible)} GPUs are visible (CUDA_VISIBLE_DEVICES="
-                             f"{environ['CUDA_VISIBLE_DEVICES']})")
+            seen = "1 GPU is" if len(visible) == 1 else f"{len(visible)} GPUs are"
+            raise ValueError(f"{device}: only {seen} visible (CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']})")
         env["CUDA_VISIBLE_DEVICES"] = visible[index].strip()
     else:
         env["CUDA_VISIBLE_DEVICES"] = str(index)

@@ -361,8 +361,8 @@ def run_side_by_side(config: RaceConfig, argv: list[str], device: torch.device) 
     runs = Path(config.out) if config.out else Path("runs") / f"race-{utc_stamp()}"
     ended = run_children(names, argv, config.devices, runs, log)
     loaded = [load(path) for path in ended.values() if isinstance(path, Path)]
-    result = {**(merge(loaded) if loaded else race_result(config, names, device)),
-              "config": race_result(config, names, device)["config"], "single": False}
+    own = race_result(config, names, device)  # the settings of this race, not of its children (--only ...)
+    result = {**merge(loaded), "config": own["config"]} if loaded else own
     contenders = {contender.name: contender for contender in plan(config, names)}
     for name, code in ended.items():
         if not isinstance(code, Path):
