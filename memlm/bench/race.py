@@ -185,16 +185,17 @@ def split_contender(name: str) -> tuple[str, list[str]]:
 def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
     """The contenders, checked and built as configs (no model is made yet)."""
     known = presets() + list(PEERS)
-    unknown = [name for name in names if split_contender(name)[0] not in known]
+    split = {name: split_contender(name) for name in names}  # name -> (preset or peer, its own overrides)
+    unknown = [name for name in names if split[name][0] not in known]
     if unknown:
         raise ValueError(f"unknown contender {', '.join(unknown)}; known: memlm presets ({', '.join(presets())}) "
                          f"and peers {', '.join(PEERS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"a contender is named twice: {' '.join(names)}")
-    for item in config.overrides + [item for name in names for item in split_contender(name)[1]]:
+    for item in config.overrides + [item for _, own in split.values() for item in own]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must read key=value")
-    with_own = [name for name in names if split_contender(name)[1] and split_contender(name)[0] in PEERS]
+    with_own = [name for name, (base, own) in split.items() if own and base in PEERS]
     if with_own:
         raise ValueError(f"{', '.join(with_own)}: a peer takes no overrides of its own (give --peer-dropout, "
                          f"--peer-train-reset, --peer-shape)")
@@ -212,7 +213,7 @@ def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
                 text += f"; train_reset={config.peer_train_reset:g}"
             contenders.append(Contender(name, "peer", peer, XTransformersLM, text))
         else:
-            preset, own = split_contender(name)
+            preset, own = split[name]
             own_overrides = dict(item.split("=", 1) for item in own)
             model_config = resolve(preset, **{**shape, **overrides, **own_overrides}).validate()
             given = config.overrides + own
