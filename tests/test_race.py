@@ -123,6 +123,16 @@ def test_each_child_sees_only_its_own_gpu():
         child_device("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
 
 
+def test_children_are_not_given_the_parents_gpu_numbers():
+    """A child sees one GPU: the parent's --devices (cuda:1 ...) would name GPUs it cannot see, so
+    its options lose --devices and keep everything else."""
+    from memlm.bench.parallel import child_argv
+
+    argv = ["--contenders", "a", "b", "--devices", "cuda:0", "cuda:1", "--minutes", "10", "--devices=cuda:2", "-h"]
+    assert child_argv(argv) == ["--contenders", "a", "b", "--minutes", "10", "-h"]
+    assert child_argv(["--minutes", "1", "--devices", "cuda:0"]) == ["--minutes", "1"]
+
+
 def test_merge_notes_settings_that_differ(tmp_path):
     row = {"contender": "seed-tiny", "kind": "memlm", "description": "", "error": None, "test_bpb": 1.0,
            "meta": {"device": "cpu", "torch": "2", "commit": None, "python": "3", "date": "2026-01-01T00:00:00+00:00"}}

@@ -51,11 +51,30 @@ def child_device(device: str, environ: dict[str, str]) -> tuple[str, dict[str, s
     return "cuda", env
 
 
+def child_argv(argv: list[str]) -> list[str]:
+    """This race's command-line options without --devices and its values: a child trains one
+    contender on the one device it is given, and sees only that GPU, so the parent's GPU numbers
+    would not be its own."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg == "--devices":
+            skipping = True
+        elif arg.startswith("--devices="):
+            skipping = False
+        elif skipping and arg.startswith("-"):
+            skipping = False
+            kept.append(arg)
+        elif not skipping:
+            kept.append(arg)
+    return kept
+
+
 def run_children(names: list[str], argv: list[str], devices: list[str], runs: Path, log) -> dict[str, Path | int]:
     """Race `names` in child processes over `devices`, at most one per device at a time. argv: this
-    race's own command-line options (the children add --only, --device, --out and --results).
-    Returns, per contender, its result JSON, or the exit code of a child that left none."""
+    race's own command-line options (the children drop --devices and add --only, --device, --out and
+    --results). Returns, per contender, its result JSON, or the exit code of a child that left none."""
     check_devices(devices)
+    argv = child_argv(argv)
     runs.mkdir(parents=True, exist_ok=True)
     waiting, free, running, ended = list(names), list(devices), {}, {}
     try:

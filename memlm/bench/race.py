@@ -525,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     config = tyro.cli(RaceConfig, args=argv, prog="memlm race",
                       description="Contenders (memlm presets, x-transformers peers) trained by memlm's loop for the "
                                   "same budget, then scored on test bpb. `memlm race merge FILES...` merges results.")
+    side_by_side = config.devices is not None and config.only is None and config.contender_index is None
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("memlm race trains one contender per process: instead of torchrun, give "
@@ -535,13 +536,12 @@ def main(argv: list[str] | None = None) -> int:
         TrainConfig.validate(config)
         if config.compile_warmup < 0:
             raise ValueError(f"--compile-warmup must be >= 0, got {config.compile_warmup}")
-        if config.devices is not None:
+        if side_by_side:  # a child (--only) gets one device and drops --devices (parallel.child_argv)
             from memlm.bench.parallel import check_devices
             check_devices(config.devices)
     except (ValueError, ConfigError) as error:
         print(f"memlm race: error: {error}", file=sys.stderr)
         return 2
-    side_by_side = config.devices is not None and config.only is None and config.contender_index is None
     result = run_side_by_side(config, argv, device) if side_by_side else run_race(config)
     return report(result, config.results, config.json)
 

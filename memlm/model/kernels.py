@@ -87,12 +87,22 @@ slower than 64 x 64 ones on an H200 (torch 2.11; B32 H8 Hkv1 Tq512 Tk1024 D64 bf
 model with a key mask (memory after a document boundary) or a score bias train 3-4x slower."""
 
 
+def _index_scalar(value: int, device) -> torch.Tensor:
+    """A 0-d int32 tensor for an int that a mask_mod or score_mod reads. Under a compiled model whose
+    memory length varies, the int is a symbolic size, and Inductor cannot lower a closure over one
+    (torch 2.11: "'ShapeAsConstantBuffer' object has no attribute 'dtype'", pytorch/pytorch#182606);
+    a captured tensor is an ordinary buffer."""
+    return torch.tensor(value, dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _causal_block_mask(q_len: int, k_len: int, k_offset: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    offset = _index_scalar(k_offset, device)
+
     def causal(b, h, q_idx, kv_idx):
-        return kv_idx + k_offset <= q_idx
+        return kv_idx + offset <= q_idx
 
     return create_block_mask(causal, None, None, q_len, k_len, device=device)
 
@@ -115,12 +125,13 @@ def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None,
     score_mod = None
     if bias is not None or key_mask is not None:
         bias_heads = 0 if bias is None else bias.shape[0]
+        offset = _index_scalar(k_offset, q.device)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             if bias is not None:
                 score = score + (bias[h if bias_heads > 1 else 0, q_idx, kv_idx]).to(score.dtype)
             if key_mask is not None:
-                keep = key_mask[b, kv_idx] | (kv_idx + k_offset == q_idx)
+                keep = key_mask[b, kv_idx] | (kv_idx + offset == q_idx)
                 score = torch.where(keep, score, float("-inf"))
             return score
 

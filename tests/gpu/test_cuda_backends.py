@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import memlm
+from memlm.memory.state import allow_memory_recompiles
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,3 +59,33 @@ def test_backend_matches_eager_with_gradients(backend, case, dtype):
           f"grads max rel={grad_err:.2e} ({worst})")
     assert logit_err < TOLERANCE[dtype]
     assert grad_err < TOLERANCE[dtype] * 2
+
+
+def test_compiled_flex_trains_over_a_memory_that_grows():
+    """The race's xl4-xpos-knn with attention dropout 0 (auto picks flex) compiled for training: its
+    memory grows over the first segments and a reset masks a row's memory, so the flex kernel's
+    k_offset becomes a symbolic size that Inductor could not lower in a score_mod (torch 2.11:
+    'ShapeAsConstantBuffer' object has no attribute 'dtype'). Losses and gradients match eager."""
+    overrides = {"layers": 2, "dropout": 0.0, "feedforward.dropout": 0.0, "attention.dropout": 0.0,
+                 "memory.train_reset": 0.0, "memory.knn_layers": [1]}
+    torch._dynamo.reset()
+    allow_memory_recompiles()
+    losses = {}
+    for backend in ("eager", "auto"):
+        torch.manual_seed(0)
+        model = memlm.build("xl4-xpos-knn-tiny", **overrides, **{"attention.backend": backend}).cuda().train()
+        step = torch.compile(model) if backend == "auto" else model
+        torch.manual_seed(2)
+        state = model.init_state(2)
+        losses[backend] = []
+        for segment in range(6):
+            ids = torch.randint(0, 256, (2, model.config.seq_len), device="cuda")
+            out = step(ids, targets=ids, state=state)
+            out.loss.backward()
+            losses[backend].append(out.loss.item())
+            state = out.state.detach()
+            if segment == 3:
+                state = state.reset(torch.tensor([True, False], device="cuda"))
+        losses[backend].append(sum(p.grad.float().norm().item() for p in model.parameters() if p.grad is not None))
+    print(f"\ncompiled flex over a growing memory: {losses}")
+    torch.testing.assert_close(torch.tensor(losses["auto"]), torch.tensor(losses["eager"]), rtol=2e-3, atol=0)

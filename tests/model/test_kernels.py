@@ -29,6 +29,23 @@ def test_kernel_matches_eager(backend, bias, mask, Tq, Tk):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_compiled_flex_follows_a_memory_that_grows():
+    """Compiled, as in training, the flex kernel sees a memory whose length changes from call to call:
+    after the first recompile its k_offset is a symbolic size, which Inductor could not lower inside a
+    score_mod or mask_mod (pytorch/pytorch#182606). Forward only: CPU flex has no backward."""
+    torch._dynamo.reset()
+
+    def attend_over_memory(q, k, v, key_mask):
+        return KERNELS["flex"](q, k, v, k_offset=q.shape[2] - k.shape[2], key_mask=key_mask)
+
+    compiled = torch.compile(attend_over_memory)
+    with torch.no_grad():
+        for Tk in (16, 32, 48):  # a 16-query segment after 0, 16 and 32 keys of memory
+            q, k, v, extra = random_case(B=1, H=2, Hkv=2, Tq=16, Tk=Tk, D=8, bias=False)
+            torch.testing.assert_close(compiled(q, k, v, extra["key_mask"]), eager_attention(q, k, v, **extra),
+                                       atol=2e-5, rtol=1e-4)
+
+
 def test_eager_matches_explicit_softmax_formula():
     q, k, v, extra = random_case(B=1, H=2, Hkv=2, Tq=4, Tk=6)
     out = eager_attention(q, k, v, scale=0.3, **extra)
