@@ -134,3 +134,14 @@ def test_xl4_xpos_knn_preset_is_the_race_recipe():
     assert small == raced
     assert small.memory_lengths(training=True) == [2048] * 12 and small.memory_lengths(training=False) == [4096] * 12
     assert small.position.rope_dim == 32 and get_preset("xl4-xpos-knn-tiny").memory_lengths() == [1024] * 4
+
+
+def test_depth_xpos_knn_preset_is_the_race_recipe():
+    """depth-xpos-knn-small is the variant raced at 17:57 UTC (BENCHMARKS.md): xl4-xpos-knn-small with
+    one segment of memory in the lower six layers and four in the upper six, doubled in evaluation."""
+    raced = resolve("xl4-xpos-knn-small", **{"memory.lengths": [512] * 6 + [2048] * 6})
+    small = get_preset("depth-xpos-knn-small")
+    assert small == raced
+    assert small.memory_lengths(training=False) == [1024] * 6 + [4096] * 6
+    assert get_preset("depth-xpos-knn-tiny").memory_lengths() == [256, 256, 1024, 1024]
+    assert get_preset("depth-xpos-knn-base").memory_lengths() == [1024] * 6 + [4096] * 6
