@@ -8,7 +8,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6"
 # Triton's interpreter when it is there. (A CUDA build brings the Triton it was built with.)
 TRITON_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "triton>=3.5")
 
-.PHONY: setup train test clean
+.PHONY: setup train test mutate clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,5 +23,11 @@ train: setup
 test: setup
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
+# Mutation testing of one module against its own tests (scripts/mutate.py; not part of CI):
+# make mutate MODULE=memlm.model.positions
+mutate: setup
+	$(PY) -m pip install -q -e ".[dev,mutate]"
+	$(PY) scripts/mutate.py $(MODULE) $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .mutate
