@@ -10,8 +10,8 @@ mutated in a scratch copy of the repository under `.mutate/<module>/` (ignored b
 modules can run at once and the working tree is never touched.
 
 A survivor that cannot change behaviour (an equivalent mutant: a default argument every caller
-passes, a message format no user can tell apart) is listed with its reason in
-`scripts/mutation_equivalents.txt`; the score leaves those out:
+passes, a tile size that changes speed only) is listed with its reason in
+`scripts/mutation_equivalents/<module>.txt`; the score leaves those out:
 
     score = killed / (mutants - equivalent)
 
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EQUIVALENTS = ROOT / "scripts" / "mutation_equivalents.txt"
+EQUIVALENTS = ROOT / "scripts" / "mutation_equivalents"
 
 OWN_TESTS: dict[str, list[str]] = {
     "memlm.model.positions": ["tests/model/test_positions.py", "tests/model/test_cache.py"],
@@ -49,8 +49,9 @@ OWN_TESTS: dict[str, list[str]] = {
 """Each formula-bearing module and its own tests (files that do not exist yet are skipped)."""
 
 
-def load_equivalents(path: Path = EQUIVALENTS) -> dict[str, str]:
-    """{mutant name: reason} from lines `name  # reason` (blank lines and `#` lines are skipped)."""
+def load_equivalents(module: str) -> dict[str, str]:
+    """{mutant name: reason} from the module's lines `name  # reason` (blank and `#` lines skipped)."""
+    path = EQUIVALENTS / f"{module}.txt"
     if not path.exists():
         return {}
     equivalents = {}
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if run.returncode not in (0, 1):
         print(f"mutmut run failed with exit code {run.returncode}", file=sys.stderr)
         return 2
-    summary = summarise(args.module, results(work, mutmut), load_equivalents())
+    summary = summarise(args.module, results(work, mutmut), load_equivalents(args.module))
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.show:
         for name in summary["survivors"]:
