@@ -219,7 +219,19 @@ class ModelConfig:
 
     @property
     def positions_limit(self) -> int:
-        return self.max_positions or self.seq_len
+        """Rows of a learned or TUPE position table: max_positions, else seq_len for learned
+        positions and the widest window a layer attends for TUPE (`attention_window`)."""
+        if self.max_positions:
+            return self.max_positions
+        return self.attention_window if self.position.kind == "tupe" else self.seq_len
+
+    @property
+    def attention_window(self) -> int:
+        """Most keys with a position that a layer's query can see on a stream: the segment plus
+        the longest memory (training or evaluation) plus the compressed memory."""
+        m = self.memory
+        memory = max(self.memory_lengths(training=True) + self.memory_lengths(training=False))
+        return self.seq_len + memory + (m.compress_length if m.compress_rate else 0)
 
     @property
     def recurrent(self) -> bool:
@@ -366,6 +378,12 @@ class ModelConfig:
                 raise ConfigError("memory.compress_rate", m.compress_rate,
                                   "compressive memory compresses the recurrent memory; feedback=add has none")
         self._validate_memory_tokens()
+        if (self.recurrent and self.position.kind == "tupe" and self.max_positions is not None
+                and self.max_positions < self.attention_window):
+            raise ConfigError("max_positions", self.max_positions,
+                              f"TUPE numbers positions in the window a layer attends; with this memory it "
+                              f"spans up to {self.attention_window} positions (seq_len + memory + compressed "
+                              f"memory): use at least that, or None")
         if self.recurrent and self.position.kind == "learned":
             raise ConfigError("position.kind", "learned",
                               "a learned absolute table cannot follow a stream past max_positions; "

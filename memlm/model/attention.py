@@ -143,9 +143,11 @@ class Attention(nn.Module):
         """
         B, T, _ = h.shape
         q, k, v = self.project(h)
+        trimmed = 0  # memory positions dropped before the first key the kernel sees
         if memory is not None and self.span is not None:  # keys past the longest span are masked anyway
             keep = -(-self.span.limit // SPAN_TRIM_STEP) * SPAN_TRIM_STEP  # few distinct shapes: few recompiles
-            memory = memory[:, max(0, memory.shape[1] - keep):]
+            trimmed = max(0, memory.shape[1] - keep)
+            memory = memory[:, trimmed:]
         if memory is not None and memory.shape[1]:
             mk, mv = self.project_kv(memory)
             k = torch.cat([mk, k], dim=2)  # (B, Hkv, M + T, D)
@@ -171,7 +173,9 @@ class Attention(nn.Module):
         persistent = self.persistent_k is not None
         store = ctx.stores.get(self.layer) if self.knn is not None and ctx.stores else None
         need_lse = persistent or (store is not None and self.knn.combine == "joint")
-        bias = ctx.bias(self.layer, k_offset, k.shape[2])
+        bias = ctx.bias(self.layer, k_offset - trimmed, k.shape[2] + trimmed)  # in the untrimmed window (TUPE)
+        if bias is not None and trimmed:
+            bias = bias[..., trimmed:]
         if self.span is not None:
             span_bias = self.span(T, k.shape[2], k_offset, h.device)
             bias = span_bias if bias is None else bias + span_bias

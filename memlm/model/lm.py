@@ -244,7 +244,7 @@ class LanguageModel(nn.Module):
                 if self.relative_bias is not None:
                     total = self.relative_bias[table](q_len, k_len, k_offset, device)
                 if self.tupe is not None:
-                    term = self.tupe(q_start, q_len, q_start + k_offset, k_len)
+                    term = self.tupe(q_len, k_len, k_offset)
                     total = term if total is None else total + term
                 computed[key] = total
             return computed[key]

@@ -17,6 +17,13 @@ angles and xPos decays stay small and exact however long a stream runs.
   untied position-to-position term (p_i U_q)(p_j U_k)^T / sqrt(2d) from its own learned
   absolute embeddings and projections, added to the content logits (which TUPE scales by
   1/sqrt(2d) too). As in the paper the term is computed once and shared by all layers.
+  Departure: i and j are positions in the window the layer attends (its first key is 0, so
+  a query's position is its distance from that key), not in the stream. A stream with
+  memory runs on without end while the window never outgrows seq_len + memory, so the table
+  needs only that many rows (`ModelConfig.positions_limit`). Where the window starts at the
+  stream's beginning (a single pass, a key/value cache, a memory that still holds the whole
+  stream) these are the paper's absolute positions; once memory rolls, every position is
+  relative to the oldest key still seen, a relative frame the paper's term allows.
 """
 
 from __future__ import annotations
@@ -148,7 +155,9 @@ class T5RelativeBias(nn.Module):
 
 
 class TupeBias(nn.Module):
-    """TUPE's untied positional term (p_i U_q)(p_j U_k)^T / sqrt(2 d) per head."""
+    """TUPE's untied positional term (p_i U_q)(p_j U_k)^T / sqrt(2 d) per head, at positions in
+    the attended window: key j at j, query i at i - k_offset (the keys start k_offset <= 0
+    positions before the first query)."""
 
     def __init__(self, width: int, heads: int, head_dim: int, limit: int):
         super().__init__()
@@ -157,11 +166,17 @@ class TupeBias(nn.Module):
         self.query = nn.Linear(width, heads * head_dim, bias=False)
         self.key = nn.Linear(width, heads * head_dim, bias=False)
 
-    def forward(self, q_start: int, q_len: int, k_start: int, k_len: int) -> torch.Tensor:
-        check_positions("tupe", k_start, q_start + q_len - k_start, self.limit)
+    def forward(self, q_len: int, k_len: int, k_offset: int) -> torch.Tensor:
+        q_first = -k_offset  # window position of the first query
+        window = max(k_len, q_first + q_len)
+        if window > self.limit:
+            raise ValueError(
+                f"TUPE's table covers windows of {self.limit} positions, but this call attends {window} "
+                f"(keys before the input plus the input); feed a long input in pieces that do not cross a "
+                f"multiple of seq_len, or raise max_positions")
         device = self.table.weight.device
-        pq = self.table(torch.arange(q_start, q_start + q_len, device=device))  # (Tq, W)
-        pk = self.table(torch.arange(k_start, k_start + k_len, device=device))  # (Tk, W)
+        pq = self.table(torch.arange(q_first, q_first + q_len, device=device))  # (Tq, W)
+        pk = self.table(torch.arange(k_len, device=device))  # (Tk, W)
         uq = self.query(pq).view(q_len, self.heads, self.head_dim).transpose(0, 1)  # (H, Tq, D)
         uk = self.key(pk).view(k_len, self.heads, self.head_dim).transpose(0, 1)  # (H, Tk, D)
         return uq @ uk.transpose(1, 2) / math.sqrt(2 * self.head_dim)  # (H, Tq, Tk)

@@ -1,8 +1,12 @@
 import math
 
+import pytest
 import torch
 
+import memlm
+from memlm.config import ConfigError
 from memlm.model.positions import Rotary, T5RelativeBias, TupeBias, sinusoidal_table, t5_buckets
+from tests.conftest import by_segments
 
 
 def scores(rotary, q, k, q_pos, k_pos):
@@ -83,13 +87,25 @@ def test_t5_bias_depends_only_on_distance():
     torch.testing.assert_close(table[:, 0, 2], bias.table.weight[0])
 
 
-def test_tupe_term_formula():
+def test_tupe_term_formula_at_window_positions():
     tupe = TupeBias(width=12, heads=2, head_dim=3, limit=32)
-    term = tupe(q_start=5, q_len=2, k_start=3, k_len=4)
-    p = tupe.table.weight
-    uq = (p[6] @ tupe.query.weight.T).view(2, 3)[1]
-    uk = (p[4] @ tupe.key.weight.T).view(2, 3)[1]
-    torch.testing.assert_close(term[1, 1, 1], uq @ uk / math.sqrt(6))
+    term = tupe(q_len=2, k_len=5, k_offset=-3)  # keys at window positions 0..4, queries at 3, 4
+    p = tupe.table.weight.double()
+    wq, wk = tupe.query.weight.double(), tupe.key.weight.double()
+    assert term.shape == (2, 2, 5)
+    for h in range(2):
+        for i in range(2):
+            for j in range(5):
+                uq = (p[3 + i] @ wq.T).view(2, 3)[h]
+                uk = (p[j] @ wk.T).view(2, 3)[h]
+                torch.testing.assert_close(term[h, i, j].double(), uq @ uk / math.sqrt(6), rtol=1e-5, atol=1e-6)
+
+
+def test_tupe_window_must_fit_the_table():
+    tupe = TupeBias(width=8, heads=1, head_dim=4, limit=6)
+    assert tupe(q_len=2, k_len=6, k_offset=-4).shape == (1, 2, 6)
+    with pytest.raises(ValueError, match=r"TUPE's table covers windows of 6 positions, but this call attends 7"):
+        tupe(q_len=2, k_len=7, k_offset=-5)
 
 
 def test_sinusoidal_table_formula():
@@ -97,3 +113,68 @@ def test_sinusoidal_table_formula():
     assert table.shape == (2, 8)
     torch.testing.assert_close(table[1, 1], torch.tensor(math.sin(3 * 10000 ** (-1 / 4))))
     torch.testing.assert_close(table[1, 4], torch.tensor(math.cos(3.0)))
+
+
+def tupe_stream_model(**extra):
+    overrides = {"layers": 2, "width": 16, "seq_len": 4, "attention.heads": 2, "position.kind": "tupe",
+                 "attention.backend": "eager"}
+    overrides.update(extra)
+    model = memlm.build("seed-tiny", **overrides).eval()
+    with torch.no_grad():  # at init the term is ~1e-5: large enough here to show in every logit
+        for weight in (model.tupe.table.weight, model.tupe.query.weight, model.tupe.key.weight):
+            weight.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("memory", [{"memory.length": 4}, {"memory.lengths": [2, 6]},
+                                    {"memory.length": 2, "memory.compress_rate": 2, "memory.compress_length": 3},
+                                    {"memory.length": 4, "memory.feedback": "memory"}])
+def test_tupe_follows_a_stream_ten_times_longer_than_its_table(memory):
+    model = tupe_stream_model(**memory)
+    limit = model.config.positions_limit
+    assert limit == model.config.attention_window == model.tupe.table.num_embeddings
+    ids = torch.randint(0, 256, (2, 10 * limit))
+    segments, _ = by_segments(model, ids, 4)
+    assert torch.isfinite(segments).all()
+    pieces = 1 if "memory.length" in memory and len(memory) == 1 else 2  # token by token once
+    torch.testing.assert_close(by_segments(model, ids, pieces)[0], segments, atol=1e-5, rtol=0)
+    if "memory.feedback" not in memory:  # while memory holds the whole stream, one pass agrees
+        held = 4 * (1 + min(model.config.memory_lengths(training=False)) // 4)
+        torch.testing.assert_close(model(ids[:, :held]).logits, segments[:, :held], atol=1e-5, rtol=0)
+
+
+def test_tupe_memory_rolls_by_window_not_by_stream():
+    """Once memory rolls, a segment sees the same window wherever it lies in the stream: the
+    same tokens give the same logits at stream position 12 and 408 (TUPE is translation-free)."""
+    model = tupe_stream_model(**{"memory.length": 4})
+    window = torch.randint(0, 256, (1, 12))  # the last segment's two layers reach back two segments
+    early = by_segments(model, torch.cat([torch.randint(0, 256, (1, 4)), window], 1), 4)[0][:, -4:]
+    late = by_segments(model, torch.cat([torch.randint(0, 256, (1, 400)), window], 1), 4)[0][:, -4:]
+    torch.testing.assert_close(late, early, atol=1e-5, rtol=0)
+
+
+def test_tupe_with_memory_checks_max_positions_at_config_time():
+    with pytest.raises(ConfigError, match="max_positions.*spans up to 20 positions"):
+        memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.length": 12, "max_positions": 19})
+    assert memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.length": 12,
+                                       "max_positions": 20}).tupe.limit == 20
+    assert memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.length": 4,
+                                       "memory.eval_multiplier": 3.0}).config.positions_limit == 8 + 12
+
+
+def test_tupe_term_ignores_the_adaptive_span_trim(monkeypatch):
+    """Memory trimmed to the longest span (a speed-up) must not move the window positions."""
+    from memlm.model import attention as attention_module
+
+    model = tupe_stream_model(**{"memory.length": 12, "memory.adaptive_span": True, "memory.span_ramp": 2,
+                                 "memory.span_init": 0.0})
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attention.span.span.fill_(3.0)
+    model.after_optimizer_step()
+    monkeypatch.setattr(attention_module, "SPAN_TRIM_STEP", 4)
+    ids = torch.randint(0, 256, (2, 24))
+    trimmed, _ = by_segments(model, ids, 4)
+    monkeypatch.setattr(attention_module, "SPAN_TRIM_STEP", 1000)  # keeps the whole memory
+    untrimmed, _ = by_segments(model, ids, 4)
+    torch.testing.assert_close(trimmed, untrimmed, atol=1e-5, rtol=0)
