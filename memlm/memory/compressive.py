@@ -7,9 +7,13 @@ before the recurrent memory at consecutive positions as in the paper. Compressio
 max- and mean-pooling, a learned 1D convolution (kernel = stride = c) and most-used (keep the
 1/c memories that the segment's queries attend to most). The attention-reconstruction loss
 |attn(h, old) - attn(h, C(old))|^2 uses the layer's content attention with every input and
-attention weight detached, so it trains the compressor and nothing else.
-Departure: when the overflow is not a multiple of c, its oldest (overflow mod c) states are
-dropped uncompressed.
+attention weight detached, so it trains the compressor and nothing else; the compressed
+memory enters the state detached, so the language-model loss never reaches the compressor
+(also when one call runs several segments, as memory tokens do).
+Departures: when the overflow is not a multiple of c, its oldest (overflow mod c) states are
+dropped uncompressed. most-used ranks the leaving memories by the attention (the layer's
+content scores: QK-norm and its scale, no positions) that the queries of the segment which
+pushes them out give them, not by attention accumulated over their whole stay in memory.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from torch import nn
 
 
 class Compressor(nn.Module):
-    def __init__(self, kind: str, width: int, rate: int):
+    def __init__(self, kind: str, width: int, rate: int, bias: bool = True):
         super().__init__()
         self.kind, self.rate = kind, rate
-        self.conv = nn.Conv1d(width, width, rate, stride=rate) if kind == "conv" else None
+        self.conv = nn.Conv1d(width, width, rate, stride=rate, bias=bias) if kind == "conv" else None
 
     def forward(self, old: torch.Tensor, usage: torch.Tensor | None = None) -> torch.Tensor:
         """old (B, n * c, W) -> (B, n, W); usage (B, n * c) attention received, for most_used."""
@@ -46,9 +50,9 @@ def split_overflow(mem: torch.Tensor, length: int, rate: int) -> tuple[torch.Ten
     return mem[:, cut:], mem[:, cut - usable:cut]
 
 
-def content_attention(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """Position-free attention of queries from h (B, T, W) over memory (B, n, W) with the layer's
-    projections detached -> (B, H, T, D)."""
+def _content_heads(attention, h: torch.Tensor, memory: torch.Tensor):
+    """The layer's position-free scores of queries from h (B, T, W) over memory (B, n, W), with
+    its projections detached: (scores (B, H, T, n) in float32, values (B, H, n, D))."""
     weight = attention.qkv.weight.detach()
     bias = attention.qkv.bias.detach() if attention.qkv.bias is not None else None
     H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
@@ -63,21 +67,21 @@ def content_attention(attention, h: torch.Tensor, memory: torch.Tensor) -> torch
         q, k = F.normalize(q, dim=-1) * attention.qk_scale.detach(), F.normalize(k, dim=-1)
         scale = 1.0
     else:
-        scale = D ** -0.5
-    probs = ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, H, T, n)
-    return probs @ v
+        scale = attention.scale
+    return (q @ k.transpose(-1, -2)).float() * scale, v
+
+
+def content_attention(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Position-free attention of queries from h (B, T, W) over memory (B, n, W) with the layer's
+    projections detached -> (B, H, T, D)."""
+    scores, v = _content_heads(attention, h, memory)
+    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 def usage(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """Attention each memory state receives from the queries of h, summed over heads: (B, n)."""
-    weight = attention.qkv.weight.detach()
-    H, D = attention.heads, attention.head_dim
     with torch.no_grad():
-        q = F.linear(h, weight[:H * D]).view(h.shape[0], h.shape[1], H, D).transpose(1, 2)
-        k = F.linear(memory, weight[H * D:H * D + attention.kv_heads * D])
-        k = k.view(memory.shape[0], memory.shape[1], attention.kv_heads, D).transpose(1, 2)
-        k = k.repeat_interleave(H // attention.kv_heads, dim=1)
-        return (q @ k.transpose(-1, -2)).softmax(dim=-1).sum(dim=(1, 2))
+        return _content_heads(attention, h, memory)[0].softmax(dim=-1).sum(dim=(1, 2))
 
 
 def reconstruction_loss(attention, h: torch.Tensor, old: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,8 @@ def next_layers(model, layers: list[dict[str, torch.Tensor]], inputs: list[torch
 
 
 def compress(model, layer: int, segment: torch.Tensor, overflow: torch.Tensor):
-    """Compress `overflow` (B, n*c, W) states of `layer`; the reconstruction loss in training."""
+    """Compress `overflow` (B, n*c, W) states of `layer`: the compressed states, detached (only the
+    reconstruction loss trains the compressor), and that loss in training (else None)."""
     block, compressor = model.blocks[layer], model.compressors[layer]
     frozen_norm = {name: p.detach() for name, p in block.attn_norm.named_parameters()}
 
@@ -114,4 +115,4 @@ def compress(model, layer: int, segment: torch.Tensor, overflow: torch.Tensor):
     loss = None
     if model.training and torch.is_grad_enabled() and compressor.kind == "conv":
         loss = compressive.reconstruction_loss(block.attention, h, norm(overflow), norm(compressed))
-    return compressed, loss
+    return compressed.detach(), loss

@@ -73,7 +73,7 @@ class LanguageModel(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.layers))
         self.compressors = nn.ModuleList(
-            Compressor(c.memory.compress_fn, c.width, c.memory.compress_rate) for _ in range(c.layers)
+            Compressor(c.memory.compress_fn, c.width, c.memory.compress_rate, c.bias) for _ in range(c.layers)
         ) if c.memory.compress_rate else None
         self.final_norm = make_norm(c.norm.kind, c.width, c.norm.eps, c.bias) \
             if c.norm.final and c.norm.placement == "pre" else nn.Identity()

@@ -145,6 +145,23 @@ def test_bias_free_switch_leaves_no_bias(preset, kind, norm):
     assert any(n.endswith(".bias") for n, _ in with_bias.named_parameters())
 
 
+@pytest.mark.parametrize("preset", [name for name in memlm.presets() if name.endswith("-tiny")])
+def test_bias_free_holds_for_every_module_of_every_preset(preset):
+    """Every preset with bias=False, plus the mechanisms no preset combines (memory tokens, conv
+    compression, kNN, persistent vectors), builds no bias parameter or buffer anywhere."""
+    extra = {"memory.tokens": 2, "memory.compress_rate": 2, "memory.compress_length": 4,
+             "memory.compress_fn": "conv", "memory.persistent": 2, "memory.knn_layers": [1],
+             "position.kind": "rope"}
+    config = memlm.build(preset).config
+    if not any(config.memory_lengths()):
+        extra["memory.length"] = 8
+    model = memlm.build(preset, **{"bias": False, **extra})
+    assert [n for n, _ in model.named_parameters() if "bias" in n.split(".")[-1]] == []
+    assert model.compressors is not None and model.memory_tokens is not None
+    with_bias = memlm.build(preset, **{"bias": True, **extra})
+    assert with_bias.compressors[0].conv.bias is not None
+
+
 def test_forgetful_masking_statistics_and_eval():
     eta = 0.3
     model = memlm.build("seed-tiny", **tiny_overrides(**{"attention.forgetful": eta})).train()

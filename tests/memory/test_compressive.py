@@ -1,0 +1,120 @@
+"""Compressive memory (arXiv 1911.05507): what trains the compressor, and its formulas against
+independent computations."""
+
+import math
+
+import pytest
+import torch
+
+import memlm
+from memlm.memory import compressive
+from tests.conftest import tiny_overrides
+
+COMPRESSIVE = {"memory.length": 8, "memory.compress_rate": 2, "memory.compress_length": 6}
+CONFIGS = {
+    "plain": {},
+    "bias": {"bias": True},
+    "feedback": {"memory.feedback": "memory"},
+    "tokens": {"memory.tokens": 2, "position.kind": "rope"},
+    "recurrent-tokens": {"memory.tokens": 2, "memory.tokens_recurrent": True},
+    "knn+span+persistent": {"memory.knn_layers": [1], "memory.knn_k": 4, "memory.knn_capacity": 64,
+                            "memory.adaptive_span": True, "memory.span_init": 0.5, "memory.persistent": 2},
+}
+
+
+def build(**extra):
+    overrides = tiny_overrides(layers=2, seq_len=8, **COMPRESSIVE)
+    overrides.update(extra)
+    return memlm.build("seed-tiny", **overrides)
+
+
+def compressor_grads(model):
+    return {name: p.grad for name, p in model.named_parameters() if name.startswith("compressors.")}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_only_the_reconstruction_loss_reaches_the_compressor(config):
+    """The paper trains the compressor with the attention-reconstruction loss alone: the LM loss,
+    over calls that each run several segments and a state never detached, leaves it no gradient."""
+    model = build(**CONFIGS[config]).train()
+    state = model.init_state(2)
+    lm_loss, aux_loss = 0.0, 0.0
+    for _ in range(2):  # 2 calls x 3 segments: compression starts in the first call
+        ids = torch.randint(0, 256, (2, 24))
+        out = model(ids, targets=ids, state=state)
+        lm_loss, aux_loss, state = lm_loss + out.loss, aux_loss + out.aux_loss, out.state
+    lm_loss.backward(retain_graph=True)
+    for name, grad in compressor_grads(model).items():
+        assert grad is None or not grad.any(), name
+    assert model.blocks[0].attention.qkv.weight.grad.abs().sum() > 0  # the LM loss did flow
+    model.zero_grad()
+    aux_loss.backward()
+    grads = compressor_grads(model)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def manual_content_attention(attention, h, memory):
+    """Softmax attention of every head, written out from the layer's weights (float64)."""
+    H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
+    w = attention.qkv.weight.double()
+    b = attention.qkv.bias.double() if attention.qkv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    q_all = h.double() @ w[:H * D].T + b[:H * D]  # (B, T, H*D)
+    kv = memory.double() @ w[H * D:].T + b[H * D:]  # (B, n, 2*Hkv*D)
+    out = torch.zeros(h.shape[0], H, h.shape[1], D, dtype=torch.float64)
+    for head in range(H):
+        g = head // (H // Hkv)
+        q = q_all[..., head * D:(head + 1) * D]
+        k = kv[..., g * D:(g + 1) * D]
+        v = kv[..., Hkv * D + g * D:Hkv * D + (g + 1) * D]
+        if attention.qk_scale is not None:
+            scores = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(1, 2)
+            scores = scores * attention.qk_scale.double()
+        else:
+            scores = q @ k.transpose(1, 2) / math.sqrt(D)
+        out[:, head] = scores.softmax(-1) @ v
+    return out
+
+
+@pytest.mark.parametrize("preset,extra", [("seed-tiny", {}), ("vanilla-tiny", {"attention.kv_heads": 2})])
+def test_reconstruction_loss_is_the_mean_squared_attention_difference(preset, extra):
+    model = memlm.build(preset, **tiny_overrides(layers=1, **extra))
+    attention = model.blocks[0].attention
+    h, old, compressed = torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 3, 32)
+    expected = (manual_content_attention(attention, h, old)
+                - manual_content_attention(attention, h, compressed)).pow(2).mean()
+    loss = compressive.reconstruction_loss(attention, h, old, compressed)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["seed-tiny", "vanilla-tiny"])
+def test_most_used_ranks_by_the_layers_own_attention(preset):
+    """usage = attention each memory receives, summed over heads and the segment's queries, with the
+    layer's QK-norm and scale (seed) or 1/sqrt(d) and biases (vanilla)."""
+    model = memlm.build(preset, **tiny_overrides(layers=1))
+    attention = model.blocks[0].attention
+    if attention.qkv.bias is not None:
+        with torch.no_grad():
+            attention.qkv.bias.normal_()
+    h, memory = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
+    H, D = attention.heads, attention.head_dim
+    w = attention.qkv.weight.double()
+    b = attention.qkv.bias.double() if attention.qkv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    q = (h.double() @ w[:H * D].T + b[:H * D]).view(2, 5, H, D).transpose(1, 2)
+    k = (memory.double() @ w[H * D:H * D + attention.kv_heads * D].T + b[H * D:H * D + attention.kv_heads * D])
+    k = k.view(2, 6, attention.kv_heads, D).transpose(1, 2).repeat_interleave(H // attention.kv_heads, dim=1)
+    if attention.qk_scale is not None:
+        scores = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-1, -2)
+        scores = scores * attention.qk_scale.double()
+    else:
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+    expected = scores.softmax(-1).sum(dim=(1, 2))  # (B, n)
+    torch.testing.assert_close(compressive.usage(attention, h, memory).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bias_free_compressor_has_no_bias_and_conv_is_the_strided_convolution():
+    free = compressive.Compressor("conv", 4, 2, bias=False)
+    assert free.conv.bias is None
+    old = torch.randn(1, 6, 4)
+    expected = torch.einsum("oik,bki->bo", free.conv.weight, old[:, 4:6])
+    torch.testing.assert_close(free(old)[:, 2], expected)
+    assert memlm.build("seed-compressive-tiny").compressors[0].conv.bias is None
