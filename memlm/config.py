@@ -603,12 +603,13 @@ def _xl(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
 
 
 def _xl_top(layers: int, width: int, heads: int, seq_len: int) -> ModelConfig:
-    """seed-xl with long memory only in the top sixth of the layers (the others see their own
-    segment only): 6x less memory in total, the setting of "Do Transformers Need Deep
-    Long-Range Memory?" (Rae & Razavi, arXiv 2007.03356) that costs little."""
+    """seed-xl with a long memory (one segment) only in the top sixth of the layers and a short one
+    (a quarter segment) below, after "Do Transformers Need Deep Long-Range Memory?" (Rae & Razavi,
+    arXiv 2007.03356), which keeps long-range memories in a few upper layers and gives the others
+    a short-range memory. At 12 layers it holds 2.7x fewer memories than seed-xl."""
     config = _xl(layers, width, heads, seq_len)
     top = max(1, layers // 6)
-    config.memory = MemoryConfig(lengths=[0] * (layers - top) + [seq_len] * top)
+    config.memory = MemoryConfig(lengths=[seq_len // 4] * (layers - top) + [seq_len] * top)
     return config
 
 
@@ -710,7 +711,7 @@ DESCRIPTIONS = {
     "vanilla": "GPT-2-style baseline: learned positions, LayerNorm, GELU, biases, multi-head",
     "seed": "bias-free, ScaleNorm, QK-norm, squared ReLU, multi-query, RoPE",
     "seed-xl": "seed + Transformer-XL recurrent memory of one segment",
-    "seed-xl-top": "seed-xl with memory only in the top sixth of the layers (6x less memory at 12 layers)",
+    "seed-xl-top": "seed-xl with long memory only in the top sixth of the layers, a quarter segment below",
     "seed-mem": "seed + feedback memory, adaptive span, compressive and persistent memory",
     "seed-compressive": "seed-xl + compressive memory (rate 4, seq_len / 4 slots, learned conv)",
     "seed-knn": "seed + one kNN memory layer at 3/4 depth (65,536 bf16 entries per row, exact, top-32, gated)",

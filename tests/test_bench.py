@@ -345,7 +345,7 @@ def test_reshaping_keeps_memory_proportions_and_entries_take_their_own_overrides
         return runner.preset_config(entry, BenchConfig(**{**TINY, **shape}))
 
     top = planned("seed-xl-top-small", layers=4, seq_len=64, width=64)
-    assert top.memory_lengths() == [0, 0, 0, 64]  # memory in the top layer only, = seq_len
+    assert top.memory_lengths() == [16, 16, 16, 64]  # long memory (= seq_len) in the top layer only
     assert planned("seed-knn-small", layers=4).memory.knn_layers == [2]  # 9 of 12 -> 2 of 4
     compressive = planned("seed-compressive-tiny", seq_len=32)
     assert (compressive.memory.length, compressive.memory.compress_length) == (32, 8)

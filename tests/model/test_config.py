@@ -100,12 +100,10 @@ def test_overrides_do_not_mutate_the_original():
     assert config.layers == 4 and changed.layers == 1
 
 
-def test_depth_dependent_preset_keeps_long_memory_in_the_top_sixth_only():
+def test_depth_dependent_preset_keeps_long_memory_in_the_top_sixth_and_short_memory_below():
     small = get_preset("seed-xl-top-small")
-    assert small.memory_lengths() == [0] * 10 + [512] * 2
-    full = get_preset("seed-xl-small")
-    assert sum(full.memory_lengths()) == 6 * sum(small.memory_lengths())
-    assert get_preset("seed-xl-top-tiny").memory_lengths() == [0, 0, 0, 256]
+    assert small.memory_lengths() == [128] * 10 + [512] * 2
+    assert get_preset("seed-xl-top-tiny").memory_lengths() == [64, 64, 64, 256]
 
 
 def test_xl_knn_preset_is_knn_plus_one_segment_of_recurrence():
