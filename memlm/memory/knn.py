@@ -14,6 +14,12 @@ queries through the attention over the retrieved pairs. The optional straight-th
 k' = k + (q - sg(q)), v' = v + (q - sg(q)).
 
 Departures from the paper:
+- Normalisation: the paper normalises the kNN layer's queries and keys (QK-norm) so that stale
+  memories stay comparable. Here the search and the stored keys are always unit, but the layer's
+  own queries and local keys are normalised only where the model turns QK-norm on
+  (`attention.qk_norm`, as every seed preset does). Without it (xl2-knn, xl4-xpos-knn,
+  depth-xpos-knn) local attention is the model's ordinary scaled dot product and a retrieved
+  pair scores scale * q . k_unit: its logits grow with |q| but never with a stale key's norm.
 - A query that retrieves nothing (an empty store: a stream's first segment, or just after a
   reset) takes its local result alone. The paper's gate would still scale that result by
   (1 - g), an output the layer never sees while its store is full.

@@ -9,8 +9,10 @@
 - Persistent memory: "Augmenting Self-attention with Persistent Memory" (Sukhbaatar et al.,
   arXiv 1907.01470): N learned key/value vectors per key/value head, without position,
   always visible, so a layer can store what a feed-forward layer would ("Transformer
-  Feed-Forward Layers Are Key-Value Memories", arXiv 2012.14913). Departure: they are
-  initialised randomly and trained with the rest (the paper rescales them by sqrt(d)).
+  Feed-Forward Layers Are Key-Value Memories", arXiv 2012.14913). Departures: they are
+  initialised randomly and trained with the rest (the paper rescales them by sqrt(d)); there
+  is one set per key/value head, not per query head, so under multi-query attention every
+  head reads the same N vectors, as it reads the same segment keys.
 
 The layer computes q, k, v for the segment, prepends what its state holds (recurrent
 memory, projected with this layer's weights, or a key/value cache), applies the position

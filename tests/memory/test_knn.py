@@ -124,6 +124,49 @@ def test_joint_read_equals_one_softmax_over_local_and_retrieved():
     torch.testing.assert_close(out.view(4), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gate_logits", [[-2.0, 0.5, 3.0], [0.0, 0.0, 0.0]])
+def test_gate_mixes_retrieved_and_local_attention_as_the_paper_writes(gate_logits):
+    """out = g * attn(retrieved) + (1 - g) * local, g = sigmoid(gate) per head; the retrieved
+    scores are the scaled query times the unit key, by brute force over every stored pair."""
+    torch.manual_seed(5)
+    layer = KnnAttention(heads=3, k=6, combine="gate", straight_through=False)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor(gate_logits))
+    store = make_store("exact", rows=2, heads=1, dim=4, capacity=8, device="cpu")
+    mem_k = torch.nn.functional.normalize(torch.randn(2, 1, 6, 4), dim=-1)
+    mem_v = torch.randn(2, 1, 6, 4)
+    store.write(mem_k, mem_v, torch.arange(6))
+    q, local, scale = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), 0.6
+    out = layer(local, None, store, q, scale, 0.0)
+    g = torch.sigmoid(torch.tensor(gate_logits, dtype=torch.float64))[None, :, None, None]
+    scores = torch.einsum("bhtd,bkd->bhtk", q.double(), mem_k[:, 0].double()) * scale  # every pair: k = 6
+    retrieved = scores.softmax(-1) @ mem_v[:, 0, None].double()  # (B, H, T, D)
+    torch.testing.assert_close(out.double(), g * retrieved + (1 - g) * local.double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["xl2-knn-tiny", "seed-knn-tiny"])
+def test_written_keys_are_unit_whatever_the_models_qk_norm(preset):
+    """The store holds unit keys (inner-product search) also in presets without QK-norm, whose
+    layer keys are not unit: each written key is the normalised key of its position."""
+    model = memlm.build(preset, **{"layers": 2, "width": 32, "seq_len": 8, "attention.heads": 4,
+                                   "memory.knn_layers": [1], "memory.knn_capacity": 16, "memory.knn_dtype": "float32", "position.rope_dim": 4, "dropout": 0.0,
+                                   "feedforward.dropout": 0.0, "attention.dropout": 0.0}).eval()
+    ids = torch.randint(0, 256, (1, 8))
+    seen = []
+    block = model.blocks[1]
+    hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    _, state = by_segments(model, ids, 8)
+    hook.remove()
+    h = block.attn_norm(seen[0]) if block.pre_norm else seen[0]
+    raw_k, raw_v = block.attention.project_kv(h)  # (1, Hkv, 8, D)
+    keys, values, positions = state.stores[1].entries(0)
+    if model.config.attention.qk_norm is False:
+        assert not torch.allclose(raw_k.norm(dim=-1), torch.ones(()), atol=1e-2)  # the layer's keys are not unit
+    torch.testing.assert_close(keys.float(), torch.nn.functional.normalize(raw_k[0], dim=-1).float(),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values.float(), raw_v[0].float(), atol=1e-5, rtol=1e-5)
+
+
 def test_knn_config_errors():
     for bad, field in [({"memory.knn_layers": [5]}, "memory.knn_layers"),
                        ({"memory.knn_k": 0}, "memory.knn_k"),
