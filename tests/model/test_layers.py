@@ -84,30 +84,29 @@ def test_attention_parameter_count_formula(kv_heads, bias):
     assert sum(p.numel() for p in attn.parameters()) == attention_params(32, 4, kv_heads, 8, bias)
 
 
-def test_kv_heads_equal_heads_is_multi_head_exactly():
-    torch.manual_seed(3)
-    mha = memlm.build("vanilla-tiny", **tiny_overrides())
-    torch.manual_seed(3)
-    explicit = memlm.build("vanilla-tiny", **tiny_overrides(**{"attention.kv_heads": 4}))
-    ids = torch.randint(0, 256, (2, 10))
-    assert mha.num_parameters() == explicit.num_parameters()
-    torch.testing.assert_close(explicit(ids).logits, mha(ids).logits, rtol=0, atol=0)
-
-
-def test_multi_query_equals_multi_head_with_shared_key_value_weights():
-    mqa = memlm.build("vanilla-tiny", **tiny_overrides(**{"attention.kv_heads": 1})).eval()
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_attention_equals_multi_head_with_each_groups_key_value_weights(kv_heads):
+    """kv_heads groups of heads/kv_heads consecutive query heads share one key/value head: a
+    multi-head model whose head j gets the key/value weights of group j // (heads / kv_heads)
+    computes the same function (multi-query at kv_heads = 1, arXiv 1911.02150)."""
+    grouped = memlm.build("vanilla-tiny", **tiny_overrides(**{"attention.kv_heads": kv_heads})).eval()
     mha = memlm.build("vanilla-tiny", **tiny_overrides()).eval()
-    state = {k: v for k, v in mqa.state_dict().items() if "qkv" not in k}
-    D, H, W = 8, 4, 32
+    assert grouped.blocks[0].attention.qkv.weight.shape[0] == (4 + 2 * kv_heads) * 8 < \
+        mha.blocks[0].attention.qkv.weight.shape[0]
+    state = {k: v for k, v in grouped.state_dict().items() if "qkv" not in k}
+    D, H = 8, 4
+
+    def per_head(t):  # (kv_heads * D, ...) -> (H * D, ...): group g's rows for heads g*H/kv .. (g+1)*H/kv-1
+        return t.view(kv_heads, D, *t.shape[1:]).repeat_interleave(H // kv_heads, dim=0).reshape(H * D, *t.shape[1:])
+
     with torch.no_grad():
-        for src, dst in zip(mqa.blocks, mha.blocks):
-            q, k, v = src.attention.qkv.weight.split([H * D, D, D])
-            dst.attention.qkv.weight.copy_(torch.cat([q, k.repeat(H, 1), v.repeat(H, 1)]))
-            qb, kb, vb = src.attention.qkv.bias.split([H * D, D, D])
-            dst.attention.qkv.bias.copy_(torch.cat([qb, kb.repeat(H), vb.repeat(H)]))
+        for src, dst in zip(grouped.blocks, mha.blocks):
+            for name in ("weight", "bias"):
+                q, k, v = getattr(src.attention.qkv, name).split([H * D, kv_heads * D, kv_heads * D])
+                getattr(dst.attention.qkv, name).copy_(torch.cat([q, per_head(k), per_head(v)]))
     mha.load_state_dict(state, strict=False)
     ids = torch.randint(0, 256, (2, 10))
-    torch.testing.assert_close(mha(ids).logits, mqa(ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mha(ids).logits, grouped(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_qk_norm_unit_vectors_learnable_scale(monkeypatch):

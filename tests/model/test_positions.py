@@ -178,3 +178,35 @@ def test_tupe_term_ignores_the_adaptive_span_trim(monkeypatch):
     monkeypatch.setattr(attention_module, "SPAN_TRIM_STEP", 1000)  # keeps the whole memory
     untrimmed, _ = by_segments(model, ids, 4)
     torch.testing.assert_close(trimmed, untrimmed, atol=1e-5, rtol=0)
+
+
+def test_tupe_logits_are_content_and_position_terms_each_over_sqrt_2d(monkeypatch):
+    """TUPE (arXiv 2006.15595, eq. 5): (x W_q)(x W_k)^T / sqrt(2d) + (p U_q)(p U_k)^T / sqrt(2d),
+    written out from the layer's weights and compared with what the kernel is given."""
+    from memlm.model import attention as attention_module
+
+    model = memlm.build("vanilla-tiny", **{"layers": 1, "width": 32, "attention.heads": 4, "seq_len": 16,
+                                           "position.kind": "tupe", "attention.backend": "eager"}).eval()
+    with torch.no_grad():
+        for weight in (model.tupe.table.weight, model.tupe.query.weight, model.tupe.key.weight):
+            weight.normal_(0.0, 1.0)
+    seen = []
+    original = attention_module.attend
+    monkeypatch.setattr(attention_module, "attend",
+                        lambda q, k, v, **kw: seen.append((q, k, kw)) or original(q, k, v, **kw))
+    ids = torch.randint(0, 256, (2, 6))
+    model(ids)
+    q, k, kw = seen[0]
+    given = (q @ k.transpose(-1, -2)) * kw["scale"] + kw["bias"]  # (B, H, T, T)
+
+    H, D = 4, 8
+    block = model.blocks[0]
+    h = block.attn_norm(model.embed(ids)).double()  # (B, T, W)
+    w, b = block.attention.qkv.weight.double(), block.attention.qkv.bias.double()
+    q_x = (h @ w[:H * D].T + b[:H * D]).view(2, 6, H, D).transpose(1, 2)
+    k_x = (h @ w[H * D:2 * H * D].T + b[H * D:2 * H * D]).view(2, 6, H, D).transpose(1, 2)
+    p = model.tupe.table.weight[:6].double()
+    u_q = (p @ model.tupe.query.weight.double().T).view(6, H, D).transpose(0, 1)
+    u_k = (p @ model.tupe.key.weight.double().T).view(6, H, D).transpose(0, 1)
+    expected = (q_x @ k_x.transpose(-1, -2) + (u_q @ u_k.transpose(-1, -2))[None]) / math.sqrt(2 * D)
+    torch.testing.assert_close(given.double(), expected, atol=1e-4, rtol=1e-4)
