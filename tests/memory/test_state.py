@@ -40,15 +40,15 @@ def assert_same_tensors(a: State, b: State):
             assert la[name].dtype == lb[name].dtype and torch.equal(la[name], lb[name]), name
 
 
-def test_allow_memory_recompiles_raises_the_limit_and_never_lowers_it(monkeypatch):
+def test_allow_memory_recompiles_raises_the_limit_and_never_lowers_it():
     config = torch._dynamo.config
     assert MEMORY_RECOMPILE_LIMIT > 8  # more than dynamo's default: a memory model compiles up to 7 graphs filling
-    monkeypatch.setattr(config, "recompile_limit", 8)
-    allow_memory_recompiles()
-    assert config.recompile_limit == max(8, MEMORY_RECOMPILE_LIMIT)
-    monkeypatch.setattr(config, "recompile_limit", MEMORY_RECOMPILE_LIMIT + 100)
-    allow_memory_recompiles()
-    assert config.recompile_limit == MEMORY_RECOMPILE_LIMIT + 100
+    with config.patch(recompile_limit=8):
+        allow_memory_recompiles()
+        assert config.recompile_limit == max(8, MEMORY_RECOMPILE_LIMIT)
+    with config.patch(recompile_limit=MEMORY_RECOMPILE_LIMIT + 100):
+        allow_memory_recompiles()
+        assert config.recompile_limit == MEMORY_RECOMPILE_LIMIT + 100
 
 
 def test_empty_state():
