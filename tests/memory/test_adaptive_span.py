@@ -1,0 +1,144 @@
+"""AdaptiveSpan (memlm.memory.adaptive_span) against the paper's formulas, computed by hand in float64."""
+
+import math
+
+import pytest
+import torch
+
+from memlm.memory.adaptive_span import AdaptiveSpan
+
+
+def soft_mask(z: float, ramp: int, x: float) -> float:
+    """m_z(x) = clamp((R + z - x) / R, 0, 1) (arXiv 1905.07799, eq. 2), in Python floats."""
+    return min(max((ramp + z - x) / ramp, 0.0), 1.0)
+
+
+def brute_limit(spans: list[float], span_max: int, ramp: int) -> int:
+    """The smallest integer distance from which every head's mask is 0, capped at span_max + ramp."""
+    x = 0
+    while any(soft_mask(z, ramp, x) > 0 for z in spans):
+        x += 1
+    return min(span_max + ramp, x)
+
+
+def brute_bias(spans: list[float], ramp: int, q_len: int, k_len: int, k_offset: int) -> torch.Tensor:
+    """The additive log-mask (H, Tq, Tk) entry by entry: query i at position i, key j at k_offset + j,
+    distance max(i - key position, 0); log m, or -inf where m = 0."""
+    out = torch.empty(len(spans), q_len, k_len, dtype=torch.float64)
+    for h, z in enumerate(spans):
+        for i in range(q_len):
+            for j in range(k_len):
+                m = soft_mask(z, ramp, max(i - (k_offset + j), 0))
+                out[h, i, j] = math.log(m) if m > 0 else float("-inf")
+    return out
+
+
+def with_spans(spans, span_max, ramp):
+    module = AdaptiveSpan(heads=len(spans), span_max=span_max, ramp=ramp, init=0.0)
+    with torch.no_grad():
+        module.span.copy_(torch.tensor(spans))
+    module.clamp_()
+    return module
+
+
+@pytest.mark.parametrize("heads,span_max,ramp,init", [(3, 8, 2, 0.5), (2, 16, 4, 0.25), (1, 10, 3, 1.0),
+                                                      (4, 12, 5, 0.0), (2, 20, 2, 0.375)])
+def test_initial_span_and_limit_follow_their_definitions(heads, span_max, ramp, init):
+    module = AdaptiveSpan(heads=heads, span_max=span_max, ramp=ramp, init=init)
+    expected_span = init * span_max  # init is a fraction of span_max, the span is stored in positions
+    assert module.span.shape == (heads,)
+    assert module.span.tolist() == [expected_span] * heads
+    assert isinstance(module.limit, int)
+    assert module.limit == brute_limit([expected_span] * heads, span_max, ramp)
+    module.clamp_()  # nothing to clamp: the limit read from the parameter is the same
+    assert module.limit == brute_limit([expected_span] * heads, span_max, ramp)
+
+
+@pytest.mark.parametrize("spans,span_max,ramp", [([0.0, 5.5, 20.0], 20, 4), ([1.0, 3.0, 2.0, 4.5], 16, 2),
+                                                 ([0.0, 0.0], 8, 3), ([7.25], 8, 1)])
+def test_mask_equals_the_formula_at_every_distance(spans, span_max, ramp):
+    module = with_spans(spans, span_max, ramp)
+    distance = torch.arange(0, span_max + 2 * ramp + 2, dtype=torch.float32) * 0.5  # integer and half distances
+    m = module.mask(distance[None, :])
+    assert m.shape == (len(spans), 1, distance.numel())
+    expected = torch.tensor([[[soft_mask(z, ramp, x) for x in distance.tolist()]] for z in spans],
+                            dtype=torch.float64)
+    torch.testing.assert_close(m.double(), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("spans,ramp,q_len,k_len,k_offset", [
+    ([0.0, 2.5, 6.0], 2, 4, 10, -6),   # memory before the segment: distances up to 9
+    ([1.0, 0.0], 3, 5, 5, 0),          # keys of the segment itself: distance 0 on the diagonal, future keys
+    ([3.75, 8.0], 4, 3, 7, -4),
+])
+def test_bias_is_the_log_of_the_mask_for_every_query_and_key(spans, ramp, q_len, k_len, k_offset):
+    module = with_spans(spans, span_max=8, ramp=ramp)
+    bias = module(q_len, k_len, k_offset, torch.device("cpu"))
+    expected = brute_bias(spans, ramp, q_len, k_len, k_offset)
+    assert bias.shape == expected.shape
+    assert torch.equal(torch.isneginf(bias), torch.isneginf(expected))
+    finite = torch.isfinite(expected)
+    assert torch.isfinite(bias[finite]).all()
+    torch.testing.assert_close(bias[finite].double(), expected[finite], atol=1e-6, rtol=0)
+
+
+def test_bias_gradient_is_one_over_ramp_inside_the_ramp_and_never_nan():
+    """d m / d z = 1 / R where 0 < m < 1 and 0 elsewhere; exp(bias) = m, so the gradient of
+    sum(exp(bias)) by head h is (number of its keys inside the ramp) / R, even with masked keys.
+    Spans off the integers keep every distance off the ramp's ends, where the gradient is a convention."""
+    spans, ramp = [0.5, 2.25, 5.75], 2
+    module = with_spans(spans, span_max=8, ramp=ramp)
+    bias = module(4, 12, -8, torch.device("cpu"))
+    bias.exp().sum().backward()
+    inside = []
+    for z in spans:
+        count = 0
+        for i in range(4):
+            for j in range(12):
+                if 0 < soft_mask(z, ramp, max(i - (-8 + j), 0)) < 1:
+                    count += 1
+        inside.append(count / ramp)
+    assert not torch.isnan(module.span.grad).any()
+    torch.testing.assert_close(module.span.grad.double(), torch.tensor(inside, dtype=torch.float64))
+
+
+def test_bias_is_built_on_the_device_asked_for():
+    module = AdaptiveSpan(heads=2, span_max=8, ramp=2, init=0.5).to("meta")  # a device that is not the default
+    bias = module(3, 5, -2, torch.device("meta"))
+    assert bias.device.type == "meta" and bias.shape == (2, 3, 5)
+
+
+def test_penalty_is_the_mean_span_in_positions():
+    spans = [0.0, 3.5, 8.0, 1.25]
+    module = with_spans(spans, span_max=8, ramp=2)
+    penalty = module.penalty()
+    assert penalty.item() == pytest.approx(sum(spans) / len(spans))
+    penalty.backward()
+    assert module.span.grad.tolist() == [1 / len(spans)] * len(spans)
+
+
+def test_clamp_after_an_optimizer_step_and_the_limit():
+    module = with_spans([0.5, 4.0, 7.5], span_max=8, ramp=3)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    (module.span * torch.tensor([2.0, -0.75, -3.0])).sum().backward()  # steps -2, +0.75, +3
+    optimizer.step()
+    torch.testing.assert_close(module.span.detach(), torch.tensor([-1.5, 4.75, 10.5]))
+    module.clamp_()
+    expected = [min(max(z, 0.0), 8.0) for z in [-1.5, 4.75, 10.5]]
+    assert module.span.tolist() == expected
+    assert module.limit == brute_limit(expected, 8, 3) == 8 + 3
+
+    with torch.no_grad():
+        module.span.copy_(torch.tensor([-4.0, 2.2, 0.0]))
+    module.clamp_()
+    assert module.span.tolist() == pytest.approx([0.0, 2.2, 0.0])
+    assert module.limit == brute_limit(module.span.tolist(), 8, 3) == math.ceil(2.2) + 3
+
+
+@pytest.mark.parametrize("loaded", [[-2.0, 3.5, 50.0], [1.0, 2.25, 0.0], [-1.0, -0.5, -3.0]])
+def test_loading_a_state_dict_clamps_the_spans_and_updates_the_limit(loaded):
+    module = AdaptiveSpan(heads=3, span_max=10, ramp=2, init=0.5)
+    module.load_state_dict({"span": torch.tensor(loaded)})
+    expected = [min(max(z, 0.0), 10.0) for z in loaded]
+    assert module.span.tolist() == expected
+    assert module.limit == brute_limit(expected, 10, 2)
