@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ from memlm.longrange import DISTANCES, markdown, recall_accuracy
 from memlm.memorize import KnowledgeError, check_target, load_memory, memorize, save_memory
 from memlm.memory.stores import StoreError
 from memlm.model import LanguageModel
-from memlm.train import CheckpointError, TrainConfig, load_model, train
+from memlm.train import CheckpointError, TrainConfig, TrainingError, load_model, train
+from memlm.train.lock import RunDirectoryBusy
 from memlm.train.checkpoint import find
 from memlm.train.distributed import pick_device
 from memlm.train.precision import autocast
@@ -53,7 +55,8 @@ class UsageError(Exception):
     """A bad command-line value that no config class checks."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, UsageError, KnowledgeError, StoreError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, UsageError, KnowledgeError, StoreError, TrainingError,
+               RunDirectoryBusy)
 RunPath = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_OR_CKPT")]
 
 
@@ -174,6 +177,9 @@ def cmd_eval(argv: list[str]) -> int:
         with autocast(device, train_config.get("precision", "auto")):
             result = evaluate(model, corpus.split(args.split), batch_size, model.config.seq_len, args.max_tokens,
                               stateful=model.config.stateful, reset=model.config.memory.reset_at_document)
+        if not math.isfinite(result["bpb"]):
+            raise UsageError(f"{args.split} bpb is {result['bpb']}, not a score: the model's outputs are not finite "
+                             f"(are its weights? {find(args.path)})")
         result = {"checkpoint": str(find(args.path)), "data": data, "split": args.split,
                   "memory_lengths": model.config.memory_lengths(training=False), **result}
         print(f"{args.split} bpb {result['bpb']:.4f} | loss {result['loss']:.4f} nats | perplexity "

@@ -91,5 +91,6 @@ def evaluate(model: nn.Module, split: TokenSplit, batch_size: int, seq_len: int,
     by_position = [{"from": int(lo), "to": int(hi) if hi is not None else None, "tokens": int(c),
                     "bpb": float(n / c / math.log(2)) if c > 0 else None}
                    for lo, hi, n, c in zip(POSITION_EDGES, POSITION_EDGES[1:] + (None,), nll.tolist(), count.tolist())]
-    return {"bpb": loss / math.log(2), "loss": loss, "perplexity": math.exp(loss), "tokens": int(count.sum().item()),
+    perplexity = math.exp(loss) if loss < 709.0 else math.inf  # exp overflows a float past ~709.78
+    return {"bpb": loss / math.log(2), "loss": loss, "perplexity": perplexity, "tokens": int(count.sum().item()),
             "by_position": by_position}

@@ -308,6 +308,8 @@ def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: 
         log(f"{contender.name} failed: {row['error']}")
         traceback.print_exc(file=sys.stderr)
     finally:
+        if trainer is not None:
+            trainer.close()
         del trainer
         release(device)
     row["wall_s"] = time.perf_counter() - started

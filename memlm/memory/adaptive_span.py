@@ -22,7 +22,7 @@ class AdaptiveSpan(nn.Module):
         super().__init__()
         self.span_max, self.ramp = span_max, ramp
         self.span = nn.Parameter(torch.full((heads,), init * span_max))  # (H,) in positions
-        self.limit = min(span_max + ramp, math.ceil(init * span_max) + ramp)  # = _limit(), without a device read
+        self.limit = self._limit()  # read from the float32 parameter, as every clamp_ reads it (CPU: no sync)
         self.register_load_state_dict_post_hook(lambda module, keys: module.clamp_())
 
     def _limit(self) -> int:

@@ -6,6 +6,6 @@
 
 from memlm.train.checkpoint import CheckpointError, load_model
 from memlm.train.config import TrainConfig
-from memlm.train.trainer import Trainer, train
+from memlm.train.trainer import Trainer, TrainingError, train
 
-__all__ = ["CheckpointError", "TrainConfig", "Trainer", "load_model", "train"]
+__all__ = ["CheckpointError", "TrainConfig", "Trainer", "TrainingError", "load_model", "train"]

@@ -84,6 +84,11 @@ def _targets(root: Path) -> set[str]:
     return {os.readlink(p) for p in root.iterdir() if p.is_symlink() and not p.name.startswith(".")}
 
 
+def remove_leftovers(root: str | Path) -> None:
+    """Remove what crashed saves left under a checkpoints directory (and unreferenced checkpoints)."""
+    _prune(Path(root))
+
+
 def _prune(root: Path) -> None:
     """Remove checkpoints no link points at and temporary leftovers of crashed saves."""
     keep = _targets(root)

@@ -94,6 +94,9 @@ class TrainConfig:
     test_weights: str = "last"
     """Weights the final test evaluation scores: last (the end of the budget), or best (those of the
     validation evaluation with the lowest bpb: early stopping, for budgets that overfit the corpus)."""
+    max_nonfinite_steps: int = 10
+    """Steps in a row whose loss or gradient norm is not finite (each one skipped: no update, the
+    memory state dropped) after which the run stops with an error naming the last checkpoint."""
     log_every: int = 10
     """Steps between training-metric records (metrics.jsonl, TensorBoard, progress bar)."""
     sample_bytes: int = 200
@@ -127,7 +130,7 @@ class TrainConfig:
                 raise ConfigError(name, value, "must be a positive integer")
         if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
             raise ConfigError("minutes", self.minutes, "must be > 0")
-        for name in ("grad_accum", "eval_batches", "log_every"):
+        for name in ("grad_accum", "eval_batches", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be a positive integer")
         if self.test_weights not in ("last", "best"):

@@ -40,6 +40,7 @@ from memlm.memory.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
 from memlm.train import checkpoint, distributed
 from memlm.train.config import TrainConfig
+from memlm.train.lock import RunLock
 from memlm.train.metrics import MetricsLog, read
 from memlm.train.optim import make_optimizer
 from memlm.train.plot import plot_by_position, plot_curves, plot_spans
@@ -64,9 +65,13 @@ def train(model_config: ModelConfig, config: TrainConfig, preset: str | None = N
           model_factory: ModelFactory | None = None) -> dict[str, Any]:
     """Train (or resume) a run and return its summary; joins the torchrun process group if any."""
     info = distributed.setup(config.device)
+    trainer = None
     try:
-        return Trainer(model_config, config, info, preset, model_factory).fit()
+        trainer = Trainer(model_config, config, info, preset, model_factory)
+        return trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.close()
         distributed.teardown(info)
 
 
@@ -79,6 +84,11 @@ def derived_seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
 
 
+class TrainingError(Exception):
+    """A run that cannot go on (one line for the user): its loss or gradient norm stayed
+    non-finite, or its weights are no longer finite and cannot be checkpointed."""
+
+
 class Trainer:
     """One training run in one process (one rank of a data-parallel job)."""
 
@@ -88,12 +98,17 @@ class Trainer:
         self.info, self.device = info, info.device
         out = Path(config.out) if config.out else default_run_dir(preset)
         self.out = Path(distributed.all_gather_objects(info, str(out))[0])  # rank 0's timestamp everywhere
-        resume_from = None
+        if config.resume and not self.out.is_dir():
+            raise checkpoint.CheckpointError(f"no such run directory: {self.out}")
+        self.lock = RunLock(self.out).acquire() if info.main else None  # released by close()
+        resume_from, self.resume_note = None, None
         if config.resume:
-            resume_from = checkpoint.find(self.out)
-            saved = checkpoint.read_config(resume_from)
-            model_config, config = _resumed_configs(saved, config, type(model_config))
-            preset = saved.get("preset") or preset
+            resume_from = self._checkpoint_to_resume()
+            if resume_from is not None:
+                saved = checkpoint.read_config(resume_from)
+                _check_same_model(self.out, resume_from, saved)
+                model_config, config = _resumed_configs(saved, config, type(model_config))
+                preset = saved.get("preset") or preset
         elif (self.out / checkpoint.CHECKPOINTS).exists():
             raise checkpoint.CheckpointError(f"{self.out} already holds a run: pass --resume to continue it, "
                                              f"or choose another --out")
@@ -121,7 +136,10 @@ class Trainer:
         self.step = self.tokens = 0
         self.elapsed = 0.0  # training seconds, earlier runs of a resumed run included
         self.decay_start = 0.0 if c.warmup_steps == 0 else None  # elapsed seconds when warmup ended
-        self.best_bpb, self.best_bpb_improved = math.inf, False
+        self.best_bpb = math.inf
+        self.best_evaluated_step: int | None = None  # the step whose evaluation set best_bpb
+        self.skipped_steps = 0  # steps whose loss or gradient norm was not finite (no update)
+        self.nonfinite_in_a_row = 0
         # test_weights=best: a device copy of the weights of the best validation so far, and its step
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.best_step: int | None = None
@@ -150,6 +168,25 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / checkpoint.CONFIG).write_text(json.dumps(self.run_config(), indent=2) + "\n")
             self.log = MetricsLog(self.out, resume_step=self.step if resume_from is not None else None)
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint --resume continues; None (and a note) for a run directory that holds no
+        complete checkpoint, such as one killed inside its first save, which then starts from the
+        beginning, its leftovers removed."""
+        try:
+            return checkpoint.find(self.out)
+        except checkpoint.CheckpointError:
+            if not (self.out / checkpoint.CONFIG).is_file():
+                raise
+        if self.info.main and (self.out / checkpoint.CHECKPOINTS).is_dir():
+            checkpoint.remove_leftovers(self.out / checkpoint.CHECKPOINTS)
+        self.resume_note = "no complete checkpoint to resume: starting from the beginning"
+        return None
+
+    def close(self) -> None:
+        """Release the run directory."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _make_loader(self, seed: int):
         """Contiguous streams for models that carry memory, random windows otherwise."""
@@ -188,13 +225,17 @@ class Trainer:
                 lr = self.schedule(self.step, self.progress())
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, grad_norm = self.train_step()
+                loss, grad_norm, finite = self.train_step()
                 self.step += 1
                 self.tokens += self.tokens_per_step
                 self.elapsed = self._clock()
                 if self.step == c.warmup_steps:
                     self.decay_start = self.elapsed
-                meter.add(loss)
+                if finite:
+                    self.nonfinite_in_a_row = 0
+                    meter.add(loss)
+                else:
+                    self._skip_nonfinite_step()
                 last = self.done()
                 if self.step % c.log_every == 0 or last:
                     self._log_train(meter, lr, grad_norm)
@@ -304,10 +345,36 @@ class Trainer:
             loss_sum += out.loss.detach()
             self.state = out.state.detach() if out.state is not None else None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
-        self.optimizer.step()
+        # one device read a step: every rank sees the all-reduced gradients, and a rank whose own
+        # loss overflowed has non-finite gradients too; the sum keeps the decision identical everywhere
+        bad = (~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))).float()
+        finite = distributed.all_reduce_sum(self.info, bad).item() == 0
+        if finite:
+            self.optimizer.step()
+            self.model.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.after_optimizer_step()
-        return loss_sum / accum, grad_norm
+        return loss_sum / accum, grad_norm, finite
+
+    def _skip_nonfinite_step(self) -> None:
+        """Count a step whose loss or gradient norm was not finite (no update was made); drop the
+        memory state it computed (its hidden states may be non-finite too); stop the run after
+        max_nonfinite_steps such steps in a row."""
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.state is not None:
+            self.state = self.model.init_state(self.config.batch_size, device=self.device)
+        if self.info.main:
+            self.bar.log(f"step {self.step:>6} | loss or gradient norm not finite: step skipped "
+                         f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in all)")
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            try:
+                last = f"the last checkpoint is {checkpoint.find(self.out)}"
+            except checkpoint.CheckpointError:
+                last = "no checkpoint was written"
+            raise TrainingError(
+                f"stopped at step {self.step}: the loss or gradient norm was not finite in "
+                f"{self.nonfinite_in_a_row} steps in a row (max_nonfinite_steps); {last}; lower --lr or "
+                f"raise --warmup_steps, then resume or start again")
 
     def _rows_to_forget(self, doc_start: torch.Tensor, micro: int) -> torch.Tensor | None:
         """(B,) bool rows whose state is reset before this micro-batch, or None: rows starting a
@@ -324,12 +391,16 @@ class Trainer:
     # ----- logging, evaluation, samples -------------------------------------------------
     def _log_train(self, meter: Meter, lr: float, grad_norm: torch.Tensor) -> None:
         """A train record of the steps since the last one (loss averaged over steps and ranks)."""
-        loss = distributed.all_reduce_sum(self.info, meter.loss_sum.clone()).item() / (meter.steps * self.info.world_size)
+        steps = max(1, meter.steps)  # every step since the last record may have been skipped
+        loss = distributed.all_reduce_sum(self.info, meter.loss_sum.clone()).item() / (steps * self.info.world_size)
+        if meter.steps == 0:
+            loss = math.nan
         if not self.info.main:
             return
-        tokens_per_s = meter.steps * self.tokens_per_step / meter.seconds()
+        tokens_per_s = steps * self.tokens_per_step / meter.seconds()
         record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss, "bpb": loss / math.log(2),
-                  "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+                  "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
+                  "skipped_steps": self.skipped_steps}
         if self.peak_flops:
             record["mfu"] = self.model.estimate_mfu(tokens_per_s / self.info.world_size, self.peak_flops)
         self.log.write("train", self.step, **record)
@@ -381,11 +452,11 @@ class Trainer:
         """Validation bpb on eval_batches batches spread over the split, and a sample (rank 0)."""
         c = self.config
         result = self._evaluate_split("validation", c.eval_batches * c.batch_size * self.seq_len)
-        self.best_bpb_improved = result["bpb"] < self.best_bpb
-        self.best_bpb = min(self.best_bpb, result["bpb"])
-        if self.best_bpb_improved and c.test_weights == "best":
-            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best_step = self.step
+        if result["bpb"] < self.best_bpb:  # never true for a non-finite bpb
+            self.best_bpb, self.best_evaluated_step = result["bpb"], self.step
+            if c.test_weights == "best":
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self.best_step = self.step
         if self.info.main:
             self.log.write("eval", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(result))
             self.sample = self._sample()
@@ -420,6 +491,7 @@ class Trainer:
                 f"({len(self.train_split):,} train tokens), {self.info.world_size} x {self.device}, "
                 f"{self.tokens_per_step:,} tokens/step, budget {budget}"
                 + (f", resumed at step {self.step}" if self.step else "")
+                + (f"; {self.resume_note}" if self.resume_note else "")
                 + (f"; MFU against {self.peak_flops / 1e12:.1f} TFLOP/s ({self.peak_source})" if self.peak_flops else ""))
 
     # ----- checkpoints --------------------------------------------------------------
@@ -439,10 +511,16 @@ class Trainer:
         ranks = distributed.all_gather_objects(self.info, rank_state)
         if not self.info.main:
             return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingError(f"step {self.step}: the weights are no longer finite and are not checkpointed; "
+                                f"the previous checkpoint is intact")
         state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "decay_start": self.decay_start,
-                 "best_bpb": self.best_bpb, "world_size": self.info.world_size,
+                 "best_bpb": self.best_bpb, "best_evaluated_step": self.best_evaluated_step,
+                 "skipped_steps": self.skipped_steps, "world_size": self.info.world_size,
                  "optimizer": self.optimizer.state_dict(), "ranks": ranks}
-        pointers = ("latest", "best") if self.config.keep_best and self.best_bpb_improved else ("latest",)
+        # best: only the checkpoint of the very step whose evaluation gave the best bpb
+        best = self.config.keep_best and self.best_evaluated_step == self.step
+        pointers = ("latest", "best") if best else ("latest",)
         checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.step, self.model, state, self.run_config(), pointers)
 
     def _save_best_weights(self) -> None:
@@ -457,6 +535,8 @@ class Trainer:
     def _load_trainer_state(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.decay_start, self.best_bpb = state["decay_start"], state["best_bpb"]
+        self.best_evaluated_step = state.get("best_evaluated_step")
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.optimizer.load_state_dict(state["optimizer"])
         if state["world_size"] == self.info.world_size:
             mine = state["ranks"][self.info.rank]
@@ -499,6 +579,34 @@ class Meter:
 def _scored(result: dict[str, float]) -> dict[str, float]:
     """An evaluation result for a metrics record: its token count renamed to scored_tokens."""
     return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items() if k != "by_position"}
+
+
+def _check_same_model(run: Path, found: Path, saved: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model differs from the one the run directory records (a checkpoint
+    of another run put in place), before anything of the run is touched."""
+    recorded = run / checkpoint.CONFIG
+    if not recorded.is_file():
+        return
+    try:
+        model = json.loads(recorded.read_text())["model"]
+    except (OSError, ValueError, KeyError) as e:
+        raise checkpoint.CheckpointError(f"cannot read the run's model from {recorded}: {e}") from None
+    if model != saved.get("model"):
+        fields = sorted(_differing_fields(model, saved.get("model") or {}))
+        raise checkpoint.CheckpointError(
+            f"{found} holds another model than the run {run} (differs in {', '.join(fields[:5])}"
+            f"{', ...' if len(fields) > 5 else ''}): not resuming from it")
+
+
+def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing_fields(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out
 
 
 def _resumed_configs(saved: dict[str, Any], given: TrainConfig,

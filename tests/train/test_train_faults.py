@@ -1,0 +1,148 @@
+"""Faults in training: non-finite losses, the best checkpoint, interrupted first saves, a checkpoint
+of another model put in place, two trainings in one run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from train_helpers import fast_config, tiny_model
+
+import memlm
+from memlm.cli import main
+from memlm.model import LanguageModel
+from memlm.train import CheckpointError, TrainingError, checkpoint, train
+from memlm.train.metrics import read
+
+
+def poisoned(bad_steps: set[int] | None = None, from_step: int | None = None):
+    """A model factory whose training loss is NaN on the given optimizer steps (1-based), or on
+    every step from `from_step` on."""
+
+    class Poisoned(LanguageModel):
+        step = 0
+
+        def forward(self, input_ids, targets=None, state=None):
+            out = super().forward(input_ids, targets=targets, state=state)
+            if self.training and targets is not None:
+                Poisoned.step += 1
+                if Poisoned.step in (bad_steps or ()) or (from_step is not None and Poisoned.step >= from_step):
+                    out.loss = out.loss * math.nan
+            return out
+
+    return Poisoned
+
+
+def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_finite(corpus, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_model(), fast_config(corpus, run, steps=8, max_nonfinite_steps=3),
+                    model_factory=poisoned({3, 4}))
+    assert summary["steps"] == 8 and math.isfinite(summary["test_bpb"])
+    trains = [r for r in read(run) if r["kind"] == "train"]
+    assert [r["skipped_steps"] for r in trains] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert all(math.isfinite(r["loss"]) for r in trains if r["step"] not in (3, 4))
+    state = checkpoint.load_trainer_state(checkpoint.find(run))
+    assert state["skipped_steps"] == 2
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {6.0}  # 8 steps, 2 of them made no update
+    model, _ = checkpoint.load_model(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_run_that_stays_non_finite_stops_naming_the_last_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    config = fast_config(corpus, run, steps=20, max_nonfinite_steps=3, checkpoint_every=2, eval_every=10)
+    with pytest.raises(TrainingError, match=r"stopped at step 6: .* 3 steps in a row .*step-00000004"):
+        train(tiny_model(), config, model_factory=poisoned(from_step=4))
+    assert os.readlink(run / "checkpoints" / "latest") == "step-00000004"
+
+
+def test_the_cli_reports_a_stopped_run_in_one_line(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(memlm.train.trainer, "LanguageModel", poisoned(from_step=1))
+    rc = main(["train", "--preset", "seed-tiny", "--data", str(corpus), "--out", str(tmp_path / "run"),
+               "--steps", "10", "--max_nonfinite_steps", "2", "--batch_size", "2", "--device", "cpu",
+               "--model.layers", "1", "--model.width", "32", "--model.seq_len", "16", "--eval_every", "10",
+               "--fractions", "0.8", "0.1", "0.1", "--sample_bytes", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("memlm train: error: stopped at step 2:") and "no checkpoint was written" in err[-1]
+
+
+def test_eval_refuses_to_score_non_finite_weights(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_model(), fast_config(corpus, run, steps=2, eval_every=2, checkpoint_every=2))
+    model, _ = checkpoint.load_model(run)
+    with torch.no_grad():
+        model.blocks[0].attention.qkv.weight.fill_(math.nan)
+    target = checkpoint.find(run)
+    import safetensors.torch
+    safetensors.torch.save_model(model, str(target / checkpoint.WEIGHTS))
+    rc = main(["eval", str(run), "--device", "cpu", "--max-tokens", "64"])
+    assert rc == 2
+    assert "test bpb is nan, not a score" in capsys.readouterr().err
+
+
+def test_best_points_at_the_checkpoint_of_the_evaluated_step(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_model(), fast_config(corpus, run, steps=8, eval_every=4, checkpoint_every=2))
+    best = os.readlink(run / "checkpoints" / "best")
+    evals = {r["step"]: r["bpb"] for r in read(run) if r["kind"] == "eval"}
+    assert set(evals) == {0, 4, 8}
+    best_step = min((step for step in evals if step > 0), key=evals.get)  # step 0 has no checkpoint
+    if evals[0] < evals[best_step]:
+        pytest.skip("the untrained model validated best: no checkpoint of it exists")
+    assert best == f"step-{best_step:08d}"
+    assert checkpoint.load_trainer_state(run / "checkpoints" / "best")["best_evaluated_step"] == best_step
+
+
+def test_resume_of_a_run_with_no_complete_checkpoint_starts_it_again(corpus, tmp_path):
+    """A kill inside the first save leaves config.json and a temporary directory only."""
+    run = tmp_path / "run"
+    config = fast_config(corpus, run, steps=4, eval_every=4, checkpoint_every=4)
+    train(tiny_model(), config)
+    for path in (run / "checkpoints").iterdir():  # as if killed before the first rename completed
+        os.rename(path, run / "checkpoints" / f".tmp-{path.name}-dead") if not path.is_symlink() else path.unlink()
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        train(tiny_model(), config)
+    summary = train(tiny_model(), fast_config(corpus, run, steps=4, eval_every=4, checkpoint_every=4, resume=True))
+    assert summary["steps"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "latest", "step-00000004"]
+    assert [r["step"] for r in read(run) if r["kind"] == "eval"] == [0, 4]  # one run's records, not two
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        train(tiny_model(), fast_config(corpus, tmp_path / "missing", steps=4, resume=True))
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_and_keeps_the_metrics(corpus, tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other"
+    train(tiny_model(), fast_config(corpus, run, steps=4, eval_every=2, checkpoint_every=2))
+    wider = memlm.config.resolve("seed-tiny", layers=2, width=48, seq_len=32, **{"attention.heads": 2})
+    train(wider, fast_config(corpus, other, steps=2, eval_every=2, checkpoint_every=2))
+    metrics = (run / "metrics.jsonl").read_text()
+    target = os.readlink(run / "checkpoints" / "latest")
+    import shutil
+    shutil.rmtree(run / "checkpoints" / target)
+    shutil.copytree(checkpoint.find(other), run / "checkpoints" / target)  # another run's checkpoint put in place
+    with pytest.raises(CheckpointError, match=r"holds another model than the run .* \(differs in width\)"):
+        train(tiny_model(), fast_config(corpus, run, steps=6, resume=True))
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_two_trainings_cannot_share_a_run_directory(corpus, tmp_path, capsys):
+    from memlm.train.lock import RunLock
+
+    run = tmp_path / "run"
+    holder = RunLock(run).acquire()  # another training, as far as the lock can tell
+    try:
+        rc = main(["train", "--preset", "seed-tiny", "--data", str(corpus), "--out", str(run), "--steps", "2",
+                   "--device", "cpu"])
+        assert rc == 2
+        assert f"is in use by another training (PID {os.getpid()})" in capsys.readouterr().err
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        holder.release()
+    (run / ".lock").write_text("999999999\n")  # the file a dead holder leaves: no lock is held on it
+    summary = train(tiny_model(), fast_config(corpus, run, steps=2, eval_every=2, checkpoint_every=2))
+    assert summary["steps"] == 2
