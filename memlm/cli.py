@@ -160,6 +160,8 @@ def cmd_eval(argv: list[str]) -> int:
                                 "recall accuracy by distance (--task recall).")
     if args.batch_size is not None and args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UsageError(f"--max-tokens must be positive, got {args.max_tokens}")
     if args.task == "recall":
         check_recall_options(args)
     if args.memory_multiplier is not None and args.memory_multiplier <= 0:
@@ -285,8 +287,9 @@ class GenerateCommand:
 def cmd_generate(argv: list[str]) -> int:
     args = tyro.cli(GenerateCommand, args=argv, prog="memlm generate",
                     description="Continue a prompt with a trained model.")
-    if args.max_new_tokens < 0 or args.temperature < 0:
-        raise UsageError("--max-new-tokens and --temperature must be >= 0")
+    if args.max_new_tokens < 0 or not args.temperature >= 0 or math.isinf(args.temperature):
+        raise UsageError(f"--max-new-tokens and --temperature must be finite and >= 0, got {args.max_new_tokens} "
+                         f"and {args.temperature}")
     if args.top_k is not None and args.top_k <= 0:
         raise UsageError(f"--top-k must be positive, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -13,6 +13,8 @@ models it supports when no state is passed in or asked back, `eager` otherwise.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from memlm.memory.state import State
@@ -41,8 +43,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not temperature >= 0 or math.isinf(temperature):  # NaN fails the comparison
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
@@ -64,6 +66,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperat
         raise ValueError("the prompt must hold at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0 or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     path = _decode_path(model, decode, ids, state, return_state)
     if path != "eager":
         return _generate_static(model, ids, max_new_tokens, temperature, top_k, top_p, generator,

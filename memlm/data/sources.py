@@ -309,7 +309,10 @@ def parse_spec(
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     parts = []
     for item in items:
-        parts += [p.strip() for p in item.split(",")] if isinstance(item, str) else [os.fspath(item)]
+        if isinstance(item, str) and "," in item and not Path(item).expanduser().exists():
+            parts += [p.strip() for p in item.split(",")]  # a list of sources; an existing path stays whole
+        else:
+            parts.append(os.fspath(item))
     parts = [p for p in parts if p]
     if not parts:
         raise DataError("no data source given: use 'stdlib', a file, a directory or an archive")

@@ -146,8 +146,13 @@ class LanguageModel(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("input_ids holds no tokens (shape (B, 0)): give at least one position")
         if state is not None and state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
+        if state is not None and len(state.layers) != len(self.blocks):
+            raise ValueError(f"state was made for a model of {len(state.layers)} layers, this one has "
+                             f"{len(self.blocks)}: use model.init_state")
         if self.memory_tokens is not None:  # segments run as [read | tokens | write] (memlm.memory.tokens)
             logits, new_state, compression_loss = tokens.forward(self, input_ids, state)
             aux_loss = self._span_penalty(input_ids.device)

@@ -111,8 +111,9 @@ class TrainConfig:
     def resolve(self, device_type: str) -> "TrainConfig":
         """A validated copy with the device-dependent defaults (batch size, budget) filled in."""
         cpu = device_type == "cpu"
-        resolved = dataclasses.replace(self, batch_size=self.batch_size or (CPU_BATCH if cpu else CUDA_BATCH),
-                                       lr=self.lr or (CPU_LR if cpu else CUDA_LR),
+        default_batch, default_lr = (CPU_BATCH, CPU_LR) if cpu else (CUDA_BATCH, CUDA_LR)
+        resolved = dataclasses.replace(self, batch_size=default_batch if self.batch_size is None else self.batch_size,
+                                       lr=default_lr if self.lr is None else self.lr,
                                        compile=(not cpu) if self.compile is None else self.compile)
         if self.steps is None and self.tokens is None and self.minutes is None:
             resolved.minutes = CPU_MINUTES if cpu else CUDA_MINUTES

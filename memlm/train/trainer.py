@@ -122,6 +122,7 @@ class Trainer:
 
         self.corpus = self._prepare_corpus()
         self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
+        self.corpus.split("test")  # a split with no documents fails now, not after the whole budget
         self.seq_len = self.model_config.seq_len
         self.recall_distances = c.recall_distances or distances_for(self.seq_len)  # recall task only
         self.stateful = self.model_config.stateful
