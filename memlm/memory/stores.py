@@ -66,7 +66,6 @@ same settings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -77,7 +76,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from memlm.fileio import write_dir_atomically
+from memlm.fileio import sha256_file, write_dir_atomically
 
 __all__ = ["ExactStore", "FaissStore", "Retrieved", "Store", "StoreError", "load_store", "make_store"]
 
@@ -712,14 +711,6 @@ def make_store(kind: str, rows: int, heads: int, dim: int, capacity: int,
 
 # ----- persistence ----------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _save_atomic(directory: Path, files: dict[str, dict[str, torch.Tensor]], manifest: dict) -> Path:
     """Write `files` and the manifest into a temporary sibling directory, then rename it to
     `directory` (an existing saved store there is replaced; anything else is refused)."""
@@ -731,7 +722,7 @@ def _save_atomic(directory: Path, files: dict[str, dict[str, torch.Tensor]], man
         listed = {**manifest, "files": {}}
         for name, tensors in files.items():
             safetensors.torch.save_file(tensors, str(tmp / name))
-            listed["files"][name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            listed["files"][name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
         (tmp / MANIFEST).write_text(json.dumps(listed, indent=2) + "\n")
 
     return write_dir_atomically(directory, fill)
@@ -773,7 +764,7 @@ def load_store(directory: str | Path, device: torch.device | str | None = None, 
             raise StoreError(f"{path} lists no {name}")
         if not file.is_file():
             raise StoreError(f"missing store file {file}")
-        if file.stat().st_size != files[name].get("bytes") or _sha256(file) != files[name].get("sha256"):
+        if file.stat().st_size != files[name].get("bytes") or sha256_file(file) != files[name].get("sha256"):
             raise StoreError(f"store file {file} is corrupted or truncated (its size or sha256 does not match "
                              f"{MANIFEST})")
         try:

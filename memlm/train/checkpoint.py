@@ -5,6 +5,7 @@
             model.safetensors   weights; the output head tied to the embedding is stored once
             trainer.pt          optimizer, step / token / time counters, each rank's data-loader and RNG state
             config.json         {"model": ..., "train": ..., "data": ...}
+            manifest.json       the SHA-256 of each file above, checked before the file is read
         latest -> step-00000400 symbolic links, each replaced atomically
         best -> step-00000300
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -28,10 +30,10 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.fileio import fsync_path
+from memlm.fileio import fsync_path, sha256_file
 from memlm.model import LanguageModel
 
-WEIGHTS, TRAINER, CONFIG = "model.safetensors", "trainer.pt", "config.json"
+WEIGHTS, TRAINER, CONFIG, MANIFEST = "model.safetensors", "trainer.pt", "config.json", "manifest.json"
 CHECKPOINTS = "checkpoints"
 
 
@@ -56,6 +58,9 @@ def save(root: str | Path, step: int, model: nn.Module, trainer_state: dict[str,
         safetensors.torch.save_model(model, str(tmp / WEIGHTS), metadata={"step": str(step)})
         torch.save(trainer_state, tmp / TRAINER)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                 for name in (WEIGHTS, TRAINER, CONFIG)}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
         for path in tmp.iterdir():
             fsync_path(path)
         if final.exists():  # an unreferenced leftover of a crashed run
@@ -116,8 +121,27 @@ def find(path: str | Path, pointer: str = "latest") -> Path:
                           f"{CHECKPOINTS}/{pointer}/)")
 
 
+def verify(checkpoint: str | Path, name: str) -> Path:
+    """The path of file `name` of a checkpoint, after checking it against the checkpoint's manifest
+    (checkpoints written before manifests existed are read unchecked)."""
+    file = Path(checkpoint) / name
+    manifest = Path(checkpoint) / MANIFEST
+    if not manifest.is_file():
+        return file
+    try:
+        expected = json.loads(manifest.read_text())["files"][name]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the manifest {manifest}: {e}") from None
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
+        raise CheckpointError(f"{file} is corrupt: its size or SHA-256 differs from {manifest}")
+    return file
+
+
 def read_config(checkpoint: str | Path) -> dict[str, Any]:
     """The {"model", "train", "data"} dict saved with a checkpoint."""
+    verify(checkpoint, CONFIG)
     try:
         return json.loads((Path(checkpoint) / CONFIG).read_text())
     except (OSError, ValueError) as e:
@@ -143,7 +167,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def load_weights(model: nn.Module, checkpoint: str | Path, device: str | torch.device = "cpu") -> None:
     """Load a checkpoint's weights into `model` (which must have the same architecture)."""
-    file = Path(checkpoint) / WEIGHTS
+    file = verify(checkpoint, WEIGHTS)
     try:
         safetensors.torch.load_model(model, str(file), strict=True, device=str(device))
     except (OSError, RuntimeError, safetensors.SafetensorError) as e:
@@ -152,8 +176,8 @@ def load_weights(model: nn.Module, checkpoint: str | Path, device: str | torch.d
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """The trainer state saved with a checkpoint (tensors on the CPU)."""
-    file = Path(checkpoint) / TRAINER
+    file = verify(checkpoint, TRAINER)
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"cannot load trainer state from {file}: {e}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise CheckpointError(f"cannot load trainer state from {file}: {str(e).splitlines()[0]}") from None

@@ -146,3 +146,49 @@ def test_two_trainings_cannot_share_a_run_directory(corpus, tmp_path, capsys):
     (run / ".lock").write_text("999999999\n")  # the file a dead holder leaves: no lock is held on it
     summary = train(tiny_model(), fast_config(corpus, run, steps=2, eval_every=2, checkpoint_every=2))
     assert summary["steps"] == 2
+
+
+def corrupt(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        flipped = bytearray(data)
+        for i in range(0, len(flipped), max(1, len(flipped) // 50)):
+            flipped[i] ^= 0x5A
+        path.write_bytes(bytes(flipped))
+    else:  # random bytes of the same size
+        path.write_bytes(os.urandom(len(data)))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from train_helpers import write_corpus
+
+    root = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMLM_CACHE", str(root / "cache"))
+        corpus = write_corpus(root / "corpus")
+        run = root / "run"
+        train(tiny_model(), fast_config(corpus, run, steps=2, eval_every=2, checkpoint_every=2))
+    return root / "cache", run
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "random"])
+@pytest.mark.parametrize("name", [checkpoint.WEIGHTS, checkpoint.TRAINER, checkpoint.CONFIG, checkpoint.MANIFEST])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(finished_run, tmp_path, name, how, capsys, monkeypatch):
+    import shutil
+
+    cache, run = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    target = checkpoint.find(copy)
+    corrupt(target / name, how)
+    monkeypatch.setenv("MEMLM_CACHE", str(cache))
+    evaluate = ["eval", str(copy), "--device", "cpu", "--max-tokens", "64"]
+    resume = ["train", "--out", str(copy), "--resume", "--steps", "3", "--device", "cpu"]
+    for argv in ([evaluate] if name != checkpoint.TRAINER else []) + [resume]:  # eval reads no trainer state
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, (argv[0], err)
+        assert err[-1].startswith(f"memlm {argv[0]}: error:") and str(target) in err[-1], err[-1]
