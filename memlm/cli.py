@@ -24,6 +24,7 @@ checkpoint) print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import dataclasses
 import json
 import math
@@ -55,6 +56,8 @@ class UsageError(Exception):
     """A bad command-line value that no config class checks."""
 
 
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+"""OSErrors that are the machine's state, not a bug: one line and exit 2 (no space, read-only, no permission)."""
 USER_ERRORS = (ConfigError, DataError, CheckpointError, UsageError, KnowledgeError, StoreError, TrainingError,
                RunDirectoryBusy)
 RunPath = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_OR_CKPT")]
@@ -436,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[parsed.command][0](parsed.args)
     except USER_ERRORS as e:
         print(f"memlm {parsed.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        print(f"memlm {parsed.command}: error: {e.strerror}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"memlm {parsed.command}: interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ checkpoint; the next save removes the leftovers and the directories no link poin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -55,7 +56,10 @@ def save(root: str | Path, step: int, model: nn.Module, trainer_state: dict[str,
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS), metadata={"step": str(step)})
+        try:
+            safetensors.torch.save_model(model, str(tmp / WEIGHTS), metadata={"step": str(step)})
+        except safetensors.SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are
+            raise OSError(errno.EIO, str(e).split("I/O error: ")[-1].split(" (os error")[0]) from e
         torch.save(trainer_state, tmp / TRAINER)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}

@@ -53,7 +53,13 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     path = path / METRICS if path.is_dir() else path
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a record torn by a crash or a full disk: dropped
+            continue
+    return records
 
 
 def truncate(path: Path, step: int) -> None:

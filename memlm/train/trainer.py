@@ -522,7 +522,12 @@ class Trainer:
         # best: only the checkpoint of the very step whose evaluation gave the best bpb
         best = self.config.keep_best and self.best_evaluated_step == self.step
         pointers = ("latest", "best") if best else ("latest",)
-        checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.step, self.model, state, self.run_config(), pointers)
+        try:
+            checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.step, self.model, state, self.run_config(), pointers)
+        except OSError as e:  # a full disk, a read-only or vanished directory: the save removed its partial copy
+            raise checkpoint.CheckpointError(
+                f"{e.strerror or e} while writing checkpoint step {self.step} in {self.out / checkpoint.CHECKPOINTS}; "
+                f"the previous checkpoint is intact") from None
 
     def _save_best_weights(self) -> None:
         """Keep the restored best-validation weights as checkpoints/best when no checkpoint was

@@ -192,3 +192,46 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(finished_run, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, (argv[0], err)
         assert err[-1].startswith(f"memlm {argv[0]}: error:") and str(target) in err[-1], err[-1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_ends_in_one_line_and_leaves_the_previous_checkpoint(corpus, small_disk, capsys, monkeypatch):
+    run = small_disk / "run"
+    train(tiny_model(), fast_config(corpus, run, steps=2, eval_every=2, checkpoint_every=2, sample_bytes=0))
+    first = checkpoint.find(run)
+    free = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave ~40 KB: enough for metrics, not for a checkpoint
+        f.write(b"\0" * max(0, free.f_bavail * free.f_frsize - 40_000))
+    monkeypatch.setattr(memlm.train.trainer, "plot_curves", lambda *a, **k: None)
+    rc = main(["train", "--out", str(run), "--resume", "--steps", "4", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert "No space left on device while writing checkpoint step 4" in err[-1], err[-1]
+    assert "the previous checkpoint is intact" in err[-1]
+    assert checkpoint.find(run) == first
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "latest", first.name]
+    model, _ = checkpoint.load_model(run)  # still loads, checksums and all
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_read_only_output_directory_is_one_line(corpus, small_disk, capsys):
+    import subprocess
+
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True).returncode == 0
+    rc = main(["train", "--data", str(corpus), "--out", str(small_disk / "run"), "--steps", "2", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("memlm train: error: Read-only file system") and str(small_disk / "run") in err[0]
