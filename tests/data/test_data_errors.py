@@ -126,3 +126,26 @@ def test_unwritable_cache_directory(tmp_path):
     blocker.write_text("a file where the cache directory should be")
     with pytest.raises(DataError, match="cannot write the cache directory"):
         prepare(write(tmp_path / "a.txt", b"text"), cache_dir=blocker)
+
+
+@pytest.mark.parametrize("suffix", [".tokens", ".docs.npy"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_cache_file_is_an_error_naming_it(tmp_path, suffix, damage):
+    """A flip that keeps every id in the vocabulary would otherwise train silently on wrong data."""
+    for i in range(6):
+        write(tmp_path / "docs" / f"{i}.txt", b"some text to learn " * 20)
+    corpus = prepare(str(tmp_path / "docs"), fractions=(1, 0, 0))
+    assert len(corpus.split("train")) == 6 * (20 * 19 + 1)
+    file = corpus.path / f"train{suffix}"
+    data = bytearray(file.read_bytes())
+    if damage == "flip":
+        data[-4] ^= 0x01  # a neighbouring byte value: still inside the vocabulary
+    else:
+        del data[-2:]
+    file.write_bytes(bytes(data))
+    if damage == "truncate" and suffix == ".tokens":  # a size that disagrees with the manifest: rebuilt
+        again = prepare(str(tmp_path / "docs"), fractions=(1, 0, 0))
+        assert again.rebuilt and len(again.split("train")) == 6 * (20 * 19 + 1)
+        return
+    with pytest.raises(DataError, match=rf"the cached corpus file {file} is corrupt .*delete {corpus.path} to rebuild"):
+        prepare(str(tmp_path / "docs"), fractions=(1, 0, 0)).split("train")
