@@ -11,7 +11,9 @@ Layout of a prepared corpus, ``<cache_dir>/<key>/``::
 
 `key` is a hash of the source spec (kinds, absolute paths, filters), the split fractions and
 the file format. A build is reused while its manifest matches the key and the sources'
-stamp (name, size and mtime of every file read); otherwise it is rebuilt in place. Every
+stamp (name, size and mtime of every file read); otherwise it is rebuilt in place. An edit
+that keeps a file's size and mtime passes that check: `verify=True` (`--verify_data`) also
+reads every document and compares the SHA-1 of each split's contents, rebuilding on a change. Every
 file is written under a temporary name and renamed into place; the old manifest is removed
 before a rebuild starts and the new one written last, so a crash never leaves files that
 a later run trusts.
@@ -118,6 +120,7 @@ def prepare(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     rebuild: bool = False,
     progress: bool = True,
+    verify: bool = False,
 ) -> PreparedCorpus:
     """Tokenise the corpus `data` into train/validation/test token files, or reuse the cached ones.
 
@@ -127,6 +130,7 @@ def prepare(
     fractions: (train, validation, test) share of documents, by a hash of each document's name.
         Empty documents are skipped; every other document is followed by `EOD` in its split.
     rebuild: build even if a matching cache exists. progress: show a progress bar while building.
+    verify: reuse a cache only if the contents of its documents, read again, still match it.
     """
     fractions = check_fractions(fractions)
     sources = parse_spec(data, include, exclude)
@@ -135,6 +139,10 @@ def prepare(
     path = path / key[:16]
     stamp = _sha1_json([s.stamp() for s in sources])
     manifest = None if rebuild else _load_manifest(path, key, stamp)
+    if manifest is not None and verify and _content_sha1(sources, fractions) != {
+            name: info["sha1"] for name, info in manifest["splits"].items()}:
+        log.info("the contents of %s changed since it was cached: rebuilding", data)
+        manifest = None
     if manifest is not None:
         return PreparedCorpus(path, manifest, rebuilt=False)
     start = time.perf_counter()
@@ -221,8 +229,7 @@ class _SplitWriter:
         self.starts.append(self.tokens)
         self.tokens += len(ids) + 1
         self.bytes += len(ids)
-        self.sha1.update(f"{doc.name}\0{len(ids)}\0".encode("utf-8", "surrogateescape"))
-        self.sha1.update(doc.data)
+        _content_update(self.sha1, doc)  # byte tokens: len(ids) == len(doc.data)
 
     def summary(self) -> dict:
         return {
@@ -246,6 +253,42 @@ def cut_by_offsets(documents, fractions: tuple[float, float, float]):
             yield Document(f"{doc.name}[{split}]", split, memoryview(doc.data)[start:stop])
 
 
+def _assigned_documents(sources: list[Source], fractions: tuple[float, float, float],
+                        bar: Progress | None = None) -> Iterator[tuple[str, Document]]:
+    """(split, document) for every non-empty document of `sources`, in build order."""
+    for source in sources:
+        task = bar.add_task(source.label, total=source.count()) if bar is not None else None
+        count = 0
+        documents = source.documents()
+        if len(sources) == 1 and source.kind in SINGLE_DOCUMENT_KINDS:
+            documents = cut_by_offsets(documents, fractions)
+        for doc in documents:
+            if bar is not None:
+                bar.advance(task)
+            if len(doc.data):
+                yield doc.split or assign_split(doc.name, fractions), doc
+                count += 1
+        if count == 0:
+            raise DataError(
+                f"empty corpus: {source} has no non-empty text documents "
+                f"(empty files, binary files and files outside the include/exclude globs are skipped)"
+            )
+
+
+def _content_sha1(sources: list[Source], fractions: tuple[float, float, float]) -> dict[str, str]:
+    """The SHA-1 of each split's contents, as a build records it, from the documents read now."""
+    digests = {name: hashlib.sha1() for name in SPLITS}
+    for split, doc in _assigned_documents(sources, fractions):
+        _content_update(digests[split], doc)
+    return {name: digest.hexdigest() for name, digest in digests.items()}
+
+
+def _content_update(digest, doc: Document) -> None:
+    """Add a document (its name, length and bytes) to a split's content SHA-1."""
+    digest.update(f"{doc.name}\0{len(doc.data)}\0".encode("utf-8", "surrogateescape"))
+    digest.update(doc.data)
+
+
 def _build(sources: list[Source], fractions: tuple[float, float, float], path: Path, progress: bool) -> dict:
     """Tokenise every document of `sources` into the split files under `path`; per-split summaries."""
     (path / MANIFEST).unlink(missing_ok=True)
@@ -254,22 +297,8 @@ def _build(sources: list[Source], fractions: tuple[float, float, float], path: P
         writers = {name: _SplitWriter(stack.enter_context(_atomic_open(path / f"{name}.tokens"))) for name in SPLITS}
         console = Console(stderr=True)
         bar = stack.enter_context(Progress(*columns, console=console, transient=True, disable=not progress))
-        for source in sources:
-            task = bar.add_task(source.label, total=source.count())
-            count = 0
-            documents = source.documents()
-            if len(sources) == 1 and source.kind in SINGLE_DOCUMENT_KINDS:
-                documents = cut_by_offsets(documents, fractions)
-            for doc in documents:
-                bar.advance(task)
-                if len(doc.data):
-                    writers[doc.split or assign_split(doc.name, fractions)].add(doc)
-                    count += 1
-            if count == 0:
-                raise DataError(
-                    f"empty corpus: {source} has no non-empty text documents "
-                    f"(empty files, binary files and files outside the include/exclude globs are skipped)"
-                )
+        for split, doc in _assigned_documents(sources, fractions, bar):
+            writers[split].add(doc)
     summaries = {}
     for name, writer in writers.items():
         with _atomic_open(path / f"{name}.docs.npy") as f:

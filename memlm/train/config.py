@@ -106,6 +106,9 @@ class TrainConfig:
     sample_temperature: float = 0.8
     """Sampling temperature of the samples."""
     cache_dir: str | None = None
+    verify_data: bool = False
+    """Read every document again at start and rebuild the cached corpus if its contents changed (the
+    default check is each file's name, size and mtime, which an edit keeping both passes)."""
     """Where prepared corpora are cached; None = $MEMLM_CACHE or ~/.cache/memlm."""
 
     def resolve(self, device_type: str) -> "TrainConfig":

@@ -204,7 +204,7 @@ class Trainer:
         """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it."""
         c = self.config
         if self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions)
+            corpus = prepare(c.data, c.cache_dir, c.fractions, verify=c.verify_data)
         distributed.barrier(self.info)
         if not self.info.main:
             corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False)

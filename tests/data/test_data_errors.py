@@ -149,3 +149,22 @@ def test_a_damaged_cache_file_is_an_error_naming_it(tmp_path, suffix, damage):
         return
     with pytest.raises(DataError, match=rf"the cached corpus file {file} is corrupt .*delete {corpus.path} to rebuild"):
         prepare(str(tmp_path / "docs"), fractions=(1, 0, 0)).split("train")
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_seen_with_verify(tmp_path):
+    import os
+
+    for i in range(4):
+        write(tmp_path / "docs" / f"{i}.txt", b"original text " * 10)
+    spec = str(tmp_path / "docs")
+    first = prepare(spec, fractions=(1, 0, 0))
+    edited = tmp_path / "docs" / "2.txt"
+    stat = edited.stat()
+    edited.write_bytes(b"ORIGINAL TEXT " * 10)  # same size
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    stale = prepare(spec, fractions=(1, 0, 0))
+    assert not stale.rebuilt and stale.manifest["splits"] == first.manifest["splits"]  # the cheap check misses it
+    fresh = prepare(spec, fractions=(1, 0, 0), verify=True)
+    assert fresh.rebuilt and fresh.manifest["splits"]["train"]["sha1"] != first.manifest["splits"]["train"]["sha1"]
+    assert b"ORIGINAL" in bytes(fresh.split("train").tokens.astype("u1"))
+    assert not prepare(spec, fractions=(1, 0, 0), verify=True).rebuilt  # unchanged contents: reused
