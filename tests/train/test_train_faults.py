@@ -235,3 +235,47 @@ def test_a_read_only_output_directory_is_one_line(corpus, small_disk, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("memlm train: error: Read-only file system") and str(small_disk / "run") in err[0]
+
+
+CLI_RUN = ["--preset", "seed-tiny", "--model.layers", "2", "--model.width", "32", "--model.seq_len", "32",
+           "--model.attention.heads", "2", "--steps", "24", "--batch_size", "4", "--lr", "3e-3", "--warmup_steps", "2",
+           "--checkpoint_every", "1", "--eval_every", "12", "--eval_batches", "1", "--log_every", "1",
+           "--sample_bytes", "0", "--fractions", "0.8", "0.1", "0.1", "--device", "cpu"]
+
+
+def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(corpus, tmp_path):
+    """A subprocess trainer (a checkpoint every step, so kills land inside saves too) is killed
+    with SIGKILL twice and resumed; its weights and losses equal those of a run never killed."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "memlm.cli", "train", "--data", str(corpus), "--out", str(out), *CLI_RUN, *extra]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), env=env, check=True, capture_output=True)
+    rng = random.Random(0)
+    for records in (4, 14):  # kill once the run has logged this many steps, a random moment later
+        process = subprocess.Popen(command(killed, *(["--resume"] if killed.exists() else [])), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len([r for r in read(killed) if r["kind"] == "train"]) < records and process.poll() is None:
+            assert time.time() < deadline, "the trainer made no progress"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, "the run ended before it was killed: kill sooner"
+    subprocess.run(command(killed, "--resume"), env=env, check=True, capture_output=True)
+
+    a, _ = checkpoint.load_model(straight)
+    b, _ = checkpoint.load_model(killed)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    steps = {r["step"]: r["loss"] for r in read(killed) if r["kind"] == "train"}
+    assert steps == {r["step"]: r["loss"] for r in read(straight) if r["kind"] == "train"}
+    assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]
