@@ -54,7 +54,7 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:  # a record torn by a crash or a full disk: dropped

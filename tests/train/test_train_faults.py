@@ -279,3 +279,24 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(corpu
     steps = {r["step"]: r["loss"] for r in read(killed) if r["kind"] == "train"}
     assert steps == {r["step"]: r["loss"] for r in read(straight) if r["kind"] == "train"}
     assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "random"])
+@pytest.mark.parametrize("name", [checkpoint.CONFIG, "metrics.jsonl"])
+def test_damaged_run_records_give_one_line_or_are_dropped(finished_run, tmp_path, name, how, capsys, monkeypatch):
+    """The run's own config.json is checked against the checkpoint's (one line if unreadable);
+    metrics.jsonl records that no longer parse are dropped, and the run resumes."""
+    import shutil
+
+    cache, run = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    corrupt(copy / name, how)
+    monkeypatch.setenv("MEMLM_CACHE", str(cache))
+    rc = main(["train", "--out", str(copy), "--resume", "--steps", "3", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if name == checkpoint.CONFIG:
+        assert rc == 2 and err[-1].startswith("memlm train: error:") and str(copy / name) in err[-1], err[-1]
+    else:
+        assert rc == 0
+        assert [r["step"] for r in read(copy) if r["kind"] == "train"][-1] == 3
