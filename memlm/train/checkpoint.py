@@ -185,3 +185,31 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
         raise CheckpointError(f"cannot load trainer state from {file}: {str(e).splitlines()[0]}") from None
+
+
+def check_same_model(run: Path, found: Path, saved: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model differs from the one the run directory records (a checkpoint
+    of another run put in place), before anything of the run is touched."""
+    recorded = run / CONFIG
+    if not recorded.is_file():
+        return
+    try:
+        model = json.loads(recorded.read_text())["model"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read the run's model from {recorded}: {e}") from None
+    if model != saved.get("model"):
+        fields = sorted(_differing_fields(model, saved.get("model") or {}))
+        raise CheckpointError(
+            f"{found} holds another model than the run {run} (differs in {', '.join(fields[:5])}"
+            f"{', ...' if len(fields) > 5 else ''}): not resuming from it")
+
+
+def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing_fields(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out

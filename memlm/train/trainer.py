@@ -106,7 +106,7 @@ class Trainer:
             resume_from = self._checkpoint_to_resume()
             if resume_from is not None:
                 saved = checkpoint.read_config(resume_from)
-                _check_same_model(self.out, resume_from, saved)
+                checkpoint.check_same_model(self.out, resume_from, saved)
                 model_config, config = _resumed_configs(saved, config, type(model_config))
                 preset = saved.get("preset") or preset
         elif (self.out / checkpoint.CHECKPOINTS).exists():
@@ -585,34 +585,6 @@ class Meter:
 def _scored(result: dict[str, float]) -> dict[str, float]:
     """An evaluation result for a metrics record: its token count renamed to scored_tokens."""
     return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items() if k != "by_position"}
-
-
-def _check_same_model(run: Path, found: Path, saved: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose model differs from the one the run directory records (a checkpoint
-    of another run put in place), before anything of the run is touched."""
-    recorded = run / checkpoint.CONFIG
-    if not recorded.is_file():
-        return
-    try:
-        model = json.loads(recorded.read_text())["model"]
-    except (OSError, ValueError, KeyError) as e:
-        raise checkpoint.CheckpointError(f"cannot read the run's model from {recorded}: {e}") from None
-    if model != saved.get("model"):
-        fields = sorted(_differing_fields(model, saved.get("model") or {}))
-        raise checkpoint.CheckpointError(
-            f"{found} holds another model than the run {run} (differs in {', '.join(fields[:5])}"
-            f"{', ...' if len(fields) > 5 else ''}): not resuming from it")
-
-
-def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differing_fields(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(prefix + key)
-    return out
 
 
 def _resumed_configs(saved: dict[str, Any], given: TrainConfig,
