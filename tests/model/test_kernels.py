@@ -263,6 +263,18 @@ def test_kernel_keeps_the_input_dtype(backend, dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_a_float64_bias_is_added_in_the_float32_of_the_scores(backend):
+    """The bias is rounded to the scores' dtype before it is added: a float64 bias gives exactly
+    what the same bias rounded to float32 gives."""
+    q, k, v, extra = kernel_case(3, 5, -2, bias_heads=4, mask=True)
+    bias = torch.randn(4, 3, 5, dtype=torch.float64)
+    wide = KERNELS[backend](q, k, v, **{**extra, "bias": bias})
+    narrow = KERNELS[backend](q, k, v, **{**extra, "bias": bias.float()})
+    assert wide.dtype == torch.float32
+    assert torch.equal(wide, narrow)
+
+
 @pytest.mark.parametrize("backend,case", [("eager", "memory-before"), ("eager", "bias-per-head"), ("eager", "mask"),
                                           ("eager", "decode-step"), ("flex", "bias-per-head"), ("flex", "mask")])
 def test_kernel_log_sum_exp_matches_loops(backend, case):
@@ -323,7 +335,7 @@ def test_flex_on_cpu_hides_only_the_not_compiled_warning(monkeypatch):
 
 def test_flex_refuses_dropout():
     q, k, v, extra = kernel_case(3, 5, -2)
-    with pytest.raises(ValueError, match="flex attention backend has no dropout"):
+    with pytest.raises(ValueError, match="^the flex attention backend has no dropout; use eager or sdpa"):
         attend(q, k, v, backend="flex", dropout_p=0.1, **extra)
 
 
@@ -358,13 +370,15 @@ def test_visibility_per_row_key_mask_and_shapes():
 
 # ----- persistent keys every query sees, merged with the causal part ----------------------------
 
-@pytest.mark.parametrize("Hkv,Bk", [(2, 2), (1, 1), (2, 1)])
-def test_shared_key_attention_matches_loops(Hkv, Bk):
-    q = torch.randn(2, 2, 3, 4)
-    k, v = torch.randn(Bk, Hkv, 5, 4), torch.randn(Bk, Hkv, 5, 4)
+@pytest.mark.parametrize("Hkv,Bk,dtype", [(2, 2, torch.float32), (1, 1, torch.float32), (2, 1, torch.float32),
+                                          (1, 2, torch.float64)])
+def test_shared_key_attention_matches_loops(Hkv, Bk, dtype):
+    q = torch.randn(2, 2, 3, 4, dtype=dtype)
+    k, v = torch.randn(Bk, Hkv, 5, 4, dtype=dtype), torch.randn(Bk, Hkv, 5, 4, dtype=dtype)
     out, lse = shared_key_attention(q, k, v, 0.45)
     ref, ref_lse = brute_attention(q, k, v, scale=0.45, causal=False)
     assert out.shape == (2, 2, 3, 4) and lse.shape == (2, 2, 3)
+    assert out.dtype == dtype and lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
@@ -381,7 +395,7 @@ def test_shared_key_attention_dropout_on_the_probabilities():
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)  # before dropout
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_merge_partials_is_one_softmax_over_the_union(dtype):
     q = torch.randn(2, 2, 3, 4, dtype=dtype)
     local_k, local_v = torch.randn(2, 2, 5, 4, dtype=dtype), torch.randn(2, 2, 5, 4, dtype=dtype)
@@ -389,19 +403,20 @@ def test_merge_partials_is_one_softmax_over_the_union(dtype):
     a, lse_a = eager_attention(q, local_k, local_v, k_offset=-2, scale=0.5, return_lse=True)
     b, lse_b = shared_key_attention(q, shared_k, shared_v, 0.5)
     out, lse = merge_partials(a, lse_a, b, lse_b)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
     # the union by loops: the shared keys first (visible to all), then the causal local ones
     union_k = torch.cat([shared_k.expand(2, -1, -1, -1), local_k], dim=2)
     union_v = torch.cat([shared_v.expand(2, -1, -1, -1), local_v], dim=2)
     ref, ref_lse = brute_attention(q, union_k, union_v, k_offset=-2 - 4, scale=0.5,
                                    key_mask=torch.tensor([[True] * 4 + [True] * 5] * 2))
     # shared keys have positions -6..-3 and local ones -2..2: the causal rule is the same
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
     # weights by hand: exp(lse_part - lse_total)
     w_a = (lse_a.double() - ref_lse).exp()[..., None]
     w_b = (lse_b.double() - ref_lse).exp()[..., None]
-    torch.testing.assert_close(out.double(), w_a * a.double() + w_b * b.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), w_a * a.double() + w_b * b.double(), atol=tol, rtol=tol)
 
 
 def test_merge_partials_gives_an_empty_part_no_weight():
