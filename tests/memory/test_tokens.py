@@ -5,6 +5,7 @@ import torch
 
 import memlm
 from memlm.config import ConfigError
+from memlm.memory.tokens import MemoryTokenContext
 from memlm.model.attention import SegmentContext
 from tests.conftest import by_segments
 
@@ -46,11 +47,12 @@ def test_token_by_token_equals_segment_by_segment(kind, recurrent):
         torch.testing.assert_close(alone, segments, atol=1e-5, rtol=0)
 
 
-def reference(model, ids, read, write):
-    """[read | ids | write] through the blocks as one plain causal sequence (relative positions)."""
+def reference(model, ids, read, write, keep=None):
+    """[read | ids | write] through the blocks as one plain causal sequence (relative positions);
+    keep (B, M + T (+ M)): forgetful-masking flags of its keys."""
     parts = [read, model.embed(ids)] + ([model.memory_tokens.embedding.expand(ids.shape[0], -1, -1)] if write else [])
     x = torch.cat(parts, dim=1)
-    ctx = SegmentContext(q_start=0, row_start=None, keep=None,
+    ctx = SegmentContext(q_start=0, row_start=None, keep=keep,
                          bias=model._bias_provider(0, x.shape[1], ids.device))
     for block in model.blocks:
         x, _ = block(x, ctx, None)
@@ -208,3 +210,72 @@ def test_config_errors(overrides, field):
         build(**{k: v for k, v in overrides.items() if k != "memory.tokens"},
               tokens=overrides.get("memory.tokens", M))
     assert error.value.field_name == field
+
+
+def every_third_hidden(batch, length, device):
+    """A forgetful-masking draw that hides the keys at h positions 1, 4, 7, ... of every row."""
+    return (torch.arange(length, device=device) % 3 != 1).expand(batch, -1).clone()
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_forgetful_masking_hides_segment_tokens_never_memory_tokens(recurrent, monkeypatch):
+    model = build(recurrent)
+    monkeypatch.setattr(model, "_forgetful_keep", every_third_hidden)
+    ids = torch.randint(0, 256, (2, 2 * L + 5))  # two segments and a part
+    read, expected = model.memory_tokens.embedding.expand(2, -1, -1), []
+    for s in range(0, ids.shape[1], L):
+        piece = ids[:, s:s + L]
+        write = recurrent and piece.shape[1] == L
+        keep = every_third_hidden(2, M + piece.shape[1] + (M if write else 0), ids.device)
+        keep[:, :M] = keep[:, M + piece.shape[1]:] = True  # memory tokens are never hidden
+        seg_logits, written = reference(model, piece, read, write, keep)
+        expected.append(seg_logits)
+        if write:
+            read = written
+    expected = torch.cat(expected, dim=1)
+    torch.testing.assert_close(by_segments(model, ids, L)[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)  # no state (side by side)
+    unmasked = build(recurrent)
+    unmasked.load_state_dict(model.state_dict())
+    assert not torch.allclose(unmasked(ids).logits, expected, atol=1e-3)  # the draw hides something
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_an_empty_input_leaves_the_state_as_it_was(recurrent):
+    model = build(recurrent)
+    ids = torch.randint(0, 256, (2, 2 * L))
+    _, state = by_segments(model, ids[:, :L + 3], L)
+    out = model(ids[:, :0], state=state)
+    assert out.logits.shape == (2, 0, 257)
+    assert out.state.position == state.position == L + 3
+    for before, after in zip(state.layers, out.state.layers):
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[name], after[name]) for name in before)
+    going_on, _ = by_segments(model, ids[:, L + 3:], 2, state)
+    torch.testing.assert_close(by_segments(model, ids[:, L + 3:], 2, out.state)[0], going_on, atol=0, rtol=0)
+    alone = model(ids[:, :0])
+    assert alone.logits.shape == (2, 0, 257) and alone.state is None
+
+
+def test_the_context_defaults_behave_like_a_segment_context():
+    """Without read tokens or a memory shift, MemoryTokenContext is a SegmentContext."""
+    cpu = torch.device("cpu")
+    kwargs = dict(q_start=2, row_start=torch.tensor([0, 1, 3]), keep=None, bias=lambda *a: None)
+    plain, ctx = SegmentContext(**kwargs), MemoryTokenContext(**kwargs)
+    for cache_len, q_len in ((0, 4), (3, 2), (5, 1)):  # keys from position -3 on
+        assert torch.equal(ctx.key_positions(cache_len, q_len, cpu), plain.key_positions(cache_len, q_len, cpu))
+        assert torch.equal(ctx.key_mask(cache_len, q_len, cpu), plain.key_mask(cache_len, q_len, cpu))
+    assert MemoryTokenContext(**{**kwargs, "row_start": None}).key_mask(5, 1, cpu) is None
+    # read tokens at the default read_start 0: positions 0 and 1 are seen by every row
+    mask = MemoryTokenContext(**kwargs, read_count=2).key_mask(5, 1, cpu)
+    expected = plain.key_mask(5, 1, cpu)
+    expected[:, 3:5] = True  # keys -3 .. 2: positions 0, 1 are keys 3, 4
+    assert torch.equal(mask, expected)
+
+
+def test_memory_keys_shift_to_their_true_positions_and_read_tokens_stay():
+    """Frame: 4 memory keys at 1..4 (true 4..7), read tokens 5..7, tokens 8, 9."""
+    ctx = MemoryTokenContext(q_start=5, row_start=None, keep=None, bias=lambda *a: None,
+                             read_start=5, read_count=M, memory_shift=M)
+    assert ctx.key_positions(4, M + 2, torch.device("cpu")).tolist() == [4, 5, 6, 7, 5, 6, 7, 8, 9]
+    assert ctx.key_positions(4, M + 2, torch.device("meta")).device.type == "meta"  # on the asked device
