@@ -1,5 +1,7 @@
 """Memory tokens (arXiv 2006.11527) and their recurrent mode (after arXiv 2207.06881)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -279,3 +281,64 @@ def test_memory_keys_shift_to_their_true_positions_and_read_tokens_stay():
                              read_start=5, read_count=M, memory_shift=M)
     assert ctx.key_positions(4, M + 2, torch.device("cpu")).tolist() == [4, 5, 6, 7, 5, 6, 7, 8, 9]
     assert ctx.key_positions(4, M + 2, torch.device("meta")).device.type == "meta"  # on the asked device
+
+
+def test_read_inputs_take_the_written_memory_of_rows_that_have_one():
+    model = build(True)
+    mt = model.memory_tokens
+    assert torch.equal(mt.read_inputs({}, 2), mt.embedding.detach().expand(2, -1, -1))  # nothing written yet
+    written = torch.randn(3, M, W, dtype=torch.float64)
+    read = mt.read_inputs({"memory_tokens": written, "memory_written": torch.tensor([True, False, True])}, 3)
+    assert read.shape == (3, M, W) and read.dtype == mt.embedding.dtype
+    assert torch.equal(read[0], written[0].float()) and torch.equal(read[2], written[2].float())
+    assert torch.equal(read[1], mt.embedding.detach())
+
+
+def test_the_memory_embedding_is_initialised_with_init_std():
+    model = build(tokens=16, init_std=0.05)  # 16 x 32 draws of N(0, init_std^2)
+    std = model.memory_tokens.embedding.detach().std().item()
+    assert 0.8 * 0.05 < std < 1.2 * 0.05, std
+
+
+def test_a_bfloat16_model_with_a_float32_memory_embedding_computes_in_bfloat16():
+    """Mixed precision may keep small parameters in float32: the read and write tokens join the
+    bfloat16 stream rounded to it, exactly as if the embedding were bfloat16 (positions too)."""
+    model = build(True, **{"position.kind": "sinusoidal"})
+    full = model.memory_tokens.embedding.detach().clone()
+    model.to(torch.bfloat16)
+    rounded = copy.deepcopy(model)
+    model.memory_tokens.embedding.data = full
+    assert not torch.equal(full, rounded.memory_tokens.embedding.float())  # rounding changes it
+    ids = torch.randint(0, 256, (2, 2 * L + 3))
+    logits, state = by_segments(model, ids, L)
+    want, want_state = by_segments(rounded, ids, L)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, want)
+    assert state.layers[0]["memory_tokens"].dtype == torch.bfloat16
+    assert torch.equal(state.layers[0]["memory_tokens"], want_state.layers[0]["memory_tokens"])
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("extra", [{"position.kind": "t5"}, {"position.kind": "sinusoidal"},
+                                   {"position.kind": "t5", "memory.length": 8}])
+def test_nothing_falls_back_to_the_default_device(recurrent, extra):
+    """Every tensor is made on the model's device: with the default device elsewhere (meta, as
+    the CPU is beside an accelerator), a CPU model computes exactly what it computes normally
+    (forgetful masking, T5 bias, row resets, memory tokens and their flags included)."""
+    model = build(recurrent, **{"attention.forgetful": 0.5}, **extra).train()
+    ids, forget = torch.randint(0, 256, (2, 2 * L + 3)), torch.tensor([True, False])
+
+    def run():
+        torch.manual_seed(7)  # the same forgetful draws
+        logits, state = by_segments(model, ids[:, :L + 2], L, model.init_state(2))
+        more, state = by_segments(model, ids[:, L + 2:], 3, state.reset(forget))
+        return torch.cat([logits, more], dim=1), state
+
+    want, want_state = run()
+    with torch.device("meta"):
+        got, state = run()
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    for layer, want_layer in zip(state.layers, want_state.layers):
+        assert layer.keys() == want_layer.keys()
+        assert all(torch.equal(layer[name], want_layer[name]) for name in layer)
+    if recurrent:
+        assert state.layers[0]["memory_written"].device.type == "cpu"
