@@ -43,7 +43,9 @@ def test_token_by_token_equals_segment_by_segment(kind, recurrent):
     else:
         assert "memory_tokens" not in seg_state.layers[0]
     # no state: one stream from an empty state (without recurrence: every seq_len piece on its own)
-    torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
+    out = model(ids)
+    assert out.state is None
+    torch.testing.assert_close(out.logits, segments, atol=1e-5, rtol=0)
     if not recurrent and kind in RELATIVE:  # ... which for relative positions is model(segment)
         alone = torch.cat([model(ids[:, s:s + L]).logits for s in range(0, ids.shape[1], L)], dim=1)
         torch.testing.assert_close(alone, segments, atol=1e-5, rtol=0)
@@ -342,3 +344,27 @@ def test_nothing_falls_back_to_the_default_device(recurrent, extra):
         assert all(torch.equal(layer[name], want_layer[name]) for name in layer)
     if recurrent:
         assert state.layers[0]["memory_written"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_a_completed_segment_leaves_no_cache_however_it_was_fed(recurrent):
+    model = build(recurrent, layers=1)
+    ids = torch.randint(0, 256, (2, 2 * L))
+    segments, seg_state = by_segments(model, ids, L)
+    for size in (1, 3, 5):  # the last piece completes the second segment
+        logits, state = by_segments(model, ids, size)
+        torch.testing.assert_close(logits, segments, atol=1e-5, rtol=0)
+        assert state.layers[0].keys() == seg_state.layers[0].keys()
+        assert "k" not in state.layers[0] and "v" not in state.layers[0]
+        if recurrent:
+            torch.testing.assert_close(state.layers[0]["memory_tokens"], seg_state.layers[0]["memory_tokens"],
+                                       atol=1e-5, rtol=0)
+
+
+def test_a_state_inside_a_segment_must_hold_its_cache():
+    model = build(True)
+    state = model.init_state(2)
+    state.position = L + 3
+    with pytest.raises(ValueError, match=rf"the state at position {L + 3} holds no cache of its segment "
+                                         rf"\(segments start at multiples of seq_len={L}\)"):
+        model(torch.randint(0, 256, (2, 2)), state=state)
