@@ -51,10 +51,14 @@ def test_token_by_token_equals_segment_by_segment(kind, recurrent):
         torch.testing.assert_close(alone, segments, atol=1e-5, rtol=0)
 
 
-def reference(model, ids, read, write, keep=None):
-    """[read | ids | write] through the blocks as one plain causal sequence (relative positions);
-    keep (B, M + T (+ M)): forgetful-masking flags of its keys."""
-    parts = [read, model.embed(ids)] + ([model.memory_tokens.embedding.expand(ids.shape[0], -1, -1)] if write else [])
+def reference(model, ids, read, write, keep=None, start=0):
+    """[read | ids | write] through the blocks as one plain causal sequence; ids sit at stream
+    positions start.. (absolute positions embed them there, never the memory tokens); keep
+    (B, M + T (+ M)): forgetful-masking flags of its keys."""
+    x = model.embed(ids)
+    if model.positions is not None:
+        x = x + model.positions(start, ids.shape[1], ids.device)
+    parts = [read, x] + ([model.memory_tokens.embedding.expand(ids.shape[0], -1, -1)] if write else [])
     x = torch.cat(parts, dim=1)
     ctx = SegmentContext(q_start=0, row_start=None, keep=keep,
                          bias=model._bias_provider(0, x.shape[1], ids.device))
@@ -64,7 +68,7 @@ def reference(model, ids, read, write, keep=None):
     return model.head(model.final_norm(x[:, M:M + T])), x[:, M + T:]
 
 
-@pytest.mark.parametrize("kind", ["rope", "t5"])
+@pytest.mark.parametrize("kind", ["rope", "t5", "learned", "sinusoidal"])
 def test_recurrent_memory_tokens_match_their_definition(kind):
     model = build(True, **{"position.kind": kind})
     ids = torch.randint(0, 256, (2, 3 * L))
@@ -72,7 +76,7 @@ def test_recurrent_memory_tokens_match_their_definition(kind):
     read = model.memory_tokens.embedding.expand(2, -1, -1)
     expected = []
     for s in range(3):
-        seg_logits, read = reference(model, ids[:, s * L:(s + 1) * L], read, write=True)
+        seg_logits, read = reference(model, ids[:, s * L:(s + 1) * L], read, write=True, start=s * L)
         expected.append(seg_logits)
     torch.testing.assert_close(logits, torch.cat(expected, dim=1), atol=1e-5, rtol=0)
     torch.testing.assert_close(state.layers[0]["memory_tokens"], read, atol=1e-5, rtol=0)
