@@ -1,10 +1,13 @@
 """Memory tokens (arXiv 2006.11527) and their recurrent mode (after arXiv 2207.06881)."""
 
+import copy
+
 import pytest
 import torch
 
 import memlm
 from memlm.config import ConfigError
+from memlm.memory.tokens import MemoryTokenContext
 from memlm.model.attention import SegmentContext
 from tests.conftest import by_segments
 
@@ -40,17 +43,24 @@ def test_token_by_token_equals_segment_by_segment(kind, recurrent):
     else:
         assert "memory_tokens" not in seg_state.layers[0]
     # no state: one stream from an empty state (without recurrence: every seq_len piece on its own)
-    torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
+    out = model(ids)
+    assert out.state is None
+    torch.testing.assert_close(out.logits, segments, atol=1e-5, rtol=0)
     if not recurrent and kind in RELATIVE:  # ... which for relative positions is model(segment)
         alone = torch.cat([model(ids[:, s:s + L]).logits for s in range(0, ids.shape[1], L)], dim=1)
         torch.testing.assert_close(alone, segments, atol=1e-5, rtol=0)
 
 
-def reference(model, ids, read, write):
-    """[read | ids | write] through the blocks as one plain causal sequence (relative positions)."""
-    parts = [read, model.embed(ids)] + ([model.memory_tokens.embedding.expand(ids.shape[0], -1, -1)] if write else [])
+def reference(model, ids, read, write, keep=None, start=0):
+    """[read | ids | write] through the blocks as one plain causal sequence; ids sit at stream
+    positions start.. (absolute positions embed them there, never the memory tokens); keep
+    (B, M + T (+ M)): forgetful-masking flags of its keys."""
+    x = model.embed(ids)
+    if model.positions is not None:
+        x = x + model.positions(start, ids.shape[1], ids.device)
+    parts = [read, x] + ([model.memory_tokens.embedding.expand(ids.shape[0], -1, -1)] if write else [])
     x = torch.cat(parts, dim=1)
-    ctx = SegmentContext(q_start=0, row_start=None, keep=None,
+    ctx = SegmentContext(q_start=0, row_start=None, keep=keep,
                          bias=model._bias_provider(0, x.shape[1], ids.device))
     for block in model.blocks:
         x, _ = block(x, ctx, None)
@@ -58,7 +68,7 @@ def reference(model, ids, read, write):
     return model.head(model.final_norm(x[:, M:M + T])), x[:, M + T:]
 
 
-@pytest.mark.parametrize("kind", ["rope", "t5"])
+@pytest.mark.parametrize("kind", ["rope", "t5", "learned", "sinusoidal"])
 def test_recurrent_memory_tokens_match_their_definition(kind):
     model = build(True, **{"position.kind": kind})
     ids = torch.randint(0, 256, (2, 3 * L))
@@ -66,7 +76,7 @@ def test_recurrent_memory_tokens_match_their_definition(kind):
     read = model.memory_tokens.embedding.expand(2, -1, -1)
     expected = []
     for s in range(3):
-        seg_logits, read = reference(model, ids[:, s * L:(s + 1) * L], read, write=True)
+        seg_logits, read = reference(model, ids[:, s * L:(s + 1) * L], read, write=True, start=s * L)
         expected.append(seg_logits)
     torch.testing.assert_close(logits, torch.cat(expected, dim=1), atol=1e-5, rtol=0)
     torch.testing.assert_close(state.layers[0]["memory_tokens"], read, atol=1e-5, rtol=0)
@@ -208,3 +218,157 @@ def test_config_errors(overrides, field):
         build(**{k: v for k, v in overrides.items() if k != "memory.tokens"},
               tokens=overrides.get("memory.tokens", M))
     assert error.value.field_name == field
+
+
+def every_third_hidden(batch, length, device):
+    """A forgetful-masking draw that hides the keys at h positions 1, 4, 7, ... of every row."""
+    return (torch.arange(length, device=device) % 3 != 1).expand(batch, -1).clone()
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_forgetful_masking_hides_segment_tokens_never_memory_tokens(recurrent, monkeypatch):
+    model = build(recurrent)
+    monkeypatch.setattr(model, "_forgetful_keep", every_third_hidden)
+    ids = torch.randint(0, 256, (2, 2 * L + 5))  # two segments and a part
+    read, expected = model.memory_tokens.embedding.expand(2, -1, -1), []
+    for s in range(0, ids.shape[1], L):
+        piece = ids[:, s:s + L]
+        write = recurrent and piece.shape[1] == L
+        keep = every_third_hidden(2, M + piece.shape[1] + (M if write else 0), ids.device)
+        keep[:, :M] = keep[:, M + piece.shape[1]:] = True  # memory tokens are never hidden
+        seg_logits, written = reference(model, piece, read, write, keep)
+        expected.append(seg_logits)
+        if write:
+            read = written
+    expected = torch.cat(expected, dim=1)
+    torch.testing.assert_close(by_segments(model, ids, L)[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)  # no state (side by side)
+    unmasked = build(recurrent)
+    unmasked.load_state_dict(model.state_dict())
+    assert not torch.allclose(unmasked(ids).logits, expected, atol=1e-3)  # the draw hides something
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_an_empty_input_leaves_the_state_as_it_was(recurrent):
+    model = build(recurrent)
+    ids = torch.randint(0, 256, (2, 2 * L))
+    _, state = by_segments(model, ids[:, :L + 3], L)
+    out = model(ids[:, :0], state=state)
+    assert out.logits.shape == (2, 0, 257)
+    assert out.state.position == state.position == L + 3
+    for before, after in zip(state.layers, out.state.layers):
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[name], after[name]) for name in before)
+    going_on, _ = by_segments(model, ids[:, L + 3:], 2, state)
+    torch.testing.assert_close(by_segments(model, ids[:, L + 3:], 2, out.state)[0], going_on, atol=0, rtol=0)
+    alone = model(ids[:, :0])
+    assert alone.logits.shape == (2, 0, 257) and alone.state is None
+
+
+def test_the_context_defaults_behave_like_a_segment_context():
+    """Without read tokens or a memory shift, MemoryTokenContext is a SegmentContext."""
+    cpu = torch.device("cpu")
+    kwargs = dict(q_start=2, row_start=torch.tensor([0, 1, 3]), keep=None, bias=lambda *a: None)
+    plain, ctx = SegmentContext(**kwargs), MemoryTokenContext(**kwargs)
+    for cache_len, q_len in ((0, 4), (3, 2), (5, 1)):  # keys from position -3 on
+        assert torch.equal(ctx.key_positions(cache_len, q_len, cpu), plain.key_positions(cache_len, q_len, cpu))
+        assert torch.equal(ctx.key_mask(cache_len, q_len, cpu), plain.key_mask(cache_len, q_len, cpu))
+    assert MemoryTokenContext(**{**kwargs, "row_start": None}).key_mask(5, 1, cpu) is None
+    # read tokens at the default read_start 0: positions 0 and 1 are seen by every row
+    mask = MemoryTokenContext(**kwargs, read_count=2).key_mask(5, 1, cpu)
+    expected = plain.key_mask(5, 1, cpu)
+    expected[:, 3:5] = True  # keys -3 .. 2: positions 0, 1 are keys 3, 4
+    assert torch.equal(mask, expected)
+
+
+def test_memory_keys_shift_to_their_true_positions_and_read_tokens_stay():
+    """Frame: 4 memory keys at 1..4 (true 4..7), read tokens 5..7, tokens 8, 9."""
+    ctx = MemoryTokenContext(q_start=5, row_start=None, keep=None, bias=lambda *a: None,
+                             read_start=5, read_count=M, memory_shift=M)
+    assert ctx.key_positions(4, M + 2, torch.device("cpu")).tolist() == [4, 5, 6, 7, 5, 6, 7, 8, 9]
+    assert ctx.key_positions(4, M + 2, torch.device("meta")).device.type == "meta"  # on the asked device
+
+
+def test_read_inputs_take_the_written_memory_of_rows_that_have_one():
+    model = build(True)
+    mt = model.memory_tokens
+    assert torch.equal(mt.read_inputs({}, 2), mt.embedding.detach().expand(2, -1, -1))  # nothing written yet
+    written = torch.randn(3, M, W, dtype=torch.float64)
+    read = mt.read_inputs({"memory_tokens": written, "memory_written": torch.tensor([True, False, True])}, 3)
+    assert read.shape == (3, M, W) and read.dtype == mt.embedding.dtype
+    assert torch.equal(read[0], written[0].float()) and torch.equal(read[2], written[2].float())
+    assert torch.equal(read[1], mt.embedding.detach())
+
+
+def test_the_memory_embedding_is_initialised_with_init_std():
+    model = build(tokens=16, init_std=0.05)  # 16 x 32 draws of N(0, init_std^2)
+    std = model.memory_tokens.embedding.detach().std().item()
+    assert 0.8 * 0.05 < std < 1.2 * 0.05, std
+
+
+def test_a_bfloat16_model_with_a_float32_memory_embedding_computes_in_bfloat16():
+    """Mixed precision may keep small parameters in float32: the read and write tokens join the
+    bfloat16 stream rounded to it, exactly as if the embedding were bfloat16 (positions too)."""
+    model = build(True, **{"position.kind": "sinusoidal"})
+    full = model.memory_tokens.embedding.detach().clone()
+    model.to(torch.bfloat16)
+    rounded = copy.deepcopy(model)
+    model.memory_tokens.embedding.data = full
+    assert not torch.equal(full, rounded.memory_tokens.embedding.float())  # rounding changes it
+    ids = torch.randint(0, 256, (2, 2 * L + 3))
+    logits, state = by_segments(model, ids, L)
+    want, want_state = by_segments(rounded, ids, L)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, want)
+    assert state.layers[0]["memory_tokens"].dtype == torch.bfloat16
+    assert torch.equal(state.layers[0]["memory_tokens"], want_state.layers[0]["memory_tokens"])
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("extra", [{"position.kind": "t5"}, {"position.kind": "sinusoidal"},
+                                   {"position.kind": "t5", "memory.length": 8}])
+def test_nothing_falls_back_to_the_default_device(recurrent, extra):
+    """Every tensor is made on the model's device: with the default device elsewhere (meta, as
+    the CPU is beside an accelerator), a CPU model computes exactly what it computes normally
+    (forgetful masking, T5 bias, row resets, memory tokens and their flags included)."""
+    model = build(recurrent, **{"attention.forgetful": 0.5}, **extra).train()
+    ids, forget = torch.randint(0, 256, (2, 2 * L + 3)), torch.tensor([True, False])
+
+    def run():
+        torch.manual_seed(7)  # the same forgetful draws
+        logits, state = by_segments(model, ids[:, :L + 2], L, model.init_state(2))
+        more, state = by_segments(model, ids[:, L + 2:], 3, state.reset(forget))
+        return torch.cat([logits, more], dim=1), state
+
+    want, want_state = run()
+    with torch.device("meta"):
+        got, state = run()
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    for layer, want_layer in zip(state.layers, want_state.layers):
+        assert layer.keys() == want_layer.keys()
+        assert all(torch.equal(layer[name], want_layer[name]) for name in layer)
+    if recurrent:
+        assert state.layers[0]["memory_written"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_a_completed_segment_leaves_no_cache_however_it_was_fed(recurrent):
+    model = build(recurrent, layers=1)
+    ids = torch.randint(0, 256, (2, 2 * L))
+    segments, seg_state = by_segments(model, ids, L)
+    for size in (1, 3, 5):  # the last piece completes the second segment
+        logits, state = by_segments(model, ids, size)
+        torch.testing.assert_close(logits, segments, atol=1e-5, rtol=0)
+        assert state.layers[0].keys() == seg_state.layers[0].keys()
+        assert "k" not in state.layers[0] and "v" not in state.layers[0]
+        if recurrent:
+            torch.testing.assert_close(state.layers[0]["memory_tokens"], seg_state.layers[0]["memory_tokens"],
+                                       atol=1e-5, rtol=0)
+
+
+def test_a_state_inside_a_segment_must_hold_its_cache():
+    model = build(True)
+    state = model.init_state(2)
+    state.position = L + 3
+    with pytest.raises(ValueError, match=rf"the state at position {L + 3} holds no cache of its segment "
+                                         rf"\(segments start at multiples of seq_len={L}\)"):
+        model(torch.randint(0, 256, (2, 2)), state=state)

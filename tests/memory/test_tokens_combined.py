@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import memlm
 from memlm.config import ConfigError
+from memlm.memory import knn
 from memlm.memory.tokens import MemoryTokenContext
 from memlm.model.attention import SegmentContext
 from tests.conftest import by_segments
@@ -76,27 +77,42 @@ def test_every_relative_position_kind_decodes_like_segments(kind, recurrent):
     torch.testing.assert_close(by_segments(model, ids, 3)[0], segments, atol=1e-5, rtol=0)
 
 
-def reference(model, ids, lengths, recurrent):
+def reference(model, ids, lengths, recurrent, feedback="none", stores=None):
     """The definition, by hand: each segment runs [read | tokens | write] through the blocks as
-    one causal sequence whose first position is s - M, after a memory of each block's inputs at
-    the last `lengths[i]` TOKEN positions of earlier segments. Returns logits and per block
-    the token inputs of every segment."""
+    one causal sequence whose first position is s - M, after a memory of the last `lengths[i]`
+    TOKEN positions of earlier segments: block i's inputs, or with feedback 'memory' block
+    i+1's outputs (the top block: its own). Feedback 'add' adds the previous segment's output of
+    block i+1 to block i's input at the token positions. stores: kNN stores by layer, read by
+    the blocks and written with the token inputs of each completed segment. Returns logits and
+    per block the memory source of every segment."""
     B, T = ids.shape
     read = model.memory_tokens.embedding.expand(B, -1, -1)
     learned = model.memory_tokens.embedding.expand(B, -1, -1)
-    history = [[] for _ in model.blocks]
+    n = len(model.blocks)
+    history, added = [[] for _ in model.blocks], [None] * n
     logits = []
     for s in range(0, T, L):
         x = torch.cat([read, model.embed(ids[:, s:s + L])] + ([learned] if recurrent else []), dim=1)
         q_start = s - M
         ctx = SegmentContext(q_start=q_start, row_start=None, keep=None,
-                             bias=model._bias_provider(q_start, x.shape[1], ids.device))
+                             bias=model._bias_provider(q_start, x.shape[1], ids.device), stores=stores)
+        inputs, outputs = [], []
         for i, block in enumerate(model.blocks):
+            if added[i] is not None:
+                x = torch.cat([x[:, :M], x[:, M:M + L] + added[i], x[:, M + L:]], dim=1)
             past = torch.cat(history[i], dim=1) if history[i] else x[:, :0]
             memory = past[:, past.shape[1] - min(lengths[i], past.shape[1]):]
-            history[i].append(x[:, M:M + L])
+            inputs.append(x[:, M:M + L])
             x, _ = block(x, ctx, None, memory if memory.shape[1] else None)
+            outputs.append(x[:, M:M + L])
         logits.append(model.head(model.final_norm(x[:, M:M + L])))
+        for i in range(n):
+            above = outputs[min(i + 1, n - 1)]
+            history[i].append(above if feedback == "memory" else inputs[i])
+            if feedback == "add":
+                added[i] = above
+        for layer, store in (stores or {}).items():
+            knn.write_segment(model, layer, store, inputs[layer], s)
         if recurrent:
             read = x[:, M + L:]
     return torch.cat(logits, dim=1), history
@@ -119,6 +135,31 @@ def test_combination_matches_its_definition(kind, recurrent):
     fresh = model.init_state(2)
     fresh.position = 2 * L
     assert not torch.allclose(model(ids[:, 2 * L:], state=fresh).logits, logits[:, 2 * L:], atol=1e-3)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("combo", ["feedback", "feedback-add", "knn+xl"])
+def test_feedback_and_knn_combinations_match_their_definition(combo, recurrent):
+    model = build(recurrent, **{"position.kind": "t5"}, **COMBOS[combo])
+    if model.blocks[1].attention.knn is not None:  # a gate well open, so the kNN memory matters
+        with torch.no_grad():
+            model.blocks[1].attention.knn.gate.fill_(1.0)
+    ids = torch.randint(0, 256, (2, 3 * L))
+    lengths = model.config.memory_lengths(training=False)
+    stores = model.init_state(2).stores or None
+    expected, history = reference(model, ids, lengths, recurrent, model.config.memory.feedback, stores)
+    for size in (L, 1, 5):  # segment by segment, token by token, pieces across the boundaries
+        logits, state = by_segments(model, ids, size)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        for i, n in enumerate(lengths):
+            if n:
+                torch.testing.assert_close(state.layers[i]["mem"], torch.cat(history[i], dim=1)[:, -n:],
+                                           atol=1e-5, rtol=0)
+        for layer, store in (stores or {}).items():
+            for row in range(2):
+                got, want = state.stores[layer].entries(row), store.entries(row)
+                torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+                assert got[2].tolist() == want[2].tolist() == list(range(3 * L))
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
@@ -294,3 +335,12 @@ def test_combinations_are_accepted_and_tupe_is_still_refused(extra):
     with pytest.raises(ConfigError) as error:
         build(True, **extra, **{"position.kind": "tupe"})
     assert error.value.field_name == "position.kind"
+
+
+def test_a_state_inside_a_segment_must_hold_its_read_tokens():
+    model = build(True, **{"memory.length": 8})
+    state = model.init_state(2)
+    state.position = L + 3
+    with pytest.raises(ValueError, match=rf"the state at position {L + 3} holds no read tokens of its segment "
+                                         rf"\(segments start at multiples of seq_len={L}\)"):
+        model(torch.randint(0, 256, (2, 2)), state=state)
