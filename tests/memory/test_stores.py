@@ -14,6 +14,25 @@ BACKENDS = [("exact", {}), ("faiss", {}), ("faiss", {"index": "ivf"}), ("faiss",
 IDS = ["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """torch and faiss on one thread: on a busy machine their idle OpenMP threads spin against
+    the one doing the work, and every faiss call on these tiny stores then takes ~50 ms instead
+    of microseconds. Results do not depend on it."""
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    threads = torch.get_num_threads(), faiss.omp_get_max_threads() if faiss else None
+    torch.set_num_threads(1)
+    if faiss:
+        faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(threads[0])
+    if faiss:
+        faiss.omp_set_num_threads(threads[1])
+
+
 def unit(*shape):
     return F.normalize(torch.randn(*shape), dim=-1)
 
@@ -439,3 +458,108 @@ def test_knowledge_fills_the_slots_the_own_past_leaves_empty():
     assert torch.equal(out.values[1, ..., 2:, :], theirs.values[1, ..., :3, :])
     assert torch.equal(pos[2], mine_pos[2]) and torch.equal(out.keys[2], mine.keys[2])  # a full row: its own only
     assert out.valid.all()
+
+
+# ----- a reference model: every entry written, kept by the test, searched by brute force in float64 -----
+
+class Reference:
+    """What a store should hold and return, kept independently: per row a list of (keys (Hkv, D),
+    values (Hkv, D), position) in write order, cut to the last `capacity`; search by sorting
+    float64 inner products."""
+
+    def __init__(self, rows, heads, capacity):
+        self.rows, self.heads, self.capacity = rows, heads, capacity
+        self.entries = [[] for _ in range(rows)]
+
+    def write(self, keys, values, positions):
+        positions = positions.expand(keys.shape[0], keys.shape[2]) if positions.dim() == 1 else positions
+        for r in range(self.rows):
+            for t in range(keys.shape[2]):
+                self.entries[r].append((keys[r, :, t].double(), values[r, :, t].double(), int(positions[r, t])))
+            self.entries[r] = self.entries[r][-self.capacity:]
+
+    def reset(self, rows):
+        for r in rows:
+            self.entries[r] = []
+
+    def search(self, q, k, row_of=None):
+        """q (B, H, T, D) -> scores (B, H, T, k) float64 (-inf where missing), positions (B, H, T, k)
+        (-1), keys, values (B, H, T, k, D) float64 (0)."""
+        B, H, T, D = q.shape
+        G = H // self.heads
+        scores = torch.full((B, H, T, k), float("-inf"), dtype=torch.float64)
+        positions = torch.full((B, H, T, k), -1, dtype=torch.long)
+        keys = torch.zeros(B, H, T, k, D, dtype=torch.float64)
+        values = torch.zeros(B, H, T, k, D, dtype=torch.float64)
+        for b in range(B):
+            entries = self.entries[b if row_of is None else row_of(b)]
+            n = min(k, len(entries))
+            if n == 0:
+                continue
+            kv = torch.stack([e[0] for e in entries], 1).repeat_interleave(G, 0)  # (H, m, D)
+            vv = torch.stack([e[1] for e in entries], 1).repeat_interleave(G, 0)
+            pp = torch.tensor([e[2] for e in entries])
+            s = q[b].double() @ kv.transpose(1, 2)  # (H, T, m)
+            order = s.argsort(dim=-1, descending=True, stable=True)[..., :n]  # (H, T, n)
+            scores[b, ..., :n] = s.gather(-1, order)
+            positions[b, ..., :n] = pp[order]
+            heads = torch.arange(H)[:, None, None]
+            keys[b, :, :, :n] = kv[heads, order]
+            values[b, :, :, :n] = vv[heads, order]
+        return scores, positions, keys, values
+
+
+def assert_matches_reference(out, pos, ref, q, k, row_of=None, atol=1e-5):
+    scores, want_pos, keys, values = ref.search(q, k, row_of)
+    assert torch.equal(pos, want_pos)
+    assert torch.equal(out.valid, want_pos >= 0)
+    torch.testing.assert_close(out.scores.double(), scores, rtol=0, atol=atol)
+    torch.testing.assert_close(out.keys.double(), keys, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.values.double(), values, rtol=0, atol=1e-6)
+
+
+SMALL = [("exact", {}), ("exact", {"chunk_elements": 20}), ("faiss", {}),
+         ("faiss", {"index": "ivf", "nlist": 2, "nprobe": 2, "train_size": 5}), ("faiss", {"index": "hnsw"})]
+SMALL_IDS = ["exact", "exact-chunked", "faiss-flat", "faiss-ivf-exhaustive", "faiss-hnsw"]
+
+
+@pytest.mark.parametrize("kind,options", SMALL, ids=SMALL_IDS)
+def test_a_store_follows_the_reference_through_writes_wraps_and_resets(kind, options):
+    """From empty through one entry, a partial fill, wraps, a write longer than the memory,
+    empty writes, per-row positions and resets of single rows: counts, written, entries and
+    every search (k from 1 to past the capacity, grouped query heads) equal the reference."""
+    torch.manual_seed(2)
+    rows, heads, dim, capacity = 3, 2, 8, 7
+    store = make_store(kind, rows=rows, heads=heads, dim=dim, capacity=capacity, **options)
+    ref = Reference(rows, heads, capacity)
+    written = [0] * rows
+    steps = [("write", 1), ("write", 0), ("write", 3), ("reset", [1]), ("write", 4), ("write", 2),
+             ("reset", [0, 2]), ("write", 11), ("write", 5), ("reset", [2]), ("write", 1), ("write", 6)]
+    q = unit(rows, 4, 3, dim)
+    for step, (action, arg) in enumerate([("search", None)] + steps):
+        if action == "write":
+            keys, values = unit(rows, heads, arg, dim), torch.randn(rows, heads, arg, dim)
+            per_row = step % 2 == 0
+            positions = (torch.arange(arg)[None] + torch.tensor([0, 100, 200])[:, None] if per_row
+                         else torch.arange(arg)) + 10 * step
+            store.write(keys, values, positions)
+            ref.write(keys, values, positions)
+            written = [w + arg for w in written]
+        elif action == "reset":
+            store.reset(torch.tensor([r in arg for r in range(rows)]))
+            ref.reset(arg)
+            written = [0 if r in arg else w for r, w in enumerate(written)]
+        assert store.written.tolist() == written
+        assert store.counts.tolist() == [len(e) for e in ref.entries] == [min(w, capacity) for w in written]
+        for r in range(rows):
+            k_, v_, p_ = store.entries(r)
+            assert p_.tolist() == [e[2] for e in ref.entries[r]]
+            if ref.entries[r]:
+                assert torch.equal(k_.transpose(0, 1).double(), torch.stack([e[0] for e in ref.entries[r]]))
+                assert torch.equal(v_.transpose(0, 1).double(), torch.stack([e[1] for e in ref.entries[r]]))
+            else:
+                assert k_.shape == (heads, 0, dim) and v_.shape == (heads, 0, dim)
+        for k in (1, 2, capacity, capacity + 3):
+            out, pos = store.search(q, k, return_positions=True)
+            assert_matches_reference(out, pos, ref, q, k)
+    assert torch.equal(store.entries()[2], store.entries(0)[2])  # row 0 by default
