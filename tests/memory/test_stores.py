@@ -2,6 +2,7 @@
 ids across eviction, persistence with checksums, shared read-only stores, padding."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -563,3 +564,220 @@ def test_a_store_follows_the_reference_through_writes_wraps_and_resets(kind, opt
             out, pos = store.search(q, k, return_positions=True)
             assert_matches_reference(out, pos, ref, q, k)
     assert torch.equal(store.entries()[2], store.entries(0)[2])  # row 0 by default
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss"])
+def test_sizes_must_be_positive_ints_and_a_fresh_store_is_empty(kind):
+    sizes = {"rows": 2, "heads": 3, "dim": 4, "capacity": 5}
+    for name in sizes:
+        for bad in (0, -2, True, 2.0, "3"):
+            with pytest.raises(ValueError, match=rf"^store {name} must be a positive int, got {re.escape(repr(bad))}$"):
+                make_store(kind, **{**sizes, name: bad})
+    with pytest.raises(ValueError, match=r"^a shared store has exactly one row, got rows=2$"):
+        make_store(kind, **sizes, shared=True)
+    assert make_store(kind, **{**sizes, "rows": 1}, shared=True).shared
+    store = make_store(kind, **sizes)
+    assert (store.rows, store.heads, store.dim, store.capacity, store.shared) == (2, 3, 4, 5, False)
+    state = store.state_dict()
+    assert torch.equal(state["keys"], torch.zeros(2, 3, 5, 4)) and torch.equal(state["values"], torch.zeros(2, 3, 5, 4))
+    assert torch.equal(state["positions"], torch.full((2, 5), -1)) and state["positions"].dtype == torch.long
+    assert state["counts"].tolist() == [0, 0] and state["written"].tolist() == [0, 0]
+    assert state["counts"].dtype == state["written"].dtype == torch.long
+    assert store.keys.dtype == torch.float32 and store.device == torch.device("cpu")
+    out, pos = store.search(unit(2, 6, 3, 4), 4, return_positions=True)  # nothing written: nothing found
+    assert not out.valid.any() and (pos == -1).all() and torch.equal(out.scores, torch.full((2, 6, 3, 4), float("-inf")))
+    assert not out.keys.any() and not out.values.any()
+    # the smallest store: one slot
+    tiny = make_store(kind, rows=1, heads=1, dim=1, capacity=1)
+    for i, x in enumerate((1.0, -1.0)):
+        tiny.write(torch.tensor([[[[x]]]]), torch.tensor([[[[7 * x]]]]), torch.tensor([i]))
+        out, pos = tiny.search(torch.tensor([[[[2.0]]]]), 2, return_positions=True)
+        assert pos.tolist() == [[[[i, -1]]]] and out.scores.tolist() == [[[[2 * x, float("-inf")]]]]
+        assert out.values.tolist() == [[[[[7 * x], [0.0]]]]]
+
+
+def test_repr_and_options_name_the_settings():
+    exact = make_store("exact", rows=2, heads=3, dim=4, capacity=5)
+    assert exact.options() == {"chunk_elements": 2 ** 27, "fused": True}  # the defaults
+    assert repr(exact) == f"ExactStore(rows=2, heads=3, dim=4, capacity=5, chunk_elements={2 ** 27}, fused=True)"
+    small = make_store("exact", rows=1, heads=1, dim=4, capacity=5, chunk_elements=7, fused=False, shared=True)
+    assert small.options() == {"chunk_elements": 7, "fused": False}
+    assert repr(small) == "ExactStore(rows=1, heads=1, dim=4, capacity=5, chunk_elements=7, fused=False, shared)"
+    assert make_store("faiss", 1, 1, 4, 5).options() == {"index": "flat"}
+    assert repr(make_store("faiss-flat", 1, 1, 4, 5)) == "FaissStore(rows=1, heads=1, dim=4, capacity=5, index='flat')"
+    ivf = make_store("faiss-ivf", 1, 2, 4, 100, nlist=3, nprobe=2, train_size=50)
+    assert ivf.options() == {"index": "ivf", "nlist": 3, "nprobe": 2, "train_size": 50}
+    assert repr(ivf) == "FaissStore(rows=1, heads=2, dim=4, capacity=100, index='ivf', nlist=3, nprobe=2, train_size=50)"
+    hnsw = make_store("faiss", 1, 1, 4, 5, index="hnsw", hnsw_m=8, ef_construction=20, ef_search=30)
+    assert hnsw.options() == {"index": "hnsw", "hnsw_m": 8, "ef_construction": 20, "ef_search": 30}
+    assert make_store("faiss-hnsw", 1, 1, 4, 5).options() == {"index": "hnsw", "hnsw_m": 32, "ef_construction": 80,
+                                                               "ef_search": 256}  # the documented defaults
+
+
+@pytest.mark.parametrize("kind,options", [("exact", {"dtype": "float64", "chunk_elements": 9}), ("faiss", {}),
+                                          ("faiss", {"index": "ivf", "nlist": 2, "train_size": 4}),
+                                          ("faiss", {"index": "hnsw", "hnsw_m": 4})],
+                         ids=["exact-float64", "faiss-flat", "faiss-ivf", "faiss-hnsw"])
+def test_save_writes_the_documented_manifest_and_files(kind, options, tmp_path):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    store = make_store(kind, rows=2, heads=2, dim=4, capacity=5, **options)
+    keys = unit(2, 2, 7, 4).to(store.keys.dtype)
+    store.write(keys, 3 * keys, torch.arange(10, 17))
+    store.reset(torch.tensor([False, True]))
+    store.write(keys[:, :, :3], 3 * keys[:, :, :3], torch.tensor([[17, 18, 19], [0, 1, 2]]))
+    path = store.save(tmp_path / "deep" / "store")
+    assert path == tmp_path / "deep" / "store"
+    manifest = json.loads((path / "manifest.json").read_text())
+    indexed = options.get("index") in ("ivf", "hnsw")
+    names = ["keys.safetensors", "values.safetensors", "positions.safetensors"] + ["indexes.safetensors"] * indexed
+    assert sorted(p.name for p in path.iterdir()) == sorted(names + ["manifest.json"])
+    files = {}
+    for name in names:
+        data = (path / name).read_bytes()
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert manifest == {"format": "memlm.knn-store", "version": 1, "kind": kind, "rows": 2, "heads": 2, "dim": 4,
+                        "capacity": 5, "dtype": "float64" if kind == "exact" else "float32", "shared": False,
+                        "options": store.options(), "counts": [5, 3], "written": [10, 3], "write_pointer": [0, 3],
+                        "files": files}
+    state = store.state_dict()
+    for name in ("keys", "values", "positions"):
+        saved = load_file(str(path / f"{name}.safetensors"))
+        assert list(saved) == [name] and torch.equal(saved[name], state[name]) and saved[name].dtype == state[name].dtype
+    if indexed:
+        saved = load_file(str(path / "indexes.safetensors"))
+        assert sorted(saved) == [f"index.{r}.{h}" for r in range(2) for h in range(2)]
+        for name, blob in saved.items():
+            assert blob.dtype == torch.uint8 and torch.equal(blob, state[name])
+    loaded = load_store(path)
+    assert type(loaded) is type(store) and loaded.options() == store.options() and not loaded.shared
+    for name, t in state.items():
+        assert torch.equal(loaded.state_dict()[name], t) and loaded.state_dict()[name].dtype == t.dtype, name
+    q = unit(2, 4, 3, 4).to(store.keys.dtype)
+    for a, b in zip(loaded.search(q, 4, return_positions=True)[0], store.search(q, 4, return_positions=True)[0]):
+        assert torch.equal(a, b)
+
+
+def _saved(tmp_path, name, kind="exact", rows=1, edit=None, **options):
+    """A small store saved under tmp_path/name, then `edit(path, manifest)` applied (the manifest
+    as a dict, written back afterwards)."""
+    store = make_store(kind, rows=rows, heads=1, dim=4, capacity=6, **options)
+    keys = unit(rows, 1, 8, 4)
+    store.write(keys, 3 * keys, torch.arange(8))
+    path = store.save(tmp_path / name)
+    if edit is not None:
+        manifest = json.loads((path / "manifest.json").read_text())
+        edit(path, manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def _rewrite(path, manifest, name, data):
+    """Replace a store file and record its new size and checksum, so only its content is wrong."""
+    import hashlib
+
+    (path / name).write_bytes(data)
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def test_load_store_names_each_fault(tmp_path):
+    from safetensors.torch import save as save_bytes
+
+    def fails(path, message, **kwargs):
+        with pytest.raises(StoreError, match="^" + message + "$"):
+            load_store(path, **kwargs)
+
+    esc = re.escape
+    m = esc(str(tmp_path / "none" / "manifest.json"))
+    fails(tmp_path / "none", rf"cannot read the store manifest {m}: .*No such file.*")
+    path = _saved(tmp_path, "text", edit=lambda p, m: None)
+    (path / "manifest.json").write_text("{not json")
+    fails(path, rf"cannot read the store manifest {esc(str(path / 'manifest.json'))}: .*")
+
+    def field(**changes):
+        return lambda p, m: m.update(changes)
+
+    path = _saved(tmp_path, "format", edit=field(format="other"))
+    fails(path, rf"{esc(str(path / 'manifest.json'))} is not a memlm kNN store of version 1 \(format 'other', version 1\)")
+    path = _saved(tmp_path, "version", edit=field(version=2))
+    fails(path, rf"{esc(str(path / 'manifest.json'))} is not a memlm kNN store of version 1 "
+                r"\(format 'memlm.knn-store', version 2\)")
+    good = _saved(tmp_path, "good")
+    mg = esc(str(good / "manifest.json"))
+    fails(good, rf"{mg}: the saved store has capacity=6, expected 7", capacity=7)
+    fails(good, rf"{mg}: the saved store has chunk_elements={2 ** 27}, expected 5", rows=1, chunk_elements=5)
+    fails(good, rf"{mg}: the saved store has index=None, expected 'ivf'", index="ivf")
+    assert load_store(good, kind="exact", rows=1, heads=1, dim=4, capacity=6, dtype="float32", shared=False,
+                      fused=True).written.tolist() == [8]
+
+    for name in ("kind", "rows", "counts", "written", "write_pointer", "files", "options", "dtype"):
+        path = _saved(tmp_path, f"no-{name}", edit=lambda p, m, name=name: m.pop(name))
+        fails(path, rf"{esc(str(path / 'manifest.json'))} lacks or garbles the field '{name}'")
+    path = _saved(tmp_path, "garbled", edit=field(counts=6))
+    fails(path, rf"{esc(str(path / 'manifest.json'))} lacks or garbles the field object of type 'int' has no len\(\)")
+
+    inconsistent = [{"rows": 0}, {"heads": 0}, {"dim": -1}, {"capacity": 0}, {"rows": 1.0}, {"capacity": "6"},
+                    {"counts": [6, 6], "written": [8, 8], "write_pointer": [2, 2]}, {"counts": [5]},
+                    {"written": [9]}, {"write_pointer": [1]}, {"written": [-1], "counts": [-1], "write_pointer": [5]},
+                    {"counts": [7]}]
+    for i, changes in enumerate(inconsistent):
+        path = _saved(tmp_path, f"inconsistent-{i}", edit=field(**changes))
+        fails(path, rf"{esc(str(path / 'manifest.json'))} is inconsistent \(sizes, counts, written and write_pointer "
+                    r"disagree\)")
+    for changes in ({"counts": [2], "written": [2], "write_pointer": [2]},
+                    {"counts": [6], "written": [6], "write_pointer": [0]}):  # consistent, and loads so
+        path = _saved(tmp_path, f"consistent-{changes['written'][0]}", edit=field(**changes))
+        assert load_store(path).written.tolist() == changes["written"]
+
+    path = _saved(tmp_path, "unlisted", edit=lambda p, m: m["files"].pop("positions.safetensors"))
+    fails(path, rf"{esc(str(path / 'manifest.json'))} lists no positions.safetensors")
+    path = _saved(tmp_path, "unlisted-index", kind="faiss-ivf", edit=lambda p, m: m["files"].pop("indexes.safetensors"))
+    fails(path, rf"{esc(str(path / 'manifest.json'))} lists no indexes.safetensors")
+    path = _saved(tmp_path, "missing", edit=lambda p, m: (p / "values.safetensors").unlink())
+    fails(path, rf"missing store file {esc(str(path / 'values.safetensors'))}")
+    path = _saved(tmp_path, "dir", edit=lambda p, m: ((p / "keys.safetensors").unlink(), (p / "keys.safetensors").mkdir()))
+    fails(path, rf"missing store file {esc(str(path / 'keys.safetensors'))}")
+    corrupted = r"store file {} is corrupted or truncated \(its size or sha256 does not match manifest.json\)"
+    path = _saved(tmp_path, "bytes", edit=lambda p, m: m["files"]["keys.safetensors"].update(
+        bytes=m["files"]["keys.safetensors"]["bytes"] + 1))
+    fails(path, corrupted.format(esc(str(path / "keys.safetensors"))))
+    path = _saved(tmp_path, "sha", edit=lambda p, m: m["files"]["keys.safetensors"].update(sha256="0" * 64))
+    fails(path, corrupted.format(esc(str(path / "keys.safetensors"))))
+    path = _saved(tmp_path, "no-sha", edit=lambda p, m: m["files"]["values.safetensors"].pop("sha256"))
+    fails(path, corrupted.format(esc(str(path / "values.safetensors"))))
+    path = _saved(tmp_path, "garbage", edit=lambda p, m: _rewrite(p, m, "keys.safetensors", b"\x10" + b"\0" * 20))
+    fails(path, rf"cannot read store file {esc(str(path / 'keys.safetensors'))}: .*")
+
+    def replace(name, tensors):
+        return lambda p, m: _rewrite(p, m, name, save_bytes(tensors))
+
+    path = _saved(tmp_path, "shape", edit=replace("keys.safetensors", {"keys": torch.zeros(1, 1, 6, 5)}))
+    fails(path, rf"store file {esc(str(path / 'keys.safetensors'))} holds keys of shape \(1, 1, 6, 5\), "
+                r"the manifest says \(1, 1, 6, 4\)")
+    path = _saved(tmp_path, "positions", edit=replace("positions.safetensors", {"positions": torch.zeros(1, 5)}))
+    fails(path, rf"store file {esc(str(path / 'positions.safetensors'))} holds positions of shape \(1, 5\), "
+                r"the manifest says \(1, 6\)")
+    path = _saved(tmp_path, "renamed", edit=replace("values.safetensors", {"other": torch.zeros(1, 1, 6, 4)}))
+    fails(path, rf"store file {esc(str(path / 'values.safetensors'))} holds values of shape nothing, "
+                r"the manifest says \(1, 1, 6, 4\)")
+    path = _saved(tmp_path, "dtype", edit=replace("keys.safetensors", {"keys": torch.zeros(1, 1, 6, 4, dtype=torch.float64)}))
+    fails(path, rf"store file {esc(str(path / 'keys.safetensors'))} holds torch.float64, the manifest says float32")
+
+    path = _saved(tmp_path, "kind", edit=field(kind="annoy"))
+    fails(path, rf"{esc(str(path / 'manifest.json'))} describes a store that cannot be built: unknown kNN store kind "
+                r"'annoy'.*")
+    path = _saved(tmp_path, "option", edit=lambda p, m: m["options"].update(colour="red"))
+    fails(path, rf"{esc(str(path / 'manifest.json'))} describes a store that cannot be built: .*colour.*")
+    path = _saved(tmp_path, "blob", kind="faiss-hnsw", edit=replace(
+        "indexes.safetensors", {"index.0.0": torch.arange(50, dtype=torch.uint8)}))
+    fails(path, rf"{esc(str(path))}: cannot read the faiss index of row 0, head 0: .*")
+
+    # shared: as saved unless overridden, and only for one row
+    assert not load_store(good).shared and load_store(good, shared=True).shared
+    shared = _saved(tmp_path, "shared", edit=field(shared=True))
+    assert load_store(shared).shared and not load_store(shared, shared=False).shared
+    two = _saved(tmp_path, "two", rows=2)
+    assert load_store(two).rows == 2
+    fails(two, rf"{esc(str(two / 'manifest.json'))}: only a one-row store can be shared, this one has 2 rows", shared=True)
