@@ -781,3 +781,286 @@ def test_load_store_names_each_fault(tmp_path):
     two = _saved(tmp_path, "two", rows=2)
     assert load_store(two).rows == 2
     fails(two, rf"{esc(str(two / 'manifest.json'))}: only a one-row store can be shared, this one has 2 rows", shared=True)
+
+
+def test_save_replaces_a_saved_store_or_fills_an_empty_directory_and_refuses_anything_else(tmp_path):
+    store = make_store("exact", rows=1, heads=1, dim=4, capacity=6)
+    fill(store, 3, 3)
+    (tmp_path / "empty").mkdir()
+    assert load_store(store.save(tmp_path / "empty")).written.tolist() == [3]
+    fill(store, 2, 2, start=3)
+    assert load_store(store.save(tmp_path / "empty")).written.tolist() == [5]  # a saved store is replaced
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "manifest.json").mkdir()  # a directory named manifest.json is no saved store
+    for name in ("file", "other", "fake"):
+        with pytest.raises(StoreError, match=rf"^refusing to overwrite {re.escape(str(tmp_path / name))}: it exists "
+                                             r"and holds no saved store$"):
+            store.save(tmp_path / name)
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "fake" / "manifest.json").is_dir()
+
+
+def test_with_knowledge_checks_its_stores_and_reads_everything_else_from_its_own():
+    import copy
+
+    from memlm.memory.stores import WithKnowledge
+
+    own = make_store("exact", rows=2, heads=2, dim=4, capacity=6)
+    knowledge = make_store("exact", rows=1, heads=2, dim=4, capacity=6).share()
+    shared_message = r"^WithKnowledge takes a per-row store and a shared knowledge store$"
+    with pytest.raises(StoreError, match=shared_message):
+        WithKnowledge(own, make_store("exact", rows=1, heads=2, dim=4, capacity=6))  # knowledge not shared
+    with pytest.raises(StoreError, match=shared_message):
+        WithKnowledge(knowledge, knowledge)  # own store shared
+    for heads, dim in ((1, 4), (2, 8)):
+        with pytest.raises(StoreError, match=rf"^knowledge store of {heads} heads x {dim} does not match the layer's "
+                                             r"store of 2 heads x 4$"):
+            WithKnowledge(own, make_store("exact", rows=1, heads=heads, dim=dim, capacity=6, shared=True))
+    with pytest.raises(StoreError, match=r"^WithKnowledge mode must be one of fill, add, got 'mix'$"):
+        WithKnowledge(own, knowledge, mode="mix")
+    both = WithKnowledge(own, knowledge)
+    assert both.mode == "fill" and both.own is own and both.knowledge is knowledge and not both.shared
+    assert repr(both) == f"WithKnowledge({own!r}, {knowledge!r}, mode='fill')"
+    assert (both.rows, both.heads, both.dim, both.capacity) == (2, 2, 4, 6) and both.counts is own.counts
+    assert both.state_dict().keys() == own.state_dict().keys() and both.options() == own.options()
+    with pytest.raises(AttributeError, match="'ExactStore' object has no attribute 'colour'"):
+        both.colour
+    twin = copy.copy(both)  # a copy is made without running __init__: no recursion through __getattr__
+    assert twin.own is own and twin.knowledge is knowledge and twin.mode == "fill"
+    bare = WithKnowledge.__new__(WithKnowledge)
+    for name in ("own", "knowledge", "mode"):
+        with pytest.raises(AttributeError, match=f"^{name}$"):
+            getattr(bare, name)
+
+
+def test_make_store_kinds():
+    assert type(make_store("exact", 1, 1, 4, 4)) is ExactStore
+    for kind, index in (("faiss", "flat"), ("faiss-flat", "flat"), ("faiss-ivf", "ivf"), ("faiss-hnsw", "hnsw")):
+        store = make_store(kind, 1, 1, 4, 40)
+        assert type(store) is FaissStore and store.index_kind == index and store.kind == "faiss"
+    assert make_store("faiss", 1, 1, 4, 40, index="hnsw").index_kind == "hnsw"
+    assert make_store("faiss-hnsw", 1, 1, 4, 40, index="ivf").index_kind == "hnsw"  # the kind's index wins
+    assert make_store("exact", 1, 1, 4, 4, device="cpu", dtype=torch.float64).keys.dtype == torch.float64
+    for kind in ("annoy", "faiss-pq", "faiss-", "faissivf", "exact-flat", "Exact"):
+        with pytest.raises(ValueError, match=rf"^unknown kNN store kind {re.escape(repr(kind))}; choose one of exact, "
+                                             r"faiss, faiss-flat, faiss-ivf, faiss-hnsw$"):
+            make_store(kind, 1, 1, 4, 4)
+
+
+def test_faiss_settings_defaults_and_refusals():
+    import math
+
+    for capacity in (1, 20, 100, 1600, 5000, 40000):
+        nlist = max(1, min(math.isqrt(capacity), capacity // 39))  # the documented defaults
+        for index in ("flat", "ivf", "hnsw"):
+            store = make_store("faiss", 1, 1, 4, capacity, index=index)
+            assert store.nlist == nlist and store.train_size == min(capacity, 39 * nlist) and store.nprobe is None
+    assert make_store("faiss-ivf", 1, 1, 4, 100, nlist=5).train_size == 100
+    assert make_store("faiss-ivf", 1, 1, 4, 1000, nlist=5).train_size == 195
+    for train_size in (5, 100):  # both ends of [nlist, capacity]
+        assert make_store("faiss-ivf", 1, 1, 4, 100, nlist=5, train_size=train_size).train_size == train_size
+    for train_size in (4, 101):
+        with pytest.raises(ValueError, match=rf"^ivf train_size must lie in \[nlist, capacity\] = \[5, 100\], "
+                                             rf"got {train_size}$"):
+            make_store("faiss-ivf", 1, 1, 4, 100, nlist=5, train_size=train_size)
+    assert make_store("faiss-ivf", 1, 1, 4, 100, nprobe=1).nprobe == 1
+    for nprobe in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match=rf"^ivf nprobe must be a positive int or None \(calibrated\), "
+                                             rf"got {re.escape(repr(nprobe))}$"):
+            make_store("faiss-ivf", 1, 1, 4, 100, nprobe=nprobe)
+    with pytest.raises(ValueError, match=r"^unknown faiss index 'pq'; choose one of flat, ivf, hnsw$"):
+        make_store("faiss", 1, 1, 4, 4, index="pq")
+    assert make_store("faiss", 1, 1, 4, 4, dtype="float32").keys.dtype == torch.float32
+    for dtype in (torch.float64, "bfloat16"):
+        with pytest.raises(ValueError, match=rf"^a faiss store holds float32, got dtype {dtype}$"):
+            make_store("faiss", 1, 1, 4, 4, dtype=dtype)
+    assert make_store("faiss", 1, 1, 4, 4, device="meta").device == torch.device("cpu")  # always on the CPU
+    assert make_store("faiss", 1, 1, 4, 4, shared=True).shared
+    with pytest.raises(ValueError, match="exactly one row"):
+        make_store("faiss", 2, 1, 4, 4, shared=True)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_faiss_indexes_train_hold_and_compact_exactly_as_documented(index):
+    """Each index holds the entries written since its row's reset (ivf: from the moment it is
+    trained, on the first train_size entries, all of them then), until the evicted ones number
+    `capacity`: then only the live ones. Ids are entry numbers. Counted here step by step; every
+    search meanwhile equals the reference (ivf probes every list)."""
+    rows, heads, capacity, train_size = 2, 2, 6, 4
+    store = make_store("faiss", rows=rows, heads=heads, dim=8, capacity=capacity, index=index, nlist=2, nprobe=2,
+                       train_size=train_size, hnsw_m=4)
+    ref = Reference(rows, heads, capacity)
+    held = [0, 0]  # entries each row's indexes should hold
+    written = [0, 0]
+    trained = [index == "hnsw"] * 2
+    q = unit(rows, 4, 3, 8)
+    for step, (action, n) in enumerate([("write", 3), ("write", 1), ("write", 2), ("write", 5), ("write", 1),
+                                        ("reset", 0), ("write", 4), ("write", 6), ("write", 13), ("write", 0),
+                                        ("write", 2), ("reset", 1), ("write", 1), ("write", 3)]):
+        if action == "reset":
+            store.reset(torch.tensor([r == n for r in range(rows)]))
+            ref.reset([n])
+            written[n], held[n], trained[n] = 0, 0, index == "hnsw"
+        else:
+            keys = unit(rows, heads, n, 8)
+            store.write(keys, 3 * keys, torch.arange(n) + 100 * step)
+            ref.write(keys, 3 * keys, torch.arange(n) + 100 * step)
+            for r in range(rows):
+                written[r] += n
+                count = min(written[r], capacity)
+                if trained[r]:
+                    held[r] += min(n, capacity)
+                    if held[r] - count >= capacity:
+                        held[r] = count
+                elif count >= train_size:
+                    trained[r], held[r] = True, count
+        for r in range(rows):
+            count = min(written[r], capacity)
+            for h in range(heads):
+                faiss_index = store.indexes[r][h]
+                assert faiss_index.is_trained == trained[r] and faiss_index.ntotal == held[r], (step, r, h)
+                if index == "hnsw" and held[r]:
+                    import faiss
+                    ids = faiss.vector_to_array(faiss_index.id_map)
+                    assert sorted(ids.tolist()) == list(range(written[r] - held[r], written[r]))
+                    assert held[r] >= count
+        out, pos = store.search(q, 4, return_positions=True)
+        assert_matches_reference(out, pos, ref, q, 4)
+
+
+def test_faiss_search_uses_the_documented_nprobe_and_ef_search():
+    """ivf: the index's nprobe (explicit here); hnsw: efSearch = max(ef_search, 2k); both over the
+    live ids only. Checked against faiss's own search of the store's index, on data where the
+    setting changes the answer."""
+    import faiss
+
+    torch.manual_seed(3)
+    keys = unit(1, 1, 400, 8)
+    q = unit(1, 1, 60, 8)
+    x = q[0, 0].numpy()
+
+    def direct(index, params, k):
+        s, ids = index.search(x, k, params=params)
+        return torch.from_numpy(ids), torch.from_numpy(s)
+
+    ivf = make_store("faiss-ivf", 1, 1, 8, 300, nlist=16, nprobe=2, train_size=300)
+    hnsw = make_store("faiss-hnsw", 1, 1, 8, 300, hnsw_m=2, ef_construction=8, ef_search=3)
+    for store in (ivf, hnsw):
+        for i in range(0, 400, 100):  # entries 100..399 live, 0..99 evicted but held
+            store.write(keys[:, :, i:i + 100], 3 * keys[:, :, i:i + 100], torch.arange(i, i + 100))
+        index = store.indexes[0][0]
+        assert index.ntotal == 400
+        for k in (1, 5, 10):
+            out, pos = store.search(q, k, return_positions=True)
+            sel = faiss.IDSelectorRange(100, 400)
+            if store is ivf:
+                make = lambda v: faiss.SearchParametersIVF(sel=sel, nprobe=v)  # noqa: E731
+                want, other = 2, (1, 3, 16)
+            else:
+                make = lambda v: faiss.SearchParametersHNSW(sel=sel, efSearch=v)  # noqa: E731
+                want, other = max(3, 2 * k), (2 * k + 8,)
+            ids, scores = direct(index, make(want), k)
+            found = ids >= 0
+            assert torch.equal(pos[0, 0], torch.where(found, ids, -1)) and torch.equal(out.valid[0, 0], found)
+            assert torch.equal(out.scores[0, 0], torch.where(found, scores, float("-inf")))
+            for v in other:  # the setting matters on this data
+                assert not torch.equal(direct(index, make(v), k)[0], ids), (store.index_kind, k, v)
+
+
+def test_faiss_index_load_rebuilds_missing_indexes_and_refuses_ones_that_do_not_fit():
+    """load_state_dict without the index blobs rebuilds each index from the ring buffer (an ivf
+    one trained once it holds train_size live entries, exactly then too); a blob that faiss cannot
+    read or that does not fit is refused, naming its row and head; an explicit nprobe overrides
+    the saved one."""
+    torch.manual_seed(4)
+    q = unit(2, 2, 5, 8)
+    for index, options in (("hnsw", {"hnsw_m": 4}), ("ivf", {"nlist": 2, "nprobe": 2, "train_size": 6})):
+        store = make_store("faiss", rows=2, heads=2, dim=8, capacity=6, index=index, **options)
+        ref = Reference(2, 2, 6)
+        for n in (3, 5):  # row 0: 10 written in the end, row 1: 7 since its reset; 6 live in each (= train_size)
+            keys = unit(2, 2, n, 8)
+            store.write(keys, 3 * keys, torch.arange(n))
+            ref.write(keys, 3 * keys, torch.arange(n))
+            if n == 3:
+                store.reset(torch.tensor([False, True]))
+                ref.reset([1])
+        keys = unit(2, 2, 2, 8)
+        store.write(keys, 3 * keys, torch.arange(8, 10))
+        ref.write(keys, 3 * keys, torch.arange(8, 10))
+        state = {name: t for name, t in store.state_dict().items() if not name.startswith("index.")}
+        assert sorted(set(store.state_dict()) - set(state)) == [f"index.{r}.{h}" for r in range(2) for h in range(2)]
+        rebuilt = make_store("faiss", rows=2, heads=2, dim=8, capacity=6, index=index, **options)
+        rebuilt.load_state_dict(state)
+        for r, live in ((0, 6), (1, 6)):
+            for h in range(2):
+                assert rebuilt.indexes[r][h].ntotal == live and rebuilt.indexes[r][h].is_trained
+        out, pos = rebuilt.search(q, 4, return_positions=True)
+        assert_matches_reference(out, pos, ref, q, 4)
+
+    # an ivf index not yet trained: rebuilt untrained while the row holds fewer than train_size
+    store = make_store("faiss-ivf", rows=2, heads=1, dim=8, capacity=6, nlist=2, train_size=5)
+    fill(store, 4, 4)
+    rebuilt = make_store("faiss-ivf", rows=2, heads=1, dim=8, capacity=6, nlist=2, train_size=5)
+    rebuilt.load_state_dict({name: t for name, t in store.state_dict().items() if not name.startswith("index.")})
+    assert not any(i.is_trained or i.ntotal for row in rebuilt.indexes for i in row)
+    loaded = make_store("faiss-ivf", rows=2, heads=1, dim=8, capacity=6, nlist=2, train_size=5)
+    loaded.load_state_dict(store.state_dict())  # an untrained blob fits a row short of train_size
+    assert not loaded.indexes[1][0].is_trained
+    bigger = {**store.state_dict(), "counts": torch.tensor([5, 4]), "written": torch.tensor([5, 4])}
+    with pytest.raises(StoreError, match=r"^the faiss index of row 0, head 0 does not fit this store$"):
+        make_store("faiss-ivf", rows=2, heads=1, dim=8, capacity=6, nlist=2, train_size=5).load_state_dict(bigger)
+
+    # a blob of another dimension, or none faiss can read
+    other = make_store("faiss-hnsw", rows=2, heads=2, dim=4, capacity=6)
+    hnsw = make_store("faiss-hnsw", rows=2, heads=2, dim=8, capacity=6)
+    fill(hnsw, 3, 3)
+    state = {**hnsw.state_dict(), "index.1.0": other.state_dict()["index.1.0"]}
+    with pytest.raises(StoreError, match=r"^the faiss index of row 1, head 0 does not fit this store$"):
+        make_store("faiss-hnsw", rows=2, heads=2, dim=8, capacity=6).load_state_dict(state)
+    state = {**hnsw.state_dict(), "index.0.1": torch.arange(40, dtype=torch.uint8)}
+    with pytest.raises(StoreError, match=r"^cannot read the faiss index of row 0, head 1: "):
+        make_store("faiss-hnsw", rows=2, heads=2, dim=8, capacity=6).load_state_dict(state)
+
+    # nprobe: the calibrated one travels with the index, an explicit one overrides it
+    ivf = make_store("faiss-ivf", rows=1, heads=2, dim=8, capacity=100, nlist=8, train_size=100)
+    fill(ivf, 100, 100)
+    saved = [i.nprobe for i in ivf.indexes[0]]
+    again = make_store("faiss-ivf", rows=1, heads=2, dim=8, capacity=100, nlist=8, train_size=100)
+    again.load_state_dict(ivf.state_dict())
+    assert [i.nprobe for i in again.indexes[0]] == saved
+    forced = make_store("faiss-ivf", rows=1, heads=2, dim=8, capacity=100, nlist=8, train_size=100, nprobe=7)
+    forced.load_state_dict(ivf.state_dict())
+    assert [i.nprobe for i in forced.indexes[0]] == [7, 7] and 7 not in saved
+
+
+@pytest.mark.parametrize("n,nlist", [(200, 8), (20, 4), (40, 2)])
+def test_faiss_ivf_calibration_picks_the_smallest_nprobe_reaching_the_target_recall(n, nlist):
+    """With at most 256 training keys every one of them is a query: its true top min(32, n - 1)
+    among the other keys (float64 here) against the index's answer at each nprobe (its own
+    entry left out); the calibrated nprobe is the smallest whose recall reaches 0.95."""
+    import faiss
+
+    torch.manual_seed(5)
+    centers = torch.randn(6, 8)
+    x = F.normalize(centers[torch.randint(6, (n,))] + 0.6 * torch.randn(n, 8), dim=-1)
+    store = make_store("faiss-ivf", rows=1, heads=1, dim=8, capacity=n, nlist=nlist, train_size=n)
+    store.write(x[None, None], x[None, None], torch.arange(n))
+    index = store.indexes[0][0]
+    assert index.is_trained and index.ntotal == n
+    k = min(32, n - 1)
+    scores = x.double() @ x.double().T
+    scores.fill_diagonal_(float("-inf"))
+    truth = scores.topk(k, dim=-1).indices.tolist()
+
+    def recall(nprobe):
+        _, found = index.search(x.numpy(), k + 1, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        hits = sum(len(set(t) & set([j for j in row.tolist() if j != i][:k])) for i, (t, row) in enumerate(zip(truth, found)))
+        return hits / (n * k)
+
+    recalls = [recall(p) for p in range(1, nlist + 1)]
+    want = 1 + next(p for p, r in enumerate(recalls) if r >= 0.95)
+    assert index.nprobe == want and store.nprobe is None
+    assert 1 < want, recalls  # the data make calibration matter
