@@ -1064,3 +1064,24 @@ def test_faiss_ivf_calibration_picks_the_smallest_nprobe_reaching_the_target_rec
     want = 1 + next(p for p, r in enumerate(recalls) if r >= 0.95)
     assert index.nprobe == want and store.nprobe is None
     assert 1 < want, recalls  # the data make calibration matter
+
+
+@pytest.mark.parametrize("kind,options", SMALL + [("exact", {"dtype": torch.float64, "chunk_elements": 13})],
+                         ids=SMALL_IDS + ["exact-float64-chunked"])
+def test_a_shared_store_answers_every_batch_row_from_its_one_row(kind, options):
+    """A shared store (one row, any batch): each batch row's queries against the one row's
+    entries, as the reference says, while it holds fewer than k entries and after it wraps."""
+    store = make_store(kind, rows=1, heads=2, dim=8, capacity=7, **options)
+    dtype = store.keys.dtype
+    ref = Reference(1, 2, 7)
+    q = unit(3, 4, 2, 8).to(dtype)
+    for n in (3, 9):
+        keys, values = unit(1, 2, n, 8).to(dtype), torch.randn(1, 2, n, 8, dtype=dtype)
+        store.write(keys, values, torch.arange(n) + 50)
+        ref.write(keys, values, torch.arange(n) + 50)
+        store.share()
+        for k in (2, 5):
+            out, pos = store.search(q, k, return_positions=True)
+            assert_matches_reference(out, pos, ref, q, k, row_of=lambda b: 0)
+            assert out.scores.dtype == dtype
+        store.shared = False
