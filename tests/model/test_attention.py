@@ -13,6 +13,7 @@ import memlm
 from memlm.memory.stores import ExactStore
 from memlm.model import attention as attention_module
 from memlm.model.attention import SegmentContext
+from tests.conftest import by_segments
 
 H, HKV, D, WIDTH = 4, 2, 4, 16
 
@@ -57,7 +58,7 @@ def rotate(x, n, sign, position):
 
 
 def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=None, keep=None, bias=None,
-              stored=None, dropout_masks=None):
+              stored=None, straight_through=False, dropout_masks=None):
     """float64, one query and one head at a time. memory (B, M, W) is projected with the layer's
     key/value rows; cache {'k', 'v'} (B, Hkv, Tc, D) holds projected keys/values; stored: per row
     and key/value head, (unit keys (N, D), values (N, D)) of a kNN memory. Keys sit at relative
@@ -129,9 +130,13 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
                         drop.append(1.0 if dropout_masks is None else dropout_masks[1][b, head, i, p].item())
                 if stored is not None:  # kNN memories: unit keys, scored by the scaled unrotated query
                     sk, sv = stored[b][kv]
+                    through = 0.0
+                    if straight_through:  # k + (u - sg(u)), v + (u - sg(u)), u the unit query: q's gradient path
+                        u = g * q[i] / (g * q[i]).norm()
+                        through = u - u.detach()
                     for p in range(sk.shape[0]):
-                        logits.append(g * scale * (q[i] @ sk[p].double()))
-                        vals.append(sv[p].double())
+                        logits.append(g * scale * (q[i] @ (sk[p].double() + through)))
+                        vals.append(sv[p].double() + through)
                         drop.append(1.0)
                 logits = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in logits])
                 weights = torch.softmax(logits, 0) * torch.tensor(drop, dtype=torch.float64)
@@ -313,9 +318,9 @@ def test_adaptive_span_weights_keys_by_the_soft_mask(overrides, monkeypatch):
     config, attn = layer(**{"memory.length": 12, "memory.adaptive_span": True, "memory.span_ramp": 2,
                             "memory.span_init": 0.0, **overrides})
     with torch.no_grad():
-        attn.span.span.copy_(torch.tensor([0.5, 3.0, 1.5, 2.0]))
+        attn.span.span.copy_(torch.tensor([0.5, 7.0, 1.5, 2.0]))
     attn.span.clamp_()
-    assert attn.span.limit == 5
+    assert attn.span.limit == 9  # keys at distance 9 or more are masked for every head
     table = torch.randn(H, 30, 30)
 
     def bias(index, k_offset, k_len):
@@ -324,7 +329,7 @@ def test_adaptive_span_weights_keys_by_the_soft_mask(overrides, monkeypatch):
     h, memory = torch.randn(2, 4, WIDTH), torch.randn(2, 12, WIDTH)
     expected = reference(config, attn, h, memory=memory, q_start=12)
     expected_bias = reference(config, attn, h, memory=memory, q_start=12, bias=bias)
-    for step in (64, 4, 3):  # 64 keeps the whole memory; 4 keeps 8 positions, 3 keeps 6
+    for step in (64, 2, 3):  # 64 keeps the whole memory; 2 keeps the last 10 positions, 3 the last 9
         monkeypatch.setattr(attention_module, "SPAN_TRIM_STEP", step)
         close(attn(h, context(q_start=12), None, memory)[0], expected)
         close(attn(h, context(q_start=12, bias=bias), None, memory)[0], expected_bias)
@@ -345,3 +350,63 @@ def test_knn_memories_join_the_local_softmax_as_unit_keys_without_position():
     close(y, reference(config, attn, h, stored=stored))
     close(attn(h, context(q_start=3, stores={1: store}), None)[0], reference(config, attn, h))  # another layer's
     close(attn(h, context(q_start=3, stores={}), None)[0], reference(config, attn, h))
+
+
+@pytest.mark.parametrize("memory", [
+    {"memory.length": 4},
+    {"memory.length": 2, "memory.compress_rate": 2, "memory.compress_length": 20},
+    {"memory.length": 2, "memory.tokens": 10},
+    {"memory.lengths": [2, 12], "memory.eval_multiplier": 4.0},
+])
+def test_rotary_table_covers_every_position_a_memory_model_asks_for(memory, monkeypatch):
+    """With recurrent memory the key range is bounded (segment, evaluation memory, compressed
+    memory, memory tokens): the layer's cos/sin table covers it, so once the memory is full no
+    call computes float64 trigonometry again, and the stream's logits are those of the same
+    model computing every rotation."""
+    from memlm.model.positions import Rotary
+
+    overrides = {"layers": 2, "width": 8, "seq_len": 4, "attention.heads": 2, "feedforward.kind": "none",
+                 "position.kind": "xpos", **memory}
+    model = memlm.build("seed-tiny", **overrides).eval()
+    computing = memlm.build("seed-tiny", **overrides).eval()
+    computing.load_state_dict(model.state_dict())
+    for block in computing.blocks:
+        block.attention.rotary.table_reach = 0  # the same rotations, computed at every call
+    ids = torch.randint(0, 256, (1, 64))
+    expected, _ = by_segments(computing, ids, 4)
+
+    def computed(*args, **kwargs):
+        raise AssertionError("rotary cos/sin computed outside the table")
+
+    monkeypatch.setattr(Rotary, "_tables", computed)
+    torch.testing.assert_close(by_segments(model, ids, 4)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_a_layer_without_knn_ignores_the_stores():
+    config, attn = layer(**{"position.kind": "rope"})
+    assert attn.knn is None
+    store = ExactStore(rows=2, heads=HKV, dim=D, capacity=3)
+    store.write(F.normalize(torch.randn(2, HKV, 3, D), dim=-1), torch.randn(2, HKV, 3, D), torch.arange(3))
+    h = torch.randn(2, 4, WIDTH)
+    close(attn(h, context(stores={0: store}), None)[0], reference(config, attn, h))
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_knn_gradients_reach_the_queries_through_the_retrieved_pairs(straight_through):
+    """Gradients of the layer equal the reference's: the store is detached, and in straight-through
+    mode the retrieved keys and values carry the unit query's gradient path (k + u - sg(u))."""
+    config, attn = layer(**{"attention.qk_norm": True, "memory.knn_layers": [0], "memory.knn_k": 2,
+                            "memory.knn_combine": "joint", "memory.knn_straight_through": straight_through})
+    store = ExactStore(rows=1, heads=HKV, dim=D, capacity=2)
+    keys, values = F.normalize(torch.randn(1, HKV, 2, D), dim=-1), torch.randn(1, HKV, 2, D)
+    store.write(keys, values, torch.arange(2))
+    stored = [[(keys[0, kv], values[0, kv]) for kv in range(HKV)]]
+    h = torch.randn(1, 3, WIDTH, requires_grad=True)
+    weights = torch.randn(1, 3, WIDTH)
+    (attn(h, context(stores={0: store}), None)[0] * weights).sum().backward()
+    h_ref = h.detach().double().requires_grad_()
+    (reference(config, attn, h_ref, stored=stored, straight_through=straight_through) * weights).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h_ref.grad, atol=1e-4, rtol=1e-4)
+    h_other = h.detach().double().requires_grad_()
+    (reference(config, attn, h_other, stored=stored, straight_through=not straight_through) * weights).sum().backward()
+    assert not torch.allclose(h_other.grad, h_ref.grad, atol=1e-3)

@@ -347,3 +347,20 @@ def test_tupe_window_is_the_longer_of_keys_and_queries():
     torch.testing.assert_close(term.double(), uq @ uk.transpose(1, 2) / 2.0, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"covers windows of 5 positions, but this call attends 6 "):
         tupe(q_len=3, k_len=2, k_offset=-3)
+
+
+def test_rotary_buffers_stay_out_of_checkpoints():
+    """inv_freq, log_zeta and the cos/sin table are derived from the config, not learned: a
+    checkpoint holds none of them, so it loads into a model whose table reaches further (a longer
+    evaluation memory) and that model computes the same function on a short input."""
+    for gamma in (None, 0.4):
+        assert Rotary(8, 100.0, xpos_gamma=gamma, table_reach=4).state_dict() == {}
+    overrides = {"layers": 1, "width": 16, "seq_len": 4, "attention.heads": 2, "position.kind": "xpos",
+                 "memory.length": 2}
+    short = memlm.build("seed-tiny", **overrides).eval()
+    long = memlm.build("seed-tiny", **overrides, **{"memory.eval_multiplier": 8.0}).eval()
+    assert short.blocks[0].attention.rotary.table.shape != long.blocks[0].attention.rotary.table.shape
+    assert not any("rotary" in name for name in short.state_dict())
+    long.load_state_dict(short.state_dict())  # strict
+    ids = torch.randint(0, 256, (1, 4))
+    torch.testing.assert_close(long(ids).logits, short(ids).logits)
