@@ -257,10 +257,11 @@ def test_rotary_against_rotation_written_out_per_pair(gamma, reach):
                                rotate_by_pairs(xd, range(30, 35), rope_dim, base, gamma, scale_base, -1.0))
 
 
+@pytest.mark.parametrize("reach", [0, 6])
 @pytest.mark.parametrize("gamma", [None, 0.4])
-def test_rotary_forward_places_queries_from_zero_and_keys_from_the_offset(gamma):
+def test_rotary_forward_places_queries_from_zero_and_keys_from_the_offset(gamma, reach):
     """forward(q, k, k_offset): q at 0..Tq-1 scaled up by xPos (sign +1), k at k_offset.. scaled down."""
-    rotary = Rotary(4, 30.0, xpos_gamma=gamma, xpos_scale_base=5.0, table_reach=6)
+    rotary = Rotary(4, 30.0, xpos_gamma=gamma, xpos_scale_base=5.0, table_reach=reach)
     q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 7, 4)
     q_rot, k_rot = rotary(q, k, -4)
     torch.testing.assert_close(q_rot.double(), rotate_by_pairs(q, range(0, 3), 4, 30.0, gamma, 5.0, +1.0),
@@ -364,3 +365,67 @@ def test_rotary_buffers_stay_out_of_checkpoints():
     long.load_state_dict(short.state_dict())  # strict
     ids = torch.randint(0, 256, (1, 4))
     torch.testing.assert_close(long(ids).logits, short(ids).logits)
+
+
+def test_rotary_table_serves_every_window_within_its_reach(monkeypatch):
+    """Every run of positions inside -reach..reach-1 is read from the float32 table (no float64
+    trigonometry per call), whatever the input's dtype; a Rotary built without a reach keeps none."""
+    assert "table" not in dict(Rotary(8, 100.0, xpos_gamma=0.4).named_buffers())
+    rotary = Rotary(4, 30.0, xpos_gamma=0.4, xpos_scale_base=6.0, table_reach=5)
+    assert rotary.table.dtype == torch.float32  # kept in float32
+    x = torch.randn(1, 2, 10, 6, dtype=torch.float64)
+    expected = {(start, length, sign): rotate_by_pairs(x[:, :, :length], range(start, start + length), 4, 30.0,
+                                                       0.4, 6.0, sign)
+                for start in range(-5, 6) for length in range(0, 11) if start + length <= 5 for sign in (1.0, -1.0)}
+
+    def computed(*args, **kwargs):
+        raise AssertionError("cos/sin computed inside the table's reach")
+
+    monkeypatch.setattr(Rotary, "_tables", computed)
+    for (start, length, sign), want in expected.items():
+        got = rotary.rotate(x[:, :, :length], start, sign)
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for dtype in (torch.bfloat16, torch.float16):  # a half-precision input stays half precision
+        got = rotary.rotate(x.to(dtype), -5, -1.0)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected[(-5, 10, -1.0)], atol=3e-2, rtol=3e-2)
+
+
+def test_rotary_keeps_the_shape_of_empty_inputs():
+    for reach in (0, 3):
+        rotary = Rotary(4, 30.0, xpos_gamma=0.4, table_reach=reach)
+        for start in (-3, 0, 3, 10):
+            assert rotary.rotate(torch.randn(1, 2, 0, 6), start, 1.0).shape == (1, 2, 0, 6)  # no positions
+            assert rotary.rotate(torch.randn(1, 0, 3, 6), start, -1.0).shape == (1, 0, 3, 6)  # no heads
+
+
+def test_xpos_default_scale_base_is_the_papers_512():
+    rotary = Rotary(4, 30.0, xpos_gamma=0.5)
+    x = torch.randn(1, 1, 3, 4)
+    torch.testing.assert_close(rotary.rotate(x, torch.tensor([100, 700, -300]), -1.0).double(),
+                               rotate_by_pairs(x, [100, 700, -300], 4, 30.0, 0.5, 512.0, -1.0), atol=2e-5, rtol=2e-5)
+
+
+def test_position_terms_live_on_the_requested_device_not_torchs_default():
+    """Built and called for the CPU while torch's default device is another one (meta here): every
+    position index is made where the caller or the term's table says, so the terms are unchanged."""
+    from memlm.model.positions import AbsolutePositions
+
+    cpu = torch.device("cpu")
+    learned, sinusoidal = AbsolutePositions("learned", 6, 8), AbsolutePositions("sinusoidal", 7, 8)
+    t5, tupe = T5RelativeBias(heads=2, buckets=6, max_distance=12), TupeBias(width=6, heads=2, head_dim=3, limit=9)
+    rotary = Rotary(4, 30.0, xpos_gamma=0.4, xpos_scale_base=6.0)
+    x, positions = torch.randn(1, 2, 3, 6), torch.arange(4)
+    calls = {
+        "learned": lambda: learned(2, 5, cpu), "sinusoidal": lambda: sinusoidal(2, 5, cpu),
+        "sinusoidal_table": lambda: sinusoidal_table(positions, 7),
+        "t5": lambda: t5(3, 7, -4, cpu), "tupe": lambda: tupe(3, 7, -4),
+        "rotary": lambda: rotary.rotate(x, 5, -1.0),
+    }
+    expected = {name: call() for name, call in calls.items()}
+    with torch.device("meta"):
+        for name, call in calls.items():
+            got = call()
+            assert got.device == cpu, name
+            torch.testing.assert_close(got, expected[name])
