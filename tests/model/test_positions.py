@@ -210,3 +210,222 @@ def test_tupe_logits_are_content_and_position_terms_each_over_sqrt_2d(monkeypatc
     u_k = (p @ model.tupe.key.weight.double().T).view(6, H, D).transpose(0, 1)
     expected = (q_x @ k_x.transpose(-1, -2) + (u_q @ u_k.transpose(-1, -2))[None]) / math.sqrt(2 * D)
     torch.testing.assert_close(given.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+# ----- formulas written out entry by entry ---------------------------------------------------
+
+def rotate_by_pairs(x, positions, rope_dim, base, gamma=None, scale_base=512.0, sign=+1.0):
+    """RoPE (rotate-half layout) and xPos written out per dimension pair, in float64: pair
+    (i, i + r/2) turns by position * base^(-2i/r); xPos scales both by zeta_i^(sign * n / scale_base)."""
+    x = x.double()
+    y = x.clone()
+    half = rope_dim // 2
+    for t, n in enumerate(positions):
+        for i in range(half):
+            angle = n * base ** (-2 * i / rope_dim)
+            c, s = math.cos(angle), math.sin(angle)
+            a, b = x[..., t, i], x[..., t, i + half]
+            scale = 1.0
+            if gamma is not None:
+                zeta = (2 * i / rope_dim + gamma) / (1 + gamma)
+                scale = zeta ** (sign * n / scale_base)
+            y[..., t, i] = (a * c - b * s) * scale
+            y[..., t, i + half] = (b * c + a * s) * scale
+    return y
+
+
+@pytest.mark.parametrize("gamma", [None, 0.4])
+@pytest.mark.parametrize("reach", [0, 8])
+def test_rotary_against_rotation_written_out_per_pair(gamma, reach):
+    """Each of the first rope_dim dimensions turned pairwise (and decayed under xPos), the rest
+    passed through, for positions given as a tensor or as a first int, inside and outside a table."""
+    rope_dim, head_dim, base, scale_base = 6, 10, 50.0, 7.0
+    rotary = Rotary(rope_dim, base, xpos_gamma=gamma, xpos_scale_base=scale_base, table_reach=reach)
+    x = torch.randn(2, 3, 5, head_dim)
+    for sign in (+1.0, -1.0):
+        for start in (-8, -3, 0, 2, 4, 40):
+            positions = list(range(start, start + 5))
+            expected = rotate_by_pairs(x, positions, rope_dim, base, gamma, scale_base, sign)
+            as_tensor = rotary.rotate(x, torch.tensor(positions), sign)
+            as_int = rotary.rotate(x, start, sign)
+            assert as_int.dtype == torch.float32
+            torch.testing.assert_close(as_tensor.double(), expected, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(as_int.double(), expected, atol=2e-5, rtol=2e-5)
+    # a float64 input is rotated in float64 when positions are computed, not looked up
+    xd = x.double()
+    torch.testing.assert_close(rotary.rotate(xd, torch.arange(30, 35), -1.0),
+                               rotate_by_pairs(xd, range(30, 35), rope_dim, base, gamma, scale_base, -1.0))
+
+
+@pytest.mark.parametrize("reach", [0, 6])
+@pytest.mark.parametrize("gamma", [None, 0.4])
+def test_rotary_forward_places_queries_from_zero_and_keys_from_the_offset(gamma, reach):
+    """forward(q, k, k_offset): q at 0..Tq-1 scaled up by xPos (sign +1), k at k_offset.. scaled down."""
+    rotary = Rotary(4, 30.0, xpos_gamma=gamma, xpos_scale_base=5.0, table_reach=reach)
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 7, 4)
+    q_rot, k_rot = rotary(q, k, -4)
+    torch.testing.assert_close(q_rot.double(), rotate_by_pairs(q, range(0, 3), 4, 30.0, gamma, 5.0, +1.0),
+                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(k_rot.double(), rotate_by_pairs(k, range(-4, 3), 4, 30.0, gamma, 5.0, -1.0),
+                               atol=2e-5, rtol=2e-5)
+
+
+def t5_bucket_formula(n, buckets, max_distance):
+    """The paper's causal bucket (Mesh TensorFlow's _relative_position_bucket, bidirectional=False)
+    of n = query position - key position."""
+    n = max(n, 0)
+    exact = buckets // 2
+    if n < exact:
+        return n
+    large = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (buckets - exact))
+    return min(large, buckets - 1)
+
+
+@pytest.mark.parametrize("buckets,max_distance", [(32, 128), (7, 30), (10, 200), (3, 4), (2, 9)])
+def test_t5_buckets_equal_the_papers_formula_at_every_distance(buckets, max_distance):
+    distance = torch.arange(-6, 3 * max_distance)
+    got = t5_buckets(distance, buckets, max_distance)
+    assert got.dtype == torch.long
+    assert got.tolist() == [t5_bucket_formula(n, buckets, max_distance) for n in distance.tolist()]
+    assert got.max().item() == buckets - 1
+
+
+def test_t5_bias_entries_are_the_table_at_each_pairs_bucket():
+    bias = T5RelativeBias(heads=3, buckets=6, max_distance=12)
+    with torch.no_grad():
+        bias.table.weight.normal_(0.0, 1.0)
+    for q_len, k_len, k_offset in [(4, 9, -5), (3, 3, 0), (1, 20, -19)]:
+        table = bias(q_len, k_len, k_offset, torch.device("cpu"))
+        assert table.shape == (3, q_len, k_len)
+        for i in range(q_len):
+            for j in range(k_len):
+                bucket = t5_bucket_formula(i - (k_offset + j), 6, 12)
+                torch.testing.assert_close(table[:, i, j], bias.table.weight[bucket])
+
+
+@pytest.mark.parametrize("width", [8, 7])
+def test_sinusoidal_table_every_entry(width):
+    """sin(p / 10000^(i/half)) then cos of the same angles; an odd width ends in a zero column."""
+    half = width // 2
+    positions = [0, 1, 3, 17, 250]
+    table = sinusoidal_table(torch.tensor(positions), width)
+    assert table.shape == (len(positions), width) and table.dtype == torch.float32
+    expected = torch.zeros(len(positions), width, dtype=torch.float64)
+    for t, p in enumerate(positions):
+        for i in range(half):
+            angle = p / 10000 ** (i / half)
+            expected[t, i], expected[t, half + i] = math.sin(angle), math.cos(angle)
+    torch.testing.assert_close(table.double(), expected, atol=1e-5, rtol=0)  # float32 frequencies
+
+
+def test_absolute_positions_learned_rows_sinusoidal_formula_and_range():
+    from memlm.model.positions import AbsolutePositions
+
+    learned = AbsolutePositions("learned", 6, 8)
+    torch.testing.assert_close(learned(3, 4, torch.device("cpu")), learned.table.weight[3:7])
+    torch.testing.assert_close(learned(0, 8, torch.device("cpu")), learned.table.weight)
+    with pytest.raises(ValueError, match=r"learned positions cover 0\.\.7, but this segment needs positions 5\.\.8;"):
+        learned(5, 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"needs positions -1\.\.1; raise max_positions"):
+        learned(-1, 3, torch.device("cpu"))
+    sinusoidal = AbsolutePositions("sinusoidal", 6, 8)
+    assert sinusoidal.table is None and list(sinusoidal.parameters()) == []
+    torch.testing.assert_close(sinusoidal(100, 3, torch.device("cpu")),  # no table, no limit
+                               sinusoidal_table(torch.arange(100, 103), 6))
+
+
+def test_tupe_window_is_the_longer_of_keys_and_queries():
+    """Queries may reach past the last key (k_len < q_first + q_len): the window is then the
+    queries' end, both for the table rows used and for the limit check."""
+    tupe = TupeBias(width=6, heads=2, head_dim=2, limit=5)
+    with torch.no_grad():
+        for weight in (tupe.table.weight, tupe.query.weight, tupe.key.weight):
+            weight.normal_(0.0, 1.0)
+    term = tupe(q_len=3, k_len=2, k_offset=-2)  # queries at 2, 3, 4; keys at 0, 1: window 5
+    p = tupe.table.weight.double()
+    uq = (p[2:5] @ tupe.query.weight.double().T).view(3, 2, 2).transpose(0, 1)
+    uk = (p[0:2] @ tupe.key.weight.double().T).view(2, 2, 2).transpose(0, 1)
+    torch.testing.assert_close(term.double(), uq @ uk.transpose(1, 2) / 2.0, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"covers windows of 5 positions, but this call attends 6 "):
+        tupe(q_len=3, k_len=2, k_offset=-3)
+
+
+def test_rotary_buffers_stay_out_of_checkpoints():
+    """inv_freq, log_zeta and the cos/sin table are derived from the config, not learned: a
+    checkpoint holds none of them, so it loads into a model whose table reaches further (a longer
+    evaluation memory) and that model computes the same function on a short input."""
+    for gamma in (None, 0.4):
+        assert Rotary(8, 100.0, xpos_gamma=gamma, table_reach=4).state_dict() == {}
+    overrides = {"layers": 1, "width": 16, "seq_len": 4, "attention.heads": 2, "position.kind": "xpos",
+                 "memory.length": 2}
+    short = memlm.build("seed-tiny", **overrides).eval()
+    long = memlm.build("seed-tiny", **overrides, **{"memory.eval_multiplier": 8.0}).eval()
+    assert short.blocks[0].attention.rotary.table.shape != long.blocks[0].attention.rotary.table.shape
+    assert not any("rotary" in name for name in short.state_dict())
+    long.load_state_dict(short.state_dict())  # strict
+    ids = torch.randint(0, 256, (1, 4))
+    torch.testing.assert_close(long(ids).logits, short(ids).logits)
+
+
+def test_rotary_table_serves_every_window_within_its_reach(monkeypatch):
+    """Every run of positions inside -reach..reach-1 is read from the float32 table (no float64
+    trigonometry per call), whatever the input's dtype; a Rotary built without a reach keeps none."""
+    assert "table" not in dict(Rotary(8, 100.0, xpos_gamma=0.4).named_buffers())
+    rotary = Rotary(4, 30.0, xpos_gamma=0.4, xpos_scale_base=6.0, table_reach=5)
+    assert rotary.table.dtype == torch.float32  # kept in float32
+    x = torch.randn(1, 2, 10, 6, dtype=torch.float64)
+    expected = {(start, length, sign): rotate_by_pairs(x[:, :, :length], range(start, start + length), 4, 30.0,
+                                                       0.4, 6.0, sign)
+                for start in range(-5, 6) for length in range(0, 11) if start + length <= 5 for sign in (1.0, -1.0)}
+
+    def computed(*args, **kwargs):
+        raise AssertionError("cos/sin computed inside the table's reach")
+
+    monkeypatch.setattr(Rotary, "_tables", computed)
+    for (start, length, sign), want in expected.items():
+        got = rotary.rotate(x[:, :, :length], start, sign)
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for dtype in (torch.bfloat16, torch.float16):  # a half-precision input stays half precision
+        got = rotary.rotate(x.to(dtype), -5, -1.0)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected[(-5, 10, -1.0)], atol=3e-2, rtol=3e-2)
+
+
+def test_rotary_keeps_the_shape_of_empty_inputs():
+    for reach in (0, 3):
+        rotary = Rotary(4, 30.0, xpos_gamma=0.4, table_reach=reach)
+        for start in (-3, 0, 3, 10):
+            assert rotary.rotate(torch.randn(1, 2, 0, 6), start, 1.0).shape == (1, 2, 0, 6)  # no positions
+            assert rotary.rotate(torch.randn(1, 0, 3, 6), start, -1.0).shape == (1, 0, 3, 6)  # no heads
+
+
+def test_xpos_default_scale_base_is_the_papers_512():
+    rotary = Rotary(4, 30.0, xpos_gamma=0.5)
+    x = torch.randn(1, 1, 3, 4)
+    torch.testing.assert_close(rotary.rotate(x, torch.tensor([100, 700, -300]), -1.0).double(),
+                               rotate_by_pairs(x, [100, 700, -300], 4, 30.0, 0.5, 512.0, -1.0), atol=2e-5, rtol=2e-5)
+
+
+def test_position_terms_live_on_the_requested_device_not_torchs_default():
+    """Built and called for the CPU while torch's default device is another one (meta here): every
+    position index is made where the caller or the term's table says, so the terms are unchanged."""
+    from memlm.model.positions import AbsolutePositions
+
+    cpu = torch.device("cpu")
+    learned, sinusoidal = AbsolutePositions("learned", 6, 8), AbsolutePositions("sinusoidal", 7, 8)
+    t5, tupe = T5RelativeBias(heads=2, buckets=6, max_distance=12), TupeBias(width=6, heads=2, head_dim=3, limit=9)
+    rotary = Rotary(4, 30.0, xpos_gamma=0.4, xpos_scale_base=6.0)
+    x, positions = torch.randn(1, 2, 3, 6), torch.arange(4)
+    calls = {
+        "learned": lambda: learned(2, 5, cpu), "sinusoidal": lambda: sinusoidal(2, 5, cpu),
+        "sinusoidal_table": lambda: sinusoidal_table(positions, 7),
+        "t5": lambda: t5(3, 7, -4, cpu), "tupe": lambda: tupe(3, 7, -4),
+        "rotary": lambda: rotary.rotate(x, 5, -1.0),
+    }
+    expected = {name: call() for name, call in calls.items()}
+    with torch.device("meta"):
+        for name, call in calls.items():
+            got = call()
+            assert got.device == cpu, name
+            torch.testing.assert_close(got, expected[name])
