@@ -1,5 +1,7 @@
 """Transformer-XL recurrence, per-layer lengths, layerwise feedback and persistent memory."""
 
+import copy
+
 import pytest
 import torch
 
@@ -316,14 +318,16 @@ def test_memory_after_every_segment_is_the_last_length_states_of_its_stream(feed
     assert state.layers[0]["mem"].shape == (2, 0, 32)
 
 
-@pytest.mark.parametrize("fn,feedback", [("max", "none"), ("mean", "memory"), ("conv", "none"),
-                                         ("most_used", "none"), ("most_used", "memory")])
-def test_compression_at_roll_time_matches_the_stream_definition(fn, feedback):
+@pytest.mark.parametrize("fn,feedback,placement", [("max", "none", "pre"), ("mean", "memory", "pre"),
+                                                   ("conv", "none", "pre"), ("most_used", "none", "pre"),
+                                                   ("most_used", "memory", "pre"), ("most_used", "none", "post")])
+def test_compression_at_roll_time_matches_the_stream_definition(fn, feedback, placement):
     """Rate 3 with memories of 5, 8 and 3 states: rolls compress overflows of 3 and 6 states and drop
     (overflow mod 3) oldest ones; compressed memory keeps its last 5 slots; every layer attends to
-    [cmem | mem | segment]; token by token rolls and compresses exactly like segments."""
+    [cmem | mem | segment]; token by token rolls and compresses exactly like segments. most-used
+    ranks by the content attention of the layer's normed inputs (pre-norm) or raw ones (post-norm)."""
     model = build(**{"position.kind": "rope", "memory.lengths": [5, 8, 3], "memory.feedback": feedback,
-                     "memory.compress_rate": 3, "memory.compress_length": 5, "memory.compress_fn": fn, "bias": True})
+                     "memory.compress_rate": 3, "memory.compress_length": 5, "memory.compress_fn": fn, "bias": True, "norm.placement": placement})
     with torch.no_grad():
         for block in model.blocks:
             block.attention.qkv.bias.normal_()
@@ -344,3 +348,116 @@ def test_compression_at_roll_time_matches_the_stream_definition(fn, feedback):
         state = out.state
     torch.testing.assert_close(torch.cat(logits, dim=1), expected_logits, atol=1e-5, rtol=0)
     assert_state_matches(state, expected[-1])
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_compression_loss_is_the_mean_reconstruction_loss_of_the_layers_that_compressed(placement):
+    """Training with a learned (conv) compressor: aux_loss = mean over the layers whose memory
+    overflowed at this roll of |attn(h, old) - attn(h, conv(old))|^2, h the layer's segment inputs,
+    all through the attention norm where it comes first; no loss in evaluation, under no_grad, or
+    for a compression without parameters."""
+    from tests.memory.test_compressive import manual_content_attention
+
+    extra = {"position.kind": "rope", "memory.lengths": [5, 8, 3], "memory.compress_rate": 3,
+             "memory.compress_length": 5, "memory.compress_loss": 1.0, "norm.placement": placement}
+    model = build(**extra).train()
+    assert model.compressors[0].conv.bias is None
+    ids = torch.randint(0, 256, (2, 16))
+    inputs = [[] for _ in model.blocks]
+    hooks = [block.register_forward_pre_hook(lambda module, args, i=i: inputs[i].append(args[0].detach()))
+             for i, block in enumerate(model.blocks)]
+    try:
+        first = model(ids[:, :8], state=model.init_state(2))
+        second = model(ids[:, 8:], state=first.state)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    @torch.no_grad()
+    def reconstruction(i, segment, old):
+        block, conv = model.blocks[i], model.compressors[i].conv
+        norm = block.attn_norm if block.pre_norm else (lambda t: t)
+        compressed = torch.einsum("oik,bnki->bno", conv.weight, old.unflatten(1, (-1, 3)))  # bias-free (seed)
+        return (manual_content_attention(block.attention, norm(segment), norm(old))
+                - manual_content_attention(block.attention, norm(segment), norm(compressed))).pow(2).mean()
+
+    stream = [torch.cat(inputs[i], dim=1) for i in range(3)]  # (2, 16, 32) block inputs of both segments
+    # first roll: 8 - 5 = 3 states leave layer 0, none layer 1, 5 layer 2 (its oldest 2 dropped)
+    expected_first = [reconstruction(0, stream[0][:, :8], stream[0][:, :3]),
+                      reconstruction(2, stream[2][:, :8], stream[2][:, 2:5])]
+    # second roll: 8 leave each layer, the oldest 2 of them dropped
+    expected_second = [reconstruction(0, stream[0][:, 8:], stream[0][:, 5:11]),
+                       reconstruction(1, stream[1][:, 8:], stream[1][:, 2:8]),
+                       reconstruction(2, stream[2][:, 8:], stream[2][:, 7:13])]
+    torch.testing.assert_close(first.aux_loss.double(), torch.stack(expected_first).mean(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(second.aux_loss.double(), torch.stack(expected_second).mean(), rtol=1e-4, atol=1e-7)
+    assert second.aux_loss > 0
+    with torch.no_grad():
+        assert model(ids[:, 8:], state=first.state).aux_loss == 0
+    assert model.eval()(ids[:, 8:], state=first.state).aux_loss == 0
+    pooled = build(**extra, **{"memory.compress_fn": "max"}).train()
+    pooled_first = pooled(ids[:, :8], state=pooled.init_state(2))
+    assert pooled_first.aux_loss == 0 and pooled(ids[:, 8:], state=pooled_first.state).aux_loss == 0
+
+
+def test_additive_feedback_covers_segments_longer_than_the_width():
+    """Every position of a segment gets the previous segment's upper output at its own index, also
+    when a segment (24 positions) is longer than the model is wide (16), and in pieces."""
+    model = memlm.build("seed-tiny", layers=2, width=16, seq_len=24, max_positions=256,
+                        **{"attention.heads": 2, "memory.feedback": "add"}).eval()
+    ids = torch.randint(0, 256, (1, 48))
+    _, _, outputs = reference_segment(model, ids[:, :24], [None] * 2, 0)
+    x = model.embed(ids[:, 24:])
+    ctx = SegmentContext(q_start=24, row_start=None, keep=None, bias=model._bias_provider(24, 24, ids.device))
+    for block, fb in zip(model.blocks, [outputs[1], outputs[1]]):
+        x, _ = block(x + fb, ctx, None, None)
+    expected = model.head(model.final_norm(x))
+    state, logits = model.init_state(1), []
+    for piece in pieces_of(ids, [24, 5, 19]):
+        out = model(piece, state=state)
+        logits.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(logits, dim=1)[:, 24:], expected, atol=1e-5, rtol=0)
+
+
+def test_a_float32_state_resumes_in_a_bfloat16_model():
+    """The additive feedback a float32 run leaves is added in the model's own dtype."""
+    model = build(**{"memory.feedback": "add"})
+    ids = torch.randint(0, 256, (2, 16))
+    state = model(ids[:, :8], state=model.init_state(2)).state
+    reference = model(ids[:, 8:], state=state).logits
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    logits = half(ids[:, 8:], state=state).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("layers", [[0], [1, 2]])
+def test_knn_stores_receive_each_completed_segment_at_its_stream_positions(layers):
+    """A kNN layer's store gets a segment's unit keys and values (of its normed block inputs) once
+    the segment completes, at its stream positions, whatever pieces it arrives in; an unfinished
+    segment writes nothing."""
+    model = build(**{"memory.length": 4, "memory.knn_layers": layers, "memory.knn_k": 4,
+                     "memory.knn_capacity": 64})
+    ids = torch.randint(0, 256, (2, 30))
+    inputs = [[] for _ in model.blocks]
+    hooks = [block.register_forward_pre_hook(lambda module, args, i=i: inputs[i].append(args[0]))
+             for i, block in enumerate(model.blocks)]
+    state, position = model.init_state(2), 0
+    try:
+        for piece in pieces_of(ids, [3, 5, 8, 2, 6, 1, 5]):
+            state = model(piece, state=state).state
+            position += piece.shape[1]
+            completed = position - position % 8
+            for layer in layers:
+                block = model.blocks[layer]
+                x = torch.cat(inputs[layer], dim=1)[:, :completed]
+                k, v = block.attention.project_kv(block.attn_norm(x))
+                for row in range(2):
+                    keys, values, positions = state.stores[layer].entries(row)
+                    assert positions.tolist() == list(range(completed))
+                    torch.testing.assert_close(keys, torch.nn.functional.normalize(k[row], dim=-1))
+                    torch.testing.assert_close(values, v[row])
+    finally:
+        for hook in hooks:
+            hook.remove()
