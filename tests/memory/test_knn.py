@@ -388,3 +388,18 @@ def test_completed_segments_write_their_keys_values_and_positions(placement):
             assert positions.tolist() == list(range(16))
             torch.testing.assert_close(keys, torch.nn.functional.normalize(k[row], dim=-1), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(values, v[row], atol=1e-5, rtol=1e-5)
+
+
+def test_gate_combines_in_the_layers_dtype():
+    """A bfloat16 layer's gated result stays bfloat16 and equals the gate formula (float64 reference)."""
+    torch.manual_seed(11)
+    layer = KnnAttention(heads=2, k=3, combine="gate", straight_through=False)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.8, -1.2]))
+    store, keys, values = filled_store(rows=1, heads=1, dim=8, n=5, dtype=torch.bfloat16)
+    q, local = torch.randn(1, 2, 4, 8).to(torch.bfloat16), torch.randn(1, 2, 4, 8).to(torch.bfloat16)
+    out = layer(local, None, store, q, 0.5, 0.0)
+    assert out.dtype == torch.bfloat16
+    retrieved, _ = brute_force_read(q, keys, values, 3, 0.5)
+    g = torch.sigmoid(torch.tensor([0.8, -1.2], dtype=torch.float64))[None, :, None, None]
+    torch.testing.assert_close(out.double(), g * retrieved + (1 - g) * local.double(), atol=0.03, rtol=0.03)
