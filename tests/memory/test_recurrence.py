@@ -461,3 +461,17 @@ def test_knn_stores_receive_each_completed_segment_at_its_stream_positions(layer
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_a_single_layer_model_rolls_like_the_stream_definition():
+    """One block (its own output is the top): memory and logits per segment and per piece."""
+    model = build(**{"layers": 1, "position.kind": "rope", "memory.length": 6})
+    ids = torch.randint(0, 256, (2, 24))
+    expected_logits, expected = reference_stream(model, ids)
+    state, logits = model.init_state(2), []
+    for piece in pieces_of(ids, [5, 3, 8, 1, 7]):
+        out = model(piece, state=state)
+        logits.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(logits, dim=1), expected_logits, atol=1e-5, rtol=0)
+    assert_state_matches(state, expected[-1])
