@@ -1,6 +1,7 @@
 """Compressive memory (arXiv 1911.05507): what trains the compressor, and its formulas against
 independent computations."""
 
+import copy
 import math
 
 import pytest
@@ -118,3 +119,71 @@ def test_bias_free_compressor_has_no_bias_and_conv_is_the_strided_convolution():
     expected = torch.einsum("oik,bki->bo", free.conv.weight, old[:, 4:6])
     torch.testing.assert_close(free(old)[:, 2], expected)
     assert memlm.build("seed-compressive-tiny").compressors[0].conv.bias is None
+
+
+def randomise_biases(attention):
+    with torch.no_grad():
+        attention.qkv.bias.normal_()
+
+
+@pytest.mark.parametrize("preset", ["seed-tiny", "vanilla-tiny"])
+def test_content_attention_is_the_layers_softmax_attention_with_its_biases(preset):
+    """Key biases move QK-normed scores and value biases move every output: both are the layer's."""
+    model = memlm.build(preset, **tiny_overrides(layers=1, bias=True))
+    attention = model.blocks[0].attention
+    randomise_biases(attention)
+    h, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    expected = manual_content_attention(attention, h, memory)
+    torch.testing.assert_close(compressive.content_attention(attention, h, memory).double(), expected,
+                               rtol=1e-4, atol=1e-5)
+    if attention.qk_scale is not None:  # under QK-norm the key bias changes which memories are used
+        unbiased = copy.deepcopy(attention)
+        keys = slice(attention.heads * attention.head_dim, (attention.heads + attention.kv_heads) * attention.head_dim)
+        with torch.no_grad():
+            unbiased.qkv.bias[keys] = 0
+        assert not torch.allclose(compressive.usage(attention, h, memory), compressive.usage(unbiased, h, memory),
+                                  atol=1e-3)
+    torch.testing.assert_close(compressive.usage(attention, h, memory).double(),
+                               manual_content_weights(attention, h, memory).sum(dim=(1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def manual_content_weights(attention, h, memory):
+    """(B, H, T, n) softmax weights of every head, written out from the layer's weights (float64)."""
+    H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
+    w, b = attention.qkv.weight.double(), attention.qkv.bias.double()
+    q = (h.double() @ w[:H * D].T + b[:H * D]).unflatten(-1, (H, D)).transpose(1, 2)
+    k = (memory.double() @ w[H * D:H * D + Hkv * D].T + b[H * D:H * D + Hkv * D]).unflatten(-1, (Hkv, D))
+    k = k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    if attention.qk_scale is not None:
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        return (q @ k.transpose(-1, -2) * attention.qk_scale.double()).softmax(-1)
+    return (q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1)
+
+
+def test_content_attention_in_bfloat16_returns_the_layers_dtype():
+    """A bfloat16 layer's content attention: float32 softmax, output in bfloat16, close to float64."""
+    model = memlm.build("vanilla-tiny", **tiny_overrides(layers=1)).to(torch.bfloat16)
+    attention = model.blocks[0].attention
+    h, memory = torch.randn(2, 5, 32, dtype=torch.bfloat16), torch.randn(2, 6, 32, dtype=torch.bfloat16)
+    out = compressive.content_attention(attention, h, memory)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), manual_content_attention(attention, h, memory), rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["max", "mean", "most_used"])
+def test_pooling_compressors_have_no_parameters(kind):
+    """Only the convolution is learned: max, mean and most-used add no parameter to the model."""
+    assert list(compressive.Compressor(kind, 32, 2).parameters()) == []
+    plain = memlm.build("seed-tiny", **tiny_overrides(layers=2, seq_len=8, **{"memory.length": 8}))
+    model = build(**{"memory.compress_fn": kind})
+    assert model.num_parameters() == plain.num_parameters()
+
+
+def test_most_used_keeps_each_rows_most_attended_memories_in_order():
+    """Per batch row: the n = len / c memories with the largest usage, oldest first."""
+    old = torch.randn(3, 8, 5)
+    usage = torch.rand(3, 8)
+    out = compressive.Compressor("most_used", 5, 2)(old, usage)
+    for row in range(3):
+        ranked = sorted(range(8), key=lambda j: -usage[row, j].item())[:4]
+        torch.testing.assert_close(out[row], old[row, sorted(ranked)])

@@ -241,3 +241,165 @@ def test_states_made_on_two_names_of_one_device_share_the_compiled_graphs():
             state = compiled(ids, state=state).state.detach()
         frames.append(counter.frame_count)
     assert frames[1] == frames[0]
+
+
+def filled_store(rows, heads, dim, n, dtype=torch.float32):
+    """An exact store holding n unit keys and values per row and kv head; returns it and them (float64)."""
+    store = make_store("exact", rows=rows, heads=heads, dim=dim, capacity=32, device="cpu", dtype=dtype)
+    keys = torch.nn.functional.normalize(torch.randn(rows, heads, n, dim), dim=-1)
+    values = torch.randn(rows, heads, n, dim)
+    store.write(keys, values, torch.arange(n))
+    keys, values = keys.to(dtype), values.to(dtype)  # what the store holds
+    return store, keys.double(), values.double()
+
+
+def brute_force_read(q, keys, values, k, scale):
+    """Every query head (kv head = head // G) scores every stored pair by q . unit key * scale and
+    attends over its k best: (out (B, H, T, D), lse (B, H, T)), float64."""
+    B, H, T, D = q.shape
+    G = H // keys.shape[1]
+    out, lse = torch.zeros(B, H, T, D, dtype=torch.float64), torch.zeros(B, H, T, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                scores = (keys[b, h // G] @ q[b, h, t].double()) * scale  # (n,)
+                top = scores.topk(k).indices
+                out[b, h, t] = scores[top].softmax(-1) @ values[b, h // G][top]
+                lse[b, h, t] = scores[top].logsumexp(-1)
+    return out, lse
+
+
+def test_read_attends_over_the_k_best_of_everything_stored():
+    """k = 3 of 10 stored pairs per row and kv head, two query heads per kv head, queries of any norm:
+    the k best by q . unit key (scaled), one softmax over them; its log-sum-exp is returned."""
+    torch.manual_seed(6)
+    layer = KnnAttention(heads=4, k=3, combine="gate", straight_through=False)
+    store, keys, values = filled_store(rows=2, heads=2, dim=4, n=10)
+    q = torch.randn(2, 4, 5, 4) * torch.rand(2, 4, 5, 1) * 3
+    out, lse = layer.read(store, q, 0.8, 0.0)
+    expected, expected_lse = brute_force_read(q, keys, values, 3, 0.8)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_read_in_bfloat16_returns_the_queries_dtype():
+    """A bfloat16 layer reads a bfloat16 store: keys and values come back in the query's dtype."""
+    torch.manual_seed(7)
+    layer = KnnAttention(heads=2, k=4, combine="gate", straight_through=False)
+    store, keys, values = filled_store(rows=1, heads=2, dim=8, n=6, dtype=torch.bfloat16)
+    q = torch.randn(1, 2, 3, 8).to(torch.bfloat16)
+    out, lse = layer.read(store, q, 0.5, 0.0)
+    assert out.dtype == torch.bfloat16
+    expected, _ = brute_force_read(q, keys, values, 4, 0.5)
+    torch.testing.assert_close(out.double(), expected, atol=0.03, rtol=0.03)
+
+
+def test_gate_is_closed_only_for_rows_that_retrieve_nothing():
+    """Row 1 of the store is cleared (a new document): its queries take the local result alone, while
+    row 0 mixes g * retrieved + (1 - g) * local."""
+    torch.manual_seed(8)
+    layer = KnnAttention(heads=2, k=2, combine="gate", straight_through=False)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([1.5, -0.5]))
+    store, keys, values = filled_store(rows=2, heads=1, dim=4, n=5)
+    store.reset(torch.tensor([False, True]))
+    q, local = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    out = layer(local, None, store, q, 0.7, 0.0)
+    retrieved, _ = brute_force_read(q[:1], keys[:1], values[:1], 2, 0.7)
+    g = torch.sigmoid(torch.tensor([1.5, -0.5], dtype=torch.float64))[None, :, None, None]
+    torch.testing.assert_close(out[:1].double(), g * retrieved + (1 - g) * local[:1].double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], local[1], atol=0, rtol=0)
+    _, lse = layer.read(store, q, 0.7, 0.0)
+    assert torch.isinf(lse[1]).all() and torch.isfinite(lse[0]).all()
+
+
+def test_dropout_drops_retrieved_weights_and_rescales_the_others():
+    """Retrieved attention weights under dropout p are each 0 or weight / (1 - p): with one-hot values
+    the output shows every weight."""
+    torch.manual_seed(9)
+    layer = KnnAttention(heads=1, k=8, combine="gate", straight_through=False)
+    store = make_store("exact", rows=1, heads=1, dim=8, capacity=8, device="cpu")
+    keys = torch.nn.functional.normalize(torch.randn(1, 1, 8, 8), dim=-1)
+    store.write(keys, torch.eye(8)[None, None], torch.arange(8))  # value j = e_j
+    q = torch.randn(1, 1, 64, 8)
+    weights = ((q[0, 0] @ keys[0, 0].T) * 0.9).softmax(-1)  # (64, 8): every stored pair retrieved
+    plain, _ = layer.read(store, q, 0.9, 0.0)
+    torch.testing.assert_close(plain[0, 0], weights, atol=1e-5, rtol=1e-5)
+    dropped, _ = layer.read(store, q, 0.9, 0.5)
+    kept = dropped[0, 0] != 0
+    torch.testing.assert_close(dropped[0, 0][kept], 2 * weights[kept], atol=1e-5, rtol=1e-5)
+    assert 0.3 < kept.float().mean() < 0.7
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_query_gradient_matches_the_formula(straight_through):
+    """The retrieved pairs are constants; straight-through adds the unit query's gradient path to them,
+    k' = k + (q^ - sg(q^)), v' = v + (q^ - sg(q^)): the query gradient against autograd through
+    the formula written out in float64."""
+    torch.manual_seed(10)
+    layer = KnnAttention(heads=2, k=3, combine="joint", straight_through=straight_through)
+    store, keys, values = filled_store(rows=1, heads=1, dim=4, n=7)
+    q = torch.randn(1, 2, 4, 4, requires_grad=True)
+    weight = torch.randn(1, 2, 4, 4)
+    out, lse = layer.read(store, q, 0.6, 0.0)
+    (grad,) = torch.autograd.grad((out * weight).sum() + lse.sum(), q)
+    q64 = q.detach().double().requires_grad_()
+    total = 0
+    for h in range(2):
+        for t in range(4):
+            qv = q64[0, h, t]
+            top = (keys[0, 0] @ qv.detach()).topk(3).indices
+            k, v = keys[0, 0][top], values[0, 0][top]
+            if straight_through:
+                unit = qv / qv.norm()
+                k, v = k + (unit - unit.detach()), v + (unit - unit.detach())
+            scores = (k @ qv) * 0.6
+            total = total + scores.softmax(-1) @ v @ weight[0, h, t].double() + scores.logsumexp(-1)
+    (expected,) = torch.autograd.grad(total, q64)
+    torch.testing.assert_close(grad.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_completed_segments_write_their_keys_values_and_positions(placement):
+    """Each completed segment of the kNN layer writes, at its stream positions, the unit keys and the
+    values of its block inputs (through the attention norm only where it comes first), also when
+    the segment arrives in pieces; an unfinished segment writes nothing."""
+    model = build(**{"norm.placement": placement, "attention.kv_heads": 2, "memory.knn_layers": [0, 1]})
+    ids = torch.randint(0, 256, (2, 20))
+    inputs = {0: [], 1: []}
+    hooks = [model.blocks[i].register_forward_pre_hook(lambda module, args, i=i: inputs[i].append(args[0]))
+             for i in (0, 1)]
+    state = model.init_state(2)
+    try:
+        for start, size in [(0, 3), (3, 5), (8, 8), (16, 4)]:
+            state = model(ids[:, start:start + size], state=state).state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer in (0, 1):
+        block = model.blocks[layer]
+        x = torch.cat(inputs[layer], dim=1)[:, :16]  # the two completed segments
+        h = block.attn_norm(x) if placement == "pre" else x
+        kv = torch.nn.functional.linear(h, block.attention.qkv.weight[32:], block.attention.qkv.bias[32:]
+                                        if block.attention.qkv.bias is not None else None)
+        k, v = kv.unflatten(-1, (2, 2, 8)).permute(2, 0, 3, 1, 4)  # (2: k/v, B, Hkv, T, D)
+        for row in range(2):
+            keys, values, positions = state.stores[layer].entries(row)
+            assert positions.tolist() == list(range(16))
+            torch.testing.assert_close(keys, torch.nn.functional.normalize(k[row], dim=-1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values, v[row], atol=1e-5, rtol=1e-5)
+
+
+def test_gate_combines_in_the_layers_dtype():
+    """A bfloat16 layer's gated result stays bfloat16 and equals the gate formula (float64 reference)."""
+    torch.manual_seed(11)
+    layer = KnnAttention(heads=2, k=3, combine="gate", straight_through=False)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.8, -1.2]))
+    store, keys, values = filled_store(rows=1, heads=1, dim=8, n=5, dtype=torch.bfloat16)
+    q, local = torch.randn(1, 2, 4, 8).to(torch.bfloat16), torch.randn(1, 2, 4, 8).to(torch.bfloat16)
+    out = layer(local, None, store, q, 0.5, 0.0)
+    assert out.dtype == torch.bfloat16
+    retrieved, _ = brute_force_read(q, keys, values, 3, 0.5)
+    g = torch.sigmoid(torch.tensor([0.8, -1.2], dtype=torch.float64))[None, :, None, None]
+    torch.testing.assert_close(out.double(), g * retrieved + (1 - g) * local.double(), atol=0.03, rtol=0.03)
