@@ -77,9 +77,8 @@ def test_eval_refuses_to_score_non_finite_weights(corpus, tmp_path, capsys):
     model, _ = checkpoint.load_model(run)
     with torch.no_grad():
         model.blocks[0].attention.qkv.weight.fill_(math.nan)
-    target = checkpoint.find(run)
-    import safetensors.torch
-    safetensors.torch.save_model(model, str(target / checkpoint.WEIGHTS))
+    target = checkpoint.find(run)  # a checkpoint whose weights are NaN, its manifest consistent
+    checkpoint.save(run / "checkpoints", 3, model, {"step": 3}, checkpoint.read_config(target))
     rc = main(["eval", str(run), "--device", "cpu", "--max-tokens", "64"])
     assert rc == 2
     assert "test bpb is nan, not a score" in capsys.readouterr().err
