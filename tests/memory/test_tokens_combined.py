@@ -163,6 +163,26 @@ def test_feedback_and_knn_combinations_match_their_definition(combo, recurrent):
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
+def test_a_segment_attends_to_the_compressed_and_recurrent_memory_of_its_state(recurrent):
+    """The fourth segment by hand: [read | tokens | write] after each layer's [cmem | mem] of the state."""
+    model = build(recurrent, **{"position.kind": "t5"}, **COMBOS["compressive"])
+    ids = torch.randint(0, 256, (2, 4 * L))
+    _, state = by_segments(model, ids[:, :3 * L], L)
+    assert all(layer["cmem"].shape[1] and layer["mem"].shape[1] for layer in state.layers)
+    learned = model.memory_tokens.embedding.expand(2, -1, -1)
+    read = state.layers[0]["memory_tokens"] if recurrent else learned
+    x = torch.cat([read, model.embed(ids[:, 3 * L:])] + ([learned] if recurrent else []), dim=1)
+    q_start = 3 * L - M
+    ctx = SegmentContext(q_start=q_start, row_start=None, keep=None,
+                         bias=model._bias_provider(q_start, x.shape[1], ids.device))
+    for block, layer in zip(model.blocks, state.layers):
+        x, _ = block(x, ctx, None, torch.cat([layer["cmem"], layer["mem"]], dim=1))
+    expected = model.head(model.final_norm(x[:, M:M + L]))
+    for size in (L, 1, 5):
+        torch.testing.assert_close(by_segments(model, ids[:, 3 * L:], size, state)[0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
 def test_an_unused_knn_memory_equals_memory_tokens_alone(recurrent):
     """kNN layers with their gate shut take the hidden-state path of the combination with
     memory length 0; it must give what memory tokens alone (key/value cache path) give."""
