@@ -67,7 +67,7 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
     H, HKV, D = attn.heads, attn.kv_heads, attn.head_dim
     G = H // HKV
     W = attn.qkv.weight.double()
-    b_qkv = attn.qkv.bias.double() if attn.qkv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    b_qkv = attn.qkv.bias.double() if config.bias else torch.zeros(W.shape[0], dtype=torch.float64)
 
     def proj(x, start):  # rows start..start+D of the fused projection
         return x.double() @ W[start:start + D].T + b_qkv[start:start + D]
@@ -142,7 +142,7 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
                 weights = torch.softmax(logits, 0) * torch.tensor(drop, dtype=torch.float64)
                 out[b, i, head * D:(head + 1) * D] = weights @ torch.stack(vals)
     w_out = attn.out.weight.double()
-    return out @ w_out.T + (attn.out.bias.double() if attn.out.bias is not None else 0.0)
+    return out @ w_out.T + (attn.out.bias.double() if config.bias else 0.0)
 
 
 def close(actual, expected):
