@@ -67,12 +67,12 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
     H, HKV, D = attn.heads, attn.kv_heads, attn.head_dim
     G = H // HKV
     W = attn.qkv.weight.double()
-    b_qkv = attn.qkv.bias.double() if attn.qkv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    b_qkv = attn.qkv.bias.double() if config.bias else torch.zeros(W.shape[0], dtype=torch.float64)
 
     def proj(x, start):  # rows start..start+D of the fused projection
         return x.double() @ W[start:start + D].T + b_qkv[start:start + D]
 
-    qk_norm = attn.qk_scale is not None
+    qk_norm = config.attention.qk_norm  # the mechanisms from the config, their values from the layer
     g = attn.qk_scale.double().item() if qk_norm else 1.0
     scale = 1.0 if qk_norm else 1.0 / math.sqrt((2 if config.position.kind == "tupe" else 1) * D)
     unit = (lambda x: x / x.norm(dim=-1, keepdim=True)) if qk_norm else (lambda x: x)
@@ -107,7 +107,7 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
                         if row_start is not None and q_start + n < row_start[b]:
                             visible = False
                     weight_log = 0.0
-                    if attn.span is not None:
+                    if config.memory.adaptive_span:
                         m = (attn.span.ramp + attn.span.span[head].item() - (i - n)) / attn.span.ramp
                         m = min(max(m, 0.0), 1.0)
                         if m == 0.0:
@@ -122,7 +122,7 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
                     logits.append(s + weight_log)
                     vals.append(V[j])
                     drop.append(1.0 if dropout_masks is None else dropout_masks[0][b, head, i, j].item())
-                if attn.persistent_k is not None:  # no position, no bias, no mask
+                if config.memory.persistent:  # no position, no bias, no mask
                     pk = unit(attn.persistent_k[kv].double())
                     for p in range(pk.shape[0]):
                         logits.append(g * scale * (q[i] @ pk[p]))
@@ -142,7 +142,7 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
                 weights = torch.softmax(logits, 0) * torch.tensor(drop, dtype=torch.float64)
                 out[b, i, head * D:(head + 1) * D] = weights @ torch.stack(vals)
     w_out = attn.out.weight.double()
-    return out @ w_out.T + (attn.out.bias.double() if attn.out.bias is not None else 0.0)
+    return out @ w_out.T + (attn.out.bias.double() if config.bias else 0.0)
 
 
 def close(actual, expected):
@@ -247,10 +247,12 @@ def test_key_mask_formula():
     assert context(q_start=8).key_mask(4, 3, torch.device("cpu")) is None
     # keys at stream positions 4..10: the cache's 4 and the segment's 3
     only_keep = context(q_start=8, keep=keep).key_mask(4, 3, torch.device("cpu"))
+    assert only_keep.dtype == torch.bool
     assert only_keep.tolist() == [[True] * 4 + [True, False, True], [True] * 4 + [False, True, True]]
     only_rows = context(q_start=8, row_start=row_start).key_mask(4, 3, torch.device("cpu"))
     assert only_rows.tolist() == [[p >= 5 for p in range(4, 11)], [p >= 9 for p in range(4, 11)]]
     both = context(q_start=8, row_start=row_start, keep=keep).key_mask(4, 3, torch.device("cpu"))
+    assert only_rows.dtype == both.dtype == torch.bool
     assert both.tolist() == [[a and b for a, b in zip(r, k)] for r, k in zip(only_rows.tolist(), only_keep.tolist())]
     assert context(q_start=8, row_start=row_start).key_positions(4, 3, torch.device("cpu")).tolist() == \
         list(range(4, 11))
@@ -296,8 +298,11 @@ def test_persistent_vectors_init_scales():
     assert attn.persistent_v.std().item() == pytest.approx(0.05, rel=0.05)
 
 
-def test_dropout_acts_on_the_joint_probabilities_in_training_only():
-    config, attn = layer(**{"attention.dropout": 0.5, "memory.persistent": 2})
+@pytest.mark.parametrize("persistent", [0, 2])
+def test_dropout_acts_on_the_joint_probabilities_in_training_only(persistent):
+    """The configured kernel (eager) drops attention probabilities in training only; persistent
+    vectors' probabilities are dropped with the same rate, as dropout on the joint softmax."""
+    config, attn = layer(**{"attention.dropout": 0.5, "memory.persistent": persistent})
     h = torch.randn(2, 5, WIDTH)
     expected = reference(config, attn, h)
     close(attn(h, context(), None)[0], expected)  # evaluation: no dropout
@@ -305,22 +310,23 @@ def test_dropout_acts_on_the_joint_probabilities_in_training_only():
     torch.manual_seed(3)
     y = attn(h, context(), None)[0]
     torch.manual_seed(3)  # the same draws: the kernel's mask over the keys, then the persistent ones'
-    masks = (F.dropout(torch.ones(2, H, 5, 5), 0.5), F.dropout(torch.ones(2, H, 5, 2), 0.5))
+    masks = (F.dropout(torch.ones(2, H, 5, 5), 0.5), F.dropout(torch.ones(2, H, 5, persistent), 0.5))
     close(y, reference(config, attn, h, dropout_masks=masks))
     assert not torch.allclose(y.double(), expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("spans,limit", [([0.5, 7.0, 1.5, 2.0], 9), ([0.5, 14.0, 1.5, 2.0], 16)])
 @pytest.mark.parametrize("overrides", [{}, {"position.kind": "tupe"}])
-def test_adaptive_span_weights_keys_by_the_soft_mask(overrides, monkeypatch):
+def test_adaptive_span_weights_keys_by_the_soft_mask(overrides, spans, limit, monkeypatch):
     """Weights m(x) * exp(s) with m = clamp((R + z_h - x) / R, 0, 1) at distance x; memory beyond
     the longest span is dropped (it would be masked anyway) and the window positions of a bias do
     not move."""
     config, attn = layer(**{"memory.length": 12, "memory.adaptive_span": True, "memory.span_ramp": 2,
                             "memory.span_init": 0.0, **overrides})
     with torch.no_grad():
-        attn.span.span.copy_(torch.tensor([0.5, 7.0, 1.5, 2.0]))
+        attn.span.span.copy_(torch.tensor(spans))
     attn.span.clamp_()
-    assert attn.span.limit == 9  # keys at distance 9 or more are masked for every head
+    assert attn.span.limit == limit  # keys at this distance or more are masked for every head
     table = torch.randn(H, 30, 30)
 
     def bias(index, k_offset, k_len):
@@ -329,7 +335,7 @@ def test_adaptive_span_weights_keys_by_the_soft_mask(overrides, monkeypatch):
     h, memory = torch.randn(2, 4, WIDTH), torch.randn(2, 12, WIDTH)
     expected = reference(config, attn, h, memory=memory, q_start=12)
     expected_bias = reference(config, attn, h, memory=memory, q_start=12, bias=bias)
-    for step in (64, 2, 3):  # 64 keeps the whole memory; 2 keeps the last 10 positions, 3 the last 9
+    for step in (64, 2, 3):  # limit 9: 64 keeps the whole memory, 2 the last 10 positions, 3 the last 9
         monkeypatch.setattr(attention_module, "SPAN_TRIM_STEP", step)
         close(attn(h, context(q_start=12), None, memory)[0], expected)
         close(attn(h, context(q_start=12, bias=bias), None, memory)[0], expected_bias)
@@ -410,3 +416,24 @@ def test_knn_gradients_reach_the_queries_through_the_retrieved_pairs(straight_th
     h_other = h.detach().double().requires_grad_()
     (reference(config, attn, h_other, stored=stored, straight_through=not straight_through) * weights).sum().backward()
     assert not torch.allclose(h_other.grad, h_ref.grad, atol=1e-3)
+
+
+def test_layer_computes_on_its_inputs_device_not_torchs_default():
+    """Masks, positions, spans and biases are built on h's device: with torch's default device set
+    to another one (meta here) the layer gives the same output on the CPU."""
+    config, attn = layer(**{"position.kind": "tupe", "memory.length": 12, "memory.adaptive_span": True,
+                            "memory.span_ramp": 2, "memory.persistent": 2, "attention.qk_norm": True})
+    with torch.no_grad():
+        attn.span.span.copy_(torch.tensor([0.5, 7.0, 1.5, 2.0]))
+    attn.span.clamp_()
+    table = torch.randn(H, 30, 30)
+    h, memory = torch.randn(2, 4, WIDTH), torch.randn(2, 12, WIDTH)
+    ctx = context(q_start=12, row_start=torch.tensor([14, 0]), keep=torch.tensor([[True, False, True, False]] * 2),
+                  bias=lambda index, k_offset, k_len: table[:, -k_offset:-k_offset + 4, :k_len])
+    expected = reference(config, attn, h, memory=memory, q_start=12, row_start=ctx.row_start, keep=ctx.keep,
+                         bias=ctx.bias)
+    with torch.device("meta"):
+        y, _ = attn(h, ctx, None, memory)
+        mask = ctx.key_mask(12, 4, torch.device("cpu"))
+    assert y.device.type == "cpu" and mask.device.type == "cpu"
+    close(y, expected)
