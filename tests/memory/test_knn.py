@@ -1,5 +1,7 @@
 """kNN memory (Memorizing Transformers): the layer around the external store."""
 
+import sys
+
 import pytest
 import torch
 
@@ -7,6 +9,12 @@ import memlm
 from memlm.memory.knn import KnnAttention
 from memlm.memory.stores import make_store
 from tests.conftest import by_segments, tiny_overrides
+
+
+def under_mutation_testing():
+    """True when memlm runs trampolined by mutmut (scripts/mutate.py): its wrappers read os.environ
+    at every call, which dynamo guards on and recompiles for, so compile counts mean nothing there."""
+    return "mutmut.mutation.trampoline" in sys.modules
 
 
 def build(**extra):
@@ -217,7 +225,8 @@ def test_compiled_model_does_not_recompile_while_the_store_fills():
         out = compiled(segment, state=compiled_state)
         torch.testing.assert_close(out.logits, eager.logits, atol=1e-5, rtol=0)
         eager_state, compiled_state = eager.state, out.state
-    assert counter.frame_count == 2
+    if not under_mutation_testing():
+        assert counter.frame_count == 2
     assert compiled_state.stores[1].counts.tolist() == eager_state.stores[1].counts.tolist() == [40, 40]
 
 
@@ -240,7 +249,8 @@ def test_states_made_on_two_names_of_one_device_share_the_compiled_graphs():
         for _ in range(3):
             state = compiled(ids, state=state).state.detach()
         frames.append(counter.frame_count)
-    assert frames[1] == frames[0]
+    if not under_mutation_testing():
+        assert frames[1] == frames[0]
 
 
 def filled_store(rows, heads, dim, n, dtype=torch.float32):

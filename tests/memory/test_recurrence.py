@@ -475,3 +475,21 @@ def test_a_single_layer_model_rolls_like_the_stream_definition():
         state = out.state
     torch.testing.assert_close(torch.cat(logits, dim=1), expected_logits, atol=1e-5, rtol=0)
     assert_state_matches(state, expected[-1])
+
+
+def test_external_feedback_feeds_the_top_layer_at_every_roll():
+    """An 'external' tensor set once on the top layer stays in the state and is what the top layer's
+    memory receives at every roll; the layers below still take the next block's outputs."""
+    model = build(**{"position.kind": "rope", "memory.lengths": [4, 6, 8], "memory.feedback": "memory"})
+    ids = torch.randint(0, 256, (2, 24))
+    external = torch.randn(2, 5, 32)
+    expected_logits, expected = reference_stream(model, ids, external=external)
+    state, logits = model.init_state(2), []
+    state.layers[-1]["external"] = external
+    for seg in range(3):
+        out = model(ids[:, 8 * seg:8 * seg + 8], state=state)
+        logits.append(out.logits)
+        state = out.state
+        assert_state_matches(state, expected[seg])
+        assert state.layers[-1]["external"] is external
+    torch.testing.assert_close(torch.cat(logits, dim=1), expected_logits, atol=1e-5, rtol=0)
