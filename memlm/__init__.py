@@ -10,17 +10,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import importlib
+
 from memlm.config import ConfigError, ModelConfig, presets, resolve
-from memlm.generate import generate
-from memlm.memory.state import State
-from memlm.model import LanguageModel, ModelOutput
 
 __version__ = "0.1.0"
 
+_LAZY = {"generate": "memlm.decode", "State": "memlm.state", "LanguageModel": "memlm.model",
+         "ModelOutput": "memlm.model"}
+"""Public names imported on first use, so that `import memlm.config` (configs, presets) needs no torch."""
 
-def build(preset_or_config: str | ModelConfig = "seed-tiny", **overrides: Any) -> LanguageModel:
-    """A model from a preset name or a ModelConfig, with dotted overrides
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'memlm' has no attribute {name!r}")
+
+
+def build(preset_or_config: str | ModelConfig = "seed-tiny", **overrides: Any):
+    """A LanguageModel from a preset name or a ModelConfig, with dotted overrides
     (`build("seed-tiny", layers=2, **{"attention.kv_heads": 1})`; `attention__kv_heads=1` works too)."""
+    from memlm.model import LanguageModel
     return LanguageModel(resolve(preset_or_config, **overrides))
 
 

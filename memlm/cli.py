@@ -42,7 +42,7 @@ from memlm.data import DataError, prepare
 from memlm.eval import evaluate
 from memlm.longrange import DISTANCES, markdown, recall_accuracy
 from memlm.memorize import KnowledgeError, check_target, load_memory, memorize, save_memory
-from memlm.memory.stores import StoreError
+from memlm.memory.knn.stores import StoreError
 from memlm.model import LanguageModel
 from memlm.train import CheckpointError, TrainConfig, TrainingError, load_model, train
 from memlm.train.lock import RunDirectoryBusy
@@ -134,7 +134,7 @@ class EvalCommand:
     """Knowledge memory directory (memlm memorize), read-only, read by every row's kNN layers."""
     memory_multiplier: float | None = None
     """Evaluate with recurrent memories this many times as long as trained (the model's
-    memory.eval_multiplier; Transformer-XL tests with a longer memory than it trains with);
+    memory.xl.eval_multiplier; Transformer-XL tests with a longer memory than it trains with);
     None = the run's own setting."""
     memory_mode: Literal["fill", "add", "replace"] = "fill"
     """How the kNN layers read the knowledge memory beside their own stream's past: fill (the slots
@@ -344,9 +344,9 @@ def cmd_memorize(argv: list[str]) -> int:
     check_target(args.out)
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
-    if not model.config.memory.knn_layers:
-        raise KnowledgeError(f"the model of {args.path} has no kNN layers (model.memory.knn_layers), so it has "
-                             f"nothing to memorise with: train one with --model.memory.knn_layers")
+    if not model.config.memory.knn.layers:
+        raise KnowledgeError(f"the model of {args.path} has no kNN layers (model.memory.knn.layers), so it has "
+                             f"nothing to memorise with: train one with --model.memory.knn.layers")
     train_config = saved["train"]
     data = args.data or train_config["data"]
     fractions = train_config.get("fractions", (0.98, 0.01, 0.01))

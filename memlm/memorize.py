@@ -5,7 +5,7 @@ stream's past (key, value) pairs. Here the same layers read a fixed memory of a 
 corpus instead, built once by running the trained model over it:
 
     memlm memorize RUN --data SRC --out MEMDIR     ->  MEMDIR/manifest.json
-                                                       MEMDIR/layer-<i>/  (memlm.memory.stores format)
+                                                       MEMDIR/layer-<i>/  (memlm.memory.knn.stores format)
     memlm eval RUN --memory MEMDIR                 (or memlm generate ... --memory MEMDIR)
 
 Memorising (`memorize`) reads the split as `batch_size` contiguous streams (memlm.data.Streams,
@@ -26,7 +26,7 @@ checkpointed. `LanguageModel.init_state` then combines it with each kNN layer's 
 as `model.knowledge_mode` says (`memlm eval/generate --memory-mode`):
 - fill (default): the layer reads its own stream's past first and the knowledge memory in the
   slots that past leaves empty (a document's start, short documents); completed segments are
-  written to the own store as in training (memlm.memory.stores.WithKnowledge).
+  written to the own store as in training (memlm.memory.knn.stores.WithKnowledge).
 - add: the best k of both by score. A large knowledge memory then fills nearly every slot.
 - replace: the knowledge memory takes the own store's place, so the kNN layer retrieves from
   the memorised corpus only (its recurrent/local attention still sees the stream's past). On an
@@ -47,7 +47,7 @@ import torch
 from memlm.data import Streams, TokenSplit
 from memlm.fileio import write_dir_atomically
 from memlm.memory.knn import write_segment
-from memlm.memory.stores import Store, StoreError, load_store, make_store
+from memlm.memory.knn.stores import Store, StoreError, load_store, make_store
 
 FORMAT, VERSION = "memlm.knowledge-memory", 1
 MANIFEST = "manifest.json"
@@ -63,10 +63,10 @@ def layer_dir(layer: int) -> str:
 
 
 def knn_layers(model) -> list[int]:
-    layers = list(model.config.memory.knn_layers or ())
+    layers = list(model.config.memory.knn.layers or ())
     if not layers:
-        raise KnowledgeError("the model has no kNN layers (model.memory.knn_layers), so it has no memory to "
-                             "write or read: train one with --model.memory.knn_layers")
+        raise KnowledgeError("the model has no kNN layers (model.memory.knn.layers), so it has no memory to "
+                             "write or read: train one with --model.memory.knn.layers")
     return layers
 
 
@@ -98,7 +98,7 @@ def memorize(model, split: TokenSplit, batch_size: int, max_tokens: int | None =
     reset: reset the state at document starts; None = `model.config.memory.reset_at_document`.
     progress: called as progress(segments done, segments in all or None) after each segment.
     Runs in the caller's precision (wrap it in autocast for bf16); the stores live on the CPU in
-    the model's `memory.knn_dtype` (exact backend; the faiss backend holds float32), and
+    the model's `memory.knn.dtype` (exact backend; the faiss backend holds float32), and
     `load_memory` moves exact stores to the model's device.
     """
     layers = knn_layers(model)
@@ -155,8 +155,8 @@ def memorize(model, split: TokenSplit, batch_size: int, max_tokens: int | None =
         if n == 0:
             raise KnowledgeError("nothing to memorise: the split holds no tokens")
         m = config.memory
-        store = make_store(m.knn_backend, rows=1, heads=config.kv_heads, dim=config.head_dim, capacity=capacity or n,
-                           device="cpu", **({"dtype": m.knn_dtype} if m.knn_backend == "exact" else {}))
+        store = make_store(m.knn.backend, rows=1, heads=config.kv_heads, dim=config.head_dim, capacity=capacity or n,
+                           device="cpu", **({"dtype": m.knn.dtype} if m.knn.backend == "exact" else {}))
         store.write(keys_all, torch.cat(values, dim=1)[None], torch.cat(positions))
         stores[layer] = store.share()
     return stores, tokens
@@ -220,7 +220,7 @@ def load_memory(directory: str | Path, model, device: torch.device | str | None 
         layer = int(key)
         if layer not in layers:
             raise KnowledgeError(f"{directory} holds a memory of layer {layer}, which is not a kNN layer of this "
-                                 f"model (memory.knn_layers = {layers}): it was memorised by another model")
+                                 f"model (memory.knn.layers = {layers}): it was memorised by another model")
         if (info.get("heads"), info.get("dim")) != (heads, dim):
             raise KnowledgeError(f"{directory}: the memory of layer {layer} holds keys of {info.get('heads')} "
                                  f"key/value heads x {info.get('dim')} dims, this model's layer {layer} has {heads} x "

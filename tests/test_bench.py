@@ -278,8 +278,8 @@ def test_a_knn_row_fills_its_stores_to_capacity_before_the_first_step():
     contender = spec.build(shape, CPU, "eager")
     objective = contender.objective
     config = objective.model.config
-    capacity = config.memory.knn_capacity
-    assert (capacity, config.memory.knn_layers, config.memory.knn_k) == (65536, [1], 32)  # layer 2 of 4 -> 1 of 2
+    capacity = config.memory.knn.capacity
+    assert (capacity, config.memory.knn.layers, config.memory.knn.k) == (65536, [1], 32)  # layer 2 of 4 -> 1 of 2
     (store,) = objective.state.stores.values()
     assert store.counts.tolist() == store.written.tolist() == [capacity] * B and store.filled == capacity
     assert objective.state.position == capacity and objective.steps == 0  # nothing trained yet
@@ -319,7 +319,7 @@ def test_compiled_stream_training_recompiles_only_while_the_memory_fills(monkeyp
 
 
 def test_memory_rows_are_compared_with_their_family_without_memory():
-    entries = ["seed-tiny", "seed-xl-tiny", "seed-knn-tiny", "seed-tiny memory.persistent=4"]
+    entries = ["seed-tiny", "seed-xl-tiny", "seed-knn-tiny", "seed-tiny memory.persistent.vectors=4"]
     result = run_bench(BenchConfig(**{**TINY, "presets": entries, "steps": 2, "repeats": 1, "generate": False}))
     rows = rows_by_model(result)
     assert list(rows) == ["reference GPT"] + [f"memlm {entry}" for entry in entries]
@@ -330,7 +330,7 @@ def test_memory_rows_are_compared_with_their_family_without_memory():
         assert row["baseline_ratio"] == pytest.approx(row["train"]["tokens_per_s"] / base, rel=1e-12)
     for name in ("reference GPT", "memlm seed-tiny"):
         assert (rows[name]["baseline"], rows[name]["baseline_ratio"]) == (None, None)
-    assert rows["memlm seed-tiny memory.persistent=4"]["notes"] == ["no state: this memory needs none"]
+    assert rows["memlm seed-tiny memory.persistent.vectors=4"]["notes"] == ["no state: this memory needs none"]
     assert rows["memlm seed-knn-tiny"]["notes"][1] == "kNN stores filled to 65,536/row"
     assert all(row["warmup"] == 1 and row["graphs_compiled"] is None for row in rows.values())  # CPU: eager
     header, *lines = table_lines(markdown(result))
@@ -346,15 +346,15 @@ def test_reshaping_keeps_memory_proportions_and_entries_take_their_own_overrides
 
     top = planned("seed-xl-top-small", layers=4, seq_len=64, width=64)
     assert top.memory_lengths() == [16, 16, 16, 64]  # long memory (= seq_len) in the top layer only
-    assert planned("seed-knn-small", layers=4).memory.knn_layers == [2]  # 9 of 12 -> 2 of 4
+    assert planned("seed-knn-small", layers=4).memory.knn.layers == [2]  # 9 of 12 -> 2 of 4
     compressive = planned("seed-compressive-tiny", seq_len=32)
-    assert (compressive.memory.length, compressive.memory.compress_length) == (32, 8)
+    assert (compressive.memory.xl.length, compressive.memory.compressive.length) == (32, 8)
     own = planned("seed-knn-tiny", layers=None, seq_len=None, width=None)
     assert own == memlm.config.get_preset("seed-knn-tiny")  # its own shape: untouched
-    persistent = planned("seed-small  memory.persistent=16 feedforward.kind=none")
-    assert (persistent.memory.persistent, persistent.feedforward.kind, persistent.layers) == (16, "none", L)
+    persistent = planned("seed-small  memory.persistent.vectors=16 feedforward.kind=none")
+    assert (persistent.memory.persistent.vectors, persistent.feedforward.kind, persistent.layers) == (16, "none", L)
     with pytest.raises(ValueError, match="must read PRESET"):
-        resolve(BenchConfig(**{**TINY, "presets": ["seed-small memory.persistent"]}), CPU)
+        resolve(BenchConfig(**{**TINY, "presets": ["seed-small memory.persistent.vectors"]}), CPU)
 
 
 def test_graph_decode_mode_generates_what_the_eager_decoder_generates():

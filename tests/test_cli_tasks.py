@@ -18,7 +18,7 @@ from memlm import cli
 from memlm.data import prepare
 from memlm.eval import evaluate
 from memlm.longrange import recall_accuracy
-from memlm.memory.stores import StoreError, load_store
+from memlm.memory.knn.stores import StoreError, load_store
 from memlm.train import load_model
 from memlm.train import checkpoint
 
@@ -51,9 +51,9 @@ def corpus(tmp_path_factory) -> Path:
 def knn_run(corpus, tmp_path_factory) -> tuple[Path, dict]:
     """A tiny model with a kNN layer and adaptive span, trained for a few steps."""
     out = tmp_path_factory.mktemp("runs") / "knn"
-    code, stdout, _ = call("train", *TINY, "--model.memory.knn_layers", "1", "--model.memory.knn_k", "8",
-                           "--model.memory.knn_capacity", "512", "--model.memory.adaptive_span",
-                           "--model.memory.span_init", "0.5", "--data", corpus,
+    code, stdout, _ = call("train", *TINY, "--model.memory.knn.layers", "1", "--model.memory.knn.k", "8",
+                           "--model.memory.knn.capacity", "512", "--model.memory.adaptive_span.enabled",
+                           "--model.memory.adaptive_span.init", "0.5", "--data", corpus,
                            "--cache_dir", corpus.parent / "cache", "--fractions", "0.8", "0.1", "0.1", "--out", out,
                            "--steps", "4", "--batch_size", "4", "--lr", "1e-2", "--warmup_steps", "1",
                            "--eval_every", "1000", "--json")
@@ -78,7 +78,7 @@ def tiny(**overrides) -> torch.nn.Module:
 # ----- recall -----------------------------------------------------------------------------
 
 def test_recall_task_through_the_cli(tmp_path, knn_run):
-    model = tiny(**{"memory.length": 32})  # Transformer-XL memory: stateful
+    model = tiny(**{"memory.xl.length": 32})  # Transformer-XL memory: stateful
     with torch.no_grad():
         model.embed.weight.zero_()  # tied head: every logit 0, a uniform model over the 257 ids
     run = save_run(tmp_path / "uniform", model)
@@ -110,7 +110,7 @@ def test_recall_task_through_the_cli(tmp_path, knn_run):
 def test_eval_with_a_longer_memory_than_trained(corpus, tmp_path):
     """--memory-multiplier scores exactly what the model with that eval_multiplier scores."""
     torch.manual_seed(0)
-    run = save_run(tmp_path / "xl", tiny(**{"memory.length": 16}), corpus)
+    run = save_run(tmp_path / "xl", tiny(**{"memory.xl.length": 16}), corpus)
     results = {}
     for times in (None, "1", "3"):
         code, stdout, _ = call("eval", run, "--max-tokens", "512", "--json",
@@ -120,7 +120,7 @@ def test_eval_with_a_longer_memory_than_trained(corpus, tmp_path):
     assert results[None]["memory_lengths"] == results["1"]["memory_lengths"] == [16, 16]
     assert results["3"]["memory_lengths"] == [48, 48]
     assert results[None]["bpb"] == results["1"]["bpb"]
-    longer = tiny(**{"memory.length": 16, "memory.eval_multiplier": 3.0})
+    longer = tiny(**{"memory.xl.length": 16, "memory.xl.eval_multiplier": 3.0})
     loaded, saved = load_model(run)
     longer.load_state_dict(loaded.state_dict())
     split = prepare(str(corpus), saved["train"]["cache_dir"], (0.8, 0.1, 0.1)).split("test")
@@ -193,7 +193,7 @@ def test_memory_user_errors_exit_2(knn_run, corpus, tmp_path):
     mem = tmp_path / "mem"
     assert call("memorize", run, "--out", mem, "--split", "test", "--max-tokens", "64")[0] == 0
     plain = save_run(tmp_path / "plain", tiny(), corpus)
-    wider = save_run(tmp_path / "wider", tiny(width=64, **{"memory.knn_layers": [1]}), corpus)
+    wider = save_run(tmp_path / "wider", tiny(width=64, **{"memory.knn.layers": [1]}), corpus)
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")

@@ -167,7 +167,7 @@ def test_answers_straddling_windows_are_scored_per_window():
 
 def tiny_xl():
     return memlm.build("seed-xl-tiny", layers=1, width=32, seq_len=16,
-                       **{"attention.heads": 2, "memory.length": 64}).eval()
+                       **{"attention.heads": 2, "memory.xl.length": 64}).eval()
 
 
 def reference_logprobs(model, docs, window=None):

@@ -11,15 +11,15 @@ import torch
 import memlm
 from memlm.data.cache import TokenSplit
 from memlm.memorize import KnowledgeError, check_target, load_memory, memorize, save_memory
-from memlm.memory.stores import StoreError
+from memlm.memory.knn.stores import StoreError
 from tests.conftest import by_segments, tiny_overrides
 
 T = 8
 
 
 def build(**extra):
-    base = tiny_overrides(layers=2, seq_len=T, **{"memory.knn_layers": [1], "memory.knn_k": 4,
-                                                  "memory.knn_capacity": 64})
+    base = tiny_overrides(layers=2, seq_len=T, **{"memory.knn.layers": [1], "memory.knn.k": 4,
+                                                  "memory.knn.capacity": 64})
     base.update(extra)
     return memlm.build("seed-tiny", **base).eval()
 
@@ -73,7 +73,7 @@ def test_knowledge_is_read_exactly_like_the_models_own_memory(mode):
 def test_every_token_once_in_split_order_partial_segments_and_padding_included(backend):
     if backend == "faiss":
         pytest.importorskip("faiss")
-    model = build(**{"memory.knn_backend": backend})
+    model = build(**{"memory.knn.backend": backend})
     ids = torch.randint(0, 256, (1, 21))  # 2 streams of 10 and 11 tokens: a full segment, then 2 and 3 tokens
     stores, tokens = memorize(model, split_of(ids[0]), batch_size=2)
     keys, values, positions = stores[1].entries(0)
@@ -111,7 +111,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     with pytest.raises(KnowledgeError, match="1 key/value heads x 8 dims, this model's layer 1 has 4 x 8"):
         load_memory(target, build(**{"attention.kv_heads": 4}))  # the memory holds 1 head x 8 dims
     with pytest.raises(KnowledgeError, match="not a kNN layer"):
-        load_memory(target, build(**{"memory.knn_layers": [0]}))
+        load_memory(target, build(**{"memory.knn.layers": [0]}))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(KnowledgeError, match="not a knowledge memory"):

@@ -167,13 +167,13 @@ def test_a_contender_carries_overrides_of_its_own(corpus, tmp_path, capsys):
     --overrides (and win over them), the row and its run directory are its own, and its saved
     model is the variant."""
     config = tiny_race_config(corpus, tmp_path / "runs", overrides=["dropout=0.1"])
-    plain, variant, louder = race.plan(config, ["seed-xl-tiny", "seed-xl-tiny:memory.length=64:attention.kv_heads=2",
+    plain, variant, louder = race.plan(config, ["seed-xl-tiny", "seed-xl-tiny:memory.xl.length=64:attention.kv_heads=2",
                                                 "seed-xl-tiny:dropout=0.3"])
-    preset_memory = get_preset("seed-xl-tiny").memory.length  # --seq-len leaves a preset's memory length as it is
-    assert (plain.model_config.memory.length, plain.model_config.kv_heads, plain.model_config.dropout) == \
+    preset_memory = get_preset("seed-xl-tiny").memory.xl.length  # --seq-len leaves a preset's memory length as it is
+    assert (plain.model_config.memory.xl.length, plain.model_config.kv_heads, plain.model_config.dropout) == \
         (preset_memory, 1, 0.1)
-    assert (variant.model_config.memory.length, variant.model_config.kv_heads, variant.model_config.dropout) == (64, 2, 0.1)
-    assert variant.description.endswith("; dropout=0.1, memory.length=64, attention.kv_heads=2")
+    assert (variant.model_config.memory.xl.length, variant.model_config.kv_heads, variant.model_config.dropout) == (64, 2, 0.1)
+    assert variant.description.endswith("; dropout=0.1, memory.xl.length=64, attention.kv_heads=2")
     assert louder.model_config.dropout == 0.3 and louder.model_config.memory == plain.model_config.memory
     for names, message in [(["x-transformers:dropout=0.1"], "a peer takes no overrides"),
                            (["seed-xl-tiny:dropout"], "must read key=value"),

@@ -5,7 +5,7 @@ a dependency of memlm and is imported only when such a model is built.
     config = PeerConfig(layers=12, width=512, heads=8, seq_len=512, memory=PeerMemory(length=512))
     model = XTransformersLM(config)              # x-transformers TransformerWrapper + Decoder, rotary
     state = model.init_state(batch_size)         # PeerState: XL memory (or, without memory, a token window)
-    out = model(input_ids, targets, state)       # memlm.model.lm.ModelOutput(logits, loss, aux_loss=0, state)
+    out = model(input_ids, targets, state)       # memlm.model.ModelOutput(logits, loss, aux_loss=0, state)
     state = out.state.detach().reset(mask)       # rows where mask is True forget their memory
 
 What the Trainer reads of `model.config` (here a `PeerConfig`): seq_len, stateful,
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from memlm.bench.contenders import Shape, dense_flops_per_token
-from memlm.model.lm import LanguageModel, ModelOutput
+from memlm.model import LanguageModel, ModelOutput
 
 INSTALL_HINT = "pip install x-transformers"
 

@@ -25,7 +25,7 @@ class BenchConfig:
 
     presets: list[str] | None = None
     """memlm presets to measure; None = vanilla-small seed-small on CUDA, vanilla-tiny seed-tiny on CPU.
-    An entry may add its own overrides after the name: "seed-small memory.persistent=16" (quoted)."""
+    An entry may add its own overrides after the name: "seed-small memory.persistent.vectors=16" (quoted)."""
     batch_size: int | None = None
     """Training batch size; None = 32 on CUDA, 2 on CPU."""
     seq_len: int | None = None
@@ -57,7 +57,7 @@ class BenchConfig:
     gen_new_tokens: int | None = None
     """New tokens per generation call; None = 256 on CUDA, 8 on CPU. Prompt + new tokens <= seq_len."""
     decode: DecodeMode = "eager"
-    """Decode path of memlm and reference generation: eager, compile (torch.compile(model, dynamic=True)), or graph (memlm: static key/value cache, compiled step replayed as a CUDA graph over bf16 weights, memlm.model.static_decode; models it does not support and the reference decode eagerly)."""
+    """Decode path of memlm and reference generation: eager, compile (torch.compile(model, dynamic=True)), or graph (memlm: static key/value cache, compiled step replayed as a CUDA graph over bf16 weights, memlm.decode.static; models it does not support and the reference decode eagerly)."""
     device: str = "auto"
     """auto (CUDA when available), cuda, cuda:N or cpu."""
     seed: int = 0

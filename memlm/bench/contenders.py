@@ -8,7 +8,7 @@ timed decode steps.
 
 Decode modes (`BenchConfig.decode`) are chosen in `decode_step`: `eager` runs the model as is,
 `compile` runs torch.compile(model, dynamic=True) so the growing cache does not recompile
-every step; `graph` decodes memlm models through memlm.model.static_decode (a static cache,
+every step; `graph` decodes memlm models through memlm.decode.static (a static cache,
 the step compiled and replayed as a CUDA graph, weights in bf16 on CUDA) where they support it.
 
 Presets with memory that lives in a state (`ModelConfig.stateful`: recurrent, compressive or
@@ -30,8 +30,8 @@ from torch import nn
 import memlm
 from memlm.bench import reference
 from memlm.config import ModelConfig
-from memlm.model import static_decode
-from memlm.memory.state import State, allow_memory_recompiles
+from memlm.decode import static as static_decode
+from memlm.state import State, allow_memory_recompiles
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """(model, inputs (B, T), targets (B, T)) -> scalar training loss."""
@@ -142,7 +142,7 @@ def dense_flops_per_token(model: nn.Module, shape: Shape, context: int) -> float
 # ----- memlm ------------------------------------------------------------------------------
 
 def memlm_decoder(step: nn.Module) -> Decoder:
-    """memlm.generate over `step` (the model, or it compiled), continuing the prefilled state."""
+    """memlm.decode.generate over `step` (the model, or it compiled), continuing the prefilled state."""
 
     def prefill(prompt: torch.Tensor):
         _, state = memlm.generate(step, prompt[:, :-1], 0, temperature=0, return_state=True)
@@ -156,9 +156,9 @@ def memlm_decoder(step: nn.Module) -> Decoder:
 
 
 def memlm_static_decoder(model: nn.Module, max_len: int) -> Decoder:
-    """memlm.model.static_decode: one StaticDecoder per batch size (compiled and captured once
+    """memlm.decode.static: one StaticDecoder per batch size (compiled and captured once
     on CUDA), prefilled with all but the prompt's last token, then stepped greedily."""
-    from memlm.model.static_decode import StaticDecoder
+    from memlm.decode.static import StaticDecoder
     decoders: dict[int, StaticDecoder] = {}
 
     def prefill(prompt: torch.Tensor):
@@ -237,8 +237,8 @@ def memory_warmup(config: ModelConfig) -> int:
     m, T = config.memory, config.seq_len
     longest = max(config.memory_lengths())
     steps = 2 + -(-longest // T)
-    if m.compress_rate:
-        steps += -(-m.compress_length * m.compress_rate // T)
+    if m.compressive.rate:
+        steps += -(-m.compressive.length * m.compressive.rate // T)
     return steps + 1
 
 
@@ -270,7 +270,7 @@ def memlm_notes(config: ModelConfig, filled: int) -> list[str]:
     if config.stateful:
         notes = ["streams with memory: state carried across steps"]
         return notes + [f"kNN stores filled to {filled:,}/row"] if filled else notes
-    if m.persistent or m.tokens or m.adaptive_span:
+    if m.persistent.vectors or m.tokens.count or m.adaptive_span.enabled:
         return ["no state: this memory needs none"]
     return []
 

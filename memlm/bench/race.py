@@ -91,7 +91,7 @@ class RaceConfig(TrainConfig):
     """Attention heads of every contender; None = each preset's own (peers: --peer-shape's)."""
     seq_len: int | None = None
     """Segment length of every contender; None = each preset's own (peers: --peer-shape's). A preset's
-    memory length stays its own: set it with --overrides memory.length=N."""
+    memory length stays its own: set it with --overrides memory.xl.length=N."""
     peer_shape: str = "seed-small"
     """memlm preset whose shape (layers, width, heads, seq_len, vocabulary) the peers take."""
     overrides: list[str] = field(default_factory=list)

@@ -5,7 +5,7 @@ Learners"): learned absolute positions, pre-LayerNorm, GELU MLP (4x), no biases 
 causal attention through torch's fused scaled_dot_product_attention (flash on CUDA), and the
 output head tied to the token embedding. Init: normal(0, 0.02), residual output projections
 scaled by 1/sqrt(2 * layers). It has a key/value cache so its decoding loop is the same as
-memlm.generate's, and nothing else.
+memlm.decode.generate's, and nothing else.
 
 Parameters: V*W (tied embedding) + T*W (positions) + L*(12*W^2 + 2*W) + W (final norm).
 """
@@ -105,7 +105,7 @@ class ReferenceGPT(nn.Module):
 
 @torch.no_grad()
 def generate(model: ReferenceGPT, prompt: torch.Tensor, new_tokens: int, cache: Cache | None = None) -> torch.Tensor:
-    """Greedy decoding with the cache, the loop of memlm.generate: prompt (B, T0) -> (B, T0 + new_tokens).
+    """Greedy decoding with the cache, the loop of memlm.decode.generate: prompt (B, T0) -> (B, T0 + new_tokens).
     `cache` continues earlier tokens (extended in place); `model` may be a torch.compile'd ReferenceGPT."""
     cache = cache if cache is not None else [{} for _ in model.blocks]
     logits, _ = model(prompt, cache=cache)

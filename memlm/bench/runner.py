@@ -6,9 +6,9 @@ measured and freed after (compile caches too), so peak memory is its own. A row 
 to build, compile or run keeps its error and the run goes on.
 
 A preset entry may carry its own overrides after the name, separated by spaces
-("seed-small memory.persistent=16"), on top of the run's --overrides. A memlm row with memory
+("seed-small memory.persistent.vectors=16"), on top of the run's --overrides. A memlm row with memory
 is also compared with its family's preset of the same size without memory ("seed-small" for
-"seed-xl-small" or "seed-small memory.persistent=16") when that row is in the same run.
+"seed-xl-small" or "seed-small memory.persistent.vectors=16") when that row is in the same run.
 """
 
 from __future__ import annotations
@@ -71,28 +71,29 @@ def preset_config(entry: str, config: BenchConfig) -> ModelConfig:
 def reshape_memory(config: ModelConfig, layers: int | None, seq_len: int | None) -> dict:
     """Overrides that keep a preset's memory in proportion when the bench reshapes it: memory
     lengths scale with the segment length (seed-xl keeps memory = seq_len), per-layer settings
-    (memory.lengths, kNN layers) are resampled over the new depth, the top layer kept on top.
+    (memory.xl.lengths, kNN layers) are resampled over the new depth, the top layer kept on top.
     kNN capacity, memory tokens and persistent vectors keep their counts."""
     m, out = config.memory, {}
     if seq_len is not None and seq_len != config.seq_len:
         def scale(n: int) -> int:
             return max(1, round(n * seq_len / config.seq_len)) if n else 0
-        for name in ("length", "min_length", "compress_length", "span_max"):
-            if getattr(m, name):
-                out[f"memory.{name}"] = scale(getattr(m, name))
-        if m.lengths:
-            out["memory.lengths"] = [scale(n) for n in m.lengths]
+        for section, name in (("xl", "length"), ("xl", "min_length"), ("compressive", "length"),
+                              ("adaptive_span", "max")):
+            if getattr(getattr(m, section), name):
+                out[f"memory.{section}.{name}"] = scale(getattr(getattr(m, section), name))
+        if m.xl.lengths:
+            out["memory.xl.lengths"] = [scale(n) for n in m.xl.lengths]
     if layers is not None and layers != config.layers:
         old = config.layers
 
         def source(j: int) -> int:  # the old layer at the new layer j's relative depth
             return round(j * (old - 1) / (layers - 1)) if layers > 1 else old - 1
-        lengths = out.get("memory.lengths", m.lengths)
+        lengths = out.get("memory.xl.lengths", m.xl.lengths)
         if lengths:
-            out["memory.lengths"] = [lengths[source(j)] for j in range(layers)]
-        if m.knn_layers:
-            out["memory.knn_layers"] = sorted({round(i * (layers - 1) / (old - 1)) if old > 1 else layers - 1
-                                               for i in m.knn_layers})
+            out["memory.xl.lengths"] = [lengths[source(j)] for j in range(layers)]
+        if m.knn.layers:
+            out["memory.knn.layers"] = sorted({round(i * (layers - 1) / (old - 1)) if old > 1 else layers - 1
+                                               for i in m.knn.layers})
     return out
 
 

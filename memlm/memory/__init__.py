@@ -1,6 +1,3 @@
-"""Memory for memlm: the per-layer state carried between segments, and the mechanisms that
-read and write it (each a source of extra keys and values for a layer's attention)."""
-
-from memlm.memory.state import State
-
-__all__ = ["State"]
+"""Memory mechanisms: each module reads and writes its part of the state carried between segments
+and offers a layer's attention extra keys and values (xl, compressive, adaptive_span, tokens,
+knn/)."""

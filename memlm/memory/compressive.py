@@ -2,7 +2,7 @@
 al., arXiv 1911.05507).
 
 Memories pushed out of a layer's recurrent memory are compressed by rate c into a compressed
-memory (oldest slots dropped past `compress_length`) that the layer also attends to, placed
+memory (oldest slots dropped past `memory.compressive.length`) that the layer also attends to, placed
 before the recurrent memory at consecutive positions as in the paper. Compression functions:
 max- and mean-pooling, a learned 1D convolution (kernel = stride = c) and most-used (keep the
 1/c memories that the segment's queries attend to most). The attention-reconstruction loss
@@ -50,38 +50,17 @@ def split_overflow(mem: torch.Tensor, length: int, rate: int) -> tuple[torch.Ten
     return mem[:, cut:], mem[:, cut - usable:cut]
 
 
-def _content_heads(attention, h: torch.Tensor, memory: torch.Tensor):
-    """The layer's position-free scores of queries from h (B, T, W) over memory (B, n, W), with
-    its projections detached: (scores (B, H, T, n) in float32, values (B, H, n, D))."""
-    weight = attention.qkv.weight.detach()
-    bias = attention.qkv.bias.detach() if attention.qkv.bias is not None else None
-    H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
-    q = F.linear(h, weight[:H * D], bias[:H * D] if bias is not None else None)
-    kv = F.linear(memory, weight[H * D:], bias[H * D:] if bias is not None else None)
-    k, v = kv.split([Hkv * D, Hkv * D], dim=-1)
-    B, T, n = h.shape[0], h.shape[1], memory.shape[1]
-    q = q.view(B, T, H, D).transpose(1, 2)
-    k = k.view(B, n, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-    v = v.view(B, n, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-    if attention.qk_scale is not None:
-        q, k = F.normalize(q, dim=-1) * attention.qk_scale.detach(), F.normalize(k, dim=-1)
-        scale = 1.0
-    else:
-        scale = attention.scale
-    return (q @ k.transpose(-1, -2)).float() * scale, v
-
-
 def content_attention(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """Position-free attention of queries from h (B, T, W) over memory (B, n, W) with the layer's
     projections detached -> (B, H, T, D)."""
-    scores, v = _content_heads(attention, h, memory)
+    scores, v = attention.content_scores(h, memory)
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 def usage(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """Attention each memory state receives from the queries of h, summed over heads: (B, n)."""
     with torch.no_grad():
-        return _content_heads(attention, h, memory)[0].softmax(dim=-1).sum(dim=(1, 2))
+        return attention.content_scores(h, memory)[0].softmax(dim=-1).sum(dim=(1, 2))
 
 
 def reconstruction_loss(attention, h: torch.Tensor, old: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ reset at a segment boundary continues exactly like a fresh stream. A row reset i
 segment stops seeing that segment's earlier tokens and, in recurrent mode, its read tokens
 (they carry the forgotten past); its next segment reads memory written from the new document.
 
-Combined with recurrent memory (memlm.memory.recurrence: Transformer-XL memory, per-layer
+Combined with recurrent memory (memlm.memory.xl: Transformer-XL memory, per-layer
 lengths, feedback, compressive memory, and adaptive span / persistent memory riding on them)
 and kNN memory (memlm.memory.knn), each layer also attends over its recurrent memory, which
 holds earlier segments' TOKEN positions only, placed just before the read tokens:
@@ -62,7 +62,7 @@ holds earlier segments' TOKEN positions only, placed just before the read tokens
   continues a segment sees [cmem | mem | read | pending] as memory, projected with the
   layer's weights, which are the keys a whole-segment pass computes: feeding a stream token
   by token (generation) gives the logits of feeding it segment by segment. When a segment
-  completes, 'pending' rolls into 'mem' (memlm.memory.recurrence.next_layers), kNN stores are
+  completes, 'pending' rolls into 'mem' (memlm.memory.xl.next_layers), kNN stores are
   written and 'read' is dropped.
 - a row reset inside a segment also stops seeing the segment's read tokens in the
   non-recurrent mode: above layer 0 they attended to the recurrent memory, i.e. the past.
@@ -76,9 +76,9 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.memory import recurrence
-from memlm.memory.state import State
-from memlm.model.attention import SegmentContext
+from memlm.memory import xl
+from memlm.state import State
+from memlm.nn.attention import SegmentContext
 
 
 class MemoryTokens(nn.Module):
@@ -86,8 +86,8 @@ class MemoryTokens(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.count = config.memory.tokens
-        self.recurrent = config.memory.tokens_recurrent
+        self.count = config.memory.tokens.count
+        self.recurrent = config.memory.tokens.recurrent
         self.embedding = nn.Parameter(torch.randn(self.count, config.width) * config.init_std)  # (M, W)
 
     def learned(self, batch: int) -> torch.Tensor:
@@ -219,12 +219,12 @@ def _segment_input(model, x: torch.Tensor, start: int, read: torch.Tensor | None
     parts = ([read.to(x.dtype)] if read is not None else []) + [x] + ([mt.learned(B).to(x.dtype)] if write else [])
     h = model.dropout(torch.cat(parts, dim=1) if len(parts) > 1 else x)  # (B, before + T + after, W)
     q_start = start - before  # the memory tokens sit at consecutive positions around the segment
-    keep = model._forgetful_keep(B, h.shape[1], h.device)
+    keep = model.forgetful_keep(B, h.shape[1], h.device)
     if keep is not None:  # forgetful masking hides segment tokens, never memory tokens
         keep[:, :before] = True
         keep[:, before + T:] = True
     ctx = MemoryTokenContext(q_start=q_start, row_start=row_start, keep=keep,
-                             bias=model._bias_provider(q_start, h.shape[1], h.device), stores=stores,
+                             bias=model.position_bias(q_start, h.shape[1], h.device), stores=stores,
                              read_start=start - start % L - M, read_count=M, read_visible=read_visible,
                              memory_shift=memory_shift)
     return h, before, ctx
@@ -293,11 +293,11 @@ def _run_recurrent(model, x: torch.Tensor, start: int, layers: list[dict], read:
     mt, L = model.memory_tokens, model.config.seq_len
     T = x.shape[1]
     h, before, ctx = _segment_input(model, x, start, read, write, row_start, read_visible, stores, mt.count)
-    additive = model.config.memory.feedback == "add"
+    additive = model.config.memory.feedback.mode == "add"
     inputs = []
     for block, layer in zip(model.blocks, layers):
         if additive:  # the previous segment's upper-layer output, added at the token positions
-            tokens = recurrence.additive_feedback(layer, h[:, before:before + T])
+            tokens = xl.additive_feedback(layer, h[:, before:before + T])
             h = torch.cat([h[:, :before], tokens, h[:, before + T:]], dim=1)
         inputs.append(h)
         # a piece that continues its segment sees the segment's read tokens and tokens so far
@@ -309,7 +309,7 @@ def _run_recurrent(model, x: torch.Tensor, start: int, layers: list[dict], read:
     logits = model.head(model.final_norm(h[:, before:before + T]))  # (B, T, vocab)
 
     ends = (start + T) % L == 0
-    new, loss = recurrence.next_layers(model, layers, [t[:, before:before + T] for t in inputs],
+    new, loss = xl.next_layers(model, layers, [t[:, before:before + T] for t in inputs],
                                        h[:, before:before + T], writable, start + T)
     for i, layer in enumerate(new):
         if not ends:  # the segment goes on: keep its read tokens' block inputs

@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from memlm.config import ModelConfig
+from memlm.config import ModelConfig, upgrade
 from memlm.fileio import fsync_path, sha256_file
 from memlm.model import LanguageModel
 
@@ -156,13 +156,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                eval_multiplier: float | None = None) -> tuple[LanguageModel, dict[str, Any]]:
     """The model of a run directory or checkpoint (in eval mode), and its saved configs.
 
-    eval_multiplier: replaces the saved `memory.eval_multiplier` (memory lengths in evaluation mode
+    eval_multiplier: replaces the saved `memory.xl.eval_multiplier` (memory lengths in evaluation mode
     are the trained ones times this; it changes no weight, so any trained model can take it)."""
     checkpoint = find(path)
     config = read_config(checkpoint)
     model_config = ModelConfig.from_dict(config["model"])
     if eval_multiplier is not None:
-        model_config.memory.eval_multiplier = eval_multiplier
+        model_config.memory.xl.eval_multiplier = eval_multiplier
         model_config.validate()
     model = LanguageModel(model_config)
     load_weights(model, checkpoint, device)
@@ -197,8 +197,9 @@ def check_same_model(run: Path, found: Path, saved: dict[str, Any]) -> None:
         model = json.loads(recorded.read_text())["model"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot read the run's model from {recorded}: {e}") from None
-    if model != saved.get("model"):
-        fields = sorted(_differing_fields(model, saved.get("model") or {}))
+    model, other = upgrade(model), upgrade(saved.get("model") or {})  # either may predate the memory sections
+    if model != other:
+        fields = sorted(_differing_fields(model, other))
         raise CheckpointError(
             f"{found} holds another model than the run {run} (differs in {', '.join(fields[:5])}"
             f"{', ...' if len(fields) > 5 else ''}): not resuming from it")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from memlm.data import EOD, ByteTokenizer
-from memlm.generate import generate
+from memlm.decode import generate
 
 
 def sample_text(model: nn.Module, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,

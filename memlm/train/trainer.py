@@ -36,7 +36,7 @@ from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
 from memlm.longrange import RecallStreams, distances_for, markdown as recall_markdown, recall_accuracy
 from memlm.eval import evaluate
-from memlm.memory.state import State, allow_memory_recompiles
+from memlm.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
 from memlm.train import checkpoint, distributed
 from memlm.train.config import TrainConfig

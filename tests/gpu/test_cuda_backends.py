@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.memory.state import allow_memory_recompiles
+from memlm.state import allow_memory_recompiles
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,7 +19,7 @@ CASES = {
     "xpos": {"position.kind": "xpos"},
     "forgetful(rope)": {"position.kind": "rope", "attention.forgetful": 0.3},
     "forgetful(t5)": {"position.kind": "t5", "attention.forgetful": 0.3},
-    "persistent(xpos)": {"position.kind": "xpos", "memory.persistent": 8},
+    "persistent(xpos)": {"position.kind": "xpos", "memory.persistent.vectors": 8},
 }
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # relative L2 error
 RESULTS = []
@@ -67,7 +67,7 @@ def test_compiled_flex_trains_over_a_memory_that_grows():
     k_offset becomes a symbolic size that Inductor could not lower in a score_mod (torch 2.11:
     'ShapeAsConstantBuffer' object has no attribute 'dtype'). Losses and gradients match eager."""
     overrides = {"layers": 2, "dropout": 0.0, "feedforward.dropout": 0.0, "attention.dropout": 0.0,
-                 "memory.train_reset": 0.0, "memory.knn_layers": [1]}
+                 "memory.train_reset": 0.0, "memory.knn.layers": [1]}
     torch._dynamo.reset()
     allow_memory_recompiles()
     losses = {}

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import memlm
-from memlm.model.static_decode import StaticDecoder
+from memlm.decode.static import StaticDecoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CASES = {
     "rope": {"position.kind": "rope"},
-    "xpos+persistent": {"position.kind": "xpos", "memory.persistent": 8},
+    "xpos+persistent": {"position.kind": "xpos", "memory.persistent.vectors": 8},
     "t5": {"position.kind": "t5"},
     "tupe+t5": {"position.kind": "tupe", "position.tupe_t5": True},
     "learned(vanilla)": None,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.memory.stores import ExactStore
+from memlm.memory.knn.stores import ExactStore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,9 +25,9 @@ def test_states_made_on_either_name_share_the_compiled_graphs():
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
-    model = memlm.build("seed-tiny", layers=2, seq_len=16, **{"memory.knn_layers": [1], "memory.knn_k": 4,
-                                                              "memory.knn_capacity": 64,
-                                                              "memory.length": 16}).cuda()
+    model = memlm.build("seed-tiny", layers=2, seq_len=16, **{"memory.knn.layers": [1], "memory.knn.k": 4,
+                                                              "memory.knn.capacity": 64,
+                                                              "memory.xl.length": 16}).cuda()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
     torch._dynamo.reset()

@@ -10,11 +10,11 @@ from tests.conftest import by_segments
 
 L = 8
 WIDEST = {"layers": 3, "width": 32, "seq_len": L, "attention.heads": 4, "position.kind": "xpos",
-          "memory.lengths": [4, 8, 12], "memory.feedback": "memory",
-          "memory.compress_rate": 2, "memory.compress_length": 4, "memory.compress_fn": "conv",
-          "memory.knn_layers": [1], "memory.knn_k": 4, "memory.knn_capacity": 64, "memory.knn_dtype": "float32",
-          "memory.persistent": 2, "memory.adaptive_span": True, "memory.span_init": 0.5, "memory.span_ramp": 4}
-TOKENS = {"none": {}, "plain": {"memory.tokens": 2}, "recurrent": {"memory.tokens": 2, "memory.tokens_recurrent": True}}
+          "memory.xl.lengths": [4, 8, 12], "memory.feedback.mode": "memory",
+          "memory.compressive.rate": 2, "memory.compressive.length": 4, "memory.compressive.fn": "conv",
+          "memory.knn.layers": [1], "memory.knn.k": 4, "memory.knn.capacity": 64, "memory.knn.dtype": "float32",
+          "memory.persistent.vectors": 2, "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.5, "memory.adaptive_span.ramp": 4}
+TOKENS = {"none": {}, "plain": {"memory.tokens.count": 2}, "recurrent": {"memory.tokens.count": 2, "memory.tokens.recurrent": True}}
 
 
 def build(tokens):
@@ -65,7 +65,7 @@ def test_every_mechanism_learns_and_the_compressor_only_from_its_own_loss(tokens
     out.loss.backward(retain_graph=True)
     grads = {name: p.grad for name, p in model.named_parameters()}
     assert grads["blocks.1.attention.knn.gate"].abs().sum() > 0  # retrieval is used
-    assert grads["blocks.0.attention.persistent_k"].abs().sum() > 0
+    assert grads["blocks.0.attention.persistent.k"].abs().sum() > 0
     assert grads["blocks.0.attention.span.span"].abs().sum() > 0
     for name, grad in grads.items():
         if name.startswith("compressors."):

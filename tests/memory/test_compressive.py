@@ -11,15 +11,15 @@ import memlm
 from memlm.memory import compressive
 from tests.conftest import tiny_overrides
 
-COMPRESSIVE = {"memory.length": 8, "memory.compress_rate": 2, "memory.compress_length": 6}
+COMPRESSIVE = {"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 6}
 CONFIGS = {
     "plain": {},
     "bias": {"bias": True},
-    "feedback": {"memory.feedback": "memory"},
-    "tokens": {"memory.tokens": 2, "position.kind": "rope"},
-    "recurrent-tokens": {"memory.tokens": 2, "memory.tokens_recurrent": True},
-    "knn+span+persistent": {"memory.knn_layers": [1], "memory.knn_k": 4, "memory.knn_capacity": 64,
-                            "memory.adaptive_span": True, "memory.span_init": 0.5, "memory.persistent": 2},
+    "feedback": {"memory.feedback.mode": "memory"},
+    "tokens": {"memory.tokens.count": 2, "position.kind": "rope"},
+    "recurrent-tokens": {"memory.tokens.count": 2, "memory.tokens.recurrent": True},
+    "knn+span+persistent": {"memory.knn.layers": [1], "memory.knn.k": 4, "memory.knn.capacity": 64,
+                            "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.5, "memory.persistent.vectors": 2},
 }
 
 
@@ -174,8 +174,8 @@ def test_content_attention_in_bfloat16_returns_the_layers_dtype():
 def test_pooling_compressors_have_no_parameters(kind):
     """Only the convolution is learned: max, mean and most-used add no parameter to the model."""
     assert list(compressive.Compressor(kind, 32, 2).parameters()) == []
-    plain = memlm.build("seed-tiny", **tiny_overrides(layers=2, seq_len=8, **{"memory.length": 8}))
-    model = build(**{"memory.compress_fn": kind})
+    plain = memlm.build("seed-tiny", **tiny_overrides(layers=2, seq_len=8, **{"memory.xl.length": 8}))
+    model = build(**{"memory.compressive.fn": kind})
     assert model.num_parameters() == plain.num_parameters()
 
 

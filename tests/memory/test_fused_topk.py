@@ -1,4 +1,4 @@
-"""Exact top-k by tile maxima (memlm.memory.fused_topk): the two-stage algorithm in plain torch
+"""Exact top-k by tile maxima (memlm.memory.knn.fused_topk): the two-stage algorithm in plain torch
 against brute force (CPU), the Triton kernels under Triton's interpreter (CPU, skipped without
 triton), and the Triton kernels at the real size on a GPU with timings (`pytest -s`; skipped
 without CUDA)."""
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from memlm.bench.timing import cuda_ms
-from memlm.memory import fused_topk
-from memlm.memory.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk, row_topk,
+from memlm.memory.knn import fused_topk
+from memlm.memory.knn.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk, row_topk,
                                      select_group, tile_slots, two_stage_topk_reference)
 
 

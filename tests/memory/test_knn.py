@@ -7,7 +7,7 @@ import torch
 
 import memlm
 from memlm.memory.knn import KnnAttention
-from memlm.memory.stores import make_store
+from memlm.memory.knn.stores import make_store
 from tests.conftest import by_segments, tiny_overrides
 
 
@@ -18,8 +18,8 @@ def under_mutation_testing():
 
 
 def build(**extra):
-    base = tiny_overrides(layers=2, seq_len=8, **{"memory.knn_layers": [1], "memory.knn_k": 4,
-                                                  "memory.knn_capacity": 64})
+    base = tiny_overrides(layers=2, seq_len=8, **{"memory.knn.layers": [1], "memory.knn.k": 4,
+                                                  "memory.knn.capacity": 64})
     base.update(extra)
     return memlm.build("seed-tiny", **base).eval()
 
@@ -31,7 +31,7 @@ def test_an_empty_store_leaves_local_attention_whatever_the_gate(gate):
     torch.manual_seed(0)
     plain = memlm.build("seed-tiny", **tiny_overrides(layers=2, seq_len=8)).eval()
     for combine in ("gate", "joint"):
-        model = build(**{"memory.knn_combine": combine})
+        model = build(**{"memory.knn.combine": combine})
         model.load_state_dict(plain.state_dict(), strict=False)
         if combine == "gate":
             with torch.no_grad():
@@ -76,7 +76,7 @@ def test_retrieved_memory_changes_the_output_and_reset_clears_rows():
 
 @pytest.mark.parametrize("straight_through", [False, True])
 def test_gradients_reach_gate_and_queries_not_the_store(straight_through):
-    model = build(**{"memory.knn_straight_through": straight_through}).train()
+    model = build(**{"memory.knn.straight_through": straight_through}).train()
     ids = torch.randint(0, 256, (2, 24))
     state = model.init_state(2)
     for start in (0, 8):
@@ -157,7 +157,7 @@ def test_written_keys_are_unit_whatever_the_models_qk_norm(preset):
     """The store holds unit keys (inner-product search) also in presets without QK-norm, whose
     layer keys are not unit: each written key is the normalised key of its position."""
     model = memlm.build(preset, **{"layers": 2, "width": 32, "seq_len": 8, "attention.heads": 4,
-                                   "memory.knn_layers": [1], "memory.knn_capacity": 16, "memory.knn_dtype": "float32", "position.rope_dim": 4, "dropout": 0.0,
+                                   "memory.knn.layers": [1], "memory.knn.capacity": 16, "memory.knn.dtype": "float32", "position.rope_dim": 4, "dropout": 0.0,
                                    "feedforward.dropout": 0.0, "attention.dropout": 0.0}).eval()
     ids = torch.randint(0, 256, (1, 8))
     seen = []
@@ -176,10 +176,10 @@ def test_written_keys_are_unit_whatever_the_models_qk_norm(preset):
 
 
 def test_knn_config_errors():
-    for bad, field in [({"memory.knn_layers": [5]}, "memory.knn_layers"),
-                       ({"memory.knn_k": 0}, "memory.knn_k"),
-                       ({"memory.knn_backend": "annoy"}, "memory.knn_backend"),
-                       ({"memory.knn_combine": "sum"}, "memory.knn_combine")]:
+    for bad, field in [({"memory.knn.layers": [5]}, "memory.knn.layers"),
+                       ({"memory.knn.k": 0}, "memory.knn.k"),
+                       ({"memory.knn.backend": "annoy"}, "memory.knn.backend"),
+                       ({"memory.knn.combine": "sum"}, "memory.knn.combine")]:
         with pytest.raises(memlm.ConfigError) as info:
             build(**bad)
         assert info.value.field_name == field
@@ -189,8 +189,8 @@ def test_knn_dtype_sets_the_exact_store_precision_and_is_checked():
     import memlm
     from memlm.config import ConfigError
     model = memlm.build("seed-tiny", layers=2, width=32, seq_len=16,
-                        **{"attention.heads": 2, "memory.knn_layers": [1], "memory.knn_capacity": 64,
-                           "memory.knn_dtype": "bfloat16"})
+                        **{"attention.heads": 2, "memory.knn.layers": [1], "memory.knn.capacity": 64,
+                           "memory.knn.dtype": "bfloat16"})
     state = model.init_state(2)
     assert state.stores[1].dtype == torch.bfloat16 and state.stores[1].keys.dtype == torch.bfloat16
     ids = torch.randint(0, 256, (2, 32))
@@ -198,11 +198,11 @@ def test_knn_dtype_sets_the_exact_store_precision_and_is_checked():
     out = model(ids[:, 16:], state=out.state)  # the second segment reads what the first wrote
     assert int(state.stores[1].counts[0]) == 32 and torch.isfinite(out.logits).all()
     assert memlm.build("seed-knn-tiny").init_state(1).stores[2].dtype == torch.bfloat16
-    with pytest.raises(ConfigError, match="knn_dtype"):
-        memlm.build("seed-tiny", **{"memory.knn_layers": [1], "memory.knn_dtype": "float16"})
+    with pytest.raises(ConfigError, match="knn.dtype"):
+        memlm.build("seed-tiny", **{"memory.knn.layers": [1], "memory.knn.dtype": "float16"})
     with pytest.raises(ConfigError, match="float32"):
-        memlm.build("seed-tiny", **{"memory.knn_layers": [1], "memory.knn_backend": "faiss",
-                                    "memory.knn_dtype": "bfloat16"})
+        memlm.build("seed-tiny", **{"memory.knn.layers": [1], "memory.knn.backend": "faiss",
+                                    "memory.knn.dtype": "bfloat16"})
 
 
 def test_compiled_model_does_not_recompile_while_the_store_fills():
@@ -213,7 +213,7 @@ def test_compiled_model_does_not_recompile_while_the_store_fills():
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
-    model = build(**{"memory.knn_capacity": 40})  # fills over 5 segments of 8, then evicts
+    model = build(**{"memory.knn.capacity": 40})  # fills over 5 segments of 8, then evicts
     ids = torch.randint(0, 256, (2, 8 * 7))
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
@@ -238,7 +238,7 @@ def test_states_made_on_two_names_of_one_device_share_the_compiled_graphs():
 
     assert make_store("exact", 1, 1, 8, 16, device="cpu:0").device == torch.device("cpu")
     torch.manual_seed(0)
-    model = build(**{"memory.length": 8})
+    model = build(**{"memory.xl.length": 8})
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
     torch._dynamo.reset()
@@ -374,7 +374,7 @@ def test_completed_segments_write_their_keys_values_and_positions(placement):
     """Each completed segment of the kNN layer writes, at its stream positions, the unit keys and the
     values of its block inputs (through the attention norm only where it comes first), also when
     the segment arrives in pieces; an unfinished segment writes nothing."""
-    model = build(**{"norm.placement": placement, "attention.kv_heads": 2, "memory.knn_layers": [0, 1]})
+    model = build(**{"norm.placement": placement, "attention.kv_heads": 2, "memory.knn.layers": [0, 1]})
     ids = torch.randint(0, 256, (2, 20))
     inputs = {0: [], 1: []}
     hooks = [model.blocks[i].register_forward_pre_hook(lambda module, args, i=i: inputs[i].append(args[0]))

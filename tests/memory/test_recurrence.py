@@ -7,7 +7,7 @@ import torch
 
 import memlm
 from memlm.config import ConfigError
-from memlm.model.attention import SegmentContext
+from memlm.nn.attention import SegmentContext
 from tests.conftest import by_segments, tiny_overrides
 
 KINDS = ["none", "sinusoidal", "rope", "xpos", "t5", "tupe"]
@@ -21,7 +21,7 @@ def build(**extra):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_segments_with_long_memory_equal_one_pass(kind):
-    model = build(**{"position.kind": kind, "memory.lengths": [40, 48, 64]})
+    model = build(**{"position.kind": kind, "memory.xl.lengths": [40, 48, 64]})
     ids = torch.randint(0, 256, (2, 40))
     logits, state = by_segments(model, ids, 8)
     torch.testing.assert_close(logits, model(ids).logits, atol=1e-5, rtol=0)
@@ -31,7 +31,7 @@ def test_segments_with_long_memory_equal_one_pass(kind):
 @pytest.mark.parametrize("kind", ["rope", "t5"])
 def test_token_by_token_equals_segment_by_segment_with_short_memory(kind):
     """Generation rolls the pending segment into memory exactly as training segments do."""
-    model = build(**{"position.kind": kind, "memory.lengths": [4, 8, 12]})
+    model = build(**{"position.kind": kind, "memory.xl.lengths": [4, 8, 12]})
     ids = torch.randint(0, 256, (2, 40))
     segments, seg_state = by_segments(model, ids, 8)
     tokens, tok_state = by_segments(model, ids, 1)
@@ -42,8 +42,8 @@ def test_token_by_token_equals_segment_by_segment_with_short_memory(kind):
 
 
 def test_per_layer_lengths_and_schedules():
-    model = build(**{"memory.length": 12, "memory.schedule": "linear", "memory.min_length": 4,
-                     "memory.eval_multiplier": 2.0})
+    model = build(**{"memory.xl.length": 12, "memory.xl.schedule": "linear", "memory.xl.min_length": 4,
+                     "memory.xl.eval_multiplier": 2.0})
     assert model.config.memory_lengths(training=True) == [4, 8, 12]
     assert model.config.memory_lengths(training=False) == [8, 16, 24]
     _, state = by_segments(model, torch.randint(0, 256, (1, 48)), 8)  # eval mode
@@ -51,17 +51,17 @@ def test_per_layer_lengths_and_schedules():
     model.train()
     _, state = by_segments(model, torch.randint(0, 256, (1, 48)), 8)
     assert [layer["mem"].shape[1] for layer in state.layers] == [4, 8, 12]
-    with pytest.raises(ConfigError, match="memory.lengths"):
-        build(**{"memory.lengths": [1, 2]})
+    with pytest.raises(ConfigError, match="memory.xl.lengths"):
+        build(**{"memory.xl.lengths": [1, 2]})
     with pytest.raises(ConfigError, match="position.kind"):
-        build(**{"memory.length": 4, "position.kind": "learned"})
+        build(**{"memory.xl.length": 4, "position.kind": "learned"})
 
 
 def reference_segment(model, ids, memories, q_start):
     """Run the blocks by hand with explicit memories; return logits, block inputs and outputs."""
     x = model.embed(ids)
     ctx = SegmentContext(q_start=q_start, row_start=None, keep=None,
-                         bias=model._bias_provider(q_start, ids.shape[1], ids.device))
+                         bias=model.position_bias(q_start, ids.shape[1], ids.device))
     inputs, outputs = [], []
     for block, memory in zip(model.blocks, memories):
         inputs.append(x)
@@ -72,7 +72,7 @@ def reference_segment(model, ids, memories, q_start):
 
 @pytest.mark.parametrize("kind", ["rope", "t5"])
 def test_xl_memory_matches_its_definition(kind):
-    model = build(**{"position.kind": kind, "memory.lengths": [3, 5, 8]})
+    model = build(**{"position.kind": kind, "memory.xl.lengths": [3, 5, 8]})
     ids = torch.randint(0, 256, (2, 16))
     logits, _ = by_segments(model, ids, 8)
     _, inputs, _ = reference_segment(model, ids[:, :8], [None] * 3, 0)
@@ -84,7 +84,7 @@ def test_xl_memory_matches_its_definition(kind):
 @pytest.mark.parametrize("kind", ["rope", "xpos", "t5"])
 def test_layerwise_feedback_matches_its_definition(kind):
     """Layer i's memory is the previous segment's output of layer i+1; the top layer its own."""
-    model = build(**{"position.kind": kind, "memory.length": 8, "memory.feedback": "memory"})
+    model = build(**{"position.kind": kind, "memory.xl.length": 8, "memory.feedback.mode": "memory"})
     ids = torch.randint(0, 256, (2, 24))
     logits, state = by_segments(model, ids, 8)
     memories = [None] * 3
@@ -100,7 +100,7 @@ def test_layerwise_feedback_matches_its_definition(kind):
 
 
 def test_feedback_top_layer_reads_an_external_tensor():
-    model = build(**{"memory.length": 8, "memory.feedback": "memory"})
+    model = build(**{"memory.xl.length": 8, "memory.feedback.mode": "memory"})
     ids = torch.randint(0, 256, (1, 16))
     external = torch.randn(1, 8, 32)
     state = model(ids[:, :8], state=model.init_state(1)).state
@@ -110,12 +110,12 @@ def test_feedback_top_layer_reads_an_external_tensor():
 
 
 def test_additive_feedback_matches_its_definition():
-    model = build(**{"memory.feedback": "add"})
+    model = build(**{"memory.feedback.mode": "add"})
     ids = torch.randint(0, 256, (2, 16))
     logits, _ = by_segments(model, ids, 8)
     _, _, outputs = reference_segment(model, ids[:, :8], [None] * 3, 0)
     x = model.embed(ids[:, 8:])
-    ctx = SegmentContext(q_start=8, row_start=None, keep=None, bias=model._bias_provider(8, 8, ids.device))
+    ctx = SegmentContext(q_start=8, row_start=None, keep=None, bias=model.position_bias(8, 8, ids.device))
     feedback = [outputs[1], outputs[2], outputs[2]]
     for block, fb in zip(model.blocks, feedback):
         x, _ = block(x + fb, ctx, None, None)
@@ -124,8 +124,8 @@ def test_additive_feedback_matches_its_definition():
     torch.testing.assert_close(tokens, logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("extra", [{"memory.length": 16}, {"memory.feedback": "add"},
-                                   {"memory.length": 16, "memory.feedback": "memory"}])
+@pytest.mark.parametrize("extra", [{"memory.xl.length": 16}, {"memory.feedback.mode": "add"},
+                                   {"memory.xl.length": 16, "memory.feedback.mode": "memory"}])
 def test_reset_rows_behave_like_a_fresh_state(extra):
     model = build(**extra)
     ids = torch.randint(0, 256, (2, 24))
@@ -139,7 +139,7 @@ def test_reset_rows_behave_like_a_fresh_state(extra):
 
 
 def test_detach_cuts_gradients_between_segments():
-    model = build(**{"memory.length": 16}).train()
+    model = build(**{"memory.xl.length": 16}).train()
     ids = torch.randint(0, 256, (2, 16))
     state = model(ids[:, :8], state=model.init_state(2)).state
     assert state.layers[1]["mem"].grad_fn is not None
@@ -159,7 +159,7 @@ def test_detach_cuts_gradients_between_segments():
 
 def test_persistent_memory_parameters_and_cached_decoding():
     plain = build(**{"position.kind": "rope", "attention.kv_heads": 2})
-    model = build(**{"position.kind": "rope", "attention.kv_heads": 2, "memory.persistent": 5,
+    model = build(**{"position.kind": "rope", "attention.kv_heads": 2, "memory.persistent.vectors": 5,
                      "feedforward.kind": "none"})
     ff = sum(p.numel() for b in plain.blocks for p in b.feedforward.parameters()) + \
         sum(p.numel() for b in plain.blocks for p in b.ff_norm.parameters())
@@ -171,14 +171,14 @@ def test_persistent_memory_parameters_and_cached_decoding():
     # persistent vectors are seen: zeroing their values changes the output
     with torch.no_grad():
         for block in model.blocks:
-            block.attention.persistent_v.zero_()
+            block.attention.persistent.v.zero_()
     assert not torch.allclose(model(ids).logits, full, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @torch.no_grad()
 def test_memory_and_persistent_backends_agree_with_eager(backend):
-    extra = {"position.kind": "t5", "memory.length": 8, "memory.persistent": 3}
+    extra = {"position.kind": "t5", "memory.xl.length": 8, "memory.persistent.vectors": 3}
     torch.manual_seed(4)
     ref = build(**extra, **{"attention.backend": "eager"})
     torch.manual_seed(4)
@@ -190,9 +190,9 @@ def test_memory_and_persistent_backends_agree_with_eager(backend):
 @pytest.mark.parametrize("preset", ["seed-mem-tiny", "seed-xl-tiny"])
 def test_memory_presets_decode_token_by_token_like_segments(preset):
     """Every mechanism combined: generation rolls, compresses and trims exactly as training does."""
-    model = memlm.build(preset, layers=2, width=32, seq_len=8, **{"attention.heads": 4, "memory.length": 8},
-                        **({"memory.compress_length": 2} if preset == "seed-mem-tiny" else {})).eval()
-    if model.config.memory.adaptive_span:
+    model = memlm.build(preset, layers=2, width=32, seq_len=8, **{"attention.heads": 4, "memory.xl.length": 8},
+                        **({"memory.compressive.length": 2} if preset == "seed-mem-tiny" else {})).eval()
+    if model.config.memory.adaptive_span.enabled:
         with torch.no_grad():
             for block in model.blocks:
                 block.attention.span.span.uniform_(0, 12)
@@ -212,13 +212,13 @@ def compress_group_reference(model, layer, leaving, segment_input):
     from tests.memory.test_compressive import manual_content_weights
 
     m, block = model.config.memory, model.blocks[layer]
-    c, (B, N, W) = m.compress_rate, leaving.shape
+    c, (B, N, W) = m.compressive.rate, leaving.shape
     groups = leaving.view(B, N // c, c, W)
-    if m.compress_fn == "max":
+    if m.compressive.fn == "max":
         return groups.amax(2)
-    if m.compress_fn == "mean":
+    if m.compressive.fn == "mean":
         return groups.mean(2)
-    if m.compress_fn == "conv":
+    if m.compressive.fn == "conv":
         conv = model.compressors[layer].conv
         out = torch.einsum("oik,bnki->bno", conv.weight, groups)
         return out + conv.bias if conv.bias is not None else out
@@ -243,7 +243,7 @@ def reference_stream(model, ids, external=None):
     logits, states = [], []
     for start in range(0, ids.shape[1], S):
         def cmem(i):
-            return torch.cat(slots[i], dim=1)[:, -m.compress_length:] if slots[i] else None
+            return torch.cat(slots[i], dim=1)[:, -m.compressive.length:] if slots[i] else None
 
         mems = [stream[i][:, max(0, stream[i].shape[1] - lengths[i]):] for i in range(layers)]
         memories = [torch.cat([t for t in (cmem(i), mems[i]) if t is not None], dim=1) for i in range(layers)]
@@ -251,15 +251,15 @@ def reference_stream(model, ids, external=None):
                                                         [t if t.shape[1] else None for t in memories], start)
         logits.append(seg_logits)
         for i in range(layers):
-            if m.feedback == "memory":
+            if m.feedback.mode == "memory":
                 source = outputs[i + 1] if i + 1 < layers else (external if external is not None else outputs[-1])
             else:
                 source = inputs[i]
             stream[i] = torch.cat([stream[i], source], dim=1)
             boundary = max(0, stream[i].shape[1] - lengths[i])
-            if m.compress_rate and boundary > left[i]:
+            if m.compressive.rate and boundary > left[i]:
                 leaving = stream[i][:, left[i]:boundary]
-                leaving = leaving[:, leaving.shape[1] % m.compress_rate:]
+                leaving = leaving[:, leaving.shape[1] % m.compressive.rate:]
                 if leaving.shape[1]:
                     slots[i].append(compress_group_reference(model, i, leaving, inputs[i]))
             left[i] = boundary
@@ -290,7 +290,7 @@ def test_memory_after_every_segment_is_the_last_length_states_of_its_stream(feed
     """Per layer: XL memory = the last `length` block inputs (feedback: next block's outputs), also
     of length 0 (no memory at all) and longer than what was seen; pieces that end inside a
     segment wait in 'pending' (the inputs so far) and roll when it completes."""
-    model = build(**{"position.kind": "rope", "memory.lengths": [0, 5, 11], "memory.feedback": feedback})
+    model = build(**{"position.kind": "rope", "memory.xl.lengths": [0, 5, 11], "memory.feedback.mode": feedback})
     ids = torch.randint(0, 256, (2, 32))
     expected_logits, expected = reference_stream(model, ids)
     state, logits, position = model.init_state(2), [], 0
@@ -326,8 +326,8 @@ def test_compression_at_roll_time_matches_the_stream_definition(fn, feedback, pl
     (overflow mod 3) oldest ones; compressed memory keeps its last 5 slots; every layer attends to
     [cmem | mem | segment]; token by token rolls and compresses exactly like segments. most-used
     ranks by the content attention of the layer's normed inputs (pre-norm) or raw ones (post-norm)."""
-    model = build(**{"position.kind": "rope", "memory.lengths": [5, 8, 3], "memory.feedback": feedback,
-                     "memory.compress_rate": 3, "memory.compress_length": 5, "memory.compress_fn": fn, "bias": True, "norm.placement": placement})
+    model = build(**{"position.kind": "rope", "memory.xl.lengths": [5, 8, 3], "memory.feedback.mode": feedback,
+                     "memory.compressive.rate": 3, "memory.compressive.length": 5, "memory.compressive.fn": fn, "bias": True, "norm.placement": placement})
     with torch.no_grad():
         for block in model.blocks:
             block.attention.qkv.bias.normal_()
@@ -358,8 +358,8 @@ def test_compression_loss_is_the_mean_reconstruction_loss_of_the_layers_that_com
     for a compression without parameters."""
     from tests.memory.test_compressive import manual_content_attention
 
-    extra = {"position.kind": "rope", "memory.lengths": [5, 8, 3], "memory.compress_rate": 3,
-             "memory.compress_length": 5, "memory.compress_loss": 1.0, "norm.placement": placement}
+    extra = {"position.kind": "rope", "memory.xl.lengths": [5, 8, 3], "memory.compressive.rate": 3,
+             "memory.compressive.length": 5, "memory.compressive.loss_weight": 1.0, "norm.placement": placement}
     model = build(**extra).train()
     assert model.compressors[0].conv.bias is None
     ids = torch.randint(0, 256, (2, 16))
@@ -395,7 +395,7 @@ def test_compression_loss_is_the_mean_reconstruction_loss_of_the_layers_that_com
     with torch.no_grad():
         assert model(ids[:, 8:], state=first.state).aux_loss == 0
     assert model.eval()(ids[:, 8:], state=first.state).aux_loss == 0
-    pooled = build(**extra, **{"memory.compress_fn": "max"}).train()
+    pooled = build(**extra, **{"memory.compressive.fn": "max"}).train()
     pooled_first = pooled(ids[:, :8], state=pooled.init_state(2))
     assert pooled_first.aux_loss == 0 and pooled(ids[:, 8:], state=pooled_first.state).aux_loss == 0
 
@@ -404,11 +404,11 @@ def test_additive_feedback_covers_segments_longer_than_the_width():
     """Every position of a segment gets the previous segment's upper output at its own index, also
     when a segment (24 positions) is longer than the model is wide (16), and in pieces."""
     model = memlm.build("seed-tiny", layers=2, width=16, seq_len=24, max_positions=256,
-                        **{"attention.heads": 2, "memory.feedback": "add"}).eval()
+                        **{"attention.heads": 2, "memory.feedback.mode": "add"}).eval()
     ids = torch.randint(0, 256, (1, 48))
     _, _, outputs = reference_segment(model, ids[:, :24], [None] * 2, 0)
     x = model.embed(ids[:, 24:])
-    ctx = SegmentContext(q_start=24, row_start=None, keep=None, bias=model._bias_provider(24, 24, ids.device))
+    ctx = SegmentContext(q_start=24, row_start=None, keep=None, bias=model.position_bias(24, 24, ids.device))
     for block, fb in zip(model.blocks, [outputs[1], outputs[1]]):
         x, _ = block(x + fb, ctx, None, None)
     expected = model.head(model.final_norm(x))
@@ -422,7 +422,7 @@ def test_additive_feedback_covers_segments_longer_than_the_width():
 
 def test_a_float32_state_resumes_in_a_bfloat16_model():
     """The additive feedback a float32 run leaves is added in the model's own dtype."""
-    model = build(**{"memory.feedback": "add"})
+    model = build(**{"memory.feedback.mode": "add"})
     ids = torch.randint(0, 256, (2, 16))
     state = model(ids[:, :8], state=model.init_state(2)).state
     reference = model(ids[:, 8:], state=state).logits
@@ -437,8 +437,8 @@ def test_knn_stores_receive_each_completed_segment_at_its_stream_positions(layer
     """A kNN layer's store gets a segment's unit keys and values (of its normed block inputs) once
     the segment completes, at its stream positions, whatever pieces it arrives in; an unfinished
     segment writes nothing."""
-    model = build(**{"memory.length": 4, "memory.knn_layers": layers, "memory.knn_k": 4,
-                     "memory.knn_capacity": 64})
+    model = build(**{"memory.xl.length": 4, "memory.knn.layers": layers, "memory.knn.k": 4,
+                     "memory.knn.capacity": 64})
     ids = torch.randint(0, 256, (2, 30))
     inputs = [[] for _ in model.blocks]
     hooks = [block.register_forward_pre_hook(lambda module, args, i=i: inputs[i].append(args[0]))
@@ -465,7 +465,7 @@ def test_knn_stores_receive_each_completed_segment_at_its_stream_positions(layer
 
 def test_a_single_layer_model_rolls_like_the_stream_definition():
     """One block (its own output is the top): memory and logits per segment and per piece."""
-    model = build(**{"layers": 1, "position.kind": "rope", "memory.length": 6})
+    model = build(**{"layers": 1, "position.kind": "rope", "memory.xl.length": 6})
     ids = torch.randint(0, 256, (2, 24))
     expected_logits, expected = reference_stream(model, ids)
     state, logits = model.init_state(2), []
@@ -480,7 +480,7 @@ def test_a_single_layer_model_rolls_like_the_stream_definition():
 def test_external_feedback_feeds_the_top_layer_at_every_roll():
     """An 'external' tensor set once on the top layer stays in the state and is what the top layer's
     memory receives at every roll; the layers below still take the next block's outputs."""
-    model = build(**{"position.kind": "rope", "memory.lengths": [4, 6, 8], "memory.feedback": "memory"})
+    model = build(**{"position.kind": "rope", "memory.xl.lengths": [4, 6, 8], "memory.feedback.mode": "memory"})
     ids = torch.randint(0, 256, (2, 24))
     external = torch.randn(2, 5, 32)
     expected_logits, expected = reference_stream(model, ids, external=external)
@@ -493,3 +493,20 @@ def test_external_feedback_feeds_the_top_layer_at_every_roll():
         assert_state_matches(state, expected[seg])
         assert state.layers[-1]["external"] is external
     torch.testing.assert_close(torch.cat(logits, dim=1), expected_logits, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_with_the_old_persistent_vector_names_loads_into_the_same_weights():
+    """Weights saved when the vectors were attention.persistent_k / persistent_v load into
+    attention.persistent.k / .v unchanged, and an incomplete old checkpoint is still refused."""
+    torch.manual_seed(0)
+    saved = memlm.build("seed-tiny", layers=2, **{"memory.persistent.vectors": 3}).state_dict()
+    old = {key.replace("persistent.k", "persistent_k").replace("persistent.v", "persistent_v"): value
+           for key, value in saved.items()}
+    assert "blocks.1.attention.persistent_k" in old and "blocks.1.attention.persistent.k" not in old
+    fresh = memlm.build("seed-tiny", layers=2, **{"memory.persistent.vectors": 3})
+    fresh.load_state_dict(old)
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    del old["blocks.0.attention.persistent_v"]
+    with pytest.raises(RuntimeError, match="persistent.v"):
+        memlm.build("seed-tiny", layers=2, **{"memory.persistent.vectors": 3}).load_state_dict(old)

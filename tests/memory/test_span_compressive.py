@@ -6,7 +6,7 @@ import torch
 import memlm
 from memlm.memory.adaptive_span import AdaptiveSpan
 from memlm.memory.compressive import Compressor, split_overflow
-from memlm.model.kernels import eager_attention
+from memlm.nn.kernels import eager_attention
 from tests.conftest import tiny_overrides
 
 
@@ -54,8 +54,8 @@ def test_log_mask_bias_reweights_attention_like_the_paper():
 
 
 def test_span_penalty_clamping_and_gradient():
-    model = build(**{"memory.length": 8, "memory.adaptive_span": True, "memory.span_init": 0.25,
-                     "memory.span_penalty": 0.01}).train()
+    model = build(**{"memory.xl.length": 8, "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.25,
+                     "memory.adaptive_span.penalty": 0.01}).train()
     assert model.config.span_max == 16
     ids = torch.randint(0, 256, (2, 8))
     out = model(ids, targets=ids, state=model.init_state(2))
@@ -72,7 +72,7 @@ def test_span_penalty_clamping_and_gradient():
 
 
 def test_span_trimming_does_not_change_outputs():
-    model = build(**{"memory.length": 24, "memory.adaptive_span": True, "memory.span_ramp": 2}).eval()
+    model = build(**{"memory.xl.length": 24, "memory.adaptive_span.enabled": True, "memory.adaptive_span.ramp": 2}).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attention.span.span.copy_(torch.tensor([1.0, 3.0, 2.0, 4.5]))
@@ -88,8 +88,8 @@ def test_span_trimming_does_not_change_outputs():
 
 
 def test_compressed_memory_sizes_follow_the_rate():
-    model = build(**{"memory.length": 8, "memory.compress_rate": 2, "memory.compress_length": 6,
-                     "memory.compress_fn": "mean"}).eval()
+    model = build(**{"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 6,
+                     "memory.compressive.fn": "mean"}).eval()
     state = model.init_state(1)
     sizes = []
     for _ in range(5):
@@ -112,7 +112,7 @@ def test_compression_functions():
 
 
 def test_reconstruction_loss_trains_only_the_compressor():
-    model = build(**{"memory.length": 8, "memory.compress_rate": 2, "memory.compress_length": 8,
+    model = build(**{"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 8,
                      "bias": True}).train()
     _, _, outs = run_segments(model, torch.randint(0, 256, (2, 24)))
     loss = outs[-1].aux_loss
@@ -129,10 +129,10 @@ def test_reconstruction_loss_trains_only_the_compressor():
 
 def test_unfilled_compression_equals_plain_recurrence_and_compressed_memory_is_read():
     torch.manual_seed(2)
-    plain = build(**{"memory.length": 8}).eval()
+    plain = build(**{"memory.xl.length": 8}).eval()
     torch.manual_seed(2)
-    compressive = build(**{"memory.length": 8, "memory.compress_rate": 2, "memory.compress_length": 4,
-                           "memory.compress_fn": "max"}).eval()
+    compressive = build(**{"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 4,
+                           "memory.compressive.fn": "max"}).eval()
     compressive.load_state_dict(plain.state_dict(), strict=False)
     ids = torch.randint(0, 256, (1, 32))
     a, _, _ = run_segments(plain, ids)
@@ -141,10 +141,10 @@ def test_unfilled_compression_equals_plain_recurrence_and_compressed_memory_is_r
     assert not torch.allclose(b[:, 16:], a[:, 16:], atol=1e-4)  # compressed memory is attended to
 
 
-@pytest.mark.parametrize("bad,field", [({"memory.compress_rate": 2, "memory.compress_length": 4}, "memory.compress_rate"),
-                                       ({"memory.adaptive_span": True, "memory.span_init": 2.0}, "memory.span_init"),
-                                       ({"memory.compress_fn": "zip"}, "memory.compress_fn"),
-                                       ({"memory.feedback": "memory"}, "memory.feedback")])
+@pytest.mark.parametrize("bad,field", [({"memory.compressive.rate": 2, "memory.compressive.length": 4}, "memory.compressive.rate"),
+                                       ({"memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 2.0}, "memory.adaptive_span.init"),
+                                       ({"memory.compressive.fn": "zip"}, "memory.compressive.fn"),
+                                       ({"memory.feedback.mode": "memory"}, "memory.feedback.mode")])
 def test_memory_config_errors(bad, field):
     with pytest.raises(memlm.ConfigError) as info:
         build(**bad)

@@ -1,4 +1,4 @@
-"""State (memlm.memory.state): construction, detach/to, reset, the checkpoint round trip, and the
+"""State (memlm.state): construction, detach/to, reset, the checkpoint round trip, and the
 recompile limit for compiled models with memory."""
 
 import re
@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from memlm.memory.state import CLEARED_ON_RESET, MEMORY_RECOMPILE_LIMIT, State, allow_memory_recompiles
-from memlm.memory.stores import make_store
+from memlm.state import CLEARED_ON_RESET, MEMORY_RECOMPILE_LIMIT, State, allow_memory_recompiles
+from memlm.memory.knn.stores import make_store
 
 
 def filled_store(rows: int, shared: bool = False):

@@ -1,4 +1,4 @@
-"""kNN memory stores (memlm.memory.stores): exact top-k, faiss recall, FIFO eviction, resets,
+"""kNN memory stores (memlm.memory.knn.stores): exact top-k, faiss recall, FIFO eviction, resets,
 ids across eviction, persistence with checksums, shared read-only stores, padding."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memlm.memory.stores import (ExactStore, FaissStore, Retrieved, StoreError, load_store,
+from memlm.memory.knn.stores import (ExactStore, FaissStore, Retrieved, StoreError, load_store,
                                  make_store)
 
 BACKENDS = [("exact", {}), ("faiss", {}), ("faiss", {"index": "ivf"}), ("faiss", {"index": "hnsw"})]
@@ -401,7 +401,7 @@ def test_own_store_with_knowledge_reads_the_best_of_both_and_writes_only_its_own
     """WithKnowledge in add mode (knowledge memory added to a layer's own store): a search equals
     brute force over each row's own entries together with the shared entries; writes and resets
     reach the own store only."""
-    from memlm.memory.stores import WithKnowledge
+    from memlm.memory.knn.stores import WithKnowledge
 
     torch.manual_seed(0)
     own = make_store("exact", rows=2, heads=1, dim=8, capacity=30)
@@ -437,7 +437,7 @@ def test_knowledge_fills_the_slots_the_own_past_leaves_empty():
     """fill mode: a row's own entries first (its own top k, in order), then the knowledge's best
     in order, as many as the own past leaves empty: all of them for an empty row, none for a row
     holding k entries or more."""
-    from memlm.memory.stores import WithKnowledge
+    from memlm.memory.knn.stores import WithKnowledge
 
     torch.manual_seed(1)
     own = make_store("exact", rows=3, heads=1, dim=8, capacity=30)
@@ -806,7 +806,7 @@ def test_save_replaces_a_saved_store_or_fills_an_empty_directory_and_refuses_any
 def test_with_knowledge_checks_its_stores_and_reads_everything_else_from_its_own():
     import copy
 
-    from memlm.memory.stores import WithKnowledge
+    from memlm.memory.knn.stores import WithKnowledge
 
     own = make_store("exact", rows=2, heads=2, dim=4, capacity=6)
     knowledge = make_store("exact", rows=1, heads=2, dim=4, capacity=6).share()

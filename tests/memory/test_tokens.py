@@ -8,7 +8,7 @@ import torch
 import memlm
 from memlm.config import ConfigError
 from memlm.memory.tokens import MemoryTokenContext
-from memlm.model.attention import SegmentContext
+from memlm.nn.attention import SegmentContext
 from tests.conftest import by_segments
 
 M, W, L = 3, 32, 8
@@ -18,7 +18,7 @@ RELATIVE = ["rope", "t5", "xpos", "none"]
 
 def build(recurrent=False, tokens=M, **extra):
     overrides = {"layers": 2, "width": W, "seq_len": L, "max_positions": 64, "attention.heads": 4,
-                 "memory.tokens": tokens, "memory.tokens_recurrent": recurrent}
+                 "memory.tokens.count": tokens, "memory.tokens.recurrent": recurrent}
     overrides.update(extra)
     return memlm.build("seed-tiny", **overrides).eval()
 
@@ -61,7 +61,7 @@ def reference(model, ids, read, write, keep=None, start=0):
     parts = [read, x] + ([model.memory_tokens.embedding.expand(ids.shape[0], -1, -1)] if write else [])
     x = torch.cat(parts, dim=1)
     ctx = SegmentContext(q_start=0, row_start=None, keep=keep,
-                         bias=model._bias_provider(0, x.shape[1], ids.device))
+                         bias=model.position_bias(0, x.shape[1], ids.device))
     for block in model.blocks:
         x, _ = block(x, ctx, None)
     T = ids.shape[1]
@@ -207,16 +207,16 @@ def test_training_steps_lower_the_loss_in_recurrent_mode():
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"memory.tokens": -1}, "memory.tokens"),
-    ({"memory.tokens": 0, "memory.tokens_recurrent": True}, "memory.tokens_recurrent"),
-    ({"memory.tokens": 2, "position.kind": "tupe"}, "position.kind"),
-    ({"memory.tokens": 2, "memory.length": 8, "position.kind": "learned"}, "position.kind"),
+    ({"memory.tokens.count": -1}, "memory.tokens.count"),
+    ({"memory.tokens.count": 0, "memory.tokens.recurrent": True}, "memory.tokens.recurrent"),
+    ({"memory.tokens.count": 2, "position.kind": "tupe"}, "position.kind"),
+    ({"memory.tokens.count": 2, "memory.xl.length": 8, "position.kind": "learned"}, "position.kind"),
 ])
 def test_config_errors(overrides, field):
     """(Combinations with recurrent and kNN memory: tests/memory/test_tokens_combined.py.)"""
     with pytest.raises(ConfigError) as error:
-        build(**{k: v for k, v in overrides.items() if k != "memory.tokens"},
-              tokens=overrides.get("memory.tokens", M))
+        build(**{k: v for k, v in overrides.items() if k != "memory.tokens.count"},
+              tokens=overrides.get("memory.tokens.count", M))
     assert error.value.field_name == field
 
 
@@ -228,7 +228,7 @@ def every_third_hidden(batch, length, device):
 @pytest.mark.parametrize("recurrent", [False, True])
 def test_forgetful_masking_hides_segment_tokens_never_memory_tokens(recurrent, monkeypatch):
     model = build(recurrent)
-    monkeypatch.setattr(model, "_forgetful_keep", every_third_hidden)
+    monkeypatch.setattr(model, "forgetful_keep", every_third_hidden)
     ids = torch.randint(0, 256, (2, 2 * L + 5))  # two segments and a part
     read, expected = model.memory_tokens.embedding.expand(2, -1, -1), []
     for s in range(0, ids.shape[1], L):
@@ -324,7 +324,7 @@ def test_a_bfloat16_model_with_a_float32_memory_embedding_computes_in_bfloat16()
 
 @pytest.mark.parametrize("recurrent", [False, True])
 @pytest.mark.parametrize("extra", [{"position.kind": "t5"}, {"position.kind": "sinusoidal"},
-                                   {"position.kind": "t5", "memory.length": 8}])
+                                   {"position.kind": "t5", "memory.xl.length": 8}])
 def test_nothing_falls_back_to_the_default_device(recurrent, extra):
     """Every tensor is made on the model's device: with the default device elsewhere (meta, as
     the CPU is beside an accelerator), a CPU model computes exactly what it computes normally

@@ -11,30 +11,30 @@ import memlm
 from memlm.config import ConfigError
 from memlm.memory import knn
 from memlm.memory.tokens import MemoryTokenContext
-from memlm.model.attention import SegmentContext
+from memlm.nn.attention import SegmentContext
 from tests.conftest import by_segments
 
 M, W, L = 3, 32, 8
-KNN = {"memory.knn_layers": [1], "memory.knn_k": 4, "memory.knn_capacity": 64}
+KNN = {"memory.knn.layers": [1], "memory.knn.k": 4, "memory.knn.capacity": 64}
 COMBOS = {
-    "xl": {"memory.length": 8},
-    "xl-short": {"memory.lengths": [3, 12]},
-    "feedback": {"memory.length": 8, "memory.feedback": "memory"},
-    "feedback-add": {"memory.feedback": "add"},
-    "compressive": {"memory.length": 4, "memory.compress_rate": 2, "memory.compress_length": 3},
-    "span+persistent": {"memory.length": 12, "memory.adaptive_span": True, "memory.span_init": 0.5,
-                        "memory.span_ramp": 4, "memory.persistent": 2},
+    "xl": {"memory.xl.length": 8},
+    "xl-short": {"memory.xl.lengths": [3, 12]},
+    "feedback": {"memory.xl.length": 8, "memory.feedback.mode": "memory"},
+    "feedback-add": {"memory.feedback.mode": "add"},
+    "compressive": {"memory.xl.length": 4, "memory.compressive.rate": 2, "memory.compressive.length": 3},
+    "span+persistent": {"memory.xl.length": 12, "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.5,
+                        "memory.adaptive_span.ramp": 4, "memory.persistent.vectors": 2},
     "knn": KNN,
-    "knn+xl": {"memory.length": 8, **KNN},
+    "knn+xl": {"memory.xl.length": 8, **KNN},
 }
 
 
 def build(recurrent=False, tokens=M, layers=2, **extra):
     overrides = {"layers": layers, "width": W, "seq_len": L, "max_positions": 64, "attention.heads": 4,
-                 "memory.tokens": tokens, "memory.tokens_recurrent": recurrent}
+                 "memory.tokens.count": tokens, "memory.tokens.recurrent": recurrent}
     overrides.update(extra)
     model = memlm.build("seed-tiny", **overrides).eval()
-    if model.config.memory.adaptive_span:  # spans of different lengths, so the ramp cuts the memory
+    if model.config.memory.adaptive_span.enabled:  # spans of different lengths, so the ramp cuts the memory
         with torch.no_grad():
             for block in model.blocks:
                 block.attention.span.span.copy_(torch.tensor([2.0, 6.0, 11.0, 20.0]))
@@ -63,14 +63,14 @@ def test_token_by_token_equals_segment_by_segment(combo, recurrent):
     lengths = model.config.memory_lengths(training=False)
     if any(lengths):  # the recurrent memory holds token positions only: min(length, 3 segments of L)
         assert [layer["mem"].shape[1] for layer in seg_state.layers] == [min(n, 3 * L) for n in lengths]
-    if "memory.knn_layers" not in COMBOS[combo]:  # without a state: one stream from an empty memory
+    if "memory.knn.layers" not in COMBOS[combo]:  # without a state: one stream from an empty memory
         torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
 @pytest.mark.parametrize("kind", ["rope", "xpos", "t5", "none", "sinusoidal"])
 def test_every_relative_position_kind_decodes_like_segments(kind, recurrent):
-    model = build(recurrent, **{"position.kind": kind, "memory.lengths": [5, 16]})
+    model = build(recurrent, **{"position.kind": kind, "memory.xl.lengths": [5, 16]})
     ids = torch.randint(0, 256, (2, 3 * L + 4))
     segments, _ = by_segments(model, ids, L)
     torch.testing.assert_close(by_segments(model, ids, 1)[0], segments, atol=1e-5, rtol=0)
@@ -95,7 +95,7 @@ def reference(model, ids, lengths, recurrent, feedback="none", stores=None):
         x = torch.cat([read, model.embed(ids[:, s:s + L])] + ([learned] if recurrent else []), dim=1)
         q_start = s - M
         ctx = SegmentContext(q_start=q_start, row_start=None, keep=None,
-                             bias=model._bias_provider(q_start, x.shape[1], ids.device), stores=stores)
+                             bias=model.position_bias(q_start, x.shape[1], ids.device), stores=stores)
         inputs, outputs = [], []
         for i, block in enumerate(model.blocks):
             if added[i] is not None:
@@ -122,7 +122,7 @@ def reference(model, ids, lengths, recurrent, feedback="none", stores=None):
 @pytest.mark.parametrize("kind", ["rope", "t5"])
 def test_combination_matches_its_definition(kind, recurrent):
     lengths = [5, 11]
-    model = build(recurrent, **{"position.kind": kind, "memory.lengths": lengths})
+    model = build(recurrent, **{"position.kind": kind, "memory.xl.lengths": lengths})
     ids = torch.randint(0, 256, (2, 3 * L))
     logits, state = by_segments(model, ids, L)
     expected, history = reference(model, ids, lengths, recurrent)
@@ -147,7 +147,7 @@ def test_feedback_and_knn_combinations_match_their_definition(combo, recurrent):
     ids = torch.randint(0, 256, (2, 3 * L))
     lengths = model.config.memory_lengths(training=False)
     stores = model.init_state(2).stores or None
-    expected, history = reference(model, ids, lengths, recurrent, model.config.memory.feedback, stores)
+    expected, history = reference(model, ids, lengths, recurrent, model.config.memory.feedback.mode, stores)
     for size in (L, 1, 5):  # segment by segment, token by token, pieces across the boundaries
         logits, state = by_segments(model, ids, size)
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
@@ -174,7 +174,7 @@ def test_a_segment_attends_to_the_compressed_and_recurrent_memory_of_its_state(r
     x = torch.cat([read, model.embed(ids[:, 3 * L:])] + ([learned] if recurrent else []), dim=1)
     q_start = 3 * L - M
     ctx = SegmentContext(q_start=q_start, row_start=None, keep=None,
-                         bias=model._bias_provider(q_start, x.shape[1], ids.device))
+                         bias=model.position_bias(q_start, x.shape[1], ids.device))
     for block, layer in zip(model.blocks, state.layers):
         x, _ = block(x, ctx, None, torch.cat([layer["cmem"], layer["mem"]], dim=1))
     expected = model.head(model.final_norm(x[:, M:M + L]))
@@ -227,7 +227,7 @@ def test_knn_store_holds_exactly_the_segments_token_keys(recurrent):
 
 @pytest.mark.parametrize("recurrent", [False, True])
 def test_reset_at_a_boundary_behaves_like_a_fresh_state(recurrent):
-    model = build(recurrent, **{"memory.length": 8, "position.kind": "t5"}, **KNN)
+    model = build(recurrent, **{"memory.xl.length": 8, "position.kind": "t5"}, **KNN)
     ids = torch.randint(0, 256, (2, 3 * L))
     kept, _ = by_segments(model, ids, L)
     _, state = by_segments(model, ids[:, :2 * L], L)
@@ -243,7 +243,7 @@ def test_reset_inside_a_segment_forgets_exactly_the_row_past(recurrent):
     """Row 0 is reset at position L + 2. What follows must not depend on the tokens before it,
     and must still see the tokens after it through the recurrent memory (a one-layer model:
     nothing else carries them into the next segment without recurrent tokens)."""
-    model = build(recurrent, layers=1, **{"memory.length": L})
+    model = build(recurrent, layers=1, **{"memory.xl.length": L})
     reset_at = L + 2
     ids = torch.randint(0, 256, (2, 3 * L))
 
@@ -277,7 +277,7 @@ def test_the_reset_mask_puts_memory_keys_at_their_true_positions():
 
 @pytest.mark.parametrize("recurrent", [False, True])
 def test_training_steps_lower_the_loss(recurrent):
-    model = build(recurrent, **{"memory.length": 8, "memory.compress_rate": 2, "memory.compress_length": 4}).train()
+    model = build(recurrent, **{"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 4}).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 256, (4, 3 * L + 1))
     losses, aux = [], []
@@ -300,7 +300,7 @@ def test_training_steps_lower_the_loss(recurrent):
 def test_state_and_model_round_trip_exactly(recurrent):
     """Save the state mid-segment (read tokens, pending inputs, memory, kNN store) and the model;
     resuming from the copies gives exactly the logits of going on."""
-    model = build(recurrent, **{"memory.length": 8}, **KNN)
+    model = build(recurrent, **{"memory.xl.length": 8}, **KNN)
     ids = torch.randint(0, 256, (2, 4 * L))
     cut = 2 * L + 3
     _, state = by_segments(model, ids[:, :cut], L)
@@ -310,14 +310,14 @@ def test_state_and_model_round_trip_exactly(recurrent):
     buffer.seek(0)
     saved = torch.load(buffer)
     going_on, _ = by_segments(model, ids[:, cut:], 3, state)
-    copy = build(recurrent, **{"memory.length": 8}, **KNN)
+    copy = build(recurrent, **{"memory.xl.length": 8}, **KNN)
     copy.load_state_dict(saved["model"])
     resumed, _ = by_segments(copy, ids[:, cut:], 3, copy.load_state(saved["state"]))
     assert torch.equal(resumed, going_on)
 
 
 def test_detach_cuts_gradients_and_generation_equals_recomputation():
-    model = build(True, **{"memory.length": 8, "memory.feedback": "memory"}).train()
+    model = build(True, **{"memory.xl.length": 8, "memory.feedback.mode": "memory"}).train()
     ids = torch.randint(0, 256, (1, 2 * L + 3))
     out = model(ids, state=model.init_state(1))
     assert out.state.layers[0]["mem"].grad_fn is not None
@@ -333,7 +333,7 @@ def test_detach_cuts_gradients_and_generation_equals_recomputation():
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @torch.no_grad()
 def test_backends_agree_with_eager(backend):
-    extra = {"position.kind": "t5", "attention.kv_heads": 2, "memory.length": 8}
+    extra = {"position.kind": "t5", "attention.kv_heads": 2, "memory.xl.length": 8}
     torch.manual_seed(3)
     ref = build(True, **extra, **{"attention.backend": "eager"})
     torch.manual_seed(3)
@@ -347,9 +347,9 @@ def test_backends_agree_with_eager(backend):
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("extra", [{"memory.length": 8}, {"memory.lengths": [0, 4]}, {"memory.feedback": "add"},
-                                   {"memory.length": 4, "memory.feedback": "memory", "memory.compress_rate": 2,
-                                    "memory.compress_length": 2}, KNN])
+@pytest.mark.parametrize("extra", [{"memory.xl.length": 8}, {"memory.xl.lengths": [0, 4]}, {"memory.feedback.mode": "add"},
+                                   {"memory.xl.length": 4, "memory.feedback.mode": "memory", "memory.compressive.rate": 2,
+                                    "memory.compressive.length": 2}, KNN])
 def test_combinations_are_accepted_and_tupe_is_still_refused(extra):
     assert build(True, **extra).config.recurrent
     with pytest.raises(ConfigError) as error:
@@ -358,7 +358,7 @@ def test_combinations_are_accepted_and_tupe_is_still_refused(extra):
 
 
 def test_a_state_inside_a_segment_must_hold_its_read_tokens():
-    model = build(True, **{"memory.length": 8})
+    model = build(True, **{"memory.xl.length": 8})
     state = model.init_state(2)
     state.position = L + 3
     with pytest.raises(ValueError, match=rf"the state at position {L + 3} holds no read tokens of its segment "

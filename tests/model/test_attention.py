@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import memlm
-from memlm.memory.stores import ExactStore
-from memlm.model import attention as attention_module
-from memlm.model.attention import SegmentContext
+from memlm.memory.knn.stores import ExactStore
+from memlm.nn import attention as attention_module
+from memlm.nn.attention import SegmentContext
 from tests.conftest import by_segments
 
 H, HKV, D, WIDTH = 4, 2, 4, 16
@@ -107,7 +107,7 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
                         if row_start is not None and q_start + n < row_start[b]:
                             visible = False
                     weight_log = 0.0
-                    if config.memory.adaptive_span:
+                    if config.memory.adaptive_span.enabled:
                         m = (attn.span.ramp + attn.span.span[head].item() - (i - n)) / attn.span.ramp
                         m = min(max(m, 0.0), 1.0)
                         if m == 0.0:
@@ -122,11 +122,11 @@ def reference(config, attn, h, *, memory=None, cache=None, q_start=0, row_start=
                     logits.append(s + weight_log)
                     vals.append(V[j])
                     drop.append(1.0 if dropout_masks is None else dropout_masks[0][b, head, i, j].item())
-                if config.memory.persistent:  # no position, no bias, no mask
-                    pk = unit(attn.persistent_k[kv].double())
+                if config.memory.persistent.vectors:  # no position, no bias, no mask
+                    pk = unit(attn.persistent.k[kv].double())
                     for p in range(pk.shape[0]):
                         logits.append(g * scale * (q[i] @ pk[p]))
-                        vals.append(attn.persistent_v[kv, p].double())
+                        vals.append(attn.persistent.v[kv, p].double())
                         drop.append(1.0 if dropout_masks is None else dropout_masks[1][b, head, i, p].item())
                 if stored is not None:  # kNN memories: unit keys, scored by the scaled unrotated query
                     sk, sv = stored[b][kv]
@@ -178,7 +178,7 @@ def test_sdpa_backend_computes_the_same_function():
 ])
 def test_recurrent_memory_is_projected_with_the_layers_key_value_weights(overrides):
     """Memory keys/values are this layer's projections of the memory states, at positions -M..-1."""
-    config, attn = layer(**{"memory.length": 6, **overrides})
+    config, attn = layer(**{"memory.xl.length": 6, **overrides})
     h, memory = torch.randn(2, 4, WIDTH), torch.randn(2, 6, WIDTH)
     y, new_cache = attn(h, context(q_start=6), None, memory)
     assert new_cache is None
@@ -226,7 +226,7 @@ def test_project_splits_queries_keys_values_by_head():
 @pytest.mark.parametrize("layer_index", [0, 1])
 def test_score_bias_is_asked_for_this_layer_and_the_whole_key_range(layer_index):
     """ctx.bias(layer, k_offset, Tk) is added to every score the causal mask keeps."""
-    config, attn = layer(layer_index, **{"memory.length": 3, "position.kind": "tupe"})
+    config, attn = layer(layer_index, **{"memory.xl.length": 3, "position.kind": "tupe"})
     tables = {i: torch.randn(H, 30, 30) for i in range(2)}
     calls = []
 
@@ -260,7 +260,7 @@ def test_key_mask_formula():
 
 @pytest.mark.parametrize("source", ["memory", "cache"])
 def test_key_masks_hide_past_rows_and_dropped_keys_but_never_the_query_itself(source):
-    config, attn = layer(**{"position.kind": "rope", "memory.length": 3 if source == "memory" else 0})
+    config, attn = layer(**{"position.kind": "rope", "memory.xl.length": 3 if source == "memory" else 0})
     h, past = torch.randn(2, 4, WIDTH), torch.randn(2, 3, WIDTH)
     row_start = torch.tensor([4, 1])  # row 0 starts a document at its segment's second token
     keep = torch.tensor([[True, False, True, False], [False, True, False, True]])
@@ -279,11 +279,11 @@ def test_key_masks_hide_past_rows_and_dropped_keys_but_never_the_query_itself(so
 def test_persistent_vectors_join_one_softmax_without_position(qk_norm):
     """Persistent keys are scored against the unrotated queries (unit keys under QK-norm), seen by
     every query whatever the masks, and share one softmax with the segment's keys."""
-    config, attn = layer(**{"memory.persistent": 3, "position.kind": "xpos", "position.xpos_scale_base": 4.0,
+    config, attn = layer(**{"memory.persistent.vectors": 3, "position.kind": "xpos", "position.xpos_scale_base": 4.0,
                             "attention.qk_norm": qk_norm})
     with torch.no_grad():
-        attn.persistent_v.normal_(0.0, 1.0)
-    assert attn.persistent_k.shape == attn.persistent_v.shape == (HKV, 3, D)
+        attn.persistent.v.normal_(0.0, 1.0)
+    assert attn.persistent.k.shape == attn.persistent.v.shape == (HKV, 3, D)
     h = torch.randn(2, 5, WIDTH)
     keep = torch.tensor([[True, False, False, True, False], [False] * 5])
     row_start = torch.tensor([2, 0])
@@ -292,17 +292,17 @@ def test_persistent_vectors_join_one_softmax_without_position(qk_norm):
 
 
 def test_persistent_vectors_init_scales():
-    _, attn = layer(**{"memory.persistent": 256, "attention.kv_heads": 4, "attention.head_dim": 16,
+    _, attn = layer(**{"memory.persistent.vectors": 256, "attention.kv_heads": 4, "attention.head_dim": 16,
                        "init_std": 0.05})
-    assert attn.persistent_k.std().item() == pytest.approx(1 / math.sqrt(16), rel=0.05)
-    assert attn.persistent_v.std().item() == pytest.approx(0.05, rel=0.05)
+    assert attn.persistent.k.std().item() == pytest.approx(1 / math.sqrt(16), rel=0.05)
+    assert attn.persistent.v.std().item() == pytest.approx(0.05, rel=0.05)
 
 
 @pytest.mark.parametrize("persistent", [0, 2])
 def test_dropout_acts_on_the_joint_probabilities_in_training_only(persistent):
     """The configured kernel (eager) drops attention probabilities in training only; persistent
     vectors' probabilities are dropped with the same rate, as dropout on the joint softmax."""
-    config, attn = layer(**{"attention.dropout": 0.5, "memory.persistent": persistent})
+    config, attn = layer(**{"attention.dropout": 0.5, "memory.persistent.vectors": persistent})
     h = torch.randn(2, 5, WIDTH)
     expected = reference(config, attn, h)
     close(attn(h, context(), None)[0], expected)  # evaluation: no dropout
@@ -321,8 +321,8 @@ def test_adaptive_span_weights_keys_by_the_soft_mask(overrides, spans, limit, mo
     """Weights m(x) * exp(s) with m = clamp((R + z_h - x) / R, 0, 1) at distance x; memory beyond
     the longest span is dropped (it would be masked anyway) and the window positions of a bias do
     not move."""
-    config, attn = layer(**{"memory.length": 12, "memory.adaptive_span": True, "memory.span_ramp": 2,
-                            "memory.span_init": 0.0, **overrides})
+    config, attn = layer(**{"memory.xl.length": 12, "memory.adaptive_span.enabled": True, "memory.adaptive_span.ramp": 2,
+                            "memory.adaptive_span.init": 0.0, **overrides})
     with torch.no_grad():
         attn.span.span.copy_(torch.tensor(spans))
     attn.span.clamp_()
@@ -345,8 +345,8 @@ def test_knn_memories_join_the_local_softmax_as_unit_keys_without_position():
     """combine='joint': the retrieved pairs (here every stored pair: k = capacity) are scored by
     scale * q . k_unit with the unrotated query and share the local keys' softmax; persistent
     vectors join the same softmax."""
-    config, attn = layer(**{"position.kind": "rope", "memory.knn_layers": [0], "memory.knn_k": 3,
-                            "memory.knn_combine": "joint", "memory.persistent": 2})
+    config, attn = layer(**{"position.kind": "rope", "memory.knn.layers": [0], "memory.knn.k": 3,
+                            "memory.knn.combine": "joint", "memory.persistent.vectors": 2})
     store = ExactStore(rows=2, heads=HKV, dim=D, capacity=3)
     keys, values = F.normalize(torch.randn(2, HKV, 3, D), dim=-1), torch.randn(2, HKV, 3, D)
     store.write(keys, values, torch.arange(3))
@@ -359,17 +359,17 @@ def test_knn_memories_join_the_local_softmax_as_unit_keys_without_position():
 
 
 @pytest.mark.parametrize("memory", [
-    {"memory.length": 4},
-    {"memory.length": 2, "memory.compress_rate": 2, "memory.compress_length": 20},
-    {"memory.length": 2, "memory.tokens": 10},
-    {"memory.lengths": [2, 12], "memory.eval_multiplier": 4.0},
+    {"memory.xl.length": 4},
+    {"memory.xl.length": 2, "memory.compressive.rate": 2, "memory.compressive.length": 20},
+    {"memory.xl.length": 2, "memory.tokens.count": 10},
+    {"memory.xl.lengths": [2, 12], "memory.xl.eval_multiplier": 4.0},
 ])
 def test_rotary_table_covers_every_position_a_memory_model_asks_for(memory, monkeypatch):
     """With recurrent memory the key range is bounded (segment, evaluation memory, compressed
     memory, memory tokens): the layer's cos/sin table covers it, so once the memory is full no
     call computes float64 trigonometry again, and the stream's logits are those of the same
     model computing every rotation."""
-    from memlm.model.positions import Rotary
+    from memlm.nn.positions import Rotary
 
     overrides = {"layers": 2, "width": 8, "seq_len": 4, "attention.heads": 2, "feedforward.kind": "none",
                  "position.kind": "xpos", **memory}
@@ -401,8 +401,8 @@ def test_a_layer_without_knn_ignores_the_stores():
 def test_knn_gradients_reach_the_queries_through_the_retrieved_pairs(straight_through):
     """Gradients of the layer equal the reference's: the store is detached, and in straight-through
     mode the retrieved keys and values carry the unit query's gradient path (k + u - sg(u))."""
-    config, attn = layer(**{"attention.qk_norm": True, "memory.knn_layers": [0], "memory.knn_k": 2,
-                            "memory.knn_combine": "joint", "memory.knn_straight_through": straight_through})
+    config, attn = layer(**{"attention.qk_norm": True, "memory.knn.layers": [0], "memory.knn.k": 2,
+                            "memory.knn.combine": "joint", "memory.knn.straight_through": straight_through})
     store = ExactStore(rows=1, heads=HKV, dim=D, capacity=2)
     keys, values = F.normalize(torch.randn(1, HKV, 2, D), dim=-1), torch.randn(1, HKV, 2, D)
     store.write(keys, values, torch.arange(2))
@@ -421,8 +421,8 @@ def test_knn_gradients_reach_the_queries_through_the_retrieved_pairs(straight_th
 def test_layer_computes_on_its_inputs_device_not_torchs_default():
     """Masks, positions, spans and biases are built on h's device: with torch's default device set
     to another one (meta here) the layer gives the same output on the CPU."""
-    config, attn = layer(**{"position.kind": "tupe", "memory.length": 12, "memory.adaptive_span": True,
-                            "memory.span_ramp": 2, "memory.persistent": 2, "attention.qk_norm": True})
+    config, attn = layer(**{"position.kind": "tupe", "memory.xl.length": 12, "memory.adaptive_span.enabled": True,
+                            "memory.adaptive_span.ramp": 2, "memory.persistent.vectors": 2, "attention.qk_norm": True})
     with torch.no_grad():
         attn.span.span.copy_(torch.tensor([0.5, 7.0, 1.5, 2.0]))
     attn.span.clamp_()

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -108,38 +110,75 @@ def test_depth_dependent_preset_keeps_long_memory_in_the_top_sixth_and_short_mem
 
 def test_xl_knn_preset_is_knn_plus_one_segment_of_recurrence():
     knn, xl_knn = get_preset("seed-knn-small"), get_preset("seed-xl-knn-small")
-    assert xl_knn.memory.length == xl_knn.seq_len == 512 and knn.memory.length == 0
+    assert xl_knn.memory.xl.length == xl_knn.seq_len == 512 and knn.memory.xl.length == 0
     assert dataclasses.replace(xl_knn, memory=knn.memory) == knn  # nothing else differs
 
 
-def test_xl2_knn_preset_is_the_race_recipe():
-    """xl2-knn-small is exactly the override set raced on the GPU (BENCHMARKS.md, 14:37 UTC)."""
+def test_xl2_knn_preset_is_seed_xl_knn_with_gpt2_blocks_and_two_segments():
+    """xl2-knn-small is exactly seed-xl-knn-small with these overrides."""
     raced = resolve("seed-xl-knn-small", **{
         "dropout": 0.2, "feedforward.dropout": 0.2, "attention.dropout": 0.1, "memory.train_reset": 0.1,
         "norm.kind": "layernorm", "feedforward.kind": "gelu", "attention.kv_heads": 8,
-        "attention.qk_norm": False, "bias": True, "position.rope_dim": 32, "memory.length": 1024})
+        "attention.qk_norm": False, "bias": True, "position.rope_dim": 32, "memory.xl.length": 1024})
     assert get_preset("xl2-knn-small") == raced
     tiny = get_preset("xl2-knn-tiny")
-    assert tiny.memory_lengths() == [512] * 4 and tiny.position.rope_dim == 16 and tiny.memory.knn_layers == [2]
+    assert tiny.memory_lengths() == [512] * 4 and tiny.position.rope_dim == 16 and tiny.memory.knn.layers == [2]
 
 
-def test_xl4_xpos_knn_preset_is_the_race_recipe():
-    """xl4-xpos-knn-small is xl2-knn-small with the overrides raced at 16:32 UTC (BENCHMARKS.md),
-    and evaluates with twice the memory it trains with."""
-    raced = resolve("xl2-knn-small", **{"position.kind": "xpos", "memory.length": 2048,
-                                        "memory.eval_multiplier": 2.0})
+def test_xl4_xpos_knn_preset_is_xl2_knn_with_xpos_and_four_segments():
+    """xl4-xpos-knn-small is xl2-knn-small with these overrides, and evaluates with twice the memory
+    it trains with."""
+    raced = resolve("xl2-knn-small", **{"position.kind": "xpos", "memory.xl.length": 2048,
+                                        "memory.xl.eval_multiplier": 2.0})
     small = get_preset("xl4-xpos-knn-small")
     assert small == raced
     assert small.memory_lengths(training=True) == [2048] * 12 and small.memory_lengths(training=False) == [4096] * 12
     assert small.position.rope_dim == 32 and get_preset("xl4-xpos-knn-tiny").memory_lengths() == [1024] * 4
 
 
-def test_depth_xpos_knn_preset_is_the_race_recipe():
-    """depth-xpos-knn-small is the variant raced at 17:57 UTC (BENCHMARKS.md): xl4-xpos-knn-small with
-    one segment of memory in the lower six layers and four in the upper six, doubled in evaluation."""
-    raced = resolve("xl4-xpos-knn-small", **{"memory.lengths": [512] * 6 + [2048] * 6})
+def test_depth_xpos_knn_preset_grows_memory_with_depth():
+    """depth-xpos-knn-small is xl4-xpos-knn-small with one segment of memory in the lower six layers
+    and four in the upper six, doubled in evaluation."""
+    raced = resolve("xl4-xpos-knn-small", **{"memory.xl.lengths": [512] * 6 + [2048] * 6})
     small = get_preset("depth-xpos-knn-small")
     assert small == raced
     assert small.memory_lengths(training=False) == [1024] * 6 + [4096] * 6
     assert get_preset("depth-xpos-knn-tiny").memory_lengths() == [256, 256, 1024, 1024]
     assert get_preset("depth-xpos-knn-base").memory_lengths() == [1024] * 6 + [4096] * 6
+
+
+def test_a_config_saved_before_the_memory_sections_loads_through_the_converter(tmp_path):
+    """Run directories hold configs with flat memory fields (memory.knn_k, memory.length, ...):
+    each old field lands in its section with its value, in JSON and TOML alike."""
+    expected = resolve("seed-mem-tiny", **{"memory.knn.layers": [1], "memory.knn.k": 8,
+                                           "memory.tokens.count": 2, "memory.tokens.recurrent": True,
+                                           "memory.xl.eval_multiplier": 2.0})
+    flat = {"length": 256, "feedback": "memory", "adaptive_span": True, "span_init": 0.5, "compress_rate": 4,
+            "compress_length": 64, "persistent": 16, "knn_layers": [1], "knn_k": 8, "tokens": 2,
+            "tokens_recurrent": True, "eval_multiplier": 2.0, "train_reset": 0.0}
+    old = expected.to_dict()
+    old["memory"] = flat
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert ModelConfig.load(tmp_path / "config.json") == expected
+    text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in old.items() if not isinstance(v, (dict, type(None))))
+    for section in ("attention", "position", "norm", "feedforward", "memory"):
+        text += f"\n[{section}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in old[section].items()
+                                               if v is not None)
+    (tmp_path / "config.toml").write_text(text + "\n")
+    assert ModelConfig.load(tmp_path / "config.toml") == expected
+
+
+def test_an_old_flat_override_says_where_the_field_moved():
+    with pytest.raises(ConfigError, match="moved to memory.knn.k"):
+        resolve("seed-tiny", **{"memory.knn_k": 4})
+    with pytest.raises(ConfigError, match="is a section"):
+        resolve("seed-tiny", **{"memory.xl": 4})
+
+
+def test_the_config_layer_loads_without_torch():
+    """Configs are read, checked and written without importing torch or the model layers."""
+    code = ("import sys; import memlm.config as c; c.resolve('seed-mem-tiny').to_dict(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('memlm.') "
+            "and not m.startswith('memlm.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.model.feedforward import ACTIVATIONS, GATED, FeedForward, hidden_width, squared_relu
+from memlm.nn.feedforward import ACTIVATIONS, GATED, FeedForward, hidden_width, squared_relu
 from tests.conftest import tiny_overrides
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.generate import filter_logits, sample_next
+from memlm.decode.generate import filter_logits, sample_next
 from tests.conftest import tiny_overrides
 
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import memlm
-import memlm.model.kernels as kernels_module
-from memlm.model.kernels import (KERNELS, attend, choose_backend, eager_attention, merge_partials,
+import memlm.nn.kernels as kernels_module
+from memlm.nn.kernels import (KERNELS, attend, choose_backend, eager_attention, merge_partials,
                                  shared_key_attention, visibility)
 from tests.conftest import POSITION_KINDS, tiny_overrides
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import memlm
-from memlm.model import attention as attention_module
-from memlm.model.feedforward import FeedForward, hidden_width, squared_relu
-from memlm.model.norms import RMSNorm, ScaleNorm
+from memlm.nn import attention as attention_module
+from memlm.nn.feedforward import FeedForward, hidden_width, squared_relu
+from memlm.nn.norms import RMSNorm, ScaleNorm
 from tests.conftest import tiny_overrides
 
 
@@ -148,12 +148,12 @@ def test_bias_free_switch_leaves_no_bias(preset, kind, norm):
 def test_bias_free_holds_for_every_module_of_every_preset(preset):
     """Every preset with bias=False, plus the mechanisms no preset combines (memory tokens, conv
     compression, kNN, persistent vectors), builds no bias parameter or buffer anywhere."""
-    extra = {"memory.tokens": 2, "memory.compress_rate": 2, "memory.compress_length": 4,
-             "memory.compress_fn": "conv", "memory.persistent": 2, "memory.knn_layers": [1],
+    extra = {"memory.tokens.count": 2, "memory.compressive.rate": 2, "memory.compressive.length": 4,
+             "memory.compressive.fn": "conv", "memory.persistent.vectors": 2, "memory.knn.layers": [1],
              "position.kind": "rope"}
     config = memlm.build(preset).config
     if not any(config.memory_lengths()):
-        extra["memory.length"] = 8
+        extra["memory.xl.length"] = 8
     model = memlm.build(preset, **{"bias": False, **extra})
     assert [n for n, _ in model.named_parameters() if "bias" in n.split(".")[-1]] == []
     assert model.compressors is not None and model.memory_tokens is not None
@@ -164,14 +164,14 @@ def test_bias_free_holds_for_every_module_of_every_preset(preset):
 def test_forgetful_masking_statistics_and_eval():
     eta = 0.3
     model = memlm.build("seed-tiny", **tiny_overrides(**{"attention.forgetful": eta})).train()
-    keep = torch.stack([model._forgetful_keep(64, 128, torch.device("cpu")) for _ in range(20)])
+    keep = torch.stack([model.forgetful_keep(64, 128, torch.device("cpu")) for _ in range(20)])
     masked_fraction = (~keep).float().mean().item()
     assert masked_fraction == pytest.approx(eta / 2, abs=0.01)
     per_row = (~keep).float().mean(-1).flatten()  # ratios ~ U[0, eta]
     assert per_row.max().item() < eta + 0.1 and per_row.min().item() < 0.05
     model.eval()
-    assert model._forgetful_keep(4, 16, torch.device("cpu")) is None
-    assert memlm.build("seed-tiny", **tiny_overrides()).train()._forgetful_keep(4, 16, torch.device("cpu")) is None
+    assert model.forgetful_keep(4, 16, torch.device("cpu")) is None
+    assert memlm.build("seed-tiny", **tiny_overrides()).train().forgetful_keep(4, 16, torch.device("cpu")) is None
 
 
 def test_forgetful_masking_hides_keys_but_never_the_diagonal(monkeypatch):
@@ -190,7 +190,7 @@ def test_forgetful_masking_hides_keys_but_never_the_diagonal(monkeypatch):
     key_mask = masks[0]
     assert key_mask.shape == (8, 32) and (~key_mask).any()
     assert all(m is key_mask or torch.equal(m, key_mask) for m in masks)  # one draw per forward
-    from memlm.model.kernels import visibility
+    from memlm.nn.kernels import visibility
     allowed = visibility(32, 32, 0, key_mask, ids.device)
     assert allowed.diagonal(dim1=-2, dim2=-1).all()
     model.eval()
@@ -232,4 +232,4 @@ def test_post_norm_and_ffn_none_blocks():
 
 def model_context(model, length):
     return attention_module.SegmentContext(q_start=0, row_start=None, keep=None,
-                                           bias=model._bias_provider(0, length, torch.device("cpu")))
+                                           bias=model.position_bias(0, length, torch.device("cpu")))

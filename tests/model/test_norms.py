@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memlm.model.norms import RMSNorm, ScaleNorm, make_norm
+from memlm.nn.norms import RMSNorm, ScaleNorm, make_norm
 
 
 def layernorm_ref(x, weight, bias, eps):

@@ -5,7 +5,7 @@ import torch
 
 import memlm
 from memlm.config import ConfigError
-from memlm.model.positions import Rotary, T5RelativeBias, TupeBias, sinusoidal_table, t5_buckets
+from memlm.nn.positions import Rotary, T5RelativeBias, TupeBias, sinusoidal_table, t5_buckets
 from tests.conftest import by_segments
 
 
@@ -126,9 +126,9 @@ def tupe_stream_model(**extra):
     return model
 
 
-@pytest.mark.parametrize("memory", [{"memory.length": 4}, {"memory.lengths": [2, 6]},
-                                    {"memory.length": 2, "memory.compress_rate": 2, "memory.compress_length": 3},
-                                    {"memory.length": 4, "memory.feedback": "memory"}])
+@pytest.mark.parametrize("memory", [{"memory.xl.length": 4}, {"memory.xl.lengths": [2, 6]},
+                                    {"memory.xl.length": 2, "memory.compressive.rate": 2, "memory.compressive.length": 3},
+                                    {"memory.xl.length": 4, "memory.feedback.mode": "memory"}])
 def test_tupe_follows_a_stream_ten_times_longer_than_its_table(memory):
     model = tupe_stream_model(**memory)
     limit = model.config.positions_limit
@@ -136,9 +136,9 @@ def test_tupe_follows_a_stream_ten_times_longer_than_its_table(memory):
     ids = torch.randint(0, 256, (2, 10 * limit))
     segments, _ = by_segments(model, ids, 4)
     assert torch.isfinite(segments).all()
-    pieces = 1 if "memory.length" in memory and len(memory) == 1 else 2  # token by token once
+    pieces = 1 if "memory.xl.length" in memory and len(memory) == 1 else 2  # token by token once
     torch.testing.assert_close(by_segments(model, ids, pieces)[0], segments, atol=1e-5, rtol=0)
-    if "memory.feedback" not in memory:  # while memory holds the whole stream, one pass agrees
+    if "memory.feedback.mode" not in memory:  # while memory holds the whole stream, one pass agrees
         held = 4 * (1 + min(model.config.memory_lengths(training=False)) // 4)
         torch.testing.assert_close(model(ids[:, :held]).logits, segments[:, :held], atol=1e-5, rtol=0)
 
@@ -146,7 +146,7 @@ def test_tupe_follows_a_stream_ten_times_longer_than_its_table(memory):
 def test_tupe_memory_rolls_by_window_not_by_stream():
     """Once memory rolls, a segment sees the same window wherever it lies in the stream: the
     same tokens give the same logits at stream position 12 and 408 (TUPE is translation-free)."""
-    model = tupe_stream_model(**{"memory.length": 4})
+    model = tupe_stream_model(**{"memory.xl.length": 4})
     window = torch.randint(0, 256, (1, 12))  # the last segment's two layers reach back two segments
     early = by_segments(model, torch.cat([torch.randint(0, 256, (1, 4)), window], 1), 4)[0][:, -4:]
     late = by_segments(model, torch.cat([torch.randint(0, 256, (1, 400)), window], 1), 4)[0][:, -4:]
@@ -155,19 +155,19 @@ def test_tupe_memory_rolls_by_window_not_by_stream():
 
 def test_tupe_with_memory_checks_max_positions_at_config_time():
     with pytest.raises(ConfigError, match="max_positions.*spans up to 20 positions"):
-        memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.length": 12, "max_positions": 19})
-    assert memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.length": 12,
+        memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.xl.length": 12, "max_positions": 19})
+    assert memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.xl.length": 12,
                                        "max_positions": 20}).tupe.limit == 20
-    assert memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.length": 4,
-                                       "memory.eval_multiplier": 3.0}).config.positions_limit == 8 + 12
+    assert memlm.build("seed-tiny", **{"seq_len": 8, "position.kind": "tupe", "memory.xl.length": 4,
+                                       "memory.xl.eval_multiplier": 3.0}).config.positions_limit == 8 + 12
 
 
 def test_tupe_term_ignores_the_adaptive_span_trim(monkeypatch):
     """Memory trimmed to the longest span (a speed-up) must not move the window positions."""
-    from memlm.model import attention as attention_module
+    from memlm.nn import attention as attention_module
 
-    model = tupe_stream_model(**{"memory.length": 12, "memory.adaptive_span": True, "memory.span_ramp": 2,
-                                 "memory.span_init": 0.0})
+    model = tupe_stream_model(**{"memory.xl.length": 12, "memory.adaptive_span.enabled": True, "memory.adaptive_span.ramp": 2,
+                                 "memory.adaptive_span.init": 0.0})
     with torch.no_grad():
         for block in model.blocks:
             block.attention.span.span.fill_(3.0)
@@ -183,7 +183,7 @@ def test_tupe_term_ignores_the_adaptive_span_trim(monkeypatch):
 def test_tupe_logits_are_content_and_position_terms_each_over_sqrt_2d(monkeypatch):
     """TUPE (arXiv 2006.15595, eq. 5): (x W_q)(x W_k)^T / sqrt(2d) + (p U_q)(p U_k)^T / sqrt(2d),
     written out from the layer's weights and compared with what the kernel is given."""
-    from memlm.model import attention as attention_module
+    from memlm.nn import attention as attention_module
 
     model = memlm.build("vanilla-tiny", **{"layers": 1, "width": 32, "attention.heads": 4, "seq_len": 16,
                                            "position.kind": "tupe", "attention.backend": "eager"}).eval()
@@ -319,7 +319,7 @@ def test_sinusoidal_table_every_entry(width):
 
 
 def test_absolute_positions_learned_rows_sinusoidal_formula_and_range():
-    from memlm.model.positions import AbsolutePositions
+    from memlm.nn.positions import AbsolutePositions
 
     learned = AbsolutePositions("learned", 6, 8)
     torch.testing.assert_close(learned(3, 4, torch.device("cpu")), learned.table.weight[3:7])
@@ -357,9 +357,9 @@ def test_rotary_buffers_stay_out_of_checkpoints():
     for gamma in (None, 0.4):
         assert Rotary(8, 100.0, xpos_gamma=gamma, table_reach=4).state_dict() == {}
     overrides = {"layers": 1, "width": 16, "seq_len": 4, "attention.heads": 2, "position.kind": "xpos",
-                 "memory.length": 2}
+                 "memory.xl.length": 2}
     short = memlm.build("seed-tiny", **overrides).eval()
-    long = memlm.build("seed-tiny", **overrides, **{"memory.eval_multiplier": 8.0}).eval()
+    long = memlm.build("seed-tiny", **overrides, **{"memory.xl.eval_multiplier": 8.0}).eval()
     assert short.blocks[0].attention.rotary.table.shape != long.blocks[0].attention.rotary.table.shape
     assert not any("rotary" in name for name in short.state_dict())
     long.load_state_dict(short.state_dict())  # strict
@@ -410,7 +410,7 @@ def test_xpos_default_scale_base_is_the_papers_512():
 def test_position_terms_live_on_the_requested_device_not_torchs_default():
     """Built and called for the CPU while torch's default device is another one (meta here): every
     position index is made where the caller or the term's table says, so the terms are unchanged."""
-    from memlm.model.positions import AbsolutePositions
+    from memlm.nn.positions import AbsolutePositions
 
     cpu = torch.device("cpu")
     learned, sinusoidal = AbsolutePositions("learned", 6, 8), AbsolutePositions("sinusoidal", 7, 8)

@@ -1,4 +1,4 @@
-"""The static-cache decode step (memlm.model.static_decode) against the model's own forward.
+"""The static-cache decode step (memlm.decode.static) against the model's own forward.
 
 The CUDA-graph and compiled variants run the same step; they are checked on a GPU
 (tests/gpu/test_static_decode_gpu.py)."""
@@ -7,17 +7,17 @@ import pytest
 import torch
 
 import memlm
-from memlm.model.static_decode import StaticDecoder, unsupported_reason
+from memlm.decode.static import StaticDecoder, unsupported_reason
 from tests.conftest import POSITION_KINDS, tiny_overrides
 
 VARIANTS = {
     **{kind: {"position.kind": kind} for kind in POSITION_KINDS},
     "tupe+t5": {"position.kind": "tupe", "position.tupe_t5": True},
     "t5 per layer": {"position.kind": "t5", "position.t5_shared": False},
-    "xpos gqa persistent": {"position.kind": "xpos", "attention.kv_heads": 2, "memory.persistent": 5},
+    "xpos gqa persistent": {"position.kind": "xpos", "attention.kv_heads": 2, "memory.persistent.vectors": 5},
     "rope mha no qk-norm": {"position.kind": "rope", "attention.kv_heads": 4, "attention.qk_norm": False},
     "post-norm rmsnorm": {"position.kind": "rope", "norm.placement": "post", "norm.kind": "rmsnorm"},
-    "persistent no ffn": {"position.kind": "t5", "memory.persistent": 4, "feedforward.kind": "none"},
+    "persistent no ffn": {"position.kind": "t5", "memory.persistent.vectors": 4, "feedforward.kind": "none"},
     "vanilla": {},
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import safetensors.torch
 import torch
 from train_helpers import tiny_model
 
+import memlm
 from memlm.model import LanguageModel
 from memlm.train import CheckpointError, checkpoint
 
@@ -90,3 +92,25 @@ def test_find_explains_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         checkpoint.find(tmp_path / "empty")
+
+
+def test_a_checkpoint_from_before_the_memory_sections_loads_with_its_weights(tmp_path):
+    """An old run directory: flat memory fields in config.json (memory.persistent, memory.length),
+    persistent vectors saved as attention.persistent_k/_v, no manifest. It loads through the
+    config converter and the weight renaming into the same model."""
+    from memlm.train.checkpoint import load_model, save
+    torch.manual_seed(0)
+    model = memlm.build("seed-tiny", layers=2, **{"memory.persistent.vectors": 3, "memory.xl.length": 8})
+    config = {"model": model.config.to_dict(), "train": {}}
+    folder = save(tmp_path / "checkpoints", 1, model, {}, config)
+    old_model = dict(config["model"])
+    old_model["memory"] = {"length": 8, "persistent": 3}
+    (folder / "config.json").write_text(json.dumps({"model": old_model, "train": {}}))
+    weights = {key.replace("persistent.k", "persistent_k").replace("persistent.v", "persistent_v"): value.contiguous()
+               for key, value in model.state_dict().items() if key != "head.weight"}  # head: tied to the embedding
+    safetensors.torch.save_file(weights, str(folder / "model.safetensors"))
+    (folder / "manifest.json").unlink()
+    loaded, _ = load_model(folder)
+    assert loaded.config == model.config
+    ids = torch.randint(0, 256, (1, 12))
+    torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)

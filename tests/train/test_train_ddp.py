@@ -98,8 +98,8 @@ def memory_worker(rank: int, port: int, corpus: Path, out: Path, overrides: dict
 def test_two_gloo_ranks_train_a_memory_model_in_step(corpus, tmp_path):
     """Streams, carried state, compressor and kNN stores under DDP: the ranks stay identical."""
     out = tmp_path / "ddp-memory" / "run"
-    overrides = {"memory.length": 32, "memory.compress_rate": 4, "memory.compress_length": 8,
-                 "memory.knn_layers": [1], "memory.knn_capacity": 128}
+    overrides = {"memory.xl.length": 32, "memory.compressive.rate": 4, "memory.compressive.length": 8,
+                 "memory.knn.layers": [1], "memory.knn.capacity": 128}
     mp.spawn(memory_worker, args=(free_port(), corpus, out, overrides), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / "ddp-memory" / f"rank{r}.pt") for r in (0, 1))
     assert rank0["position"] == rank1["position"] == STEPS * 32

@@ -10,15 +10,15 @@ from train_helpers import fast_config, tiny_model
 from memlm.train import Trainer, checkpoint, train
 
 MECHANISMS = {
-    "xl": {"memory.length": 32},
-    "feedback": {"memory.length": 32, "memory.feedback": "memory"},
-    "span+compressive": {"memory.length": 32, "memory.adaptive_span": True, "memory.span_init": 0.5,
-                         "memory.compress_rate": 4, "memory.compress_length": 8},
-    "persistent": {"memory.length": 16, "memory.persistent": 8, "feedforward.kind": "none"},
-    "tokens": {"memory.tokens": 4, "memory.tokens_recurrent": True},
-    "knn": {"memory.knn_layers": [1], "memory.knn_k": 8, "memory.knn_capacity": 256},
-    "tokens+xl+knn": {"memory.tokens": 4, "memory.tokens_recurrent": True, "memory.length": 16,
-                      "memory.knn_layers": [1], "memory.knn_k": 8, "memory.knn_capacity": 256},
+    "xl": {"memory.xl.length": 32},
+    "feedback": {"memory.xl.length": 32, "memory.feedback.mode": "memory"},
+    "span+compressive": {"memory.xl.length": 32, "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.5,
+                         "memory.compressive.rate": 4, "memory.compressive.length": 8},
+    "persistent": {"memory.xl.length": 16, "memory.persistent.vectors": 8, "feedforward.kind": "none"},
+    "tokens": {"memory.tokens.count": 4, "memory.tokens.recurrent": True},
+    "knn": {"memory.knn.layers": [1], "memory.knn.k": 8, "memory.knn.capacity": 256},
+    "tokens+xl+knn": {"memory.tokens.count": 4, "memory.tokens.recurrent": True, "memory.xl.length": 16,
+                      "memory.knn.layers": [1], "memory.knn.k": 8, "memory.knn.capacity": 256},
 }
 
 
@@ -43,7 +43,7 @@ def test_memory_trainer_uses_streams_and_carries_a_detached_state(corpus, tmp_pa
         return result
 
     monkeypatch.setattr(Trainer, "train_step", spy)
-    train(tiny_model().replace(**{"memory.length": 48}), fast_config(corpus, tmp_path / "run", steps=3))
+    train(tiny_model().replace(**{"memory.xl.length": 48}), fast_config(corpus, tmp_path / "run", steps=3))
     assert seen == [(32, 32, False), (64, 48, False), (96, 48, False)]
 
 
@@ -59,7 +59,7 @@ def row_starts_per_step(monkeypatch, corpus, out, **memory):
         return result
 
     monkeypatch.setattr(Trainer, "train_step", spy)
-    train(tiny_model().replace(**{"memory.length": 32, "memory.reset_at_document": False, **memory}),
+    train(tiny_model().replace(**{"memory.xl.length": 32, "memory.reset_at_document": False, **memory}),
           fast_config(corpus, out, steps=8, checkpoint_every=8, eval_every=8))
     monkeypatch.undo()
     return starts
@@ -75,7 +75,7 @@ def test_train_reset_forgets_random_rows_the_same_way_each_run(corpus, tmp_path,
     assert again == drawn
 
 
-RESUMED = {**MECHANISMS, "xl+train_reset": {"memory.length": 32, "memory.train_reset": 0.3}}
+RESUMED = {**MECHANISMS, "xl+train_reset": {"memory.xl.length": 32, "memory.train_reset": 0.3}}
 
 
 @pytest.mark.parametrize("name", ["span+compressive", "knn", "xl+train_reset"])
@@ -104,7 +104,7 @@ def test_recall_task_trains_on_recall_streams_and_scores_recall(corpus, tmp_path
         return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", spy)
-    model = tiny_model().replace(**{"memory.length": 32})
+    model = tiny_model().replace(**{"memory.xl.length": 32})
     summary = train(model, fast_config(corpus, tmp_path / "recall", steps=40, eval_every=40, checkpoint_every=40,
                                        lr=1e-2, task="recall", recall_distances=(8, 40)))
     # every batch row reads recall documents one after the other (document indices only grow)
@@ -134,7 +134,7 @@ def test_compiled_memory_training_raises_the_recompile_limit(corpus, tmp_path):
     the forward would run eagerly for the rest of the run, so a compiled model with memory
     trains under MEMORY_RECOMPILE_LIMIT, and a model without memory leaves the limit alone."""
     from memlm.train import distributed
-    from memlm.memory.state import MEMORY_RECOMPILE_LIMIT
+    from memlm.state import MEMORY_RECOMPILE_LIMIT
 
     info = distributed.setup("cpu")
     # dynamo's own patching: monkeypatch's undo deleted the setting from dynamo's config module,
@@ -142,7 +142,7 @@ def test_compiled_memory_training_raises_the_recompile_limit(corpus, tmp_path):
     with torch._dynamo.config.patch(recompile_limit=8):
         Trainer(tiny_model(), fast_config(corpus, tmp_path / "plain", compile=True), info)
         assert torch._dynamo.config.recompile_limit == 8
-        Trainer(tiny_model().replace(**{"memory.length": 32}), fast_config(corpus, tmp_path / "xl", compile=True),
+        Trainer(tiny_model().replace(**{"memory.xl.length": 32}), fast_config(corpus, tmp_path / "xl", compile=True),
                 info)
         assert torch._dynamo.config.recompile_limit == MEMORY_RECOMPILE_LIMIT > 8
 

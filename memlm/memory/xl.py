@@ -76,7 +76,7 @@ def next_layers(model, layers: list[dict[str, torch.Tensor]], inputs: list[torch
     for layer, store in (stores or {}).items():  # the completed segment goes to the kNN memory
         knn.write_segment(model, layer, store, pending[layer], end - pending[layer].shape[1])
     outputs = pending[1:] + [top_pending]  # outputs[j]: (B, T_seg, W) output of block j
-    mode, rate = config.memory.feedback, config.memory.compress_rate
+    mode, rate = config.memory.feedback.mode, config.memory.compressive.rate
     losses = []
     for i, length in enumerate(config.memory_lengths(model.training)):
         if mode == "memory":
@@ -89,7 +89,7 @@ def next_layers(model, layers: list[dict[str, torch.Tensor]], inputs: list[torch
             if overflow.shape[1]:
                 compressed, loss = compress(model, i, pending[i], overflow)
                 cmem = torch.cat([new[i]["cmem"], compressed], dim=1) if "cmem" in new[i] else compressed
-                new[i]["cmem"] = cmem[:, max(0, cmem.shape[1] - config.memory.compress_length):].contiguous()
+                new[i]["cmem"] = cmem[:, max(0, cmem.shape[1] - config.memory.compressive.length):].contiguous()
                 if loss is not None:
                     losses.append(loss)
         # contiguous: a slice of the concatenation has other strides than the first memory, and

@@ -1,7 +1,7 @@
 """Fast cached decoding: a key/value cache of fixed size and a decode step that can be captured
 in a CUDA graph.
 
-`memlm.generate` decodes through the model's own forward with a growing cache: every token
+`memlm.decode.generate` decodes through the model's own forward with a growing cache: every token
 concatenates the cache and launches a few hundred small kernels from Python, so at batch 1 a
 small model spends its time on launches ("launch-bound"), not on reading its weights. This
 module keeps every layer's keys and values in one preallocated buffer (L, B, Hkv, S, D) and
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.model.positions import check_positions, sinusoidal_table, t5_buckets
+from memlm.nn.positions import check_positions, sinusoidal_table, t5_buckets
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -47,9 +47,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     m = config.memory
     if config.recurrent:
         return "its state carries recurrent or kNN memory, not only a key/value cache"
-    if m.tokens:
+    if m.tokens.count:
         return "memory tokens change the cache at segment boundaries"
-    if m.adaptive_span:
+    if m.adaptive_span.enabled:
         return "adaptive span is not implemented in the static decode step"
     return None
 
@@ -241,14 +241,14 @@ class StaticDecoder:
             scores = scores + bias.view(1, Hkv, G, -1).float()
         scores = scores.masked_fill(~visible, float("-inf"))
         values = v_cache.to(q.dtype)
-        if attention.persistent_k is not None:  # no position, always visible: one joint softmax
-            pk = attention.persistent_k
+        if attention.persistent is not None:  # no position, always visible: one joint softmax
+            pk = attention.persistent.k
             if attention.qk_scale is not None:
                 pk = F.normalize(pk, dim=-1)
             extra = (q @ pk.to(q.dtype).transpose(-1, -2)).float() * scale  # (B, Hkv, G, P)
             probs = torch.cat([scores, extra], dim=-1).softmax(dim=-1).to(q.dtype)
             cached, persistent = probs.split([scores.shape[-1], extra.shape[-1]], dim=-1)
-            out = cached @ values + persistent @ attention.persistent_v.to(q.dtype)  # (B, Hkv, G, D)
+            out = cached @ values + persistent @ attention.persistent.v.to(q.dtype)  # (B, Hkv, G, D)
         else:
             out = scores.softmax(dim=-1).to(q.dtype) @ values  # (B, Hkv, G, D)
         return attention.out(out.reshape(B, 1, H * D))

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.model.kernels import merge_partials
+from memlm.nn.kernels import merge_partials
 
 
 class KnnAttention(nn.Module):

@@ -49,7 +49,7 @@ class State:
     """True once some row was reset: attention must then apply row_start (a Python flag, so
     models that never reset keep the unmasked fast kernels without a device sync)."""
     stores: dict = field(default_factory=dict)
-    """kNN memory stores by layer index (memlm.memory.stores). They are external memory, written
+    """kNN memory stores by layer index (memlm.memory.knn.stores). They are external memory, written
     in place when a segment completes, so every State of one stream shares them; `reset` clears
     their rows in place too. A shared read-only store (knowledge memory, memlm.memorize) is
     read by every row and never written, reset or checkpointed; combined with a per-row store

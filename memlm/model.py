@@ -27,19 +27,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.memory import recurrence, tokens
+from memlm.memory import tokens, xl
+from memlm.memory.adaptive_span import AdaptiveSpan
 from memlm.memory.compressive import Compressor
-from memlm.memory.stores import Store, WithKnowledge, make_store
-from memlm.memory.state import State
-from memlm.model.attention import SegmentContext
-from memlm.model.block import Block
-from memlm.model.norms import make_norm
-from memlm.model.positions import AbsolutePositions, T5RelativeBias, TupeBias
+from memlm.memory.knn import KnnAttention, Store, WithKnowledge, make_store
+from memlm.memory.persistent import PersistentMemory, rename_legacy_keys
+from memlm.nn.attention import Attention, SegmentContext
+from memlm.nn.block import Block
+from memlm.nn.norms import make_norm
+from memlm.nn.positions import AbsolutePositions, T5RelativeBias, TupeBias
+from memlm.state import State
 
 
 KNOWLEDGE_MODES = (*WithKnowledge.MODES, "replace")
 """How init_state uses a knowledge memory: with each kNN layer's own store (fill: the slots the own
-past leaves empty; add: the best of both by score; memlm.memory.stores.WithKnowledge), or instead
+past leaves empty; add: the best of both by score; memlm.memory.knn.stores.WithKnowledge), or instead
 of it (replace)."""
 
 
@@ -72,16 +74,20 @@ class LanguageModel(nn.Module):
             if p.kind == "tupe" else None
         self.dropout = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.layers))
+        for block in self.blocks:
+            attach_memory(block.attention, c)
+        if c.memory.persistent.vectors:
+            self.register_load_state_dict_pre_hook(rename_legacy_keys)
         self.compressors = nn.ModuleList(
-            Compressor(c.memory.compress_fn, c.width, c.memory.compress_rate, c.bias) for _ in range(c.layers)
-        ) if c.memory.compress_rate else None
+            Compressor(c.memory.compressive.fn, c.width, c.memory.compressive.rate, c.bias) for _ in range(c.layers)
+        ) if c.memory.compressive.rate else None
         self.final_norm = make_norm(c.norm.kind, c.width, c.norm.eps, c.bias) \
             if c.norm.final and c.norm.placement == "pre" else nn.Identity()
         self.head = nn.Linear(c.width, c.vocab_size, bias=False)
         self.apply(self._init_weights)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.memory_tokens = tokens.MemoryTokens(c) if c.memory.tokens else None
+        self.memory_tokens = tokens.MemoryTokens(c) if c.memory.tokens.count else None
         # knowledge memory (memlm.memorize): shared read-only kNN stores by layer that init_state
         # puts in place of those layers' per-row stores; plain objects, not parameters or buffers
         self.knowledge: dict[int, Store] = {}
@@ -105,25 +111,25 @@ class LanguageModel(nn.Module):
 
         knowledge: shared read-only kNN stores by layer (None = `self.knowledge`), read by every
         row. `self.knowledge_mode` "fill" (default) or "add": searched together with the layer's own
-        per-row store (memlm.memory.stores.WithKnowledge), which completed segments still fill;
+        per-row store (memlm.memory.knn.stores.WithKnowledge), which completed segments still fill;
         "replace": in place of it, so the layer reads the knowledge only and nothing is written."""
         device = device if device is not None else self.embed.weight.device
         state = State.empty(batch_size, len(self.blocks), device)
         m = self.config.memory
         knowledge = self.knowledge if knowledge is None else knowledge
-        bad = [i for i, store in knowledge.items() if i not in (m.knn_layers or ()) or not store.shared]
+        bad = [i for i, store in knowledge.items() if i not in (m.knn.layers or ()) or not store.shared]
         if bad:
             raise ValueError(f"knowledge memory of layers {bad}: each must be a shared store (store.share()) "
-                             f"of a kNN layer (memory.knn_layers = {m.knn_layers})")
+                             f"of a kNN layer (memory.knn.layers = {m.knn.layers})")
         if self.knowledge_mode not in KNOWLEDGE_MODES:
             raise ValueError(f"knowledge_mode must be one of {', '.join(KNOWLEDGE_MODES)}, got {self.knowledge_mode!r}")
-        for layer in m.knn_layers or ():
+        for layer in m.knn.layers or ():
             if layer in knowledge and self.knowledge_mode == "replace":
                 state.stores[layer] = knowledge[layer]
                 continue
-            own = make_store(m.knn_backend, rows=batch_size, heads=self.config.kv_heads, dim=self.config.head_dim,
-                             capacity=m.knn_capacity, device=device,
-                             **({"dtype": m.knn_dtype} if m.knn_backend == "exact" else {}))
+            own = make_store(m.knn.backend, rows=batch_size, heads=self.config.kv_heads, dim=self.config.head_dim,
+                             capacity=m.knn.capacity, device=device,
+                             **({"dtype": m.knn.dtype} if m.knn.backend == "exact" else {}))
             state.stores[layer] = (WithKnowledge(own, knowledge[layer], self.knowledge_mode) if layer in knowledge
                                    else own)
         return state
@@ -157,7 +163,7 @@ class LanguageModel(nn.Module):
             logits, new_state, compression_loss = tokens.forward(self, input_ids, state)
             aux_loss = self._span_penalty(input_ids.device)
             if compression_loss is not None:
-                aux_loss = aux_loss + self.config.memory.compress_loss * compression_loss
+                aux_loss = aux_loss + self.config.memory.compressive.loss_weight * compression_loss
             return ModelOutput(logits, self._loss(logits, targets), aux_loss, new_state)
         q_start = state.position if state is not None else 0
         device = input_ids.device
@@ -170,15 +176,15 @@ class LanguageModel(nn.Module):
         ctx = SegmentContext(
             q_start=q_start,
             row_start=state.row_start if state is not None and state.masked else None,
-            keep=self._forgetful_keep(B, T, device),
-            bias=self._bias_provider(q_start, T, device),
+            keep=self.forgetful_keep(B, T, device),
+            bias=self.position_bias(q_start, T, device),
             stores=state.stores if state is not None else None,
         )
         aux_loss = self._span_penalty(device)
         if state is not None and self.config.recurrent:
             x, layers, compression_loss = self._recurrent_blocks(x, ctx, state)
             if compression_loss is not None:
-                aux_loss = aux_loss + self.config.memory.compress_loss * compression_loss
+                aux_loss = aux_loss + self.config.memory.compressive.loss_weight * compression_loss
         else:
             layers = []
             for i, block in enumerate(self.blocks):
@@ -202,18 +208,18 @@ class LanguageModel(nn.Module):
         """Run the blocks with recurrent memory; return the top output and the next layer states."""
         inputs = []
         for block, layer in zip(self.blocks, state.layers):
-            if self.config.memory.feedback == "add":
-                x = recurrence.additive_feedback(layer, x)
+            if self.config.memory.feedback.mode == "add":
+                x = xl.additive_feedback(layer, x)
             inputs.append(x)
-            x, _ = block(x, ctx, None, recurrence.memory_source(layer))
+            x, _ = block(x, ctx, None, xl.memory_source(layer))
         writable = {i: store for i, store in state.stores.items() if not store.shared}  # knowledge is read-only
-        return (x, *recurrence.next_layers(self, state.layers, inputs, x, writable, state.position + x.shape[1]))
+        return (x, *xl.next_layers(self, state.layers, inputs, x, writable, state.position + x.shape[1]))
 
     def _span_penalty(self, device: torch.device) -> torch.Tensor:
         spans = [block.attention.span for block in self.blocks if block.attention.span is not None]
         if not spans:
             return torch.zeros((), device=device)
-        return self.config.memory.span_penalty * torch.stack([s.penalty() for s in spans]).sum()
+        return self.config.memory.adaptive_span.penalty * torch.stack([s.penalty() for s in spans]).sum()
 
     # ----- hooks for the trainer --------------------------------------------------------
     def after_optimizer_step(self) -> None:
@@ -228,15 +234,18 @@ class LanguageModel(nn.Module):
             return None
         return [block.attention.span.span.detach().cpu().tolist() for block in self.blocks]
 
-    def _forgetful_keep(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    def forgetful_keep(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+        """(batch, length) bool keep flags of forgetful causal masking for a segment's keys, or None
+        (evaluation, or the mask is off)."""
         eta = self.config.attention.forgetful
         if not self.training or eta == 0:
             return None
         ratio = torch.rand(batch, 1, device=device) * eta  # (B, 1)
         return torch.rand(batch, length, device=device) >= ratio  # (B, T)
 
-    def _bias_provider(self, q_start: int, q_len: int, device: torch.device):
-        """(layer, k_offset, Tk) -> (H, Tq, Tk) bias or None; shared terms computed once."""
+    def position_bias(self, q_start: int, q_len: int, device: torch.device):
+        """For queries at q_start..q_start+q_len-1: a function (layer, k_offset, Tk) -> (H, Tq, Tk)
+        relative-position bias (T5, TUPE) or None; terms shared by layers are computed once."""
         if self.relative_bias is None and self.tupe is None:
             return lambda layer, k_offset, k_len: None
         computed: dict = {}
@@ -280,3 +289,16 @@ class LanguageModel(nn.Module):
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float, context: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
         return tokens_per_second * self.flops_per_token(context) / peak_flops
+
+
+def attach_memory(attention: Attention, config: ModelConfig) -> None:
+    """Plug the memory mechanisms the config turns on into one layer's attention (memlm.protocols)."""
+    m, layer = config.memory, attention.layer
+    if m.adaptive_span.enabled:
+        attention.span = AdaptiveSpan(config.attention.heads, config.span_max, m.adaptive_span.ramp,
+                                      m.adaptive_span.init)
+    if m.persistent.vectors:
+        attention.persistent = PersistentMemory(config.kv_heads, m.persistent.vectors, config.head_dim,
+                                                config.init_std)
+    if layer in (m.knn.layers or ()):
+        attention.knn = KnnAttention(config.attention.heads, m.knn.k, m.knn.combine, m.knn.straight_through)

@@ -21,7 +21,7 @@ Search is by inner product: the caller L2-normalises keys and queries (as the pa
 so the scores are cosine similarities; the store itself does not normalise. A query tensor
 q (B, H, T, D) with H a multiple of the store's heads Hkv (grouped or multi-query heads,
 Hkv = 1) searches, for query head h, the memory of key/value head h // (H // Hkv), the
-convention of `repeat_interleave` in memlm.model.kernels.
+convention of `repeat_interleave` in memlm.nn.kernels.
 
 Backends, same interface, chosen by name in `make_store`:
 - `ExactStore` ("exact"): tensors on the model's device, batched matmul + torch.topk,
@@ -313,8 +313,8 @@ class Store:
 
 
 def _fused_topk():
-    """memlm.memory.fused_topk, imported on first use on a GPU (it imports triton)."""
-    from memlm.memory import fused_topk
+    """memlm.memory.knn.fused_topk, imported on first use on a GPU (it imports triton)."""
+    from memlm.memory.knn import fused_topk
     return fused_topk
 
 
@@ -329,7 +329,7 @@ class ExactStore(Store):
 
     On a GPU with Triton (`fused`, the default) the search never builds the score matrix: a
     fused kernel keeps only tile maxima and the best tiles are rescored exactly
-    (memlm.memory.fused_topk); the chunked matmul above is the reference it is tested against.
+    (memlm.memory.knn.fused_topk); the chunked matmul above is the reference it is tested against.
     """
 
     kind = "exact"
@@ -409,7 +409,7 @@ class FaissStore(Store):
     ivf: nlist lists (default min(sqrt(capacity), capacity // 39)), trained on the first
     train_size entries (default min(capacity, 39 * nlist), faiss's minimum for a clean
     k-means); nprobe lists probed per query: None (the default) calibrates it per index when
-    the index is trained: the smallest nprobe whose recall@32 (32 = memory.knn_k's default)
+    the index is trained: the smallest nprobe whose recall@32 (32 = memory.knn.k's default)
     against exact search reaches `CALIBRATION_RECALL` (0.95) with up to 256 of the training
     keys as queries (each one's own entry left out). Keys with cluster structure get a few
     probes (2-5 of 70-141 lists in tests/memory/test_stores.py's clustered data); uniform

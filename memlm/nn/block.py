@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.model.attention import Attention, SegmentContext
-from memlm.model.feedforward import FeedForward
-from memlm.model.norms import make_norm
+from memlm.nn.attention import Attention, SegmentContext
+from memlm.nn.feedforward import FeedForward
+from memlm.nn.norms import make_norm
 
 
 class Block(nn.Module):

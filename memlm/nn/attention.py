@@ -6,20 +6,19 @@
   q and k are L2-normalised per head and the scores multiplied by a learnable scalar g
   (one per layer) in place of 1/sqrt(d); g starts at log2(L^2 - L), L the training length.
 
-- Persistent memory: "Augmenting Self-attention with Persistent Memory" (Sukhbaatar et al.,
-  arXiv 1907.01470): N learned key/value vectors per key/value head, without position,
-  always visible, so a layer can store what a feed-forward layer would ("Transformer
-  Feed-Forward Layers Are Key-Value Memories", arXiv 2012.14913). Departures: they are
-  initialised randomly and trained with the rest (the paper rescales them by sqrt(d)); there
-  is one set per key/value head, not per query head, so under multi-query attention every
-  head reads the same N vectors, as it reads the same segment keys.
-
 The layer computes q, k, v for the segment, prepends what its state holds (recurrent
 memory, projected with this layer's weights, or a key/value cache), applies the position
-scheme to the whole key range and calls one kernel; persistent vectors, which have no
-position, are scored against the unrotated queries and merged in exactly through the
-kernel's log-sum-exp. Keys are cached before rotation, so rotary and xPos are
-always applied at distances measured from the current segment.
+scheme to the whole key range and calls one kernel. Keys are cached before rotation, so rotary
+and xPos are always applied at distances measured from the current segment.
+
+Memory mechanisms plug in through three attributes (memlm.protocols), set by memlm.model from
+memlm.memory; this module imports none of them:
+- `span` (ScoreBias, adaptive span): one more additive score term; memory beyond its limit is
+  dropped before the kernel.
+- `persistent` (PositionlessSource, persistent memory): keys without position, scored against the
+  unrotated queries and merged in exactly through the kernel's log-sum-exp.
+- `knn` (RetrievalSource, kNN memory): per-query retrieved pairs from the store of this layer in
+  `SegmentContext.stores`, combined by a gate or an exact merge.
 """
 
 from __future__ import annotations
@@ -32,10 +31,9 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.model.kernels import attend, merge_partials, shared_key_attention
-from memlm.memory.adaptive_span import AdaptiveSpan
-from memlm.memory.knn import KnnAttention
-from memlm.model.positions import Rotary
+from memlm.nn.kernels import attend, merge_partials
+from memlm.nn.positions import Rotary
+from memlm.protocols import PositionlessSource, RetrievalSource, ScoreBias
 
 
 @dataclass
@@ -51,7 +49,7 @@ class SegmentContext:
     bias: Callable[[int, int, int], torch.Tensor | None]
     """(layer, k_offset, Tk) -> additive score bias (H, Tq, Tk) or None."""
     stores: dict | None = None
-    """kNN memory stores by layer (memlm.memory.stores), or None."""
+    """kNN memory stores by layer (memlm.memory.knn.stores), or None."""
 
     def key_mask(self, cache_len: int, q_len: int, device: torch.device) -> torch.Tensor | None:
         """(B, cache_len + q_len) bool, True where a key may be seen, or None if all may."""
@@ -89,23 +87,14 @@ class Attention(nn.Module):
         self.rotary = None
         if p.kind in ("rope", "xpos"):
             m = config.memory
-            reach = config.seq_len + max(config.memory_lengths(training=False)) + m.compress_length + (m.tokens or 0)
+            reach = config.seq_len + max(config.memory_lengths(training=False)) + m.compressive.length + (m.tokens.count or 0)
             self.rotary = Rotary(p.rope_dim or self.head_dim, p.rope_base,
                                  p.xpos_gamma if p.kind == "xpos" else None, p.xpos_scale_base,
                                  table_reach=2 * reach)
-        self.span = None
-        if config.memory.adaptive_span:
-            m = config.memory
-            self.span = AdaptiveSpan(self.heads, config.span_max, m.span_ramp, m.span_init)
-        self.knn = None
-        if layer in (config.memory.knn_layers or ()):
-            m = config.memory
-            self.knn = KnnAttention(self.heads, m.knn_k, m.knn_combine, m.knn_straight_through)
-        self.persistent_k = self.persistent_v = None
-        if config.memory.persistent:
-            shape = (self.kv_heads, config.memory.persistent, self.head_dim)
-            self.persistent_k = nn.Parameter(torch.randn(shape) / math.sqrt(self.head_dim))
-            self.persistent_v = nn.Parameter(torch.randn(shape) * config.init_std)
+        # memory mechanisms, attached by memlm.model when the config turns them on (memlm.protocols)
+        self.span: ScoreBias | None = None
+        self.persistent: PositionlessSource | None = None
+        self.knn: RetrievalSource | None = None
         # TUPE scales content logits by 1/sqrt(2d) to match its positional term.
         self.scale = 1.0 / math.sqrt((2 if p.kind == "tupe" else 1) * self.head_dim)
 
@@ -122,17 +111,36 @@ class Attention(nn.Module):
             k = nn.functional.normalize(k, dim=-1)
         return q, k, v
 
-    def project_kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values only (B, Hkv, T, D) of h (B, T, W): memory needs no queries."""
+    def project_kv(self, h: torch.Tensor, detach_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values only (B, Hkv, T, D) of h (B, T, W): memory needs no queries.
+        detach_weights: no gradient reaches this layer's projection."""
+        return self._project_rows(h, self.heads * self.head_dim, self.kv_heads, 2, detach_weights)
+
+    def _project_rows(self, h: torch.Tensor, start: int, heads: int, parts: int, detach_weights: bool):
+        """`parts` projections of `heads` heads each from rows start.. of qkv, each (B, heads, T, D);
+        the first is unit under QK-norm (queries or keys)."""
         B, T, _ = h.shape
-        Hkv, D = self.kv_heads, self.head_dim
-        start = self.heads * D
-        bias = self.qkv.bias[start:] if self.qkv.bias is not None else None
-        k, v = nn.functional.linear(h, self.qkv.weight[start:], bias).split([Hkv * D, Hkv * D], dim=-1)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        D, rows = self.head_dim, slice(start, start + parts * heads * self.head_dim)
+        weight, bias = self.qkv.weight[rows], self.qkv.bias[rows] if self.qkv.bias is not None else None
+        if detach_weights:
+            weight, bias = weight.detach(), bias.detach() if bias is not None else None
+        out = [t.view(B, T, heads, D).transpose(1, 2)
+               for t in nn.functional.linear(h, weight, bias).split(heads * D, dim=-1)]
         if self.qk_scale is not None:
-            k = nn.functional.normalize(k, dim=-1)
-        return k, v.view(B, T, Hkv, D).transpose(1, 2)
+            out[0] = nn.functional.normalize(out[0], dim=-1)
+        return tuple(out)
+
+    def content_scores(self, h: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's position-free scores of queries from h (B, T, W) over memory (B, n, W), with
+        every weight detached (compressive memory's reconstruction loss and usage ranking): scores
+        (B, H, T, n) in float32 (QK-norm, its scale g or 1/sqrt(d), biases; no positions) and the
+        values (B, H, n, D)."""
+        (q,) = self._project_rows(h, 0, self.heads, 1, True)
+        k, v = self.project_kv(memory, detach_weights=True)
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scale = self.scale if self.qk_scale is None else self.qk_scale.detach()
+        return (q @ k.transpose(-1, -2)).float() * scale, v
 
     def forward(self, h: torch.Tensor, ctx: SegmentContext, cache: dict[str, torch.Tensor] | None,
                 memory: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
@@ -172,7 +180,7 @@ class Attention(nn.Module):
             q, k = self.rotary(q, k, k_offset)
 
         dropout = self.dropout if self.training else 0.0
-        persistent = self.persistent_k is not None
+        persistent = self.persistent is not None
         store = ctx.stores.get(self.layer) if self.knn is not None and ctx.stores else None
         need_lse = persistent or (store is not None and self.knn.combine == "joint")
         bias = ctx.bias(self.layer, k_offset - trimmed, k.shape[2] + trimmed)  # in the untrimmed window (TUPE)
@@ -188,10 +196,7 @@ class Attention(nn.Module):
         if need_lse:
             y, lse = y
         if persistent:  # no position: scored against the unrotated queries, no bias, never masked
-            pk = self.persistent_k if self.qk_scale is None else nn.functional.normalize(self.persistent_k, dim=-1)
-            extra = shared_key_attention(q_unrotated, pk[None].to(q.dtype), self.persistent_v[None].to(v.dtype),
-                                         scale, dropout)
-            y, lse = merge_partials(y, lse, *extra)
+            y, lse = merge_partials(y, lse, *self.persistent(q_unrotated, scale, dropout, self.qk_scale is not None))
         if store is not None:  # kNN memory: retrieved pairs have no position either
             y = self.knn(y, lse, store, q_unrotated, scale, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)

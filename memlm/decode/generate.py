@@ -5,7 +5,7 @@ position of compute. temperature=0 is greedy; top_k and top_p (nucleus, "The Cur
 of Neural Text Degeneration", arXiv 1904.09751) filter the distribution before sampling.
 
 Decode paths (`decode`): `eager` runs the model's forward with its growing state; `static`
-uses memlm.model.static_decode (a fixed-size key/value cache, the step captured in a CUDA
+uses memlm.decode.static (a fixed-size key/value cache, the step captured in a CUDA
 graph on CUDA); `compiled` is `static` with the step compiled by torch.compile first (worth
 its compile time only for long or repeated generation); `auto` takes `static` on CUDA for
 models it supports when no state is passed in or asked back, `eager` otherwise.
@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from memlm.memory.state import State
-from memlm.model import static_decode
+from memlm.state import State
+from memlm.decode import static as static_decode
 
 DECODE_PATHS = ("auto", "eager", "static", "compiled")
 

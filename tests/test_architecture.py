@@ -1,0 +1,87 @@
+"""The package's layering: imports between memlm's subpackages form no cycle and only go down."""
+
+import ast
+from pathlib import Path
+
+import memlm
+
+PACKAGE = Path(memlm.__file__).parent
+
+LAYERS = [
+    {"config", "fileio"},
+    {"protocols", "state"},
+    {"nn"},
+    {"memory"},
+    {"model"},
+    {"decode"},
+    {"data", "eval", "tasks", "memorize", "longrange", "train"},
+    {"cli", "__main__"},
+]
+"""Bottom to top. A subpackage may import its own layer (if no cycle forms) and the layers below."""
+
+
+def part_of(module: str) -> str | None:
+    """'memlm.nn.attention' -> 'nn'; None for the root package and names outside memlm."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "memlm" and len(parts) > 1 else None
+
+
+def import_edges() -> set[tuple[str, str]]:
+    """(importer, imported) subpackage pairs, from every import statement, lazy ones included."""
+    edges = set()
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE.parent).with_suffix("")
+        source = part_of(".".join(relative.parts))
+        if source in (None, "__init__"):  # memlm/__init__.py: the public API, which names every layer
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                target = part_of(name)
+                if target is not None and target != source and (PACKAGE / target).exists() | (
+                        PACKAGE / f"{target}.py").exists():
+                    edges.add((source, target))
+    return edges
+
+
+def layer_of(part: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if part in layer:
+            return i
+    raise AssertionError(f"memlm.{part} is in no layer of tests/test_architecture.py: place it")
+
+
+def test_imports_only_go_down_the_layers():
+    upward = sorted((a, b) for a, b in import_edges() if layer_of(b) > layer_of(a))
+    assert upward == [], f"imports that go up the layers: {upward}"
+
+
+def test_nn_knows_nothing_of_memory():
+    edges = import_edges()
+    assert ("nn", "memory") not in edges and ("nn", "model") not in edges
+
+
+def test_the_import_graph_between_subpackages_is_acyclic():
+    edges = import_edges()
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+    visiting, done = set(), set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in done:
+            return
+        assert node not in visiting, f"import cycle: {' -> '.join(path + [node])}"
+        visiting.add(node)
+        for nxt in graph.get(node, ()):
+            visit(nxt, path + [node])
+        visiting.discard(node)
+        done.add(node)
+
+    for node in list(graph):
+        visit(node, [])
+    assert len(edges) > 10  # the walk saw the package's imports
