@@ -131,10 +131,10 @@ def memorize(model, split: TokenSplit, batch_size: int, max_tokens: int | None =
             if progress is not None:
                 progress(done, segments)
         for layer in layers:  # the last, partial segment never completes: write it now
-            pending = state.layers[layer].get("pending")
+            pending = state.layers[layer].pending
             if pending is not None and pending.shape[1]:
                 store, before = state.stores[layer], state.stores[layer].written.clone()
-                write_segment(model, layer, store, pending, state.position - pending.shape[1])
+                write_segment(model.blocks[layer], store, pending, state.position - pending.shape[1])
                 if (new := _new_entries(store, before)) is not None:
                     chunks[layer].append(new)
     finally:

@@ -6,8 +6,12 @@
         -> final norm -> output head (tied to the embedding by default)
         -> logits (B, T, vocab)
 
-A model with memory tokens (memlm.memory.tokens) runs each segment as [read | tokens | write];
-`forward` hands it to that module, recurrent and kNN memory included.
+One forward serves training, prefill and decoding (`_run_piece`): each layer reads its
+recurrent memory or its key/value cache from the State, and memory mechanisms act through
+their hooks: memory tokens frame the input as [read | tokens | write] and cut it at segment
+boundaries (memlm.memory.tokens), the recurrent memory rolls after each piece
+(memlm.memory.xl, with feedback, compression and kNN writes), and persistent, kNN and
+adaptive-span terms act inside attention (attached by `attach_memory`, memlm.protocols).
 
 Forgetful causal masking ("Forgetful Causal Masking Makes Causal Language Models Better
 Zero-Shot Learners", Liu et al., arXiv 2210.13432) is drawn here once per forward: in
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.memory import tokens, xl
+from memlm.memory import feedback, tokens, xl
 from memlm.memory.adaptive_span import AdaptiveSpan
 from memlm.memory.compressive import Compressor
 from memlm.memory.knn import KnnAttention, Store, WithKnowledge, make_store
@@ -159,44 +163,23 @@ class LanguageModel(nn.Module):
         if state is not None and len(state.layers) != len(self.blocks):
             raise ValueError(f"state was made for a model of {len(state.layers)} layers, this one has "
                              f"{len(self.blocks)}: use model.init_state")
-        if self.memory_tokens is not None:  # segments run as [read | tokens | write] (memlm.memory.tokens)
-            logits, new_state, compression_loss = tokens.forward(self, input_ids, state)
-            aux_loss = self._span_penalty(input_ids.device)
-            if compression_loss is not None:
-                aux_loss = aux_loss + self.config.memory.compressive.loss_weight * compression_loss
-            return ModelOutput(logits, self._loss(logits, targets), aux_loss, new_state)
-        q_start = state.position if state is not None else 0
-        device = input_ids.device
-
+        position = state.position if state is not None else 0
         x = self.embed(input_ids)  # (B, T, W)
         if self.positions is not None:
-            x = x + self.positions(q_start, T, device).to(x.dtype)
-        x = self.dropout(x)
-
-        ctx = SegmentContext(
-            q_start=q_start,
-            row_start=state.row_start if state is not None and state.masked else None,
-            keep=self.forgetful_keep(B, T, device),
-            bias=self.position_bias(q_start, T, device),
-            stores=state.stores if state is not None else None,
-        )
-        aux_loss = self._span_penalty(device)
-        if state is not None and self.config.recurrent:
-            x, layers, compression_loss = self._recurrent_blocks(x, ctx, state)
-            if compression_loss is not None:
-                aux_loss = aux_loss + self.config.memory.compressive.loss_weight * compression_loss
+            x = x + self.positions(position, T, x.device).to(x.dtype)
+        if self.memory_tokens is not None and state is None and not self.config.stateful:
+            hidden, stream, losses = self._independent_segments(x), None, []
         else:
-            layers = []
-            for i, block in enumerate(self.blocks):
-                x, layer_state = block(x, ctx, state.layers[i] if state is not None else None)
-                layers.append(layer_state)
-        logits = self.head(self.final_norm(x))  # (B, T, vocab)
-
-        loss = self._loss(logits, targets)
-        new_state = None
-        if state is not None:
-            new_state = State(q_start + T, state.row_start, layers, state.masked, state.stores)
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, state=new_state)
+            stream = state
+            if stream is None and self.memory_tokens is not None:  # one stream from an empty state, not returned
+                stream = State.empty(B, len(self.blocks), x.device)
+            hidden, stream, losses = self._run(x, stream)
+        logits = self.head(self.final_norm(hidden))  # (B, T, vocab)
+        aux_loss = self._span_penalty(x.device)
+        if losses:
+            aux_loss = aux_loss + self.config.memory.compressive.loss_weight * torch.stack(losses).mean()
+        return ModelOutput(logits=logits, loss=self._loss(logits, targets), aux_loss=aux_loss,
+                           state=stream if state is not None else None)
 
     @staticmethod
     def _loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -204,16 +187,80 @@ class LanguageModel(nn.Module):
             return None
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
-    def _recurrent_blocks(self, x: torch.Tensor, ctx: SegmentContext, state: State):
-        """Run the blocks with recurrent memory; return the top output and the next layer states."""
-        inputs = []
-        for block, layer in zip(self.blocks, state.layers):
-            if self.config.memory.feedback.mode == "add":
-                x = xl.additive_feedback(layer, x)
-            inputs.append(x)
-            x, _ = block(x, ctx, None, xl.memory_source(layer))
-        writable = {i: store for i, store in state.stores.items() if not store.shared}  # knowledge is read-only
-        return (x, *xl.next_layers(self, state.layers, inputs, x, writable, state.position + x.shape[1]))
+    def _run(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None, list[torch.Tensor]]:
+        """Run x (B, T, W) piece by piece: one piece, unless memory tokens cut it at segment
+        boundaries. Returns the top hidden states (B, T, W), the state after it and the
+        compression losses of the pieces that computed one."""
+        position = state.position if state is not None else 0
+        T = x.shape[1]
+        lengths = self.memory_tokens.pieces(position, T) if self.memory_tokens is not None else [T]
+        outputs, losses, done = [], [], 0
+        for n in lengths:
+            out, state, loss = self._run_piece(x[:, done:done + n], state, position + done)
+            outputs.append(out)
+            losses += [loss] if loss is not None else []
+            done += n
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state, losses
+
+    def _independent_segments(self, x: torch.Tensor) -> torch.Tensor:
+        """Memory tokens without a state or recurrence: every seq_len piece of x (B, T, W) is a
+        segment of its own, read from the learned memory, so the full pieces run side by side in
+        one batch. Returns the top hidden states (B, T, W)."""
+        B, T, W = x.shape
+        L = self.config.seq_len
+        full, outputs = T // L, []
+        if full:
+            pieces = x[:, :full * L].reshape(B * full, L, W)
+            outputs.append(self._run_piece(pieces, None, 0)[0].reshape(B, full * L, W))
+        if T % L:
+            outputs.append(self._run_piece(x[:, full * L:], None, full * L)[0])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _run_piece(self, x: torch.Tensor, state: State | None, position: int
+                   ) -> tuple[torch.Tensor, State | None, torch.Tensor | None]:
+        """The one pass through the blocks, for training, prefill and decoding alike.
+
+        x (B, T, W): embedded tokens at stream positions position..position+T-1 (within one
+        segment when memory tokens frame it). Each layer reads its recurrent memory
+        (memlm.memory.xl) or its key/value cache from `state`; persistent, kNN and adaptive-span
+        terms act inside attention. Returns the top hidden states at the token positions
+        (B, T, W), the state after the piece (None without one) and its compression loss."""
+        B, T, _ = x.shape
+        if self.memory_tokens is not None:  # [read | x | write] (memlm.memory.tokens)
+            h, before, ctx = self.memory_tokens.frame(self, x, position, state)
+        else:
+            h, before = self.dropout(x), 0
+            ctx = SegmentContext(q_start=position,
+                                 row_start=state.row_start if state is not None and state.masked else None,
+                                 keep=self.forgetful_keep(B, T, x.device), bias=self.position_bias(position, T, x.device),
+                                 stores=state.stores if state is not None else None)
+        recurrent = state is not None and self.config.recurrent
+        add_feedback = recurrent and self.config.memory.feedback.mode == "add"
+        inputs, caches = [], []  # inputs[i]: (B, before + T + after, W) input of block i
+        for i, block in enumerate(self.blocks):
+            layer = state.layers[i] if state is not None else None
+            if recurrent:
+                if add_feedback:
+                    h = feedback.add(layer, h, before, T)
+                inputs.append(h)
+                h, _ = block(h, ctx, memory=xl.memory_source(layer))
+            else:
+                past = (layer.k, layer.v) if layer is not None and layer.k is not None else None
+                h, kv = block(h, ctx, past, cache=state is not None)
+                caches.append(kv)
+        top = h[:, before:before + T]  # (B, T, W)
+        if state is None:
+            return top, None, None
+        loss = None
+        if recurrent:
+            writable = {i: store for i, store in state.stores.items() if not store.shared}  # knowledge is read-only
+            layers, loss = xl.next_layers(self, state.layers, [t[:, before:before + T] for t in inputs], top,
+                                          writable, position + T)
+        else:
+            layers = [layer.replace(k=k, v=v) for layer, (k, v) in zip(state.layers, caches)]
+        if self.memory_tokens is not None:
+            layers = self.memory_tokens.after_piece(state.layers, layers, inputs, h, before, position, T)
+        return top, state.advanced(T, layers), loss
 
     def _span_penalty(self, device: torch.device) -> torch.Tensor:
         spans = [block.attention.span for block in self.blocks if block.attention.span is not None]

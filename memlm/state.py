@@ -1,15 +1,22 @@
 """The state a model carries from one segment to the next.
 
-One `State` per batch of streams: the absolute stream position of the next token, one dict
-of named tensors per layer (key/value cache, later memories), and per row the position at
-which its current document started (`row_start`), so `reset(mask)` forgets a row's past
-without touching the others. All rows advance together, so positions are plain ints and
-reading them never synchronises with the device.
+One `State` per batch of streams: the absolute stream position of the next token, one typed
+`LayerState` per layer (key/value cache, memories), and per row the position at which its
+current document started (`row_start`), so `reset(mask)` forgets a row's past without
+touching the others. All rows advance together, so positions are plain ints and reading them
+never synchronises with the device.
+
+Each field of LayerState belongs to one mechanism and declares in its metadata whether `reset`
+must clear it: tensors keyed by stream position need not be cleared (`row_start` hides them);
+per-row tensors without positions (feedback, memory tokens, slot memories) are zeroed for the
+forgotten rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -26,9 +33,56 @@ def allow_memory_recompiles() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MEMORY_RECOMPILE_LIMIT)
 
 
-CLEARED_ON_RESET = ("feedback", "memory_tokens", "memory_written")
-"""Per-row layer tensors (B, ...) that are not keyed by position, so `row_start` cannot hide
-them: `reset` zeroes (False for bool tensors) the rows it forgets."""
+def _slot(owner: str, shape: str, clear_on_reset: bool = False):
+    """A LayerState field: None until its mechanism writes it."""
+    return field(default=None, metadata={"owner": owner, "shape": shape, "clear_on_reset": clear_on_reset})
+
+
+@dataclass
+class LayerState:
+    """What one layer carries to the next piece of the stream; a field is None while unused."""
+
+    # key/value cache (models without recurrent memory; memory tokens' current segment)
+    k: torch.Tensor | None = _slot("cache", "(B, Hkv, T_cache, D)")
+    v: torch.Tensor | None = _slot("cache", "(B, Hkv, T_cache, D)")
+    # Transformer-XL recurrence (memlm.memory.xl)
+    mem: torch.Tensor | None = _slot("xl", "(B, M, W) rolled memory: block inputs of earlier segments")
+    pending: torch.Tensor | None = _slot("xl", "(B, T_p, W) block inputs of the unfinished segment")
+    top: torch.Tensor | None = _slot("xl", "(B, T_p, W) top layer only: its outputs of the unfinished segment")
+    # compressive memory (memlm.memory.compressive)
+    cmem: torch.Tensor | None = _slot("compressive", "(B, Mc, W) compressed memory, before mem")
+    # layerwise feedback (memlm.memory.feedback)
+    feedback: torch.Tensor | None = _slot("feedback", "(B, T, W) upper layer's output, mode add", True)
+    external: torch.Tensor | None = _slot("feedback", "(B, M, W) top layer only: user-given feedback memory")
+    # memory tokens (memlm.memory.tokens)
+    read: torch.Tensor | None = _slot("tokens", "(B, M, W) block inputs at the read tokens of the current segment")
+    memory_tokens: torch.Tensor | None = _slot("tokens", "(B, M, W) layer 0: the next read inputs", True)
+    memory_written: torch.Tensor | None = _slot("tokens", "(B,) bool layer 0: memory_tokens holds written memory", True)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields in use, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def replace(self, **changes: torch.Tensor | None) -> "LayerState":
+        return dataclasses.replace(self, **changes)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LayerState":
+        return LayerState(**{name: fn(t) for name, t in self.tensors().items()})
+
+    def forget_rows(self, mask: torch.Tensor) -> "LayerState":
+        """A copy with the fields that declare clear_on_reset zeroed (False) where mask (B,) is True."""
+        changes = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if t is not None and f.metadata["clear_on_reset"]:
+                forget = mask.to(t.device).view(-1, *[1] * (t.dim() - 1))
+                changes[f.name] = torch.where(forget, torch.zeros((), dtype=t.dtype, device=t.device), t)
+        return self.replace(**changes)
+
+
+def cleared_on_reset() -> tuple[str, ...]:
+    """Names of the LayerState fields that `reset` clears."""
+    return tuple(f.name for f in dataclasses.fields(LayerState) if f.metadata["clear_on_reset"])
 
 
 @dataclass
@@ -37,14 +91,8 @@ class State:
     """Absolute stream position of the next token (same for every row)."""
     row_start: torch.Tensor
     """(B,) long: positions before row_start[b] are invisible to row b."""
-    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    """Per layer: named tensors: a key/value cache 'k', 'v' (B, Hkv, T_cache, D) for models
-    without recurrent memory; for recurrent ones 'mem' (B, M, W) rolled memory, 'pending'
-    (B, T_p, W) inputs of the unfinished segment, 'feedback' (B, T, W) for additive feedback,
-    and on the top layer 'top' (B, T_p, W) its pending outputs and optionally 'external'
-    (B, M, W), a tensor the user supplies as the top layer's feedback memory. Memory tokens
-    (memlm.memory.tokens) keep the current segment's cache 'k', 'v' and, in recurrent mode, on
-    layer 0 'memory_tokens' (B, M, W) and 'memory_written' (B,) bool."""
+    layers: list[LayerState] = field(default_factory=list)
+    """One LayerState per layer, bottom to top."""
     masked: bool = False
     """True once some row was reset: attention must then apply row_start (a Python flag, so
     models that never reset keep the unmasked fast kernels without a device sync)."""
@@ -58,7 +106,7 @@ class State:
     @classmethod
     def empty(cls, batch_size: int, num_layers: int, device: torch.device | str | None = None) -> "State":
         return cls(position=0, row_start=torch.zeros(batch_size, dtype=torch.long, device=device),
-                   layers=[{} for _ in range(num_layers)])
+                   layers=[LayerState() for _ in range(num_layers)])
 
     @property
     def batch_size(self) -> int:
@@ -77,30 +125,25 @@ class State:
             raise ValueError(f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
         mask = mask.to(self.row_start.device)
         row_start = torch.where(mask, self.position, self.row_start)
-        layers = []
-        for layer in self.layers:
-            layer = dict(layer)
-            for name in CLEARED_ON_RESET:  # not keyed by position: clear the forgotten rows
-                if name in layer:
-                    t = layer[name]
-                    forget = mask.to(t.device).view(-1, *[1] * (t.dim() - 1))
-                    layer[name] = torch.where(forget, torch.zeros((), dtype=t.dtype, device=t.device), t)
-            layers.append(layer)
         for store in self.stores.values():
             if not store.shared:  # knowledge memory belongs to no row: nothing to forget
                 store.reset(mask)
-        return State(self.position, row_start, layers, masked=True, stores=self.stores)
+        return State(self.position, row_start, [layer.forget_rows(mask) for layer in self.layers], masked=True,
+                     stores=self.stores)
+
+    def advanced(self, steps: int, layers: list[LayerState]) -> "State":
+        """The state `steps` positions later, with these layer states (rows and stores as they are)."""
+        return State(self.position + steps, self.row_start, layers, self.masked, self.stores)
 
     def _map(self, fn) -> "State":
-        return State(self.position, fn(self.row_start),
-                     [{name: fn(t) for name, t in layer.items()} for layer in self.layers], self.masked,
+        return State(self.position, fn(self.row_start), [layer.map(fn) for layer in self.layers], self.masked,
                      self.stores)
 
     def state_dict(self) -> dict:
         """Tensors and the position, for a training checkpoint."""
         tensors = {"row_start": self.row_start}
         for i, layer in enumerate(self.layers):
-            tensors.update({f"layers.{i}.{name}": t for name, t in layer.items()})
+            tensors.update({f"layers.{i}.{name}": t for name, t in layer.tensors().items()})
         return {"position": self.position, "num_layers": len(self.layers), "masked": self.masked,
                 "stores": {i: store.state_dict() for i, store in self.stores.items() if not store.shared},
                 "tensors": tensors}
@@ -108,9 +151,9 @@ class State:
     @classmethod
     def from_state_dict(cls, data: dict) -> "State":
         tensors = data["tensors"]
-        layers: list[dict[str, torch.Tensor]] = [{} for _ in range(data["num_layers"])]
+        fields: list[dict[str, torch.Tensor]] = [{} for _ in range(data["num_layers"])]
         for key, t in tensors.items():
             if key.startswith("layers."):
                 _, index, name = key.split(".", 2)
-                layers[int(index)][name] = t
-        return cls(data["position"], tensors["row_start"], layers, data.get("masked", True))
+                fields[int(index)][name] = t
+        return cls(data["position"], tensors["row_start"], [LayerState(**f) for f in fields], data.get("masked", True))

@@ -254,8 +254,8 @@ def test_a_stateful_row_carries_the_state_between_steps_as_the_trainer_does():
         assert torch.equal(loss, out.loss + out.aux_loss)
         assert objective.steps == step + 1 and objective.state.position == (step + 1) * T
         for mine, theirs in zip(objective.state.layers, state.layers, strict=True):
-            assert mine["mem"].shape == (B, T, W)  # memory = seq_len, scaled with --seq-len
-            assert torch.equal(mine["mem"], theirs["mem"]) and not mine["mem"].requires_grad
+            assert mine.mem.shape == (B, T, W)  # memory = seq_len, scaled with --seq-len
+            assert torch.equal(mine.mem, theirs.mem) and not mine.mem.requires_grad
         if step:  # the memory is read: without it the same segment scores differently
             assert not torch.allclose(loss, memlm_loss(model, x, y))
 
@@ -269,7 +269,7 @@ def test_a_stateful_row_advances_its_state_by_one_segment_per_training_step():
     assert objective.steps == steps and objective.state.position == steps * T
     assert train["tokens"] == B * T * 3
     for layer in objective.state.layers:  # memory T, compressed T / 4 at rate 4
-        assert (layer["mem"].shape, layer["cmem"].shape) == ((B, T, W), (B, T // 4, W))
+        assert (layer.mem.shape, layer.cmem.shape) == ((B, T, W), (B, T // 4, W))
     assert memory_warmup(objective.model.config) == 5  # 4 shapes (none, mem, + cmem, settled) + 1
 
 

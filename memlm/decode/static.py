@@ -126,8 +126,8 @@ class StaticDecoder:
         with self._precision():
             out = self.model(prompt, state=self.model.init_state(B, device=prompt.device))
         for i, layer in enumerate(out.state.layers):
-            self.k_cache[i, :, :, :T0].copy_(layer["k"])
-            self.v_cache[i, :, :, :T0].copy_(layer["v"])
+            self.k_cache[i, :, :, :T0].copy_(layer.k)
+            self.v_cache[i, :, :, :T0].copy_(layer.v)
         self.length = T0
         if self.model.tupe is not None:  # TUPE's key-side term depends only on the slot: once per prompt
             tupe = self.model.tupe

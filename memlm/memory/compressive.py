@@ -67,3 +67,21 @@ def reconstruction_loss(attention, h: torch.Tensor, old: torch.Tensor, compresse
     """Mean squared difference of content attention over the old and the compressed memories."""
     h, old = h.detach(), old.detach()
     return (content_attention(attention, h, old) - content_attention(attention, h, compressed)).pow(2).mean()
+
+
+def compress(block, compressor: Compressor, segment: torch.Tensor, overflow: torch.Tensor, training: bool):
+    """Compress `overflow` (B, n*c, W) states leaving the memory of the layer `block`, whose segment
+    inputs are `segment` (B, T, W): the compressed states (B, n, W), detached (only the
+    reconstruction loss trains the compressor), and that loss in training (else None)."""
+    frozen_norm = {name: p.detach() for name, p in block.attn_norm.named_parameters()}
+
+    def norm(x):
+        return torch.func.functional_call(block.attn_norm, frozen_norm, (x,)) if block.pre_norm else x
+
+    h = norm(segment.detach())
+    used = usage(block.attention, h, norm(overflow.detach())) if compressor.kind == "most_used" else None
+    compressed = compressor(overflow.detach(), used)  # (B, n, W)
+    loss = None
+    if training and torch.is_grad_enabled() and compressor.kind == "conv":
+        loss = reconstruction_loss(block.attention, h, norm(overflow), norm(compressed))
+    return compressed.detach(), loss

@@ -68,6 +68,9 @@ class SegmentContext:
         return torch.arange(self.q_start - cache_len, self.q_start + q_len, device=device)
 
 
+KeysValues = tuple[torch.Tensor, torch.Tensor]
+"""Keys and values (B, Hkv, T, D) each, unrotated: a key/value cache."""
+
 SPAN_TRIM_STEP = 64
 """Memory trimmed to the longest adaptive span keeps a multiple of this many positions: the span
 changes a little at every step, and each new memory length would be a new shape to compile."""
@@ -142,14 +145,14 @@ class Attention(nn.Module):
         scale = self.scale if self.qk_scale is None else self.qk_scale.detach()
         return (q @ k.transpose(-1, -2)).float() * scale, v
 
-    def forward(self, h: torch.Tensor, ctx: SegmentContext, cache: dict[str, torch.Tensor] | None,
-                memory: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
-        """h: (B, T, W) -> (B, T, W).
+    def forward(self, h: torch.Tensor, ctx: SegmentContext, past: KeysValues | None = None,
+                memory: torch.Tensor | None = None, cache: bool = False) -> tuple[torch.Tensor, KeysValues | None]:
+        """h: (B, T, W) -> (B, T, W), and with `cache` the keys/values of every position so far.
 
-        cache: {'k', 'v'} of earlier positions (key/value cache of models without recurrent
-        memory), {} to start one, or None (no state). memory: (B, M, W) normalised hidden states
-        of the M positions just before the segment (recurrent memory), projected here with this
-        layer's own weights, as Transformer-XL does.
+        past: keys and values (B, Hkv, Tc, D) of the Tc positions before the segment (a key/value
+        cache), unrotated. memory: (B, M, W) normalised hidden states of the M positions just
+        before the segment (recurrent memory), projected here with this layer's own weights, as
+        Transformer-XL does.
         """
         B, T, _ = h.shape
         q, k, v = self.project(h)
@@ -162,12 +165,10 @@ class Attention(nn.Module):
             mk, mv = self.project_kv(memory)
             k = torch.cat([mk, k], dim=2)  # (B, Hkv, M + T, D)
             v = torch.cat([mv, v], dim=2)
-        new_cache = None
-        if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)  # (B, Hkv, Tc + T, D)
-                v = torch.cat([cache["v"], v], dim=2)
-            new_cache = {"k": k, "v": v}
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, Hkv, Tc + T, D)
+            v = torch.cat([past[1], v], dim=2)
+        new_cache = (k, v) if cache else None
         past = k.shape[2] - T
         k_offset = -past
 

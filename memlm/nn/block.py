@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.nn.attention import Attention, SegmentContext
+from memlm.nn.attention import Attention, KeysValues, SegmentContext
 from memlm.nn.feedforward import FeedForward
 from memlm.nn.norms import make_norm
 
@@ -29,22 +29,23 @@ class Block(nn.Module):
             self.feedforward = FeedForward(f.kind, config.width, f.mult, config.bias, f.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, ctx: SegmentContext, cache: dict[str, torch.Tensor] | None,
-                memory: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
-        """x: (B, T, W) -> (B, T, W), plus the new key/value cache (None without one).
+    def forward(self, x: torch.Tensor, ctx: SegmentContext, past: KeysValues | None = None,
+                memory: torch.Tensor | None = None, cache: bool = False) -> tuple[torch.Tensor, KeysValues | None]:
+        """x: (B, T, W) -> (B, T, W), plus with `cache` the keys/values of every position so far.
 
-        memory: (B, M, W) residual-stream states of the M positions before the segment (recurrent
-        memory); the attention sees them through this block's own norm and projections.
+        past: the key/value cache of the positions before the segment. memory: (B, M, W)
+        residual-stream states of the M positions before the segment (recurrent memory); the
+        attention sees them through this block's own norm and projections.
         """
         if self.pre_norm:
             memory = self.attn_norm(memory) if memory is not None else None
-            h, cache = self.attention(self.attn_norm(x), ctx, cache, memory)
+            h, kv = self.attention(self.attn_norm(x), ctx, past, memory, cache)
             x = x + self.dropout(h)
             if self.feedforward is not None:
                 x = x + self.dropout(self.feedforward(self.ff_norm(x)))
         else:
-            h, cache = self.attention(x, ctx, cache, memory)
+            h, kv = self.attention(x, ctx, past, memory, cache)
             x = self.attn_norm(x + self.dropout(h))
             if self.feedforward is not None:
                 x = self.ff_norm(x + self.dropout(self.feedforward(x)))
-        return x, cache
+        return x, kv

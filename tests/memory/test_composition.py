@@ -34,11 +34,12 @@ def test_token_by_token_equals_segment_by_segment_with_every_mechanism(tokens):
     segments, seg_state = by_segments(model, ids, L)
     token_by_token, tok_state = by_segments(model, ids, 1)
     torch.testing.assert_close(token_by_token, segments, atol=1e-5, rtol=0)
-    assert [layer["mem"].shape[1] for layer in seg_state.layers] == [4, 8, 12]
-    assert all(layer["cmem"].shape[1] == 4 for layer in seg_state.layers)  # compression happened
+    assert [layer.mem.shape[1] for layer in seg_state.layers] == [4, 8, 12]
+    assert all(layer.cmem.shape[1] == 4 for layer in seg_state.layers)  # compression happened
     for a, b in zip(seg_state.layers, tok_state.layers):
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+        assert a.tensors().keys() == b.tensors().keys()
+        for name, t in a.tensors().items():
+            torch.testing.assert_close(t, getattr(b, name), atol=1e-5, rtol=0)
     keys, _, _ = seg_state.stores[1].entries(0)
     assert keys.shape[1] == 5 * L  # five completed segments written
     # a row reset at a segment boundary behaves like a fresh stream for that row

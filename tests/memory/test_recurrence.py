@@ -25,7 +25,7 @@ def test_segments_with_long_memory_equal_one_pass(kind):
     ids = torch.randint(0, 256, (2, 40))
     logits, state = by_segments(model, ids, 8)
     torch.testing.assert_close(logits, model(ids).logits, atol=1e-5, rtol=0)
-    assert [layer["mem"].shape[1] for layer in state.layers] == [40, 40, 40]
+    assert [layer.mem.shape[1] for layer in state.layers] == [40, 40, 40]
 
 
 @pytest.mark.parametrize("kind", ["rope", "t5"])
@@ -36,7 +36,7 @@ def test_token_by_token_equals_segment_by_segment_with_short_memory(kind):
     segments, seg_state = by_segments(model, ids, 8)
     tokens, tok_state = by_segments(model, ids, 1)
     torch.testing.assert_close(tokens, segments, atol=1e-5, rtol=0)
-    assert [layer["mem"].shape[1] for layer in tok_state.layers] == [4, 8, 12]
+    assert [layer.mem.shape[1] for layer in tok_state.layers] == [4, 8, 12]
     # and a short memory really forgets: the logits differ from one pass over everything
     assert not torch.allclose(segments[:, 16:], model(ids).logits[:, 16:], atol=1e-3)
 
@@ -47,10 +47,10 @@ def test_per_layer_lengths_and_schedules():
     assert model.config.memory_lengths(training=True) == [4, 8, 12]
     assert model.config.memory_lengths(training=False) == [8, 16, 24]
     _, state = by_segments(model, torch.randint(0, 256, (1, 48)), 8)  # eval mode
-    assert [layer["mem"].shape[1] for layer in state.layers] == [8, 16, 24]
+    assert [layer.mem.shape[1] for layer in state.layers] == [8, 16, 24]
     model.train()
     _, state = by_segments(model, torch.randint(0, 256, (1, 48)), 8)
-    assert [layer["mem"].shape[1] for layer in state.layers] == [4, 8, 12]
+    assert [layer.mem.shape[1] for layer in state.layers] == [4, 8, 12]
     with pytest.raises(ConfigError, match="memory.xl.lengths"):
         build(**{"memory.xl.lengths": [1, 2]})
     with pytest.raises(ConfigError, match="position.kind"):
@@ -104,9 +104,9 @@ def test_feedback_top_layer_reads_an_external_tensor():
     ids = torch.randint(0, 256, (1, 16))
     external = torch.randn(1, 8, 32)
     state = model(ids[:, :8], state=model.init_state(1)).state
-    state.layers[-1]["external"] = external
+    state.layers[-1].external = external
     state = model(ids[:, 8:], state=state).state  # rolls: top memory <- external
-    torch.testing.assert_close(state.layers[-1]["mem"], torch.cat([external, external], dim=1)[:, -8:])
+    torch.testing.assert_close(state.layers[-1].mem, torch.cat([external, external], dim=1)[:, -8:])
 
 
 def test_additive_feedback_matches_its_definition():
@@ -142,13 +142,13 @@ def test_detach_cuts_gradients_between_segments():
     model = build(**{"memory.xl.length": 16}).train()
     ids = torch.randint(0, 256, (2, 16))
     state = model(ids[:, :8], state=model.init_state(2)).state
-    assert state.layers[1]["mem"].grad_fn is not None
+    assert state.layers[1].mem.grad_fn is not None
     detached = state.detach()
-    assert all(t.grad_fn is None and not t.requires_grad for layer in detached.layers for t in layer.values())
+    assert all(t.grad_fn is None and not t.requires_grad for layer in detached.layers for t in layer.tensors().values())
     # the loss of segment 2 after detach has the same gradient as with a constant memory
     out = model(ids[:, 8:], targets=ids[:, 8:], state=detached)
     grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
-    constant = memlm.State(8, detached.row_start, [{k: v.clone() for k, v in l.items()} for l in detached.layers])
+    constant = memlm.State(8, detached.row_start, [l.map(torch.clone) for l in detached.layers])
     again = torch.autograd.grad(model(ids[:, 8:], targets=ids[:, 8:], state=constant).loss,
                                 list(model.parameters()), allow_unused=True)
     for a, b in zip(grads, again):
@@ -202,7 +202,7 @@ def test_memory_presets_decode_token_by_token_like_segments(preset):
     tokens, tok_state = by_segments(model, ids, 1)
     torch.testing.assert_close(tokens, segments, atol=1e-5, rtol=0)
     if preset == "seed-mem-tiny":
-        assert seg_state.layers[0]["cmem"].shape[1] == 2
+        assert seg_state.layers[0].cmem.shape[1] == 2
 
 
 def compress_group_reference(model, layer, leaving, segment_input):
@@ -269,11 +269,11 @@ def reference_stream(model, ids, external=None):
 
 def assert_state_matches(state, expected):
     for layer, (mem, cmem) in zip(state.layers, expected):
-        torch.testing.assert_close(layer["mem"], mem, atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.mem, mem, atol=1e-5, rtol=0)
         if cmem is None:
-            assert "cmem" not in layer
+            assert layer.cmem is None
         else:
-            torch.testing.assert_close(layer["cmem"], cmem, atol=1e-5, rtol=0)
+            torch.testing.assert_close(layer.cmem, cmem, atol=1e-5, rtol=0)
 
 
 def pieces_of(ids, sizes):
@@ -305,17 +305,17 @@ def test_memory_after_every_segment_is_the_last_length_states_of_its_stream(feed
             done, segment = position // 8, position % 8
             if segment == 0:
                 assert_state_matches(state, expected[done - 1])
-                assert all("pending" not in layer for layer in state.layers)
+                assert all(layer.pending is None for layer in state.layers)
             else:
                 for i, layer in enumerate(state.layers):
-                    torch.testing.assert_close(layer["pending"], torch.cat(inputs[i], dim=1)[:, -segment:])
+                    torch.testing.assert_close(layer.pending, torch.cat(inputs[i], dim=1)[:, -segment:])
                 if done:
                     assert_state_matches(state, expected[done - 1])
     finally:
         for hook in hooks:
             hook.remove()
     torch.testing.assert_close(torch.cat(logits, dim=1), expected_logits, atol=1e-5, rtol=0)
-    assert state.layers[0]["mem"].shape == (2, 0, 32)
+    assert state.layers[0].mem.shape == (2, 0, 32)
 
 
 @pytest.mark.parametrize("fn,feedback,placement", [("max", "none", "pre"), ("mean", "memory", "pre"),
@@ -485,13 +485,13 @@ def test_external_feedback_feeds_the_top_layer_at_every_roll():
     external = torch.randn(2, 5, 32)
     expected_logits, expected = reference_stream(model, ids, external=external)
     state, logits = model.init_state(2), []
-    state.layers[-1]["external"] = external
+    state.layers[-1].external = external
     for seg in range(3):
         out = model(ids[:, 8 * seg:8 * seg + 8], state=state)
         logits.append(out.logits)
         state = out.state
         assert_state_matches(state, expected[seg])
-        assert state.layers[-1]["external"] is external
+        assert state.layers[-1].external is external
     torch.testing.assert_close(torch.cat(logits, dim=1), expected_logits, atol=1e-5, rtol=0)
 
 

@@ -80,7 +80,7 @@ def test_span_trimming_does_not_change_outputs():
     assert model.blocks[0].attention.span.limit == 7  # ceil(4.5) + 2
     ids = torch.randint(0, 256, (2, 40))
     trimmed, state, _ = run_segments(model, ids)
-    assert state.layers[0]["mem"].shape[1] == 24  # stored in full, trimmed when read
+    assert state.layers[0].mem.shape[1] == 24  # stored in full, trimmed when read
     for block in model.blocks:
         block.attention.span.limit = 10_000
     untrimmed, _, _ = run_segments(model, ids)
@@ -94,7 +94,7 @@ def test_compressed_memory_sizes_follow_the_rate():
     sizes = []
     for _ in range(5):
         state = model(torch.randint(0, 256, (1, 8)), state=state).state
-        sizes.append((state.layers[0]["mem"].shape[1], state.layers[0].get("cmem", torch.empty(1, 0)).shape[1]))
+        sizes.append((state.layers[0].mem.shape[1], (state.layers[0].cmem if state.layers[0].cmem is not None else torch.empty(1, 0)).shape[1]))
     assert sizes == [(8, 0), (8, 4), (8, 6), (8, 6), (8, 6)]
 
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from memlm.state import CLEARED_ON_RESET, MEMORY_RECOMPILE_LIMIT, State, allow_memory_recompiles
+from memlm.state import MEMORY_RECOMPILE_LIMIT, LayerState, State, allow_memory_recompiles, cleared_on_reset
 from memlm.memory.knn.stores import make_store
 
 
@@ -24,9 +24,9 @@ def sample_state(requires_grad: bool = False) -> State:
     """Two layers, batch 3, with position-keyed tensors and the per-row tensors reset must clear."""
     def t(*shape):
         return torch.randn(*shape, requires_grad=requires_grad) * 1.0  # non-leaf when requires_grad
-    layers = [{"mem": t(3, 5, 4), "feedback": t(3, 2, 4), "memory_tokens": t(3, 2, 4),
-               "memory_written": torch.tensor([True, True, False])},
-              {"k": t(3, 2, 6, 4), "v": t(3, 2, 6, 4), "feedback": t(3, 2, 4)}]
+    layers = [LayerState(mem=t(3, 5, 4), feedback=t(3, 2, 4), memory_tokens=t(3, 2, 4),
+                         memory_written=torch.tensor([True, True, False])),
+              LayerState(k=t(3, 2, 6, 4), v=t(3, 2, 6, 4), feedback=t(3, 2, 4))]
     return State(position=12, row_start=torch.tensor([0, 4, 8]), layers=layers, masked=False,
                  stores={1: filled_store(3)})
 
@@ -34,10 +34,10 @@ def sample_state(requires_grad: bool = False) -> State:
 def assert_same_tensors(a: State, b: State):
     assert a.position == b.position and a.masked == b.masked
     assert torch.equal(a.row_start, b.row_start)
-    assert [sorted(layer) for layer in a.layers] == [sorted(layer) for layer in b.layers]
+    assert [sorted(layer.tensors()) for layer in a.layers] == [sorted(layer.tensors()) for layer in b.layers]
     for la, lb in zip(a.layers, b.layers):
-        for name in la:
-            assert la[name].dtype == lb[name].dtype and torch.equal(la[name], lb[name]), name
+        for name, t in la.tensors().items():
+            assert t.dtype == getattr(lb, name).dtype and torch.equal(t, getattr(lb, name)), name
 
 
 def test_allow_memory_recompiles_raises_the_limit_and_never_lowers_it():
@@ -55,9 +55,9 @@ def test_empty_state():
     state = State.empty(batch_size=3, num_layers=2)
     assert state.position == 0 and state.batch_size == 3 and not state.masked and state.stores == {}
     assert state.row_start.dtype == torch.long and state.row_start.tolist() == [0, 0, 0]
-    assert state.layers == [{}, {}]
-    state.layers[0]["k"] = torch.zeros(1)
-    assert state.layers[1] == {}  # one dict per layer
+    assert state.layers == [LayerState(), LayerState()] and state.layers[0].tensors() == {}
+    state.layers[0].k = torch.zeros(1)
+    assert state.layers[1].tensors() == {}  # one LayerState per layer
     on_meta = State.empty(batch_size=2, num_layers=1, device="meta")
     assert on_meta.row_start.device.type == "meta" and on_meta.row_start.dtype == torch.long
     assert on_meta.batch_size == 2
@@ -70,9 +70,9 @@ def test_detach_keeps_values_and_cuts_the_history():
     assert_same_tensors(detached, state)
     assert detached.stores is state.stores  # external memory is shared, not copied
     for layer in detached.layers:
-        for t in layer.values():
+        for t in layer.tensors().values():
             assert t.grad_fn is None and not t.requires_grad
-    assert state.layers[0]["mem"].grad_fn is not None  # the original keeps its history
+    assert state.layers[0].mem.grad_fn is not None  # the original keeps its history
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -82,47 +82,48 @@ def test_to_moves_every_tensor_and_keeps_the_rest(masked):
     moved = state.to("meta")
     assert moved.position == 12 and moved.masked == masked and moved.stores is state.stores
     assert moved.row_start.device.type == "meta" and moved.row_start.dtype == torch.long
-    assert [sorted(layer) for layer in moved.layers] == [sorted(layer) for layer in state.layers]
+    assert [sorted(layer.tensors()) for layer in moved.layers] == [sorted(layer.tensors()) for layer in state.layers]
     for layer, original in zip(moved.layers, state.layers):
-        for name, t in layer.items():
-            assert t.device.type == "meta" and t.shape == original[name].shape and t.dtype == original[name].dtype
+        for name, t in layer.tensors().items():
+            want = getattr(original, name)
+            assert t.device.type == "meta" and t.shape == want.shape and t.dtype == want.dtype
     assert state.row_start.device.type == "cpu"
 
 
 def test_reset_moves_row_start_and_clears_exactly_the_forgotten_rows():
     state = sample_state()
-    before = {(i, name): t.clone() for i, layer in enumerate(state.layers) for name, t in layer.items()}
+    before = {(i, name): t.clone() for i, layer in enumerate(state.layers) for name, t in layer.tensors().items()}
     mask = torch.tensor([True, False, True])
     out = state.reset(mask)
     assert out.position == state.position and out.masked
     assert out.row_start.tolist() == [12 if forget else start for forget, start in zip(mask.tolist(), [0, 4, 8])]
     for i, layer in enumerate(out.layers):
-        assert sorted(layer) == sorted(state.layers[i])
-        for name, t in layer.items():
+        assert sorted(layer.tensors()) == sorted(state.layers[i].tensors())
+        for name, t in layer.tensors().items():
             old = before[(i, name)]
             assert t.dtype == old.dtype and t.shape == old.shape, name
             for b, forget in enumerate(mask.tolist()):
-                if name in CLEARED_ON_RESET and forget:
+                if name in cleared_on_reset() and forget:
                     assert not t[b].any(), (i, name, b)  # zeros, False for bool
                 else:
                     assert torch.equal(t[b], old[b]), (i, name, b)
     # the state reset from is left as it was
     assert state.row_start.tolist() == [0, 4, 8] and not state.masked
     for (i, name), old in before.items():
-        assert torch.equal(state.layers[i][name], old)
+        assert torch.equal(getattr(state.layers[i], name), old)
 
 
 def test_reset_keeps_bool_and_low_precision_dtypes():
     state = State(4, torch.zeros(2, dtype=torch.long),
-                  [{"memory_written": torch.tensor([True, True]),
-                    "feedback": torch.full((2, 3, 2), 1.5, dtype=torch.bfloat16),
-                    "memory_tokens": torch.full((2, 2, 2), 2.0, dtype=torch.float64)}])
+                  [LayerState(memory_written=torch.tensor([True, True]),
+                              feedback=torch.full((2, 3, 2), 1.5, dtype=torch.bfloat16),
+                              memory_tokens=torch.full((2, 2, 2), 2.0, dtype=torch.float64))])
     out = state.reset(torch.tensor([False, True]))
     layer = out.layers[0]
-    assert layer["memory_written"].dtype == torch.bool and layer["memory_written"].tolist() == [True, False]
-    assert layer["feedback"].dtype == torch.bfloat16 and layer["memory_tokens"].dtype == torch.float64
-    assert layer["feedback"][0].eq(1.5).all() and layer["feedback"][1].eq(0).all()
-    assert layer["memory_tokens"][0].eq(2.0).all() and layer["memory_tokens"][1].eq(0).all()
+    assert layer.memory_written.dtype == torch.bool and layer.memory_written.tolist() == [True, False]
+    assert layer.feedback.dtype == torch.bfloat16 and layer.memory_tokens.dtype == torch.float64
+    assert layer.feedback[0].eq(1.5).all() and layer.feedback[1].eq(0).all()
+    assert layer.memory_tokens[0].eq(2.0).all() and layer.memory_tokens[1].eq(0).all()
 
 
 def test_reset_takes_a_mask_from_another_device():
@@ -132,11 +133,11 @@ def test_reset_takes_a_mask_from_another_device():
     state.stores = {}  # a store cannot read a meta mask
     out = state.reset(torch.tensor([True, False, False]))
     assert out.row_start.device.type == "meta"
-    assert all(t.device.type == "meta" for layer in out.layers for t in layer.values())
-    mixed = State(3, torch.zeros(2, dtype=torch.long), [{"feedback": torch.zeros(2, 4, 3, device="meta")}])
+    assert all(t.device.type == "meta" for layer in out.layers for t in layer.tensors().values())
+    mixed = State(3, torch.zeros(2, dtype=torch.long), [LayerState(feedback=torch.zeros(2, 4, 3, device="meta"))])
     out = mixed.reset(torch.tensor([True, False]))
     assert out.row_start.tolist() == [3, 0]
-    assert out.layers[0]["feedback"].device.type == "meta" and out.layers[0]["feedback"].shape == (2, 4, 3)
+    assert out.layers[0].feedback.device.type == "meta" and out.layers[0].feedback.shape == (2, 4, 3)
 
 
 @pytest.mark.parametrize("shape", [(2,), (4,), (3, 1)])
@@ -161,15 +162,15 @@ def test_reset_clears_the_rows_of_per_row_stores_only():
 
 def test_state_dict_round_trip():
     state = sample_state().reset(torch.tensor([False, True, False]))  # masked, row_start moved
-    state.layers.append({})  # a layer without tensors still counts
-    state.layers[1]["name.with.dots"] = torch.arange(6).view(3, 2)
+    state.layers.append(LayerState())  # a layer without tensors still counts
     state.stores[0] = filled_store(1, shared=True)
     data = state.state_dict()
     assert data["position"] == 12 and data["num_layers"] == 3 and data["masked"] is True
-    expected_keys = {"row_start"} | {f"layers.{i}.{name}" for i, layer in enumerate(state.layers) for name in layer}
+    expected_keys = {"row_start"} | {f"layers.{i}.{name}" for i, layer in enumerate(state.layers)
+                                     for name in layer.tensors()}
     assert set(data["tensors"]) == expected_keys
     assert data["tensors"]["row_start"] is state.row_start
-    assert data["tensors"]["layers.1.name.with.dots"] is state.layers[1]["name.with.dots"]
+    assert data["tensors"]["layers.1.k"] is state.layers[1].k
     # per-row stores by layer; the shared knowledge store is never checkpointed
     assert set(data["stores"]) == {1}
     own = state.stores[1].state_dict()
@@ -188,3 +189,11 @@ def test_a_checkpoint_without_the_masked_flag_loads_as_masked():
     data = sample_state().state_dict()
     del data["masked"]
     assert State.from_state_dict(data).masked is True
+
+
+def test_reset_clears_the_per_row_fields_without_positions_and_only_those():
+    """Fields keyed by stream position are hidden by row_start; the others must be cleared. Each
+    LayerState field declares which it is; this is the list the mechanisms rely on."""
+    assert set(cleared_on_reset()) == {"feedback", "memory_tokens", "memory_written"}
+    assert set(LayerState().__dataclass_fields__) - set(cleared_on_reset()) == {
+        "k", "v", "mem", "pending", "top", "cmem", "external", "read"}

@@ -8,6 +8,7 @@ import torch
 import memlm
 from memlm.config import ConfigError
 from memlm.memory.tokens import MemoryTokenContext
+from memlm.state import LayerState
 from memlm.nn.attention import SegmentContext
 from tests.conftest import by_segments
 
@@ -35,13 +36,13 @@ def test_token_by_token_equals_segment_by_segment(kind, recurrent):
     torch.testing.assert_close(tokens, segments, atol=1e-5, rtol=0)
     torch.testing.assert_close(uneven, segments, atol=1e-5, rtol=0)
     # the state holds the current segment's cache only: M read tokens + 4 tokens
-    assert tok_state.layers[1]["k"].shape[2] == seg_state.layers[1]["k"].shape[2] == M + 4
+    assert tok_state.layers[1].k.shape[2] == seg_state.layers[1].k.shape[2] == M + 4
     if recurrent:
-        assert seg_state.layers[0]["memory_tokens"].shape == (2, M, W)
-        torch.testing.assert_close(tok_state.layers[0]["memory_tokens"], seg_state.layers[0]["memory_tokens"],
+        assert seg_state.layers[0].memory_tokens.shape == (2, M, W)
+        torch.testing.assert_close(tok_state.layers[0].memory_tokens, seg_state.layers[0].memory_tokens,
                                    atol=1e-5, rtol=0)
     else:
-        assert "memory_tokens" not in seg_state.layers[0]
+        assert seg_state.layers[0].memory_tokens is None
     # no state: one stream from an empty state (without recurrence: every seq_len piece on its own)
     out = model(ids)
     assert out.state is None
@@ -79,8 +80,8 @@ def test_recurrent_memory_tokens_match_their_definition(kind):
         seg_logits, read = reference(model, ids[:, s * L:(s + 1) * L], read, write=True, start=s * L)
         expected.append(seg_logits)
     torch.testing.assert_close(logits, torch.cat(expected, dim=1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(state.layers[0]["memory_tokens"], read, atol=1e-5, rtol=0)
-    assert "k" not in state.layers[0]  # a completed segment leaves no cache
+    torch.testing.assert_close(state.layers[0].memory_tokens, read, atol=1e-5, rtol=0)
+    assert state.layers[0].k is None  # a completed segment leaves no cache
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
@@ -123,7 +124,7 @@ def test_reset_rows_behave_like_a_fresh_state(kind, recurrent):
     _, state = by_segments(model, ids[:, :2 * L], L)
     state = state.reset(torch.tensor([True, False]))
     if recurrent:
-        assert not state.layers[0]["memory_written"][0] and state.layers[0]["memory_written"][1]
+        assert not state.layers[0].memory_written[0] and state.layers[0].memory_written[1]
     logits, _ = by_segments(model, ids[:, 2 * L:], 1, state)  # token by token, through the cache
     fresh = model(ids[:1, 2 * L:], state=model.init_state(1)).logits
     torch.testing.assert_close(logits[:1], fresh, atol=1e-5, rtol=0)
@@ -181,9 +182,9 @@ def test_gradients_cross_segments_within_a_call_and_detach_cuts_them():
     handle.remove()
     out.logits[:, L:].sum().backward()  # the second segment reaches the first through the memory tokens
     assert embedded[0].grad[:, :L].abs().sum() > 0
-    assert out.state.layers[0]["memory_tokens"].grad_fn is not None
+    assert out.state.layers[0].memory_tokens.grad_fn is not None
     detached = out.state.detach()
-    assert all(t.grad_fn is None and not t.requires_grad for layer in detached.layers for t in layer.values())
+    assert all(t.grad_fn is None and not t.requires_grad for layer in detached.layers for t in layer.tensors().values())
 
 
 def test_training_steps_lower_the_loss_in_recurrent_mode():
@@ -253,13 +254,13 @@ def test_an_empty_input_leaves_the_state_as_it_was(recurrent):
     model = build(recurrent)
     ids = torch.randint(0, 256, (2, 2 * L))
     _, state = by_segments(model, ids[:, :L + 3], L)
-    saved = [dict(layer) for layer in state.layers]
+    saved = [layer.tensors() for layer in state.layers]
     with pytest.raises(ValueError, match=r"no tokens \(shape \(B, 0\)\)"):  # refused, not a NaN loss
         model(ids[:, :0], state=state)
     assert state.position == L + 3
     for before, after in zip(saved, state.layers):
-        assert before.keys() == after.keys()
-        assert all(torch.equal(before[name], after[name]) for name in before)
+        assert before.keys() == after.tensors().keys()
+        assert all(torch.equal(before[name], getattr(after, name)) for name in before)
     with pytest.raises(ValueError, match="no tokens"):
         model(ids[:, :0])
 
@@ -291,9 +292,9 @@ def test_memory_keys_shift_to_their_true_positions_and_read_tokens_stay():
 def test_read_inputs_take_the_written_memory_of_rows_that_have_one():
     model = build(True)
     mt = model.memory_tokens
-    assert torch.equal(mt.read_inputs({}, 2), mt.embedding.detach().expand(2, -1, -1))  # nothing written yet
+    assert torch.equal(mt.read_inputs(LayerState(), 2), mt.embedding.detach().expand(2, -1, -1))  # nothing written yet
     written = torch.randn(3, M, W, dtype=torch.float64)
-    read = mt.read_inputs({"memory_tokens": written, "memory_written": torch.tensor([True, False, True])}, 3)
+    read = mt.read_inputs(LayerState(memory_tokens=written, memory_written=torch.tensor([True, False, True])), 3)
     assert read.shape == (3, M, W) and read.dtype == mt.embedding.dtype
     assert torch.equal(read[0], written[0].float()) and torch.equal(read[2], written[2].float())
     assert torch.equal(read[1], mt.embedding.detach())
@@ -318,8 +319,8 @@ def test_a_bfloat16_model_with_a_float32_memory_embedding_computes_in_bfloat16()
     logits, state = by_segments(model, ids, L)
     want, want_state = by_segments(rounded, ids, L)
     assert logits.dtype == torch.bfloat16 and torch.equal(logits, want)
-    assert state.layers[0]["memory_tokens"].dtype == torch.bfloat16
-    assert torch.equal(state.layers[0]["memory_tokens"], want_state.layers[0]["memory_tokens"])
+    assert state.layers[0].memory_tokens.dtype == torch.bfloat16
+    assert torch.equal(state.layers[0].memory_tokens, want_state.layers[0].memory_tokens)
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
@@ -343,10 +344,10 @@ def test_nothing_falls_back_to_the_default_device(recurrent, extra):
         got, state = run()
     assert got.device.type == "cpu" and torch.equal(got, want)
     for layer, want_layer in zip(state.layers, want_state.layers):
-        assert layer.keys() == want_layer.keys()
-        assert all(torch.equal(layer[name], want_layer[name]) for name in layer)
+        assert layer.tensors().keys() == want_layer.tensors().keys()
+        assert all(torch.equal(t, getattr(want_layer, name)) for name, t in layer.tensors().items())
     if recurrent:
-        assert state.layers[0]["memory_written"].device.type == "cpu"
+        assert state.layers[0].memory_written.device.type == "cpu"
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
@@ -357,10 +358,10 @@ def test_a_completed_segment_leaves_no_cache_however_it_was_fed(recurrent):
     for size in (1, 3, 5):  # the last piece completes the second segment
         logits, state = by_segments(model, ids, size)
         torch.testing.assert_close(logits, segments, atol=1e-5, rtol=0)
-        assert state.layers[0].keys() == seg_state.layers[0].keys()
-        assert "k" not in state.layers[0] and "v" not in state.layers[0]
+        assert state.layers[0].tensors().keys() == seg_state.layers[0].tensors().keys()
+        assert state.layers[0].k is None and state.layers[0].v is None
         if recurrent:
-            torch.testing.assert_close(state.layers[0]["memory_tokens"], seg_state.layers[0]["memory_tokens"],
+            torch.testing.assert_close(state.layers[0].memory_tokens, seg_state.layers[0].memory_tokens,
                                        atol=1e-5, rtol=0)
 
 

@@ -54,15 +54,15 @@ def test_token_by_token_equals_segment_by_segment(combo, recurrent):
     torch.testing.assert_close(uneven, segments, atol=1e-5, rtol=0)
     # the unfinished segment: the block inputs of its M read tokens and its 3 tokens
     for layer in (seg_state.layers[0], tok_state.layers[1]):
-        assert layer["read"].shape == (2, M, W) and layer["pending"].shape == (2, 3, W)
-        assert "k" not in layer  # hidden states, not a key/value cache
+        assert layer.read.shape == (2, M, W) and layer.pending.shape == (2, 3, W)
+        assert layer.k is None  # hidden states, not a key/value cache
     for a, b in zip(seg_state.layers, tok_state.layers):
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+        assert a.tensors().keys() == b.tensors().keys()
+        for name, t in a.tensors().items():
+            torch.testing.assert_close(t, getattr(b, name), atol=1e-5, rtol=0)
     lengths = model.config.memory_lengths(training=False)
     if any(lengths):  # the recurrent memory holds token positions only: min(length, 3 segments of L)
-        assert [layer["mem"].shape[1] for layer in seg_state.layers] == [min(n, 3 * L) for n in lengths]
+        assert [layer.mem.shape[1] for layer in seg_state.layers] == [min(n, 3 * L) for n in lengths]
     if "memory.knn.layers" not in COMBOS[combo]:  # without a state: one stream from an empty memory
         torch.testing.assert_close(model(ids).logits, segments, atol=1e-5, rtol=0)
 
@@ -112,7 +112,7 @@ def reference(model, ids, lengths, recurrent, feedback="none", stores=None):
             if feedback == "add":
                 added[i] = above
         for layer, store in (stores or {}).items():
-            knn.write_segment(model, layer, store, inputs[layer], s)
+            knn.write_segment(model.blocks[layer], store, inputs[layer], s)
         if recurrent:
             read = x[:, M + L:]
     return torch.cat(logits, dim=1), history
@@ -129,8 +129,8 @@ def test_combination_matches_its_definition(kind, recurrent):
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     for i, n in enumerate(lengths):  # memory tokens are not pushed into the recurrent memory
         tokens = torch.cat(history[i], dim=1)
-        torch.testing.assert_close(state.layers[i]["mem"], tokens[:, -n:], atol=1e-5, rtol=0)
-        assert "read" not in state.layers[i] and "pending" not in state.layers[i]  # segment complete
+        torch.testing.assert_close(state.layers[i].mem, tokens[:, -n:], atol=1e-5, rtol=0)
+        assert state.layers[i].read is None and state.layers[i].pending is None  # segment complete
     # and the memory is attended: without it (a fresh state at position 2L) the last segment differs
     fresh = model.init_state(2)
     fresh.position = 2 * L
@@ -153,7 +153,7 @@ def test_feedback_and_knn_combinations_match_their_definition(combo, recurrent):
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
         for i, n in enumerate(lengths):
             if n:
-                torch.testing.assert_close(state.layers[i]["mem"], torch.cat(history[i], dim=1)[:, -n:],
+                torch.testing.assert_close(state.layers[i].mem, torch.cat(history[i], dim=1)[:, -n:],
                                            atol=1e-5, rtol=0)
         for layer, store in (stores or {}).items():
             for row in range(2):
@@ -168,15 +168,15 @@ def test_a_segment_attends_to_the_compressed_and_recurrent_memory_of_its_state(r
     model = build(recurrent, **{"position.kind": "t5"}, **COMBOS["compressive"])
     ids = torch.randint(0, 256, (2, 4 * L))
     _, state = by_segments(model, ids[:, :3 * L], L)
-    assert all(layer["cmem"].shape[1] and layer["mem"].shape[1] for layer in state.layers)
+    assert all(layer.cmem.shape[1] and layer.mem.shape[1] for layer in state.layers)
     learned = model.memory_tokens.embedding.expand(2, -1, -1)
-    read = state.layers[0]["memory_tokens"] if recurrent else learned
+    read = state.layers[0].memory_tokens if recurrent else learned
     x = torch.cat([read, model.embed(ids[:, 3 * L:])] + ([learned] if recurrent else []), dim=1)
     q_start = 3 * L - M
     ctx = SegmentContext(q_start=q_start, row_start=None, keep=None,
                          bias=model.position_bias(q_start, x.shape[1], ids.device))
     for block, layer in zip(model.blocks, state.layers):
-        x, _ = block(x, ctx, None, torch.cat([layer["cmem"], layer["mem"]], dim=1))
+        x, _ = block(x, ctx, None, torch.cat([layer.cmem, layer.mem], dim=1))
     expected = model.head(model.final_norm(x[:, M:M + L]))
     for size in (L, 1, 5):
         torch.testing.assert_close(by_segments(model, ids[:, 3 * L:], size, state)[0], expected, atol=1e-5, rtol=0)
@@ -199,7 +199,7 @@ def test_an_unused_knn_memory_equals_memory_tokens_alone(recurrent):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         assert state.stores[1].counts.tolist() == [3 * L, 3 * L]
         if recurrent:
-            torch.testing.assert_close(state.layers[0]["memory_tokens"], want_state.layers[0]["memory_tokens"],
+            torch.testing.assert_close(state.layers[0].memory_tokens, want_state.layers[0].memory_tokens,
                                        atol=1e-5, rtol=0)
     torch.testing.assert_close(model(ids).logits, alone(ids).logits, atol=1e-5, rtol=0)  # no state either
 
@@ -293,7 +293,7 @@ def test_training_steps_lower_the_loss(recurrent):
         losses.append(total / 3)
     assert losses[-1] < losses[0] - 0.5, losses
     assert max(aux) > 0  # the compressor's reconstruction loss reaches aux_loss
-    assert all(not t.requires_grad for layer in state.layers for t in layer.values())
+    assert all(not t.requires_grad for layer in state.layers for t in layer.tensors().values())
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
@@ -304,7 +304,7 @@ def test_state_and_model_round_trip_exactly(recurrent):
     ids = torch.randint(0, 256, (2, 4 * L))
     cut = 2 * L + 3
     _, state = by_segments(model, ids[:, :cut], L)
-    assert "read" in state.layers[0] and state.stores[1].counts.tolist() == [2 * L, 2 * L]
+    assert state.layers[0].read is not None and state.stores[1].counts.tolist() == [2 * L, 2 * L]
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "state": state.state_dict()}, buffer)
     buffer.seek(0)
@@ -320,8 +320,8 @@ def test_detach_cuts_gradients_and_generation_equals_recomputation():
     model = build(True, **{"memory.xl.length": 8, "memory.feedback.mode": "memory"}).train()
     ids = torch.randint(0, 256, (1, 2 * L + 3))
     out = model(ids, state=model.init_state(1))
-    assert out.state.layers[0]["mem"].grad_fn is not None
-    assert all(t.grad_fn is None for layer in out.state.detach().layers for t in layer.values())
+    assert out.state.layers[0].mem.grad_fn is not None
+    assert all(t.grad_fn is None for layer in out.state.detach().layers for t in layer.tensors().values())
     model.eval()
     prompt = torch.randint(0, 256, (2, 5))
     generated = memlm.generate(model, prompt, max_new_tokens=2 * L, temperature=0, decode="eager")

@@ -190,21 +190,21 @@ def test_recurrent_memory_is_projected_with_the_layers_key_value_weights(overrid
 def test_key_value_cache_extends_the_keys_and_returns_them_unrotated(qk_norm):
     config, attn = layer(**{"position.kind": "rope", "attention.qk_norm": qk_norm})
     h0, h1 = torch.randn(2, 3, WIDTH), torch.randn(2, 4, WIDTH)
-    y0, cache = attn(h0, context(), {})
+    y0, cache = attn(h0, context(), None, cache=True)
     close(y0, reference(config, attn, h0))
-    assert set(cache) == {"k", "v"} and cache["k"].shape == (2, HKV, 3, D)
+    assert len(cache) == 2 and cache[0].shape == (2, HKV, 3, D)
     k0, v0 = attn.project_kv(h0)
-    torch.testing.assert_close(cache["k"], k0)
-    torch.testing.assert_close(cache["v"], v0)
-    y1, cache = attn(h1, context(q_start=3), cache)
+    torch.testing.assert_close(cache[0], k0)
+    torch.testing.assert_close(cache[1], v0)
+    y1, cache = attn(h1, context(q_start=3), cache, cache=True)
     close(y1, reference(config, attn, h1, cache={"k": k0, "v": v0}))
     k1, v1 = attn.project_kv(h1)
-    torch.testing.assert_close(cache["k"], torch.cat([k0, k1], 2))
-    torch.testing.assert_close(cache["v"], torch.cat([v0, v1], 2))
+    torch.testing.assert_close(cache[0], torch.cat([k0, k1], 2))
+    torch.testing.assert_close(cache[1], torch.cat([v0, v1], 2))
     # the cached keys are the layer's keys: projected from h as the queries' own keys are
     _, k_full, v_full = attn.project(torch.cat([h0, h1], 1))
-    torch.testing.assert_close(cache["k"], k_full)
-    torch.testing.assert_close(cache["v"], v_full)
+    torch.testing.assert_close(cache[0], k_full)
+    torch.testing.assert_close(cache[1], v_full)
 
 
 def test_project_splits_queries_keys_values_by_head():
@@ -270,7 +270,7 @@ def test_key_masks_hide_past_rows_and_dropped_keys_but_never_the_query_itself(so
         expected = reference(config, attn, h, memory=past, q_start=3, row_start=row_start, keep=keep)
     else:
         k, v = attn.project_kv(past)
-        y, _ = attn(h, ctx, {"k": k, "v": v})
+        y, _ = attn(h, ctx, (k, v))
         expected = reference(config, attn, h, cache={"k": k, "v": v}, q_start=3, row_start=row_start, keep=keep)
     close(y, expected)
 

@@ -54,7 +54,7 @@ def test_no_state_in_means_no_state_out_and_cache_shapes():
     ids = torch.randint(0, 256, (2, 6))
     assert model(ids).state is None
     state = model(ids, state=model.init_state(2)).state
-    assert state.layers[0]["k"].shape == (2, 1, 6, 8)  # (B, Hkv, T, D)
+    assert state.layers[0].k.shape == (2, 1, 6, 8)  # (B, Hkv, T, D)
 
 
 @pytest.mark.parametrize("kind", ["rope", "xpos", "t5", "none"])
@@ -76,12 +76,12 @@ def test_state_detach_and_round_trip():
     model = build("rope")
     model.train()
     state = model(torch.randint(0, 256, (2, 5)), state=model.init_state(2)).state
-    assert state.layers[0]["k"].requires_grad
+    assert state.layers[0].k.requires_grad
     detached = state.detach()
-    assert not detached.layers[0]["k"].requires_grad and detached.position == 5
+    assert not detached.layers[0].k.requires_grad and detached.position == 5
     restored = memlm.State.from_state_dict(detached.state_dict())
     assert restored.position == 5 and restored.masked == detached.masked
-    torch.testing.assert_close(restored.layers[1]["v"], detached.layers[1]["v"])
+    torch.testing.assert_close(restored.layers[1].v, detached.layers[1].v)
 
 
 def test_learned_positions_beyond_the_table_fail_clearly():

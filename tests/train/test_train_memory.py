@@ -39,7 +39,7 @@ def test_memory_trainer_uses_streams_and_carries_a_detached_state(corpus, tmp_pa
 
     def spy(self):
         result = original(self)
-        seen.append((self.state.position, self.state.layers[0]["mem"].shape[1], self.state.layers[0]["mem"].requires_grad))
+        seen.append((self.state.position, self.state.layers[0].mem.shape[1], self.state.layers[0].mem.requires_grad))
         return result
 
     monkeypatch.setattr(Trainer, "train_step", spy)

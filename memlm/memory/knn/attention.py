@@ -69,10 +69,9 @@ class KnnAttention(nn.Module):
         return gate * memory + (1 - gate) * local
 
 
-def write_segment(model, layer: int, store, inputs: torch.Tensor, start: int) -> None:
-    """Write the keys/values of a completed segment of `layer` (its block inputs (B, T, W), at
+def write_segment(block, store, inputs: torch.Tensor, start: int) -> None:
+    """Write the keys/values of a completed segment of the layer `block` (its inputs (B, T, W), at
     stream positions start..start+T-1) into the store, detached."""
-    block = model.blocks[layer]
     with torch.no_grad():
         h = block.attn_norm(inputs) if block.pre_norm else inputs
         k, v = block.attention.project_kv(h)  # (B, Hkv, T, D), unrotated
