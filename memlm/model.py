@@ -36,11 +36,12 @@ from memlm.memory.adaptive_span import AdaptiveSpan
 from memlm.memory.compressive import Compressor
 from memlm.memory.knn import KnnAttention, Store, WithKnowledge, make_store
 from memlm.memory.persistent import PersistentMemory, rename_legacy_keys
+from memlm.memory.registry import MECHANISMS
 from memlm.nn.attention import Attention, SegmentContext
 from memlm.nn.block import Block
 from memlm.nn.norms import make_norm
 from memlm.nn.positions import AbsolutePositions, T5RelativeBias, TupeBias
-from memlm.state import State
+from memlm.state import LayerState, State
 
 
 KNOWLEDGE_MODES = (*WithKnowledge.MODES, "replace")
@@ -92,6 +93,7 @@ class LanguageModel(nn.Module):
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
         self.memory_tokens = tokens.MemoryTokens(c) if c.memory.tokens.count else None
+        self.mechanisms = nn.ModuleDict({cls.name: cls(c) for cls in MECHANISMS if cls.enabled(c)})
         # knowledge memory (memlm.memorize): shared read-only kNN stores by layer that init_state
         # puts in place of those layers' per-row stores; plain objects, not parameters or buffers
         self.knowledge: dict[int, Store] = {}
@@ -234,6 +236,8 @@ class LanguageModel(nn.Module):
                                  row_start=state.row_start if state is not None and state.masked else None,
                                  keep=self.forgetful_keep(B, T, x.device), bias=self.position_bias(position, T, x.device),
                                  stores=state.stores if state is not None else None)
+        if state is not None:
+            ctx.sources = self._sources(state)
         recurrent = state is not None and self.config.recurrent
         add_feedback = recurrent and self.config.memory.feedback.mode == "add"
         inputs, caches = [], []  # inputs[i]: (B, before + T + after, W) input of block i
@@ -254,13 +258,40 @@ class LanguageModel(nn.Module):
         loss = None
         if recurrent:
             writable = {i: store for i, store in state.stores.items() if not store.shared}  # knowledge is read-only
-            layers, loss = xl.next_layers(self, state.layers, [t[:, before:before + T] for t in inputs], top,
-                                          writable, position + T)
+            layers, loss, completed = xl.next_layers(self, state.layers, [t[:, before:before + T] for t in inputs],
+                                                     top, writable, position + T)
+            if completed is not None:
+                self._write_mechanisms(layers, completed, state, position + T)
         else:
             layers = [layer.replace(k=k, v=v) for layer, (k, v) in zip(state.layers, caches)]
         if self.memory_tokens is not None:
             layers = self.memory_tokens.after_piece(state.layers, layers, inputs, h, before, position, T)
         return top, state.advanced(T, layers), loss
+
+    def _write_mechanisms(self, layers: list[LayerState], completed: list[torch.Tensor], state: State,
+                          end: int) -> None:
+        """The registry mechanisms write the segment that ended at stream position `end` (its
+        inputs completed[i] (B, L, W) of layer i); a reset row writes only its own document."""
+        length = completed[0].shape[1]
+        keep = None
+        if state.masked:
+            positions = torch.arange(end - length, end, device=state.row_start.device)
+            keep = positions[None, :] >= state.row_start[:, None]  # (B, L)
+        for mechanism in self.mechanisms.values():
+            for i in mechanism.layers():
+                extension = mechanism.write(i, self.blocks[i], layers[i].extensions.get(mechanism.name),
+                                            completed[i], keep)
+                layers[i].extensions = {**layers[i].extensions, mechanism.name: extension}
+
+    def _sources(self, state: State) -> dict[int, list]:
+        """The registry mechanisms' reads for this piece, by layer (memlm.protocols.SourceRead)."""
+        sources: dict[int, list] = {}
+        for mechanism in self.mechanisms.values():
+            for i in mechanism.layers():
+                read = mechanism.reader(i, self.blocks[i], state.layers[i].extensions.get(mechanism.name))
+                if read is not None:
+                    sources.setdefault(i, []).append(read)
+        return sources
 
     def _span_penalty(self, device: torch.device) -> torch.Tensor:
         spans = [block.attention.span for block in self.blocks if block.attention.span is not None]

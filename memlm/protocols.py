@@ -8,9 +8,10 @@ name in the state dict.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+from torch import nn
 
 
 class ScoreBias(Protocol):
@@ -44,3 +45,41 @@ class RetrievalSource(Protocol):
     def __call__(self, local: torch.Tensor, local_lse: torch.Tensor | None, store, q: torch.Tensor,
                  scale: float, dropout_p: float) -> torch.Tensor:
         """local (B, H, T, D) and its lse (B, H, T) -> the combined output (B, H, T, D)."""
+
+
+SourceRead = "Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]"
+"""A per-row positionless source read during one piece: (q (B, H, T, D) unrotated and scaled,
+dropout_p) -> (out (B, H, T, D), lse (B, H, T); -inf where a row has nothing to read), merged
+into the layer's attention exactly (SegmentContext.sources)."""
+
+
+class MemoryMechanism(nn.Module):
+    """A memory mechanism of the registry (memlm.memory.registry): its parameters (this module,
+    `model.mechanisms[name]`), its per-layer state (a dataclass registered with
+    memlm.state.register_extension_state under `name`, kept in LayerState.extensions), how a
+    layer's attention reads it, and how a completed segment writes it.
+
+    Adding a mechanism = its module (a subclass), its config section, its test file and one
+    line in the registry. The model reads only what this base class offers."""
+
+    name: str = ""
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        """Whether the config turns the mechanism on."""
+        raise NotImplementedError
+
+    def layers(self) -> list[int]:
+        """The layers it serves."""
+        raise NotImplementedError
+
+    def reader(self, layer: int, block: nn.Module, state) -> "Callable | None":
+        """The SourceRead of `layer` (whose Block is `block`) given its extension state (None
+        before anything was written), or None when there is nothing to read."""
+        raise NotImplementedError
+
+    def write(self, layer: int, block: nn.Module, state, segment: torch.Tensor, keep: torch.Tensor | None):
+        """The extension state after a completed segment whose inputs of this layer are
+        `segment` (B, L, W); keep (B, L) bool: the positions a row may write (False before a
+        reset inside the segment), None = all."""
+        raise NotImplementedError

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -33,9 +33,39 @@ def allow_memory_recompiles() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MEMORY_RECOMPILE_LIMIT)
 
 
-def _slot(owner: str, shape: str, clear_on_reset: bool = False):
-    """A LayerState field: None until its mechanism writes it."""
+def slot(owner: str, shape: str, clear_on_reset: bool = False):
+    """A state field: None until its mechanism writes it. clear_on_reset: a per-row tensor without
+    stream positions, which `State.reset` zeroes for the forgotten rows."""
     return field(default=None, metadata={"owner": owner, "shape": shape, "clear_on_reset": clear_on_reset})
+
+
+EXTENSION_STATES: dict[str, type] = {}
+"""Per-layer state classes of the mechanisms of memlm.memory.registry, by mechanism name: each a
+dataclass of tensor fields declared with `slot`, kept in LayerState.extensions[name]."""
+
+
+def register_extension_state(name: str, cls: type) -> type:
+    EXTENSION_STATES[name] = cls
+    return cls
+
+
+def _fields_of(obj: Any) -> dict[str, torch.Tensor]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if getattr(obj, f.name) is not None}
+
+
+def _map_fields(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    return dataclasses.replace(obj, **{name: fn(t) for name, t in _fields_of(obj).items()})
+
+
+def _forget_fields(obj: Any, mask: torch.Tensor) -> Any:
+    """obj with its clear_on_reset fields zeroed (False) where mask (B,) is True."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        t = getattr(obj, f.name)
+        if t is not None and f.metadata.get("clear_on_reset"):
+            forget = mask.to(t.device).view(-1, *[1] * (t.dim() - 1))
+            changes[f.name] = torch.where(forget, torch.zeros((), dtype=t.dtype, device=t.device), t)
+    return dataclasses.replace(obj, **changes)
 
 
 @dataclass
@@ -43,46 +73,61 @@ class LayerState:
     """What one layer carries to the next piece of the stream; a field is None while unused."""
 
     # key/value cache (models without recurrent memory; memory tokens' current segment)
-    k: torch.Tensor | None = _slot("cache", "(B, Hkv, T_cache, D)")
-    v: torch.Tensor | None = _slot("cache", "(B, Hkv, T_cache, D)")
+    k: torch.Tensor | None = slot("cache", "(B, Hkv, T_cache, D)")
+    v: torch.Tensor | None = slot("cache", "(B, Hkv, T_cache, D)")
     # Transformer-XL recurrence (memlm.memory.xl)
-    mem: torch.Tensor | None = _slot("xl", "(B, M, W) rolled memory: block inputs of earlier segments")
-    pending: torch.Tensor | None = _slot("xl", "(B, T_p, W) block inputs of the unfinished segment")
-    top: torch.Tensor | None = _slot("xl", "(B, T_p, W) top layer only: its outputs of the unfinished segment")
+    mem: torch.Tensor | None = slot("xl", "(B, M, W) rolled memory: block inputs of earlier segments")
+    pending: torch.Tensor | None = slot("xl", "(B, T_p, W) block inputs of the unfinished segment")
+    top: torch.Tensor | None = slot("xl", "(B, T_p, W) top layer only: its outputs of the unfinished segment")
     # compressive memory (memlm.memory.compressive)
-    cmem: torch.Tensor | None = _slot("compressive", "(B, Mc, W) compressed memory, before mem")
+    cmem: torch.Tensor | None = slot("compressive", "(B, Mc, W) compressed memory, before mem")
     # layerwise feedback (memlm.memory.feedback)
-    feedback: torch.Tensor | None = _slot("feedback", "(B, T, W) upper layer's output, mode add", True)
-    external: torch.Tensor | None = _slot("feedback", "(B, M, W) top layer only: user-given feedback memory")
+    feedback: torch.Tensor | None = slot("feedback", "(B, T, W) upper layer's output, mode add", True)
+    external: torch.Tensor | None = slot("feedback", "(B, M, W) top layer only: user-given feedback memory")
     # memory tokens (memlm.memory.tokens)
-    read: torch.Tensor | None = _slot("tokens", "(B, M, W) block inputs at the read tokens of the current segment")
-    memory_tokens: torch.Tensor | None = _slot("tokens", "(B, M, W) layer 0: the next read inputs", True)
-    memory_written: torch.Tensor | None = _slot("tokens", "(B,) bool layer 0: memory_tokens holds written memory", True)
+    read: torch.Tensor | None = slot("tokens", "(B, M, W) block inputs at the read tokens of the current segment")
+    memory_tokens: torch.Tensor | None = slot("tokens", "(B, M, W) layer 0: the next read inputs", True)
+    memory_written: torch.Tensor | None = slot("tokens", "(B,) bool layer 0: memory_tokens holds written memory", True)
+    # mechanisms of the registry (memlm.memory.registry): name -> their own state dataclass
+    extensions: dict[str, Any] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The fields in use, by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        """The tensors in use, by name (`<mechanism>.<field>` for extensions)."""
+        out = {name: t for name, t in _fields_of(self).items() if name != "extensions"}
+        for mechanism, ext in self.extensions.items():
+            out.update({f"{mechanism}.{name}": t for name, t in _fields_of(ext).items()})
+        return out
 
-    def replace(self, **changes: torch.Tensor | None) -> "LayerState":
+    def replace(self, **changes: Any) -> "LayerState":
         return dataclasses.replace(self, **changes)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LayerState":
-        return LayerState(**{name: fn(t) for name, t in self.tensors().items()})
+        fields = {name: fn(t) for name, t in _fields_of(self).items() if name != "extensions"}
+        return LayerState(**fields, extensions={k: _map_fields(e, fn) for k, e in self.extensions.items()})
 
     def forget_rows(self, mask: torch.Tensor) -> "LayerState":
         """A copy with the fields that declare clear_on_reset zeroed (False) where mask (B,) is True."""
-        changes = {}
-        for f in dataclasses.fields(self):
-            t = getattr(self, f.name)
-            if t is not None and f.metadata["clear_on_reset"]:
-                forget = mask.to(t.device).view(-1, *[1] * (t.dim() - 1))
-                changes[f.name] = torch.where(forget, torch.zeros((), dtype=t.dtype, device=t.device), t)
-        return self.replace(**changes)
+        return _forget_fields(self, mask).replace(
+            extensions={k: _forget_fields(e, mask) for k, e in self.extensions.items()})
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "LayerState":
+        """The inverse of `tensors`."""
+        own = {name: t for name, t in tensors.items() if "." not in name}
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            if "." in key:
+                mechanism, name = key.split(".", 1)
+                grouped.setdefault(mechanism, {})[name] = t
+        unknown = sorted(set(grouped) - set(EXTENSION_STATES))
+        if unknown:
+            raise ValueError(f"state of unknown memory mechanisms {unknown}: import the module that registers them")
+        return cls(**own, extensions={k: EXTENSION_STATES[k](**v) for k, v in grouped.items()})
 
 
 def cleared_on_reset() -> tuple[str, ...]:
     """Names of the LayerState fields that `reset` clears."""
-    return tuple(f.name for f in dataclasses.fields(LayerState) if f.metadata["clear_on_reset"])
+    return tuple(f.name for f in dataclasses.fields(LayerState) if f.metadata.get("clear_on_reset"))
 
 
 @dataclass
@@ -156,4 +201,5 @@ class State:
             if key.startswith("layers."):
                 _, index, name = key.split(".", 2)
                 fields[int(index)][name] = t
-        return cls(data["position"], tensors["row_start"], [LayerState(**f) for f in fields], data.get("masked", True))
+        return cls(data["position"], tensors["row_start"], [LayerState.from_tensors(f) for f in fields],
+                   data.get("masked", True))

@@ -55,6 +55,9 @@ class XLConfig:
             lengths = [int(round(n * self.eval_multiplier)) for n in lengths]
         return lengths
 
+    def carries_hidden_states(self) -> bool:
+        return bool(self.lengths and any(self.lengths)) or self.length > 0
+
     def validate(self, model: "ModelConfig") -> None:
         choice("memory.xl.schedule", self.schedule, MEMORY_SCHEDULES)
         non_negative_int("memory.xl.length", self.length)
@@ -79,6 +82,9 @@ class FeedbackConfig:
     """none; memory (layer i's memory is the previous segments' output of layer i+1, the top
     layer's its own output); add (add the previous segment's output of layer i+1 to layer i's
     input, position by position)."""
+
+    def carries_hidden_states(self) -> bool:
+        return self.mode != "none"
 
     def validate(self, model: "ModelConfig") -> None:
         choice("memory.feedback.mode", self.mode, FEEDBACK_MODES)
@@ -200,6 +206,9 @@ class KnnConfig:
     straight_through: bool = False
     """Pass the gradient of the retrieved keys and values straight through to the query."""
 
+    def carries_hidden_states(self) -> bool:
+        return bool(self.layers)
+
     def validate(self, model: "ModelConfig") -> None:
         if self.layers is None:
             return
@@ -214,6 +223,26 @@ class KnnConfig:
 
 
 @dataclass
+class NtmConfig:
+    """Slot memory with learned erase/add writes (memlm.memory.ntm)."""
+
+    layers: list[int] | None = None
+    """Neural Turing Machine memory (arXiv 1410.5401): layers (0-based) whose attention also reads
+    a per-stream memory of `slots` vectors by content, written after each segment; None = off."""
+    slots: int = 16
+    """Memory slots per stream and layer."""
+
+    def carries_hidden_states(self) -> bool:
+        return bool(self.layers)
+
+    def validate(self, model: "ModelConfig") -> None:
+        if self.layers is None:
+            return
+        layer_list("memory.ntm.layers", self.layers, model.layers)
+        positive_int("memory.ntm.slots", self.slots)
+
+
+@dataclass
 class MemoryConfig:
     xl: XLConfig = field(default_factory=XLConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
@@ -222,6 +251,7 @@ class MemoryConfig:
     persistent: PersistentConfig = field(default_factory=PersistentConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    ntm: NtmConfig = field(default_factory=NtmConfig)
     reset_at_document: bool = True
     """Forget a stream's memory where a new document starts (at segment boundaries); False = carry it
     across documents."""
@@ -232,7 +262,11 @@ class MemoryConfig:
 
     def sections(self) -> list:
         return [self.xl, self.feedback, self.compressive, self.adaptive_span, self.persistent, self.tokens,
-                self.knn]
+                self.knn, self.ntm]
+
+    def carries_hidden_states(self) -> bool:
+        """Whether some mechanism needs the hidden states of earlier segments kept in the state."""
+        return any(getattr(section, "carries_hidden_states", lambda: False)() for section in self.sections())
 
     def validate(self, model: "ModelConfig") -> None:
         for section in self.sections():

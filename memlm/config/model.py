@@ -142,9 +142,7 @@ class ModelConfig:
     @property
     def recurrent(self) -> bool:
         """Whether the state carries hidden states between segments (any recurrent memory)."""
-        m = self.memory
-        return (bool(m.xl.lengths and any(m.xl.lengths)) or m.xl.length > 0 or m.feedback.mode != "none"
-                or bool(m.knn.layers))
+        return self.memory.carries_hidden_states()
 
     @property
     def stateful(self) -> bool:

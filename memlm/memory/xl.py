@@ -44,24 +44,28 @@ def _append(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 
 
 def next_layers(model, layers: list[LayerState], inputs: list[torch.Tensor], top: torch.Tensor,
-                stores: dict | None = None, end: int = 0) -> tuple[list[LayerState], torch.Tensor | None]:
-    """The per-layer state after a piece of a segment, and the compression loss (None when none was computed).
+                stores: dict | None = None, end: int = 0
+                ) -> tuple[list[LayerState], torch.Tensor | None, list[torch.Tensor] | None]:
+    """The per-layer state after a piece of a segment, the compression loss (None when none was
+    computed) and, when the piece completes its segment, the segment's inputs of every layer
+    (B, T_seg, W) for the writes of other mechanisms (else None).
 
     layers: the state before it; inputs[i]: (B, T, W) input of block i at the piece's token
     positions; top: (B, T, W) output of the last block (before the final norm); stores: kNN
     stores by layer, written when a segment completes; end: stream position after the piece.
-    Fields of other mechanisms (memory tokens') are not carried: their owner sets them.
+    Memory tokens' fields are not carried (their owner sets them); the registry mechanisms'
+    extensions are, unchanged (their owners write them from the completed segment).
     """
     config, L = model.config, len(inputs)
     pending = [_append(layers[i].pending, inputs[i]) for i in range(L)]
     top_pending = _append(layers[-1].top, top)
-    new = [LayerState(cmem=layer.cmem, mem=layer.mem, feedback=layer.feedback, external=layer.external)
-           for layer in layers]
+    new = [LayerState(cmem=layer.cmem, mem=layer.mem, feedback=layer.feedback, external=layer.external,
+                      extensions=dict(layer.extensions)) for layer in layers]
     if pending[0].shape[1] < config.seq_len:  # segment unfinished: keep collecting
         for i in range(L):
             new[i].pending = pending[i]
         new[-1].top = top_pending
-        return new, None
+        return new, None, None
 
     for layer, store in (stores or {}).items():  # the completed segment goes to the kNN memory
         write_segment(model.blocks[layer], store, pending[layer], end - pending[layer].shape[1])
@@ -83,4 +87,4 @@ def next_layers(model, layers: list[LayerState], inputs: list[torch.Tensor], top
         # torch.compile would recompile the next segment for them with dynamic (slower) shapes
         new[i].mem = mem[:, max(0, mem.shape[1] - length):].contiguous() if length else mem[:, :0]
         new[i].feedback = feedback.carried(mode, i, outputs) if mode == "add" else new[i].feedback
-    return new, (torch.stack(losses).mean() if losses else None)
+    return new, (torch.stack(losses).mean() if losses else None), pending

@@ -24,7 +24,7 @@ memlm.memory; this module imports none of them:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -50,6 +50,8 @@ class SegmentContext:
     """(layer, k_offset, Tk) -> additive score bias (H, Tq, Tk) or None."""
     stores: dict | None = None
     """kNN memory stores by layer (memlm.memory.knn.stores), or None."""
+    sources: dict[int, list] = field(default_factory=dict)
+    """Per-row positionless sources by layer (memlm.protocols.SourceRead), merged exactly."""
 
     def key_mask(self, cache_len: int, q_len: int, device: torch.device) -> torch.Tensor | None:
         """(B, cache_len + q_len) bool, True where a key may be seen, or None if all may."""
@@ -183,7 +185,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         persistent = self.persistent is not None
         store = ctx.stores.get(self.layer) if self.knn is not None and ctx.stores else None
-        need_lse = persistent or (store is not None and self.knn.combine == "joint")
+        sources = ctx.sources.get(self.layer, ())
+        need_lse = persistent or bool(sources) or (store is not None and self.knn.combine == "joint")
         bias = ctx.bias(self.layer, k_offset - trimmed, k.shape[2] + trimmed)  # in the untrimmed window (TUPE)
         if bias is not None and trimmed:
             bias = bias[..., trimmed:]
@@ -198,6 +201,8 @@ class Attention(nn.Module):
             y, lse = y
         if persistent:  # no position: scored against the unrotated queries, no bias, never masked
             y, lse = merge_partials(y, lse, *self.persistent(q_unrotated, scale, dropout, self.qk_scale is not None))
+        for read in sources:  # per-row memories without position (the registry's mechanisms)
+            y, lse = merge_partials(y, lse, *read(q_unrotated, dropout))
         if store is not None:  # kNN memory: retrieved pairs have no position either
             y = self.knn(y, lse, store, q_unrotated, scale, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
