@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
 # Mutation testing of one module against its own tests (scripts/mutate.py; not part of CI):
-# make mutate MODULE=memlm.model.positions
+# make mutate MODULE=memlm.nn.positions
 mutate: setup
 	$(PY) -m pip install -q -e ".[dev,mutate]"
 	$(PY) scripts/mutate.py $(MODULE) $(ARGS)

@@ -1,7 +1,7 @@
 """Mutation testing of one memlm module against its own tests, with mutmut 3.
 
-    python scripts/mutate.py memlm.model.positions          # or: make mutate MODULE=memlm.model.positions
-    python scripts/mutate.py memlm.model.positions --show   # also print the diff of every survivor
+    python scripts/mutate.py memlm.nn.positions          # or: make mutate MODULE=memlm.nn.positions
+    python scripts/mutate.py memlm.nn.positions --show   # also print the diff of every survivor
     python scripts/mutate.py --list                         # the modules and the tests they answer to
 
 mutmut changes one thing in a function at a time (an operator, a constant, an argument) and runs
@@ -32,18 +32,20 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENTS = ROOT / "scripts" / "mutation_equivalents"
 
 OWN_TESTS: dict[str, list[str]] = {
-    "memlm.model.positions": ["tests/model/test_positions.py", "tests/model/test_cache.py"],
-    "memlm.model.attention": ["tests/model/test_attention.py", "tests/model/test_layers.py",
-                              "tests/model/test_cache.py"],
-    "memlm.model.kernels": ["tests/model/test_kernels.py"],
-    "memlm.model.norms": ["tests/model/test_norms.py", "tests/model/test_layers.py"],
-    "memlm.model.feedforward": ["tests/model/test_feedforward.py", "tests/model/test_layers.py"],
+    "memlm.nn.positions": ["tests/nn/test_positions.py", "tests/test_cache.py"],
+    "memlm.nn.attention": ["tests/nn/test_attention.py", "tests/test_model.py", "tests/test_cache.py"],
+    "memlm.nn.kernels": ["tests/nn/test_kernels.py"],
+    "memlm.nn.norms": ["tests/nn/test_norms.py", "tests/test_model.py"],
+    "memlm.nn.feedforward": ["tests/nn/test_feedforward.py", "tests/test_model.py"],
     "memlm.memory.adaptive_span": ["tests/memory/test_adaptive_span.py", "tests/memory/test_span_compressive.py"],
     "memlm.memory.compressive": ["tests/memory/test_compressive.py", "tests/memory/test_span_compressive.py"],
-    "memlm.memory.recurrence": ["tests/memory/test_recurrence.py"],
-    "memlm.memory.knn": ["tests/memory/test_knn.py"],
-    "memlm.memory.stores": ["tests/memory/test_stores.py"],
-    "memlm.memory.state": ["tests/memory/test_state.py", "tests/memory/test_recurrence.py"],
+    "memlm.memory.xl": ["tests/memory/test_xl.py"],
+    "memlm.memory.feedback": ["tests/memory/test_xl.py"],
+    "memlm.memory.persistent": ["tests/memory/test_xl.py", "tests/nn/test_attention.py"],
+    "memlm.memory.ntm": ["tests/memory/test_ntm.py"],
+    "memlm.memory.knn.attention": ["tests/memory/knn/test_knn_attention.py"],
+    "memlm.memory.knn.stores": ["tests/memory/knn/test_stores.py"],
+    "memlm.state": ["tests/test_state.py", "tests/memory/test_xl.py"],
     "memlm.memory.tokens": ["tests/memory/test_tokens.py", "tests/memory/test_tokens_combined.py"],
 }
 """Each formula-bearing module and its own tests (files that do not exist yet are skipped)."""
@@ -116,7 +118,7 @@ def summarise(module: str, statuses: dict[str, str], equivalents: dict[str, str]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("module", nargs="?", help="dotted module name, e.g. memlm.model.positions")
+    parser.add_argument("module", nargs="?", help="dotted module name, e.g. memlm.nn.positions")
     parser.add_argument("--tests", nargs="+", help="test files to run instead of the module's own")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--show", action="store_true", help="print the diff of every survivor")
