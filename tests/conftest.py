@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import memlm
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 POSITION_KINDS = ["none", "learned", "sinusoidal", "rope", "xpos", "t5", "tupe"]
@@ -29,3 +31,22 @@ def by_segments(model, ids, size, state=None):
         pieces.append(out.logits)
         state = out.state
     return torch.cat(pieces, dim=1), state
+
+
+def build_tiny(**extra):
+    """seed-tiny shrunk to 2 layers and seq_len 8, with dotted overrides."""
+    base = tiny_overrides(layers=2, seq_len=8)
+    base.update(extra)
+    return memlm.build("seed-tiny", **base)
+
+
+def run_segments(model, ids, size=8):
+    """Train-style pass over ids (B, T) in pieces of `size`, the state detached between them:
+    (logits (B, T, V), final state, the outputs of every piece)."""
+    state, pieces, outs = model.init_state(ids.shape[0]), [], []
+    for start in range(0, ids.shape[1], size):
+        out = model(ids[:, start:start + size], targets=ids[:, start:start + size], state=state)
+        outs.append(out)
+        pieces.append(out.logits)
+        state = out.state.detach()
+    return torch.cat(pieces, dim=1), state, outs

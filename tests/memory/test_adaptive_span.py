@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from memlm.memory.adaptive_span import AdaptiveSpan
+from memlm.nn.kernels import eager_attention
+from tests.conftest import build_tiny, run_segments
 
 
 def soft_mask(z: float, ramp: int, x: float) -> float:
@@ -142,3 +144,64 @@ def test_loading_a_state_dict_clamps_the_spans_and_updates_the_limit(loaded):
     expected = [min(max(z, 0.0), 10.0) for z in loaded]
     assert module.span.tolist() == expected
     assert module.limit == brute_limit(expected, 10, 2)
+
+
+def test_span_mask_equals_the_formula():
+    span = AdaptiveSpan(heads=3, span_max=20, ramp=4, init=0.0)
+    with torch.no_grad():
+        span.span.copy_(torch.tensor([0.0, 5.5, 20.0]))
+    x = torch.arange(0, 30).float()
+    m = span.mask(x[None, :].expand(1, -1))  # (H, 1, 30)
+    for h, z in enumerate([0.0, 5.5, 20.0]):
+        expected = ((4 + z - x) / 4).clamp(0, 1)
+        torch.testing.assert_close(m[h, 0], expected)
+    bias = span(2, 8, -6, torch.device("cpu"))  # query 0 sees keys at distances 6..0
+    assert bias.shape == (3, 2, 8)
+    assert bias[0, 0, 0].item() == float("-inf") and bias[2, 0, 0].item() == 0.0
+    assert bias[0, 0, 3].item() == pytest.approx(torch.tensor(0.25).log().item())  # distance 3, z = 0
+
+
+def test_log_mask_bias_reweights_attention_like_the_paper():
+    """softmax(s + log m) == m * exp(s) / sum(m * exp(s))."""
+    span = AdaptiveSpan(heads=2, span_max=8, ramp=3, init=0.3)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    out = eager_attention(q, k, v, k_offset=-2, bias=span(4, 6, -2, torch.device("cpu")))
+    distance = (torch.arange(4)[:, None] - torch.arange(-2, 4)[None, :]).float()
+    m = span.mask(distance.clamp_min(0)) * (distance >= 0)  # (H, 4, 6), causal
+    weights = m * torch.exp((q @ k.transpose(-1, -2)) / 8 ** 0.5)[0]
+    expected = (weights / weights.sum(-1, keepdim=True)) @ v[0]
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_span_penalty_clamping_and_gradient():
+    model = build_tiny(**{"memory.xl.length": 8, "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.25,
+                     "memory.adaptive_span.penalty": 0.01}).train()
+    assert model.config.span_max == 16
+    ids = torch.randint(0, 256, (2, 8))
+    out = model(ids, targets=ids, state=model.init_state(2))
+    spans = [b.attention.span.span for b in model.blocks]
+    torch.testing.assert_close(out.aux_loss, 0.01 * sum(s.mean() for s in spans))
+    (out.loss + out.aux_loss).backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in spans)
+    with torch.no_grad():
+        spans[0].copy_(torch.tensor([-3.0, 5.0, 40.0, 16.5]))
+    model.after_optimizer_step()
+    assert spans[0].tolist() == [0.0, 5.0, 16.0, 16.0]
+    assert model.spans()[0] == [0.0, 5.0, 16.0, 16.0]
+    assert model.blocks[0].attention.span.limit == 16 + 32  # span_max + ramp caps the limit
+
+
+def test_span_trimming_does_not_change_outputs():
+    model = build_tiny(**{"memory.xl.length": 24, "memory.adaptive_span.enabled": True, "memory.adaptive_span.ramp": 2}).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attention.span.span.copy_(torch.tensor([1.0, 3.0, 2.0, 4.5]))
+    model.after_optimizer_step()
+    assert model.blocks[0].attention.span.limit == 7  # ceil(4.5) + 2
+    ids = torch.randint(0, 256, (2, 40))
+    trimmed, state, _ = run_segments(model, ids)
+    assert state.layers[0].mem.shape[1] == 24  # stored in full, trimmed when read
+    for block in model.blocks:
+        block.attention.span.limit = 10_000
+    untrimmed, _, _ = run_segments(model, ids)
+    torch.testing.assert_close(trimmed, untrimmed, atol=1e-5, rtol=0)

@@ -9,7 +9,8 @@ import torch
 
 import memlm
 from memlm.memory import compressive
-from tests.conftest import tiny_overrides
+from memlm.memory.compressive import Compressor, split_overflow
+from tests.conftest import build_tiny, run_segments, tiny_overrides
 
 COMPRESSIVE = {"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 6}
 CONFIGS = {
@@ -187,3 +188,67 @@ def test_most_used_keeps_each_rows_most_attended_memories_in_order():
     for row in range(3):
         ranked = sorted(range(8), key=lambda j: -usage[row, j].item())[:4]
         torch.testing.assert_close(out[row], old[row, sorted(ranked)])
+
+
+def test_compressed_memory_sizes_follow_the_rate():
+    model = build_tiny(**{"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 6,
+                     "memory.compressive.fn": "mean"}).eval()
+    state = model.init_state(1)
+    sizes = []
+    for _ in range(5):
+        state = model(torch.randint(0, 256, (1, 8)), state=state).state
+        sizes.append((state.layers[0].mem.shape[1], (state.layers[0].cmem if state.layers[0].cmem is not None else torch.empty(1, 0)).shape[1]))
+    assert sizes == [(8, 0), (8, 4), (8, 6), (8, 6), (8, 6)]
+
+
+def test_compression_functions():
+    old = torch.arange(24.0).view(1, 6, 4)  # (B, n*c, W) with c = 2
+    torch.testing.assert_close(Compressor("max", 4, 2)(old), old.view(1, 3, 2, 4).amax(2))
+    torch.testing.assert_close(Compressor("mean", 4, 2)(old), old.view(1, 3, 2, 4).mean(2))
+    usage = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.8, 0.0]])
+    torch.testing.assert_close(Compressor("most_used", 4, 2)(old, usage), old[:, [1, 2, 4]])
+    conv = Compressor("conv", 4, 2)
+    expected = torch.einsum("oik,bki->bo", conv.conv.weight, old[:, 2:4]) + conv.conv.bias
+    torch.testing.assert_close(conv(old)[:, 1], expected)
+    kept, overflow = split_overflow(torch.arange(11.0).view(1, 11, 1), 6, 2)
+    assert kept.flatten().tolist() == [5, 6, 7, 8, 9, 10] and overflow.flatten().tolist() == [1, 2, 3, 4]
+
+
+def test_reconstruction_loss_trains_only_the_compressor():
+    model = build_tiny(**{"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 8,
+                     "bias": True}).train()
+    _, _, outs = run_segments(model, torch.randint(0, 256, (2, 24)))
+    loss = outs[-1].aux_loss
+    assert loss.item() > 0
+    model.zero_grad()
+    loss.backward()
+    for name, p in model.named_parameters():
+        touched = p.grad is not None and p.grad.abs().sum().item() > 0
+        assert touched == name.startswith("compressors."), name
+    before = model.compressors[0].conv.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert not torch.equal(model.compressors[0].conv.weight, before)
+
+
+def test_unfilled_compression_equals_plain_recurrence_and_compressed_memory_is_read():
+    torch.manual_seed(2)
+    plain = build_tiny(**{"memory.xl.length": 8}).eval()
+    torch.manual_seed(2)
+    compressive = build_tiny(**{"memory.xl.length": 8, "memory.compressive.rate": 2, "memory.compressive.length": 4,
+                           "memory.compressive.fn": "max"}).eval()
+    compressive.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.randint(0, 256, (1, 32))
+    a, _, _ = run_segments(plain, ids)
+    b, _, _ = run_segments(compressive, ids)
+    torch.testing.assert_close(b[:, :16], a[:, :16], atol=1e-6, rtol=0)  # nothing compressed yet
+    assert not torch.allclose(b[:, 16:], a[:, 16:], atol=1e-4)  # compressed memory is attended to
+
+
+@pytest.mark.parametrize("bad,field", [({"memory.compressive.rate": 2, "memory.compressive.length": 4}, "memory.compressive.rate"),
+                                       ({"memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 2.0}, "memory.adaptive_span.init"),
+                                       ({"memory.compressive.fn": "zip"}, "memory.compressive.fn"),
+                                       ({"memory.feedback.mode": "memory"}, "memory.feedback.mode")])
+def test_memory_config_errors(bad, field):
+    with pytest.raises(memlm.ConfigError) as info:
+        build_tiny(**bad)
+    assert info.value.field_name == field
