@@ -29,9 +29,8 @@ as `model.knowledge_mode` says (`memlm eval/generate --memory-mode`):
   written to the own store as in training (memlm.memory.knn.stores.WithKnowledge).
 - add: the best k of both by score. A large knowledge memory then fills nearly every slot.
 - replace: the knowledge memory takes the own store's place, so the kNN layer retrieves from
-  the memorised corpus only (its recurrent/local attention still sees the stream's past). On an
-  H200 this lost the past the model had learnt to read: test bpb 0.8166 without the memory,
-  0.8220 with it (BENCHMARKS.md).
+  the memorised corpus only (its recurrent/local attention still sees the stream's past), so it
+  loses the past the model learnt to read (BENCHMARKS.md has the measurement).
 Departure from the paper: there the memory is the document's own past only.
 """
 

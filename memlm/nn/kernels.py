@@ -81,10 +81,9 @@ def sdpa_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None,
 
 
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
-"""Tile sizes of the CUDA flex kernels. With a score_mod, the default 128 x 128 forward tiles ran 25x
-slower than 64 x 64 ones on an H200 (torch 2.11; B32 H8 Hkv1 Tq512 Tk1024 D64 bf16: forward 4.78 against
-0.19 ms, forward+backward 5.26 against 0.84 ms; `benchmarks/mask_kernels_bench.py`), which had made every
-model with a key mask (memory after a document boundary) or a score bias train 3-4x slower."""
+"""Tile sizes of the CUDA flex kernels: with a score_mod (a key mask or a score bias), FlexAttention's
+default 128 x 128 forward tiles are much slower than 64 x 64 ones on Hopper GPUs (measured by
+`scripts/mask_kernels_bench.py`; the numbers are in BENCHMARKS.md)."""
 
 
 def _index_scalar(value: int, device) -> torch.Tensor:
