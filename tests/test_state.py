@@ -1,12 +1,14 @@
 """State (memlm.state): construction, detach/to, reset, the checkpoint round trip, and the
 recompile limit for compiled models with memory."""
 
+import dataclasses
 import re
 
 import pytest
 import torch
 
-from memlm.state import MEMORY_RECOMPILE_LIMIT, LayerState, State, allow_memory_recompiles, cleared_on_reset
+from memlm.state import (MEMORY_RECOMPILE_LIMIT, LayerState, State, allow_memory_recompiles, cleared_on_reset,
+                         register_extension_state, slot)
 from memlm.memory.knn.stores import make_store
 
 
@@ -36,8 +38,9 @@ def assert_same_tensors(a: State, b: State):
     assert torch.equal(a.row_start, b.row_start)
     assert [sorted(layer.tensors()) for layer in a.layers] == [sorted(layer.tensors()) for layer in b.layers]
     for la, lb in zip(a.layers, b.layers):
+        other = lb.tensors()
         for name, t in la.tensors().items():
-            assert t.dtype == getattr(lb, name).dtype and torch.equal(t, getattr(lb, name)), name
+            assert t.dtype == other[name].dtype and torch.equal(t, other[name]), name
 
 
 def test_allow_memory_recompiles_raises_the_limit_and_never_lowers_it():
@@ -197,3 +200,59 @@ def test_reset_clears_the_per_row_fields_without_positions_and_only_those():
     assert set(cleared_on_reset()) == {"feedback", "memory_tokens", "memory_written"}
     assert set(LayerState().__dataclass_fields__) - set(cleared_on_reset()) - {"extensions"} == {
         "k", "v", "mem", "pending", "top", "cmem", "external", "read"}
+
+
+@dataclasses.dataclass
+class ProbeState:
+    """An extension state as a registry mechanism declares it (memlm.memory.ntm does the same)."""
+    kept: torch.Tensor | None = slot("probe", "(B, 2) keyed by position")
+    cleared: torch.Tensor | None = slot("probe", "(B, 3) per row", clear_on_reset=True)
+
+
+register_extension_state("probe", ProbeState)
+
+
+def probe_state(requires_grad: bool = False) -> State:
+    state = sample_state(requires_grad)
+    state.layers[1].extensions = {"probe": ProbeState(kept=torch.randn(3, 2, requires_grad=requires_grad) * 1.0,
+                                                      cleared=torch.randn(3, 3, requires_grad=requires_grad) * 1.0)}
+    return state
+
+
+def test_every_state_field_declares_its_owner_and_shape():
+    for cls in (LayerState, ProbeState):
+        for f in dataclasses.fields(cls):
+            if f.name != "extensions":
+                assert f.default is None and set(f.metadata) == {"owner", "shape", "clear_on_reset"}, f.name
+    assert dataclasses.fields(ProbeState)[0].metadata["owner"] == "probe"
+    assert dataclasses.fields(ProbeState)[1].metadata["shape"] == "(B, 3) per row"
+
+
+def test_extension_states_are_named_detached_moved_reset_and_checkpointed():
+    state = probe_state(requires_grad=True)
+    probe = state.layers[1].extensions["probe"]
+    assert set(state.layers[1].tensors()) == {"k", "v", "feedback", "probe.kept", "probe.cleared"}
+    assert state.layers[1].tensors()["probe.cleared"] is probe.cleared
+    detached = state.detach().layers[1].extensions["probe"]
+    assert isinstance(detached, ProbeState) and detached.cleared.grad_fn is None
+    assert torch.equal(detached.kept, probe.kept) and probe.kept.grad_fn is not None
+    assert state.to("meta").layers[1].extensions["probe"].cleared.device.type == "meta"
+    mask = torch.tensor([True, False, True])
+    reset = state.reset(mask).layers[1].extensions["probe"]
+    assert torch.equal(reset.kept, probe.kept)  # keyed by position: row_start hides it
+    assert not reset.cleared[0].any() and not reset.cleared[2].any() and torch.equal(reset.cleared[1], probe.cleared[1])
+    data = state.detach().state_dict()
+    assert {"layers.1.probe.kept", "layers.1.probe.cleared"} <= set(data["tensors"])
+    loaded = State.from_state_dict(data)
+    assert_same_tensors(loaded, state.detach())
+    assert isinstance(loaded.layers[1].extensions["probe"], ProbeState)
+    data["tensors"]["layers.0.nobody.x"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"unknown memory mechanisms \['nobody'\]"):
+        State.from_state_dict(data)
+
+
+def test_advancing_keeps_rows_mask_flag_and_stores():
+    state = sample_state().reset(torch.tensor([False, True, False]))
+    later = state.advanced(5, state.layers)
+    assert later.position == state.position + 5 and later.masked is True and later.stores is state.stores
+    assert later.row_start is state.row_start

@@ -49,7 +49,7 @@ def test_the_memory_is_read_once_written_and_not_before():
 def manual_write(mechanism, block, slots, segment, keep):
     """The NTM write computed slot by slot and position by position from the controller's weights."""
     head = mechanism.controller["1"]
-    h = block.attn_norm(segment)
+    h = block.attn_norm(segment) if block.pre_norm else segment
     out = h @ head.weight.T + (head.bias if head.bias is not None else 0)
     new = slots.clone()
     for b in range(slots.shape[0]):
@@ -67,8 +67,9 @@ def manual_write(mechanism, block, slots, segment, keep):
     return new
 
 
-def test_the_write_erases_then_adds_by_content_weights():
-    model = build()
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_the_write_erases_then_adds_by_content_weights(placement):
+    model = build(**{"norm.placement": placement})
     mechanism, block = model.mechanisms["ntm"], model.blocks[1]
     with torch.no_grad():
         mechanism.controller["1"].weight.normal_(0, 0.3)  # weights that make the terms visible
@@ -80,8 +81,9 @@ def test_the_write_erases_then_adds_by_content_weights():
     assert (got - slots).abs().max() > 1e-2
 
 
-def test_the_read_is_a_softmax_over_slots_by_cosine_times_the_key_strength():
-    model = build()
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_the_read_is_a_softmax_over_slots_by_cosine_times_the_key_strength(placement):
+    model = build(**{"norm.placement": placement})
     mechanism, block = model.mechanisms["ntm"], model.blocks[1]
     with torch.no_grad():
         mechanism.log_strength["1"].copy_(torch.tensor([0.5, 2.0]))
@@ -95,7 +97,8 @@ def test_the_read_is_a_softmax_over_slots_by_cosine_times_the_key_strength():
     D, Hd = W // 2, 2
     wk = block.attention.qkv.weight[Hd * D:Hd * D + D]  # the single key/value head's key rows (seed: multi-query)
     wv = block.attention.qkv.weight[Hd * D + D:]
-    keys, values = block.attn_norm(memory) @ wk.T, block.attn_norm(memory) @ wv.T  # (B, N, D)
+    normed = block.attn_norm(memory) if placement == "pre" else memory
+    keys, values = normed @ wk.T, normed @ wv.T  # (B, N, D)
     for h in range(2):
         beta = math.exp([0.5, 2.0][h])
         for t in range(3):
@@ -156,3 +159,70 @@ def test_bad_ntm_layers_name_the_field():
         memlm.build("seed-tiny", **{"memory.ntm.layers": [7]})
     with pytest.raises(ConfigError, match="memory.ntm.slots"):
         memlm.build("seed-tiny", **{"memory.ntm.layers": [1], "memory.ntm.slots": 0})
+
+
+def test_each_write_starts_from_the_memory_the_last_one_left():
+    """Memory after segments S1..S3 = write(write(write(initial, S1), S2), S3), computed step by step."""
+    model = build()
+    mechanism, block = model.mechanisms["ntm"], model.blocks[1]
+    with torch.no_grad():
+        mechanism.controller["1"].weight.normal_(0, 0.3)
+    ids = torch.randint(0, 256, (2, 4 * L))
+    state, states = model.init_state(2), []
+    for s in range(4):
+        state = model(ids[:, s * L:(s + 1) * L], state=state).state
+        states.append(state.layers[1].extensions["ntm"])
+    assert states[0].from_initial.all() and not states[1].from_initial.any()
+    keep = torch.ones(2, L, dtype=torch.bool)
+    memory = mechanism.initial["1"].expand(2, -1, -1)
+    for s in range(3):
+        memory = manual_write(mechanism, block, memory, states[s].segment, keep)
+        torch.testing.assert_close(mechanism.memory(1, block, states[s], 2), memory, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[3].slots, mechanism.memory(1, block, states[2], 2), atol=1e-6, rtol=0)
+
+
+def test_the_read_applies_dropout_to_the_slot_weights():
+    model = build()
+    mechanism, block = model.mechanisms["ntm"], model.blocks[1]
+    ext = by_segments(model, torch.randint(0, 256, (2, L)), L)[1].layers[1].extensions["ntm"]
+    read = mechanism.reader(1, block, ext)
+    q = torch.randn(2, 2, 3, W // 2)
+    memory = block.attn_norm(mechanism.memory(1, block, ext, 2))
+    D = W // 2
+    keys = memory @ block.attention.qkv.weight[2 * D:3 * D].T  # (B, N, D): the one key/value head
+    values = memory @ block.attention.qkv.weight[3 * D:].T
+    scores = F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1)[:, None].transpose(-1, -2) * 10.0  # (B, H, T, N)
+    torch.manual_seed(5)
+    got, _ = read(q, 0.5)
+    torch.manual_seed(5)
+    want = F.dropout(scores.softmax(dim=-1), 0.5) @ values[:, None]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, read(q, 0.0)[0])
+
+
+def test_bias_and_init_follow_the_model():
+    biased = build(bias=True)
+    head = biased.mechanisms["ntm"].controller["1"]
+    assert head.bias is not None and not head.bias.any()
+    assert build().mechanisms["ntm"].controller["1"].bias is None  # seed is bias-free
+    torch.manual_seed(0)
+    wide = memlm.build("seed-tiny", **{**SHAPE, "width": 256, "memory.ntm.slots": 64})
+    mechanism, std = wide.mechanisms["ntm"], wide.config.init_std
+    weight, initial = mechanism.controller["1"].weight, mechanism.initial["1"]
+    assert abs(weight.mean().item()) < 0.1 * std and abs(weight.std().item() / std - 1) < 0.05
+    assert abs(initial.std().item() / std - 1) < 0.05
+    torch.testing.assert_close(mechanism.log_strength["1"].exp(), torch.full((2,), 10.0))
+
+
+def test_the_read_runs_in_bfloat16():
+    model = build()
+    mechanism, block = model.mechanisms["ntm"], model.blocks[1]
+    state = by_segments(model, torch.randint(0, 256, (2, L)), L)[1]
+    read = mechanism.reader(1, block, state.layers[1].extensions["ntm"])
+    q = torch.randn(2, 2, 3, W // 2)
+    out, _ = read(q, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = mechanism.reader(1, block.to(torch.bfloat16), state.layers[1].extensions["ntm"])(
+            q.to(torch.bfloat16), 0.0)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), out, atol=5e-2, rtol=5e-2)
