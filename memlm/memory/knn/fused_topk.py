@@ -75,6 +75,9 @@ import os
 
 import torch
 
+from memlm.memory.knn.topk_reference import (brute_force_topk, check_inputs, finish_topk, tile_slots,
+                                             two_stage_topk_reference)
+
 try:  # optional: the kernels are jit-decorated on first use (see _kernels)
     import triton
     import triton.language as tl
@@ -170,84 +173,6 @@ class TopkConfig:
                 f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_warps_2={self.num_warps_2}, "
                 f"precision={self.precision!r}, selection={self.selection!r}, "
                 f"num_warps_select={self.num_warps_select}, select_group={self.select_group})")
-
-
-def tile_slots(tiles: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
-    """Slots of the keys of `tiles` (...,) -> (..., tile): tile t of the layout with `stride`
-    holds slots (t // stride) * stride * tile + t % stride + r * stride, r < tile."""
-    r = torch.arange(tile, device=tiles.device)
-    base = (tiles // stride) * (stride * tile) + tiles % stride
-    return base[..., None] + r * stride
-
-
-# ----- pure torch: brute force and the two-stage algorithm --------------------------------
-def _masked_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(G, M, C) fp32 scores, -inf at slots >= counts[g]."""
-    C = keys.shape[1]
-    scores = torch.bmm(queries.float(), keys.float().transpose(1, 2))
-    dead = torch.arange(C, device=keys.device) >= counts.to(keys.device)[:, None]  # (G, C)
-    return scores.masked_fill_(dead[:, None, :], float("-inf"))
-
-
-def _finish(cand: torch.Tensor, slot_of, counts: torch.Tensor, k: int, out_dtype: torch.dtype, topk=None):
-    """Top k of candidate scores (G, M, n) -> (scores (G, M, k) out_dtype, slots (G, M, k) long),
-    best first; `slot_of(indices)` maps candidate indices to slots. Ranks >= count: -1 / -inf.
-    topk(x, k) -> (values, indices), best first: torch.topk by default."""
-    G, M, n = cand.shape
-    kk = min(k, n)
-    top = cand.topk(kk, dim=-1) if topk is None or n == 0 else topk(cand, kk)
-    slots = slot_of(top[1])
-    found = torch.arange(kk, device=cand.device) < counts.to(cand.device)[:, None, None]  # (G, 1, kk)
-    slots = slots.masked_fill(~found, -1)
-    scores = top[0].masked_fill(~found, float("-inf")).to(out_dtype)
-    if kk < k:
-        scores = torch.nn.functional.pad(scores, (0, k - kk), value=float("-inf"))
-        slots = torch.nn.functional.pad(slots, (0, k - kk), value=-1)
-    return scores, slots
-
-
-def _check(queries, keys, counts, k):
-    if queries.dim() != 3 or keys.dim() != 3 or queries.shape[0] != keys.shape[0] \
-            or queries.shape[2] != keys.shape[2]:
-        raise ValueError(f"expected queries (G, M, D) and keys (G, C, D), got {tuple(queries.shape)} and "
-                         f"{tuple(keys.shape)}")
-    if counts.shape != (keys.shape[0],):
-        raise ValueError(f"expected counts ({keys.shape[0]},), got {tuple(counts.shape)}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-
-
-@torch.no_grad()
-def brute_force_topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
-                     out_dtype: torch.dtype | None = None):
-    """ExactStore._topk's inner loop in fp32, all at once (for tests): full (G, M, C) scores."""
-    _check(queries, keys, counts, k)
-    scores = _masked_scores(queries, keys, counts)
-    return _finish(scores, lambda i: i, counts, k, out_dtype or keys.dtype)
-
-
-@torch.no_grad()
-def two_stage_topk_reference(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
-                             tile: int = 32, stride: int = 1, n_tiles: int | None = None,
-                             out_dtype: torch.dtype | None = None):
-    """The fused algorithm in plain torch (tile maxima taken from the full score matrix): the
-    logic of `fused_inner_product_topk` with layout stride `stride` (1: consecutive tiles; the
-    Triton strided layout is stride = block_n), for testing on any device."""
-    _check(queries, keys, counts, k)
-    G, M, _ = queries.shape
-    C = keys.shape[1]
-    out_dtype = out_dtype or keys.dtype
-    if C == 0:
-        return _finish(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
-    scores = _masked_scores(queries, keys, counts)
-    span = tile * stride
-    padded = torch.nn.functional.pad(scores, (0, -(-C // span) * span - C), value=float("-inf"))
-    maxima = padded.view(G, M, -1, tile, stride).amax(dim=3).reshape(G, M, -1)  # tile s*stride + c
-    nt = min(n_tiles or k, maxima.shape[-1])
-    chosen = maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
-    slots = tile_slots(chosen, tile, stride).flatten(2)  # (G, M, nt * tile), may point past C (-inf)
-    cand = padded.gather(-1, slots)
-    return _finish(cand, lambda i: slots.gather(-1, i), counts, k, out_dtype)
 
 
 # ----- Triton kernels (built lazily, so TRITON_INTERPRET is read when first used) ----------
@@ -544,7 +469,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
     precision: see the module docstring. `config` or keyword options of TopkConfig tune it.
     Queries are searched in chunks of M so that at most `max_elements` tile maxima exist at once.
     """
-    _check(queries, keys, counts, k)
+    check_inputs(queries, keys, counts, k)
     if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"keys must be float32, bfloat16 or float16, got {keys.dtype}")
     cfg = config or TopkConfig(**options)
@@ -554,7 +479,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
     queries = queries.to(keys.device, keys.dtype)
     counts = counts.to(keys.device, torch.long).contiguous()
     if C == 0 or G == 0 or M == 0:
-        return _finish(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
+        return finish_topk(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
     chunk = max(1, max_elements // (G * cfg.n_tiles_total(C)))  # queries per search
     if M > chunk:
         parts = [fused_inner_product_topk(queries[:, i:i + chunk].contiguous(), keys, counts, k, cfg, out_dtype,
@@ -577,7 +502,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         t = chosen.gather(-1, i // BN)
         return (t // S) * (S * BN) + t % S + (i % BN) * S
 
-    return _finish(cand, slot_of, counts, k, out_dtype, topk)
+    return finish_topk(cand, slot_of, counts, k, out_dtype, topk)
 
 
 @torch.library.custom_op("memlm::fused_inner_product_topk", mutates_args=())
