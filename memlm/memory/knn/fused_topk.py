@@ -66,8 +66,9 @@ Traffic at the target size (G=32, M=4096, C=65536, D=64, k=32, BN=32), H100/H200
   reads them back in torch.topk over rows of 65,536.
 
 Triton's interpreter (CPU, for tests): TRITON_INTERPRET=1 must be set before triton is first
-imported (tl.sum / tl.max are jit functions decorated at import); this module decorates its
-kernels on first use, per mode. The interpreter's tl.dot cannot multiply bf16, so there (only)
+imported (tl.sum / tl.max are jit functions decorated at import, as are the device functions of
+memlm.memory.knn.topk_kernels); this module decorates the kernels on first use, per mode
+(`_kernels`). The interpreter's tl.dot cannot multiply bf16, so there (only)
 bf16 tiles are upcast to fp32 first, which computes the same products.
 """
 
@@ -75,17 +76,10 @@ import os
 
 import torch
 
-try:  # optional: the kernels are jit-decorated on first use (see _kernels)
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or a broken install
-    triton = None
-
-    class tl:  # noqa: N801 - stand-in so that the kernels' annotations evaluate without triton
-        constexpr = "constexpr"
-
-# (no `from __future__ import annotations` here: older Triton interpreters recognise constexpr
-# parameters only by their evaluated annotation)
+# triton and triton.language as topk_kernels imported them: triton is None without it, tl a stand-in
+from memlm.memory.knn.topk_kernels import candidates_kernel, row_topk_kernel, tile_max_kernel, tl, triton
+from memlm.memory.knn.topk_reference import (brute_force_topk, check_inputs, finish_topk, tile_slots,
+                                             two_stage_topk_reference)
 
 __all__ = ["available", "brute_force_topk", "fused_inner_product_topk", "row_topk", "select_group",
            "two_stage_topk_reference",
@@ -172,253 +166,6 @@ class TopkConfig:
                 f"num_warps_select={self.num_warps_select}, select_group={self.select_group})")
 
 
-def tile_slots(tiles: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
-    """Slots of the keys of `tiles` (...,) -> (..., tile): tile t of the layout with `stride`
-    holds slots (t // stride) * stride * tile + t % stride + r * stride, r < tile."""
-    r = torch.arange(tile, device=tiles.device)
-    base = (tiles // stride) * (stride * tile) + tiles % stride
-    return base[..., None] + r * stride
-
-
-# ----- pure torch: brute force and the two-stage algorithm --------------------------------
-def _masked_scores(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(G, M, C) fp32 scores, -inf at slots >= counts[g]."""
-    C = keys.shape[1]
-    scores = torch.bmm(queries.float(), keys.float().transpose(1, 2))
-    dead = torch.arange(C, device=keys.device) >= counts.to(keys.device)[:, None]  # (G, C)
-    return scores.masked_fill_(dead[:, None, :], float("-inf"))
-
-
-def _finish(cand: torch.Tensor, slot_of, counts: torch.Tensor, k: int, out_dtype: torch.dtype, topk=None):
-    """Top k of candidate scores (G, M, n) -> (scores (G, M, k) out_dtype, slots (G, M, k) long),
-    best first; `slot_of(indices)` maps candidate indices to slots. Ranks >= count: -1 / -inf.
-    topk(x, k) -> (values, indices), best first: torch.topk by default."""
-    G, M, n = cand.shape
-    kk = min(k, n)
-    top = cand.topk(kk, dim=-1) if topk is None or n == 0 else topk(cand, kk)
-    slots = slot_of(top[1])
-    found = torch.arange(kk, device=cand.device) < counts.to(cand.device)[:, None, None]  # (G, 1, kk)
-    slots = slots.masked_fill(~found, -1)
-    scores = top[0].masked_fill(~found, float("-inf")).to(out_dtype)
-    if kk < k:
-        scores = torch.nn.functional.pad(scores, (0, k - kk), value=float("-inf"))
-        slots = torch.nn.functional.pad(slots, (0, k - kk), value=-1)
-    return scores, slots
-
-
-def _check(queries, keys, counts, k):
-    if queries.dim() != 3 or keys.dim() != 3 or queries.shape[0] != keys.shape[0] \
-            or queries.shape[2] != keys.shape[2]:
-        raise ValueError(f"expected queries (G, M, D) and keys (G, C, D), got {tuple(queries.shape)} and "
-                         f"{tuple(keys.shape)}")
-    if counts.shape != (keys.shape[0],):
-        raise ValueError(f"expected counts ({keys.shape[0]},), got {tuple(counts.shape)}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-
-
-@torch.no_grad()
-def brute_force_topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
-                     out_dtype: torch.dtype | None = None):
-    """ExactStore._topk's inner loop in fp32, all at once (for tests): full (G, M, C) scores."""
-    _check(queries, keys, counts, k)
-    scores = _masked_scores(queries, keys, counts)
-    return _finish(scores, lambda i: i, counts, k, out_dtype or keys.dtype)
-
-
-@torch.no_grad()
-def two_stage_topk_reference(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int,
-                             tile: int = 32, stride: int = 1, n_tiles: int | None = None,
-                             out_dtype: torch.dtype | None = None):
-    """The fused algorithm in plain torch (tile maxima taken from the full score matrix): the
-    logic of `fused_inner_product_topk` with layout stride `stride` (1: consecutive tiles; the
-    Triton strided layout is stride = block_n), for testing on any device."""
-    _check(queries, keys, counts, k)
-    G, M, _ = queries.shape
-    C = keys.shape[1]
-    out_dtype = out_dtype or keys.dtype
-    if C == 0:
-        return _finish(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
-    scores = _masked_scores(queries, keys, counts)
-    span = tile * stride
-    padded = torch.nn.functional.pad(scores, (0, -(-C // span) * span - C), value=float("-inf"))
-    maxima = padded.view(G, M, -1, tile, stride).amax(dim=3).reshape(G, M, -1)  # tile s*stride + c
-    nt = min(n_tiles or k, maxima.shape[-1])
-    chosen = maxima.topk(nt, dim=-1, sorted=False).indices  # (G, M, nt)
-    slots = tile_slots(chosen, tile, stride).flatten(2)  # (G, M, nt * tile), may point past C (-inf)
-    cand = padded.gather(-1, slots)
-    return _finish(cand, lambda i: slots.gather(-1, i), counts, k, out_dtype)
-
-
-# ----- Triton kernels (built lazily, so TRITON_INTERPRET is read when first used) ----------
-def _tile_max_kernel(Q, K, CNT, OUT, M, C, D, n_blocks,
-                     sqg, sqm, sqd, skg, skc, skd, sog, som, sot,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BN: tl.constexpr, STRIDED: tl.constexpr, EVEN_D: tl.constexpr,
-                     FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Kernel 1: program (query block, group) -> tile maxima OUT[g, m, t] of its BLOCK_M queries.
-    strided: n_blocks = super-blocks of BLOCK_N * BN slots; consecutive: blocks of BLOCK_N."""
-    pid_m = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < M
-    cnt = tl.minimum(tl.maximum(tl.load(CNT + g), 0), C).to(tl.int32)  # live slots of this group
-    q = tl.load(Q + g * sqg + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:  # interpreter only: its tl.dot cannot multiply bf16 (exact in fp32 anyway)
-        q = q.to(tl.float32)
-    kptr = K + g * skg + offs_d[:, None] * skd  # (BLOCK_D, 1): keys are loaded transposed
-    optr = OUT + g * sog + offs_m[:, None] * som
-    if STRIDED:
-        for sb in range(0, n_blocks):
-            base = sb * (BLOCK_N * BN)
-            live = tl.maximum(cnt - base, 0)
-            full = tl.minimum(live // BLOCK_N, BN)  # blocks entirely below cnt
-            acc = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-            for r in range(0, full):
-                cols = base + r * BLOCK_N + offs_n
-                if EVEN_D:
-                    kt = tl.load(kptr + cols[None, :] * skc)
-                else:
-                    kt = tl.load(kptr + cols[None, :] * skc, mask=offs_d[:, None] < D, other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                if FP32 or UPCAST:
-                    s = tl.dot(q, kt, input_precision=PRECISION)
-                else:
-                    s = tl.dot(q, kt)
-                acc = tl.maximum(acc, s)
-            if full < BN:  # at most one block straddles cnt; later blocks are dead (-inf)
-                cols = base + full * BLOCK_N + offs_n
-                ok = cols < cnt
-                kt = tl.load(kptr + cols[None, :] * skc, mask=ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                if FP32 or UPCAST:
-                    s = tl.dot(q, kt, input_precision=PRECISION)
-                else:
-                    s = tl.dot(q, kt)
-                acc = tl.maximum(acc, tl.where(ok[None, :], s, float("-inf")))
-            tl.store(optr + (sb * BLOCK_N + offs_n)[None, :] * sot, acc, mask=m_ok[:, None])
-    else:
-        offs_t = tl.arange(0, BLOCK_N // BN)  # tiles per block
-        n_tiles = (C + BN - 1) // BN
-        for b in range(0, n_blocks):
-            cols = b * BLOCK_N + offs_n
-            ok = cols < cnt
-            kt = tl.load(kptr + cols[None, :] * skc, mask=ok[None, :] & (offs_d[:, None] < D), other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            if FP32 or UPCAST:
-                s = tl.dot(q, kt, input_precision=PRECISION)
-            else:
-                s = tl.dot(q, kt)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            mx = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BN, BN)), axis=2)  # (BLOCK_M, BLOCK_N // BN)
-            t = b * (BLOCK_N // BN) + offs_t
-            tl.store(optr + t[None, :] * sot, mx, mask=m_ok[:, None] & (t[None, :] < n_tiles))
-
-
-def _candidates_kernel(Q, K, CNT, SEL, OUT, M, C, D, nt,
-                       sqg, sqm, sqd, skg, skc, skd, ssg, ssm, ssj, sog, som, soc,
-                       BLOCK_Q: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-                       STRIDE: tl.constexpr):
-    """Kernel 2: program (query block, group) -> fp32 scores OUT[g, m, j * BN + r] of key r of
-    the j-th selected tile SEL[g, m, j]; -inf for slots >= count."""
-    pid = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
-    offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_r = tl.arange(0, BN)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ok = offs_q < M
-    d_ok = offs_d < D
-    cnt = tl.minimum(tl.maximum(tl.load(CNT + g), 0), C).to(tl.int32)
-    q = tl.load(Q + g * sqg + offs_q[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_Q, BLOCK_D)
-    sel = SEL + g * ssg + offs_q * ssm
-    out = OUT + g * sog + offs_q[:, None] * som + offs_r[None, :] * soc
-    for j in range(0, nt):
-        t = tl.load(sel + j * ssj, mask=q_ok, other=0).to(tl.int64)  # (BLOCK_Q,) tile ids
-        rows = ((t // STRIDE) * (STRIDE * BN) + t % STRIDE)[:, None] + offs_r[None, :] * STRIDE  # (BLOCK_Q, BN)
-        ok = (rows < cnt) & q_ok[:, None]
-        kv = tl.load(K + g * skg + rows[:, :, None] * skc + offs_d[None, None, :] * skd,
-                     mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)  # (BLOCK_Q, BN, BLOCK_D)
-        s = tl.sum(q[:, None, :] * kv, axis=2)
-        tl.store(out + j * BN * soc, tl.where(ok, s, float("-inf")), mask=q_ok[:, None])
-
-
-def _row_topk_kernel(X, VAL, IDX, N, K, sxr, sxn, svr, svk, sir, sik,
-                     BLOCK_N: tl.constexpr, BITONIC: tl.constexpr, KP: tl.constexpr, GROUP: tl.constexpr):
-    """Selection: program r -> the K largest of row X[r, :N] (fp32), best first: VAL[r, j] and
-    their column IDX[r, j]. Each value is packed with its column into one int64 whose order is the
-    values' order (ties: the lower column first). Then either K rounds of a row maximum take them
-    out one by one, or (BITONIC) Triton's bitonic tl.topk takes the best KP (a power of two >= K)
-    at once; the same keys give the same result. Exact, with no full sort: the rows are short
-    (2,048 tile maxima, 1,024 candidates) and K small (32), where torch.topk's radix selection
-    reads them several times.
-
-    GROUP > 1 first narrows the row the way the search narrows the keys: the row is cut into
-    groups of GROUP consecutive columns, the KP groups with the largest maxima are picked (ties:
-    the lower group), and only their KP * GROUP entries are ranked. Exact, ties included: an entry
-    of a group left out is beaten by the maximum of each of the KP picked groups (larger, or equal
-    and in a lower group, hence a lower column). The rounds then run over N / GROUP + KP * GROUP
-    entries instead of N (512 instead of 2,048 at GROUP 8, KP 32). Needs N / GROUP >= KP."""
-    r = tl.program_id(0).to(tl.int64)
-    lowest = -9223372036854775807 - 1
-    if GROUP > 1:
-        NG: tl.constexpr = BLOCK_N // GROUP
-        gi = tl.arange(0, NG)
-        gj = tl.arange(0, GROUP)
-        grid = gi[:, None] * GROUP + gj[None, :]  # (NG, GROUP) columns
-        gmax = tl.max(tl.load(X + r * sxr + grid * sxn, mask=grid < N, other=float("-inf")), axis=1)  # (NG,)
-        gbits = gmax.to(tl.int32, bitcast=True)
-        gorder = tl.where(gbits >= 0, gbits, gbits ^ 0x7FFFFFFF)
-        gpacked = (gorder.to(tl.int64) << 32) + (NG - 1 - gi).to(tl.int64)  # unique: no group is picked twice
-        if BITONIC:
-            chosen = NG - 1 - (tl.topk(gpacked, KP) & 0xFFFFFFFF)  # (KP,) group ids
-        else:
-            slot = tl.arange(0, KP)
-            chosen = tl.zeros((KP,), tl.int64)
-            for j in range(0, KP):
-                best = tl.max(gpacked, axis=0)
-                gpacked = tl.where(gpacked == best, lowest, gpacked)
-                chosen = tl.where(slot == j, NG - 1 - (best & 0xFFFFFFFF), chosen)
-        cols = chosen[:, None] * GROUP + gj[None, :]  # (KP, GROUP) columns of the picked groups
-        ok = cols < N
-        x = tl.load(X + r * sxr + cols * sxn, mask=ok, other=float("-inf"))
-        bits = x.to(tl.int32, bitcast=True)
-        order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        packed = tl.where(ok, (order.to(tl.int64) << 32) + (BLOCK_N - 1 - cols), lowest)
-        packed = tl.reshape(packed, (KP * GROUP,))
-    else:
-        offs = tl.arange(0, BLOCK_N)
-        ok = offs < N
-        x = tl.load(X + r * sxr + offs * sxn, mask=ok, other=float("-inf"))
-        bits = x.to(tl.int32, bitcast=True)
-        order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 in the floats' order
-        packed = (order.to(tl.int64) << 32) + (BLOCK_N - 1 - offs).to(tl.int64)  # unique; lower column wins ties
-        packed = tl.where(ok, packed, lowest)
-    if BITONIC:
-        best = tl.topk(packed, KP)  # (KP,) largest first
-        j = tl.arange(0, KP)
-        col = BLOCK_N - 1 - (best & 0xFFFFFFFF)
-        top = (best >> 32).to(tl.int32)
-        value = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        tl.store(VAL + r * svr + j * svk, value, mask=j < K)
-        tl.store(IDX + r * sir + j * sik, col, mask=j < K)
-    else:
-        for j in range(0, K):
-            best = tl.max(packed, axis=0)
-            packed = tl.where(packed == best, lowest, packed)
-            col = BLOCK_N - 1 - (best & 0xFFFFFFFF)
-            top = (best >> 32).to(tl.int32)
-            value = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-            tl.store(VAL + r * svr + j * svk, value)
-            tl.store(IDX + r * sir + j * sik, col)
-
-
 _KERNELS: dict = {}
 
 
@@ -429,7 +176,7 @@ def _kernels():
         raise RuntimeError("fused_inner_product_topk needs triton (see available())")
     mode = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_tile_max_kernel), triton.jit(_candidates_kernel), triton.jit(_row_topk_kernel))
+        _KERNELS[mode] = tuple(triton.jit(kernel) for kernel in (tile_max_kernel, candidates_kernel, row_topk_kernel))
     return _KERNELS[mode]
 
 
@@ -501,7 +248,7 @@ def row_topk(x: torch.Tensor, k: int, num_warps: int = 4, bitonic: bool = False,
     per row; n up to 2^15 (the row is held in registers). bitonic: Triton's tl.topk instead of k
     rounds of a row maximum (the same result; needs a Triton that has tl.topk). group: rank only
     the entries of the best groups of `group` consecutive columns (a power of two; 1 = off, 0 =
-    `select_group`'s choice; see _row_topk_kernel)."""
+    `select_group`'s choice; see topk_kernels.row_topk_kernel)."""
     n = x.shape[-1]
     if not 1 <= k <= n or n > ROW_TOPK_MAX_N:
         raise ValueError(f"row_topk needs 1 <= k <= n <= {ROW_TOPK_MAX_N}, got k={k}, n={n}")
@@ -544,7 +291,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
     precision: see the module docstring. `config` or keyword options of TopkConfig tune it.
     Queries are searched in chunks of M so that at most `max_elements` tile maxima exist at once.
     """
-    _check(queries, keys, counts, k)
+    check_inputs(queries, keys, counts, k)
     if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"keys must be float32, bfloat16 or float16, got {keys.dtype}")
     cfg = config or TopkConfig(**options)
@@ -554,7 +301,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
     queries = queries.to(keys.device, keys.dtype)
     counts = counts.to(keys.device, torch.long).contiguous()
     if C == 0 or G == 0 or M == 0:
-        return _finish(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
+        return finish_topk(torch.full((G, M, 0), float("-inf"), device=keys.device), lambda i: i, counts, k, out_dtype)
     chunk = max(1, max_elements // (G * cfg.n_tiles_total(C)))  # queries per search
     if M > chunk:
         parts = [fused_inner_product_topk(queries[:, i:i + chunk].contiguous(), keys, counts, k, cfg, out_dtype,
@@ -577,7 +324,7 @@ def fused_inner_product_topk(queries: torch.Tensor, keys: torch.Tensor, counts: 
         t = chosen.gather(-1, i // BN)
         return (t // S) * (S * BN) + t % S + (i % BN) * S
 
-    return _finish(cand, slot_of, counts, k, out_dtype, topk)
+    return finish_topk(cand, slot_of, counts, k, out_dtype, topk)
 
 
 @torch.library.custom_op("memlm::fused_inner_product_topk", mutates_args=())
