@@ -116,10 +116,8 @@ class TopkConfig:
     triton) or "torch" (torch.topk); select_group: row_topk's group (0: its automatic choice,
     1: rank whole rows).
 
-    Defaults: the fastest of `benchmarks/knn_topk_bench.py --sweep` on an H200 (torch 2.11,
-    Triton 3.6; 32 rows x 65,536 bf16 keys, 32 x 4,096 queries, k 32): the whole search 6.17 ms
-    with bitonic selection in one warp over the best groups, against 11.77 ms with 4 warps and
-    k rounds, 13.49 ms ranking whole rows and 14.21 ms with torch.topk (BENCHMARKS.md).
+    Defaults: the fastest setting of `scripts/knn_topk_bench.py --sweep` at the kNN presets' size
+    (32 rows x 65,536 bf16 keys, 32 x 4,096 queries, k 32); the timings are in BENCHMARKS.md.
     """
 
     def __init__(self, tile: int = 32, layout: str = "strided", block_m: int = 128, block_n: int = 128,

@@ -25,10 +25,7 @@ class WithKnowledge:
 
     Departure: "Memorizing Transformers" (arXiv 2203.08913) searches the document's own past
     only; adding a corpus memorised beforehand (`memlm memorize`) is the programme's knowledge
-    memory, and how to mix the two is our choice. Measured (BENCHMARKS.md): replacing the own
-    store raised test bpb on an H200 (0.8166 -> 0.8220); on a CPU, with seed-knn-tiny, add raised
-    it too (2.677 -> 2.700) while fill left it unchanged with the gate and lowered it with the
-    joint softmax (2.6448 -> 2.6420; 4% lower on a document's first 128 bytes)."""
+    memory, and how to mix the two is our choice; BENCHMARKS.md compares the modes."""
 
     shared = False
     MODES = ("fill", "add")
