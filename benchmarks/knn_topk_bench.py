@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memlm.bench.timing import cuda_ms
+from memlm.device import cuda_ms
 from memlm.memory.fused_topk import (TopkConfig, available, candidate_scores, fused_inner_product_topk, row_topk,
                                      tile_maxima)
 from memlm.memory.stores import ExactStore

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from memlm.bench.timing import cuda_ms
+from memlm.device import cuda_ms
 from memlm.model.kernels import eager_attention
 
 

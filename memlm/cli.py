@@ -47,8 +47,7 @@ from memlm.model import LanguageModel
 from memlm.train import CheckpointError, TrainConfig, TrainingError, load_model, train
 from memlm.train.lock import RunDirectoryBusy
 from memlm.train.checkpoint import find
-from memlm.train.distributed import pick_device
-from memlm.train.precision import autocast
+from memlm.device import autocast, pick_device
 from memlm.train.sample import sample_text
 
 

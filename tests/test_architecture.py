@@ -8,14 +8,14 @@ import memlm
 PACKAGE = Path(memlm.__file__).parent
 
 LAYERS = [
-    {"config", "fileio"},
+    {"config", "fileio", "device"},
     {"protocols", "state"},
     {"nn"},
     {"memory"},
     {"model"},
     {"decode"},
     {"data", "eval", "tasks", "memorize", "longrange", "train"},
-    {"cli", "__main__"},
+    {"cli", "__main__", "bench"},
 ]
 """Bottom to top. A subpackage may import its own layer (if no cycle forms) and the layers below."""
 

@@ -76,12 +76,6 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def pick_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def resolve(config: BenchConfig, device: torch.device) -> BenchConfig:
     """A copy with every None field set to the device's default, checked for consistency."""

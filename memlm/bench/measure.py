@@ -11,19 +11,12 @@ decode tokens/s = batch * n / median time.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from memlm.bench.contenders import Contender, Decoder, Shape
-from memlm.bench.timing import median, repeat_seconds, seconds
+from memlm.device import autocast, median, repeat_seconds, seconds
 
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def random_tokens(vocab_size: int, size: tuple[int, ...], device: torch.device, seed: int) -> torch.Tensor:

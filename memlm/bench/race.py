@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import gc
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from memlm.bench.adapters import PeerConfig, XTransformersLM
 from memlm.bench.contenders import Shape, memory_warmup
 from memlm.bench.report import environment, slug
 from memlm.config import ConfigError, ModelConfig, describe, get_preset, presets, resolve
+from memlm.device import pick_device, release
 from memlm.train import distributed
 from memlm.train.config import TrainConfig
 from memlm.train.metrics import read
@@ -275,13 +275,6 @@ def warm_up(trainer: Trainer, passes: int) -> float:
     return time.perf_counter() - start
 
 
-def release(device: torch.device) -> None:
-    """Free what the last contender left: garbage, compiled graphs, cached device memory."""
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
 
 def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: torch.device) -> dict:
     """Train and score one contender; a failure is recorded in the row, never raised."""
@@ -336,7 +329,7 @@ def scores(summary: dict, records: list[dict], trainer: Trainer) -> dict:
 
 def run_race(config: RaceConfig) -> dict:
     """Train and score the selected contenders one after another; the JSON-ready result."""
-    device = distributed.pick_device(config.device)
+    device = pick_device(config.device)
     names = contender_names(config, device)
     contenders = plan(config, selected_names(config, device))
     runs = Path(config.out) if config.out else Path("runs") / f"race-{utc_stamp()}"
@@ -532,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("memlm race trains one contender per process: instead of torchrun, give "
                              "--devices cuda:0 cuda:1 ... (a process and a GPU per contender)")
-        device = distributed.pick_device(config.device)
+        device = pick_device(config.device)
         plan(config, contender_names(config, device))  # every name checked before anything trains
         plan(config, selected_names(config, device))
         TrainConfig.validate(config)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import json
 import sys
 import time
@@ -25,12 +24,12 @@ from typing import Callable
 import torch
 import tyro
 
-from memlm.bench.config import BenchConfig, parse_overrides, pick_device, resolve
+from memlm.bench.config import BenchConfig, parse_overrides, resolve
 from memlm.bench.contenders import REFERENCE, Contender, ContenderSpec, Shape, memlm_spec
 from memlm.bench.measure import measure_generation, measure_training
 from memlm.bench.peers import PEERS, Peer
 from memlm.bench.report import environment, markdown, write_results
-from memlm.bench.timing import measure_peak_flops
+from memlm.device import measure_peak_flops, pick_device, release
 from memlm.config import ModelConfig, get_preset
 from memlm.config import resolve as resolve_model
 
@@ -197,13 +196,6 @@ def compiled_graphs() -> int:
     """Graphs torch.compile has compiled in this process so far (recompiles included)."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-
-def release(device: torch.device) -> None:
-    """Free what the last row left: Python garbage, compiled graphs, cached device memory."""
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from memlm.device import pick_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -32,12 +34,6 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` -> cuda when available, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def setup(device: str = "auto") -> Dist:

@@ -44,7 +44,7 @@ from memlm.train.lock import RunLock
 from memlm.train.metrics import MetricsLog, read
 from memlm.train.optim import make_optimizer
 from memlm.train.plot import plot_by_position, plot_curves, plot_spans
-from memlm.train.precision import autocast
+from memlm.device import autocast
 from memlm.train.progress import ProgressBar
 from memlm.train.sample import sample_text
 from memlm.train.schedule import Schedule, step_progress
@@ -409,11 +409,11 @@ class Trainer:
 
     def _measure_peak(self) -> tuple[float | None, str | None]:
         """(peak FLOP/s for the MFU estimate, where it comes from): on CUDA in bf16 the best rate of
-        bf16 8192^3 matmuls measured now (memlm.bench.timing, well under a second), else the vendor
+        bf16 8192^3 matmuls measured now (memlm.device, well under a second), else the vendor
         figure of PEAK_BF16_FLOPS; (None, None) on CPU or in fp32 (no MFU logged)."""
         if self.device.type != "cuda" or self.config.precision == "fp32":
             return None, None
-        from memlm.bench.timing import measure_peak_flops
+        from memlm.device import measure_peak_flops
         try:
             peak = measure_peak_flops(self.device)["flops"]
             torch.cuda.empty_cache()  # give the matrices' memory back

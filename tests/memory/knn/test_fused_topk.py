@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memlm.bench.timing import cuda_ms
+from memlm.device import cuda_ms
 from memlm.memory.knn import fused_topk
 from memlm.memory.knn.fused_topk import (TopkConfig, available, brute_force_topk, fused_inner_product_topk, row_topk,
                                      select_group, tile_slots, two_stage_topk_reference)

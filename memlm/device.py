@@ -1,8 +1,12 @@
-"""Timing on the device: CUDA events around a region (no host sync inside it), a wall clock on
-CPU, medians of repeats, and the measured matmul peak that MFU is taken against."""
+"""The device layer: which device to run on, its compute precision, freeing what a run left, and
+timing on it (CUDA events around a region with no host sync inside, a wall clock on CPU, medians of
+repeats, and the measured matmul peak that MFU is taken against). The trainer, the CLI, the
+benchmark harness and the kernel benchmarks all take these from here."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import time
 from typing import Callable
@@ -11,6 +15,29 @@ import torch
 
 PEAK_MATMUL = {"cuda": (8192, torch.bfloat16), "cpu": (256, torch.float32)}
 """Per device type: (n, dtype) of the n x n x n matmul whose best rate is the peak."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The autocast context of `precision` (auto: bf16 on CUDA, fp32 elsewhere; bf16; fp32).
+    Weights stay float32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def release(device: torch.device) -> None:
+    """Free what the last run left: Python garbage, compiled graphs, cached device memory."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
