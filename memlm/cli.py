@@ -4,7 +4,7 @@
                 [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
     memlm eval RUN_OR_CKPT [--data SRC] [--split test] [--memory MEMDIR] [--json]
     memlm eval RUN_OR_CKPT --task recall [--distances 64 256 1024 4096 --documents 64 --pairs 1 --seed 0
-                                          --no-memory]     (long-range recall, memlm.longrange; no corpus)
+                                          --no-memory]     (long-range recall, memlm.tasks; no corpus)
     memlm generate RUN_OR_CKPT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
                                [--memory MEMDIR]
     memlm memorize RUN_OR_CKPT --out MEMDIR [--data SRC --split train --max-tokens N --batch-size B
@@ -40,7 +40,7 @@ import tyro
 from memlm.config import ConfigError, ModelConfig, describe, get_preset, presets
 from memlm.data import DataError, prepare
 from memlm.eval import evaluate
-from memlm.longrange import DISTANCES, markdown, recall_accuracy
+from memlm.tasks import DISTANCES, recall_accuracy, recall_markdown
 from memlm.memorize import KnowledgeError, check_target, load_memory, memorize, save_memory
 from memlm.memory.knn.stores import StoreError
 from memlm.model import LanguageModel
@@ -110,7 +110,7 @@ class EvalCommand:
     path: RunPath
     """Run directory (its checkpoints/latest) or checkpoint directory."""
     task: Literal["bpb", "recall"] = "bpb"
-    """bpb: bits per byte on a split of a corpus; recall: the long-range recall task by distance (memlm.longrange, no corpus)."""
+    """bpb: bits per byte on a split of a corpus; recall: the long-range recall task by distance (memlm.tasks, no corpus)."""
     data: str | None = None
     """Corpus to evaluate on; None = the run's training corpus (bpb only)."""
     split: str = "test"
@@ -214,11 +214,11 @@ def check_recall_options(args: EvalCommand) -> None:
 
 
 def eval_recall(model: LanguageModel, args: EvalCommand, device: torch.device, precision: str) -> dict:
-    """The recall task (memlm.longrange) through the CLI: prints its markdown table."""
+    """The recall task (memlm.tasks) through the CLI: prints its markdown table."""
     with autocast(device, precision):
         result = recall_accuracy(model, args.distances, args.documents, args.batch_size or 16, args.seed,
                                  stateful=False if args.no_memory else None, pairs=args.pairs)
-    print(markdown(result))
+    print(recall_markdown(result))
     return {"checkpoint": str(find(args.path)), **result}
 
 

@@ -8,13 +8,13 @@ import memlm
 PACKAGE = Path(memlm.__file__).parent
 
 LAYERS = [
-    {"config", "fileio", "device"},
+    {"config", "fileio", "device", "tables"},
     {"protocols", "state"},
     {"nn"},
     {"memory"},
     {"model"},
     {"decode"},
-    {"data", "eval", "tasks", "memorize", "longrange", "train"},
+    {"data", "eval", "tasks", "memorize", "train"},
     {"cli", "__main__", "bench"},
 ]
 """Bottom to top. A subpackage may import its own layer (if no cycle forms) and the layers below."""

@@ -17,7 +17,7 @@ import memlm
 from memlm import cli
 from memlm.data import prepare
 from memlm.eval import evaluate
-from memlm.longrange import recall_accuracy
+from memlm.tasks import recall_accuracy
 from memlm.memory.knn.stores import StoreError, load_store
 from memlm.train import load_model
 from memlm.train import checkpoint

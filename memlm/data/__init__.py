@@ -12,7 +12,7 @@ Bad input raises `DataError` with a one-line message.
 
 from .cache import PreparedCorpus, TokenSplit, default_cache_dir, prepare
 from .errors import DataError
-from .loaders import RandomWindows, Segment, Streams
+from .loaders import RandomWindows, Segment, SegmentStreams, Streams
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_split
 from .tokenizer import EOD, VOCAB_SIZE, ByteTokenizer
 
@@ -26,6 +26,7 @@ __all__ = [
     "PreparedCorpus",
     "RandomWindows",
     "Segment",
+    "SegmentStreams",
     "Streams",
     "TokenSplit",
     "assign_split",

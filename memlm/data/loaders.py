@@ -76,7 +76,8 @@ class RandomWindows:
 
 
 class Segment(NamedTuple):
-    """One step of `Streams`: all (B, T') tensors, T' = seq_len except a final partial segment."""
+    """One step of a `SegmentStreams` loader: all (B, T') tensors, T' = seq_len except a final
+    partial segment."""
 
     x: torch.Tensor  # (B, T') int64 inputs
     y: torch.Tensor  # (B, T') int64 next-token targets
@@ -84,7 +85,66 @@ class Segment(NamedTuple):
     valid: torch.Tensor  # (B, T') bool: False on padding after a part's end (wrap=False only)
 
 
-class Streams:
+class SegmentStreams:
+    """The base of loaders that hand a model with memory one `Segment` per step, each row
+    continuing its own stream: `Streams` here, the task streams of memlm.tasks.
+
+    A subclass implements `next_segment()`; this base checks the layout, counts the steps and
+    gives it `next_batch()`, iteration and a resumable `state_dict()`: the step, the `layout`
+    (every setting that decides the data, which a resume must match) and whatever
+    `position_state()` adds.
+    """
+
+    name = "streams"
+    """What the loader is called in error messages."""
+
+    def __init__(self, batch_size: int, seq_len: int, rank: int, world_size: int, layout: dict):
+        _check_layout(batch_size, seq_len, rank, world_size)
+        self.batch_size, self.seq_len, self.layout = batch_size, seq_len, layout
+        self.step = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """True once a finite pass has returned every token (never for endless streams)."""
+        return False
+
+    def next_segment(self) -> Segment:
+        raise NotImplementedError
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, doc_start) of `next_segment` (LongTensor, LongTensor, BoolTensor, each (B, T))."""
+        return self.next_segment()[:3]
+
+    def __iter__(self) -> SegmentStreams:
+        return self
+
+    def __next__(self) -> Segment:
+        return self.next_segment()
+
+    # ----- resuming: subclasses with more to restore than the step override these -----------
+    def position_state(self) -> dict:
+        """Where the rows are beyond the step count (none here)."""
+        return {}
+
+    def load_position_state(self, state: dict) -> None:
+        """Restore what `position_state` returned."""
+
+    def saved_layout(self, layout: dict) -> dict:
+        """A saved layout as this version reads it (defaults for keys older versions lacked)."""
+        return layout
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, **self.position_state(), "layout": dict(self.layout)}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = self.saved_layout(state["layout"])
+        if saved != self.layout:
+            raise DataError(f"cannot resume {self.name} saved with {saved} into {self.layout}")
+        self.step = state["step"]
+        self.load_position_state(state)
+
+
+class Streams(SegmentStreams):
     """`batch_size` contiguous token streams per rank, for models with memory.
 
     wrap=True (training): endless; each row cycles through its part.
@@ -105,8 +165,10 @@ class Streams:
         world_size: int = 1,
         wrap: bool = True,
     ):
-        _check_layout(batch_size, seq_len, rank, world_size)
         n, parts = len(split), batch_size * world_size
+        super().__init__(batch_size, seq_len, rank, world_size, {
+            "tokens": n, "batch_size": batch_size, "seq_len": seq_len, "rank": rank, "world_size": world_size, "wrap": wrap
+        })
         if n == 0 or (wrap and n // parts < seq_len):
             raise DataError(
                 f"split {split.name!r} has {n} tokens, too few for {parts} streams of seq_len {seq_len} "
@@ -114,14 +176,10 @@ class Streams:
             )
         bounds = np.arange(parts + 1, dtype=np.int64) * n // parts  # (P + 1,) part boundaries
         rows = rank * batch_size + np.arange(batch_size)
-        self.split, self.seq_len, self.wrap = split, seq_len, wrap
+        self.split, self.wrap = split, wrap
         self.start = bounds[rows]  # (B,) first token of each row's part
         self.length = bounds[rows + 1] - self.start  # (B,)
         self.longest = -(-n // parts)  # longest part over all ranks: the same step count everywhere
-        self.layout = {
-            "tokens": n, "batch_size": batch_size, "seq_len": seq_len, "rank": rank, "world_size": world_size, "wrap": wrap
-        }
-        self.step = 0
 
     @property
     def exhausted(self) -> bool:
@@ -144,21 +202,3 @@ class Streams:
         doc_start = valid & ((local == 0) | (tokens[(pos - 1) % n] == EOD))
         self.step += 1
         return Segment(_long(x), _long(y), torch.from_numpy(doc_start), torch.from_numpy(valid))
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, y, doc_start) of `next_segment` (LongTensor, LongTensor, BoolTensor, each (B, T))."""
-        return self.next_segment()[:3]
-
-    def __iter__(self) -> Streams:
-        return self
-
-    def __next__(self) -> Segment:
-        return self.next_segment()
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "layout": dict(self.layout)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["layout"] != self.layout:
-            raise DataError(f"cannot resume streams saved with {state['layout']} into {self.layout}")
-        self.step = state["step"]

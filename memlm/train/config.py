@@ -14,7 +14,7 @@ from typing import Any
 
 from memlm.config import ConfigError
 from memlm.data import DEFAULT_FRACTIONS
-from memlm.longrange import TARGETS as RECALL_TARGETS
+from memlm.tasks.recall_streams import TARGETS as RECALL_TARGETS
 
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -32,9 +32,9 @@ class TrainConfig:
     data: str = "stdlib"
     """Training corpus: 'stdlib', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
     task: str = "lm"
-    """What to train on: lm (the corpus of --data), or recall (endless documents of the long-range recall task, memlm.longrange; --data then serves only the validation and test bpb, and the run ends with recall accuracy by distance)."""
+    """What to train on: lm (the corpus of --data), or recall (endless documents of the long-range recall task, memlm.tasks; --data then serves only the validation and test bpb, and the run ends with recall accuracy by distance)."""
     recall_distances: tuple[int, ...] | None = None
-    """recall task: filler lengths in bytes between a key's definition and its query scored at the end; training documents draw theirs log-uniformly from 0 to the largest (memlm.longrange.spread_distance). None = derived from the segment length L: L/4, 3L/4 (inside a window), 3L/2 (one segment back: XL memory) and 3L (memlm.longrange.distances_for)."""
+    """recall task: filler lengths in bytes between a key's definition and its query scored at the end; training documents draw theirs log-uniformly from 0 to the largest (memlm.tasks.recall_streams.spread_distance). None = derived from the segment length L: L/4, 3L/4 (inside a window), 3L/2 (one segment back: XL memory) and 3L (memlm.tasks.longrange.distances_for)."""
     recall_targets: str = "answers"
     """recall task: which bytes are trained: answers (the queried value digits only: the task's digit NLL is the loss; a batch holding no answer is trained on all its bytes), or all (language modelling of the whole documents, which a small model does not turn into recall)."""
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
-from memlm.longrange import RecallStreams, distances_for, markdown as recall_markdown, recall_accuracy
+from memlm.tasks import RecallStreams, distances_for, recall_accuracy, recall_markdown
 from memlm.eval import evaluate
 from memlm.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
@@ -424,7 +424,7 @@ class Trainer:
             return peak, f"vendor bf16 peak of {name}" if peak else None
 
     def _recall(self) -> dict[str, Any]:
-        """Recall accuracy by distance (memlm.longrange) with the model's memory and, for a model
+        """Recall accuracy by distance (memlm.tasks) with the model's memory and, for a model
         with memory, without it; written to recall.md in the run directory."""
         c, model = self.config, self.model
         results = {}

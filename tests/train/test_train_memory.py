@@ -150,7 +150,7 @@ def test_compiled_memory_training_raises_the_recompile_limit(corpus, tmp_path):
 def test_recall_distances_default_to_the_segment_length(corpus, tmp_path):
     """Without --recall_distances the task asks inside a window (L/4, 3L/4), one segment back
     (3L/2: what an XL memory of one segment holds) and three back (3L)."""
-    from memlm.longrange import distances_for
+    from memlm.tasks import distances_for
     from memlm.train import distributed
 
     assert distances_for(512) == (128, 384, 768, 1536)

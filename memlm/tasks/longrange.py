@@ -32,48 +32,7 @@ many segments, so the task measures memory across segments rather than in-contex
 Models with memory (`model.config.stateful`) read each document segment by segment with a
 carried state (segments of `seq_len` from the document's start). Models without memory read
 it in non-overlapping windows of `seq_len`, as `memlm.eval.evaluate` does: a digit sees only
-the earlier bytes of its own window. `RecallStreams` feeds endless streams of such documents
-(each ended by EOD) to a trainer, with the interface of `memlm.data.Streams`.
-
-Training. Language modelling of these documents does not teach recall to a small model: the
-answer digits are a few bytes among hundreds of filler bytes, and copying a value from a
-definition matched by a multi-byte key is an induction-head circuit that the loss of the
-filler does not call for. `RecallStreams` therefore departs from language modelling in three
-ways. Measured on CPU with 2 layers, width 128, seq_len 128, batch 16, lr 2e-3 (cosine),
-one seed per line unless said:
-
-* the loss is the answer alone (`targets="answers"`): targets are IGNORE except on the
-  queried value digits, as synthetic recall tasks train (the multi-query associative recall
-  of "Zoology: Measuring and Improving Recall in Efficient Language Models", Arora et al.,
-  arXiv 2312.04927, scores only the values after its queries), so the training loss is the
-  scorer's digit NLL. With every byte trained instead, digit NLL stayed at 2.30 at distances
-  0, 16 and 64 after 1,500 steps (and with 2-digit keys and 3-digit values too); with the
-  answers only, the same run recalled all three perfectly by step 900. A batch holding no
-  answer digit (every row inside filler or definitions) would leave the loss empty (NaN), so
-  it is trained on all its targets instead, as language modelling;
-* distances spread log-uniformly from 0 to the longest listed one (`spread=True`,
-  `spread_distance`): about as many documents per octave, so half of them are short enough
-  to learn the copy inside a window, which the long ones then extend through the memory. A
-  memory model (seed-xl, memory 128) trained only at distances 192 and 320 stayed at chance
-  after 1,500 steps;
-* every document starts at a segment start (`align=True`): after its EOD the row is padded
-  up to the next multiple of `seq_len`, so documents are read in training as they are
-  scored: the memory is reset at each document's start, and no earlier document's lines are
-  in view. Unaligned, that memory model had not learnt distance 16 after 1,200-1,500 steps
-  in three seeds of three; aligned, one seed of three had (and the other two did by 3,000).
-  For models without memory alignment made no clear difference (better in two seeds of
-  three, worse in one).
-
-Learning is a late, seed-dependent jump (at 1,000 to 2,500 steps here), so give a small
-model a few thousand steps. Through `memlm train --task recall` (3,000 steps, the settings
-above, 6 and 8 minutes on one CPU core): seed-tiny without memory, distances 16 and 64:
-accuracy 0.55 and 0.42 (digit NLL 0.30 and 0.38; other seeds reached 1.0; with
-`--recall_targets all` instead: 0.00 and 0.00, digit NLL 2.30 and 2.31); seed-xl-tiny
-(memory 128), distances 16 / 64 / 192 / 320: accuracy 1.00 / 1.00 / 0.94 / 0.00 with its
-memory, 1.00 / 1.00 / 0.00 / 0.00 without (digit NLL at 192: 0.05 against 2.37).
-
-The documents themselves, their scoring and their distances are unchanged by these choices:
-training documents are drawn from their own seeds and never coincide with evaluation ones.
+the earlier bytes of its own window. Training on these documents is `memlm.tasks.recall_streams`.
 """
 
 from __future__ import annotations
@@ -84,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memlm.data import EOD, DataError, Segment
+from memlm.tables import markdown_table
 
 DISTANCES = (64, 256, 1024, 4096)
 """Default filler lengths (bytes) of `recall_accuracy`."""
@@ -98,13 +57,11 @@ def distances_for(seq_len: int) -> tuple[int, ...]:
     if seq_len < 4:
         raise ValueError(f"seq_len must be at least 4, got {seq_len}")
     return (seq_len // 4, 3 * seq_len // 4, 3 * seq_len // 2, 3 * seq_len)
-FILLER_KINDS = ("mixed", "english", "python")
-TARGETS = ("answers", "all")
-"""Which targets `RecallStreams` trains: the answer digits only, or every byte (see RecallStreams)."""
-IGNORE = -100
-"""Target id of a position that is not trained (the ignore_index of the models' cross-entropy)."""
 
-_EVAL_STREAM, _TRAIN_STREAM = 0, 1  # seed domains: evaluation documents never repeat training ones
+
+FILLER_KINDS = ("mixed", "english", "python")
+EVAL_STREAM, TRAIN_STREAM = 0, 1
+"""Seed domains of the documents (the second seed entry): evaluation documents never repeat training ones."""
 
 WORDS = (
     "the a an of to in on at by for with from into over under after before between through "
@@ -210,8 +167,9 @@ def filler(rng: np.random.Generator, length: int, kind: str = "mixed") -> str:
     return text if len(text) == length else text[:length - 1] + "\n"
 
 
-def _document(rng: np.random.Generator, distance: int, pairs: int, key_digits: int, value_digits: int,
-              kind: str) -> RecallDocument:
+def make_document(rng: np.random.Generator, distance: int, pairs: int = 1, key_digits: int = 4,
+                  value_digits: int = 5, kind: str = "mixed") -> RecallDocument:
+    """One document drawn from `rng` (see the module docstring for its layout)."""
     if pairs < 1 or key_digits < 1 or value_digits < 1:
         raise ValueError(f"pairs, key_digits and value_digits must be >= 1, got {pairs}, {key_digits}, {value_digits}")
     if pairs > 10 ** key_digits:
@@ -243,7 +201,7 @@ def make_documents(n: int, distance: int, seed: int = 0, *, pairs: int = 1, key_
     list is a prefix of a longer one. All documents of one call have the same length and the
     same answer offset (the format is fixed-width), so they batch with aligned positions.
     """
-    return [_document(np.random.default_rng([seed, _EVAL_STREAM, distance, i]), distance, pairs, key_digits,
+    return [make_document(np.random.default_rng([seed, EVAL_STREAM, distance, i]), distance, pairs, key_digits,
                       value_digits, filler_kind) for i in range(n)]
 
 
@@ -332,7 +290,7 @@ def recall_accuracy(model, distances: Sequence[int] = DISTANCES, n: int = 64, ba
     "by_distance": [{"distance", "accuracy", "digit_nll", "documents"}, ...]}: accuracy is the
     fraction of documents whose every answer digit is the argmax, digit_nll the mean negative
     log-likelihood per answer digit in nats. `stateful=False` scores a memory model without
-    its memory (windowed), the same model's no-memory baseline. `markdown(result)` formats it.
+    its memory (windowed), the same model's no-memory baseline. `recall_markdown(result)` formats it.
     """
     stateful = bool(model.config.stateful if stateful is None else stateful)
     T = seq_len or model.config.seq_len
@@ -357,172 +315,19 @@ def _mean_nll(logprob: torch.Tensor) -> float:
     return float(-(first + (logprob - first).mean()))
 
 
-def markdown(result: dict) -> str:
-    """A markdown table of a `recall_accuracy` result, one row per distance."""
+def recall_markdown(result: dict) -> str:
+    """A `recall_accuracy` result as markdown: a title line, one table row per distance, chance."""
     mode = "with memory (stateful)" if result.get("stateful") else "without memory (windowed)"
     lines = [f"recall of {result.get('value_digits', '?')}-digit values, {mode}, seq_len {result.get('seq_len', '?')}",
-             "",
-             "| distance (bytes) | documents | accuracy | digit NLL (nats) |",
-             "|---:|---:|---:|---:|"]
-    for row in result["by_distance"]:
-        acc = f"{row['accuracy']:.3f}" if row["accuracy"] is not None else "-"
-        nll = f"{row['digit_nll']:.3f}" if row["digit_nll"] is not None else "-"
-        lines.append(f"| {row['distance']:,} | {row['documents']} | {acc} | {nll} |")
+             ""]
+    rows = [[f"{row['distance']:,}", str(row["documents"]),
+             f"{row['accuracy']:.3f}" if row["accuracy"] is not None else "-",
+             f"{row['digit_nll']:.3f}" if row["digit_nll"] is not None else "-"] for row in result["by_distance"]]
+    lines += markdown_table(["distance (bytes)", "documents", "accuracy", "digit NLL (nats)"], rows, right=True)
     lines += ["", "Guessing among the ten digits: accuracy 1e-{0} per document, digit NLL ln 10 = 2.303.".format(
         result.get("value_digits", 5))]
     return "\n".join(lines)
 
 
-# ----- training streams ------------------------------------------------------------------
-
-_OLD_LAYOUT = {"targets": "all", "spread": False, "align": False}
-"""How streams saved without these layout keys were made (plain language modelling)."""
-
-
-def spread_distance(rng: np.random.Generator, longest: int) -> int:
-    """A distance in [0, longest], log-uniform: floor((longest + 2) ** u) - 1 for u uniform in
-    [0, 1), so each octave [2^k - 1, 2^(k+1) - 1) gets about the same share of documents
-    (with longest 2048: 9% at distance 0, 55% below 64)."""
-    return min(longest, int(np.exp(rng.random() * np.log(longest + 2))) - 1)
-
-
-class RecallStreams:
-    """`batch_size` endless streams of recall documents per rank, each followed by EOD, with
-    the interface of `memlm.data.Streams` (wrap=True): `next_segment() -> Segment(x, y,
-    doc_start, valid)` and `next_batch() -> (x, y, doc_start)`, each (B, T): y the token after
-    x where it is trained and IGNORE (-100, the models' ignore_index) elsewhere, doc_start
-    True on a document's first byte, valid False on alignment padding. The module docstring
-    ("Training") says why each default departs from plain language modelling.
-
-    targets: which targets are trained (`TARGETS`). "answers": only the answer digits of the
-        queries, so the loss is the scorer's digit NLL; a batch that holds no answer digit in
-        any row (all filler: frequent with long distances) is trained on all its targets
-        instead, since a loss over no target is undefined (NaN). "all": every target, plain
-        language modelling of the documents.
-    spread: True = each document's distance is log-uniform in [0, max(distances)]
-        (`spread_distance`); False = uniform among `distances`.
-    align: True = every document starts at a segment start: its EOD is followed by EOD padding
-        up to the next multiple of seq_len (valid False, no targets from it; the EOD's own
-        target is the first padding EOD), and no target crosses from one document into the
-        next. False = documents follow one another directly (under targets="all" every target
-        is trained, EOD -> next document included).
-    Row r (global row rank * batch_size + b) holds documents k = 0, 1, ...; document k
-    depends only on (seed, r, k) and never coincides with an evaluation document of
-    `make_documents`. `state_dict` is the document index and offset of each row, so resuming
-    is exact.
-    """
-
-    def __init__(self, batch_size: int, seq_len: int, distances: Sequence[int] = DISTANCES, seed: int = 0, *,
-                 rank: int = 0, world_size: int = 1, pairs: int = 1, key_digits: int = 4, value_digits: int = 5,
-                 filler_kind: str = "mixed", targets: str = "answers", spread: bool = True, align: bool = True):
-        if batch_size < 1 or seq_len < 1:
-            raise DataError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
-        if not distances or min(distances) < 0:
-            raise DataError(f"distances must be a non-empty list of byte counts >= 0, got {list(distances)}")
-        if targets not in TARGETS:
-            raise DataError(f"targets must be one of {TARGETS}, got {targets!r}")
-        self.batch_size, self.seq_len, self.distances = batch_size, seq_len, tuple(int(d) for d in distances)
-        self.seed, self.rows = seed, [rank * batch_size + b for b in range(batch_size)]
-        self.targets, self.spread, self.align = targets, spread, align
-        self.format = dict(pairs=pairs, key_digits=key_digits, value_digits=value_digits, kind=filler_kind)
-        self.layout = {"batch_size": batch_size, "seq_len": seq_len, "distances": list(self.distances), "seed": seed,
-                       "rank": rank, "world_size": world_size, "pairs": pairs, "key_digits": key_digits,
-                       "value_digits": value_digits, "filler_kind": filler_kind, "targets": targets,
-                       "spread": spread, "align": align}
-        self.step = 0
-        self.doc = [0] * batch_size  # per row: index of the document holding the next token
-        self.offset = [0] * batch_size  # per row: offset of the next token in that document (+ EOD)
-        self._cache: list[dict[int, tuple[np.ndarray, ...]]] = [{} for _ in range(batch_size)]
-        self.exhausted = False
-
-    def document(self, row: int, index: int) -> RecallDocument:
-        """Document `index` of global row `row`."""
-        rng = np.random.default_rng([self.seed, _TRAIN_STREAM, row, index])
-        if self.spread:
-            distance = spread_distance(rng, max(self.distances))
-        else:
-            distance = self.distances[int(rng.integers(len(self.distances)))]
-        return _document(rng, distance, **self.format)
-
-    def _tokens(self, b: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Document `index` of row b as (tokens, answer, real): its bytes, EOD and (align) EOD
-        padding to a multiple of seq_len; True on its answer digits; True on its bytes and EOD."""
-        cache = self._cache[b]
-        if index not in cache:
-            doc = self.document(self.rows[b], index)
-            n = len(doc.text) + 1
-            size = -(-n // self.seq_len) * self.seq_len if self.align else n
-            tokens = np.full(size, EOD, dtype=np.int64)
-            tokens[:n - 1] = np.frombuffer(doc.text, np.uint8)
-            answer = np.zeros(size, dtype=bool)
-            answer[doc.answer_offset:doc.answer_offset + len(doc.answer)] = True
-            cache[index] = tokens, answer, np.arange(size) < n
-        return cache[index]
-
-    def _read(self, b: int, count: int) -> tuple[np.ndarray, ...]:
-        """The next `count` positions of row b as (tokens, offsets within their documents,
-        answer, real) (no advance)."""
-        parts = []
-        index, offset = self.doc[b], self.offset[b]
-        while count > 0:
-            tokens, answer, real = self._tokens(b, index)
-            end = min(len(tokens), offset + count)
-            parts.append((tokens[offset:end], np.arange(offset, end), answer[offset:end], real[offset:end]))
-            count -= end - offset
-            index, offset = index + 1, 0
-        return tuple(np.concatenate(column) for column in zip(*parts))
-
-    def _advance(self, b: int, count: int) -> None:
-        offset = self.offset[b] + count
-        while offset >= len(self._tokens(b, self.doc[b])[0]):
-            offset -= len(self._tokens(b, self.doc[b])[0])
-            self._cache[b].pop(self.doc[b], None)
-            self.doc[b] += 1
-        self.offset[b] = offset
-
-    def next_segment(self) -> Segment:
-        T = self.seq_len
-        xs, ys, starts, answers, trained, valid = [], [], [], [], [], []
-        for b in range(self.batch_size):
-            tokens, offsets, answer, real = self._read(b, T + 1)
-            xs.append(tokens[:T])
-            ys.append(tokens[1:])
-            starts.append(offsets[:T] == 0)
-            answers.append(answer[1:])
-            valid.append(real[:T])
-            # aligned: no target from padding, nor from one document into the next (EOD -> EOD is
-            # one, so every row of a segment keeps a target)
-            trained.append(real[:T] & (offsets[1:] == offsets[:T] + 1) if self.align else np.ones(T, dtype=bool))
-            self._advance(b, T)
-        self.step += 1
-        y, answer = np.stack(ys), np.stack(answers)
-        live = answer if self.targets == "answers" and answer.any() else np.stack(trained)
-        x = torch.from_numpy(np.stack(xs))
-        return Segment(x, torch.from_numpy(np.where(live, y, IGNORE)), torch.from_numpy(np.stack(starts)),
-                       torch.from_numpy(np.stack(valid)))
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, y, doc_start): LongTensor, LongTensor, BoolTensor, each (B, T)."""
-        return self.next_segment()[:3]
-
-    def __iter__(self) -> RecallStreams:
-        return self
-
-    def __next__(self) -> Segment:
-        return self.next_segment()
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "doc": list(self.doc), "offset": list(self.offset), "layout": dict(self.layout)}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = {**_OLD_LAYOUT, **state["layout"]}  # streams saved before these options existed
-        if saved != self.layout:
-            raise DataError(f"cannot resume recall streams saved with {saved} into {self.layout}")
-        self.step, self.doc, self.offset = state["step"], list(state["doc"]), list(state["offset"])
-        self._cache = [{} for _ in range(self.batch_size)]
-
-
-__all__ = ["DISTANCES", "IGNORE", "TARGETS", "RecallDocument", "RecallStreams", "filler", "make_documents", "markdown",
-           "recall_accuracy", "score_documents", "spread_distance"]
+__all__ = ["DISTANCES", "EVAL_STREAM", "FILLER_KINDS", "TRAIN_STREAM", "RecallDocument", "distances_for", "filler",
+           "make_document", "make_documents", "recall_accuracy", "recall_markdown", "score_documents"]
