@@ -216,8 +216,7 @@ def tiny_race_config(corpus: Path, out: Path, **changes) -> race.RaceConfig:
 
 def race_trainer(config: race.RaceConfig, name: str, out: Path) -> Trainer:
     (contender,) = race.plan(config, [name])
-    return Trainer(contender.model_config, race.train_config(config, out), distributed.setup("cpu"), preset=name,
-                   model_factory=contender.factory)
+    return race.make_trainer(contender, race.train_config(config, out), distributed.setup("cpu"))
 
 
 def losses(trainer: Trainer, steps: int) -> list[float]:
@@ -228,25 +227,25 @@ def test_compile_warm_up_leaves_the_run_unchanged(corpus, tmp_path):
     config = tiny_race_config(corpus, tmp_path / "runs")
     plain = race_trainer(config, "seed-xl-tiny", tmp_path / "plain")
     warmed = race_trainer(config, "seed-xl-tiny", tmp_path / "warmed")
-    assert race.warm_up(warmed, 4) == 0.0  # not compiled: nothing to warm up
+    assert warmed.warm_up(4) == 0.0  # not compiled: nothing to warm up
     warmed.config = dataclasses.replace(warmed.config, compile=True)  # run the passes (uncompiled model)
     evaluated = []
-    evaluate_split = warmed._evaluate_split
-    warmed._evaluate_split = lambda name, tokens: evaluated.append((name, tokens)) or evaluate_split(name, tokens)
-    assert race.warm_up(warmed, 4) > 0
+    evaluate = warmed.evaluate
+    warmed.evaluate = lambda split, tokens: evaluated.append((split, tokens)) or evaluate(split, tokens)
+    assert warmed.warm_up(4) > 0
     assert evaluated == [("validation", 1 * 4 * 32)]  # the evaluation the clock starts with, compiled before it
     assert all(p.grad is None for p in warmed.model.parameters())
     assert losses(warmed, 4) == losses(plain, 4)
 
 
 def test_warm_up_covers_the_passes_memories_take_to_fill(corpus, tmp_path):
-    from memlm.bench.contenders import memory_warmup
+    from memlm.train.warmup import memory_warmup
     trainer = race_trainer(tiny_race_config(corpus, tmp_path / "runs"), "seed-compressive-tiny", tmp_path / "run")
     trainer.config = dataclasses.replace(trainer.config, compile=True)  # run the passes (uncompiled model)
     calls = []
     model = trainer.train_model
     trainer.train_model = lambda *args, **kwargs: calls.append(1) or model(*args, **kwargs)
-    race.warm_up(trainer, 1)
+    trainer.warm_up(1)
     assert len(calls) == memory_warmup(trainer.model_config) > 4  # the filling compressed memory too
 
 

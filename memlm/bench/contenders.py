@@ -32,6 +32,7 @@ from memlm.bench import reference
 from memlm.config import ModelConfig
 from memlm.decode import static as static_decode
 from memlm.state import State, allow_memory_recompiles
+from memlm.train.warmup import memory_warmup
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """(model, inputs (B, T), targets (B, T)) -> scalar training loss."""
@@ -227,19 +228,6 @@ class StreamObjective(nn.Module):
         self.state = out.state.detach()
         self.steps += 1
         return out.loss + out.aux_loss
-
-
-def memory_warmup(config: ModelConfig) -> int:
-    """Steps until a stateful model's memory tensors keep their shapes and strides (so a compiled
-    model stops recompiling), plus one: the first step has no memory, the next ones fill the
-    longest recurrent memory, then the compressed memory; a rolled memory settles one step
-    after it is full."""
-    m, T = config.memory, config.seq_len
-    longest = max(config.memory_lengths())
-    steps = 2 + -(-longest // T)
-    if m.compressive.rate:
-        steps += -(-m.compressive.length * m.compressive.rate // T)
-    return steps + 1
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ import torch
 import tyro
 
 from memlm.bench.adapters import PeerConfig, XTransformersLM
-from memlm.bench.contenders import Shape, memory_warmup
+from memlm.bench.contenders import Shape
 from memlm.bench.report import environment, slug
 from memlm.config import ConfigError, ModelConfig, describe, get_preset, presets, resolve
 from memlm.device import pick_device, release
@@ -230,50 +230,13 @@ def train_config(config: RaceConfig, run_dir: Path) -> TrainConfig:
 
 # ----- running ----------------------------------------------------------------------------
 
-def warm_up(trainer: Trainer, passes: int) -> float:
-    """Compile before the clock: `passes` forward/backward passes of the training model on the first
-    batches, on a state of its own, with no optimizer step. Pass 1 resets no row and pass 2 resets
-    row 0, so the graphs with and without a (masked) memory are both compiled; a memlm model with
-    memory gets at least the passes its memories take to fill (`memory_warmup`: compressed memory
-    fills later), since each filling stage is another graph. Then one validation evaluation, as the
-    clock starts with one (its kernels compile per shape). The data order and the RNGs are put
-    back afterwards, so the run then trains exactly as it would have. Seconds taken."""
-    if passes <= 0 or not trainer.config.compile:
-        return 0.0
-    if trainer.stateful and isinstance(trainer.model_config, ModelConfig):
-        passes = max(passes, memory_warmup(trainer.model_config))
-    start, device = time.perf_counter(), trainer.device
-    loader_state, rng = trainer.loader.state_dict(), torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    # made as the trainer makes its own (on the model's device), so the compiled graphs' guards match it
-    state = trainer.model.init_state(trainer.config.batch_size) if trainer.stateful else None
-    for i in range(passes):
-        x, y, *flags = trainer.loader.next_batch()
-        x, y = x.to(device), y.to(device)  # (B, T)
-        if state is not None and trainer.model_config.memory.reset_at_document:
-            starts = flags[0][:, 0].clone()  # (B,) rows starting a document
-            if i == 1:
-                starts[:] = False
-            elif i == 2:
-                starts[0] = True
-            state = state.reset(starts.to(device))
-        with trainer.autocast:
-            out = trainer.train_model(x, targets=y, state=state)
-        (out.loss + out.aux_loss).backward()
-        state = out.state.detach() if out.state is not None else None
-    trainer.optimizer.zero_grad(set_to_none=True)
-    # the validation the clock starts with: evaluation runs the model uncompiled, but its flex attention
-    # and fused kNN search are compiled or jitted per shape, which took an XL + kNN contender ~60 s
-    c = trainer.config
-    trainer._evaluate_split("validation", c.eval_batches * c.batch_size * trainer.seq_len)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    trainer.loader.load_state_dict(loader_state)
-    torch.set_rng_state(rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, device)
-    return time.perf_counter() - start
-
+def make_trainer(contender: Contender, config: TrainConfig, info: distributed.Dist) -> Trainer:
+    """The contender's Trainer: memlm presets are built by it, peers by their adapter, seeded alike."""
+    model = None
+    if contender.factory is not None:
+        torch.manual_seed(config.seed)  # the same initial weights as the trainer gives its own models
+        model = contender.factory(contender.model_config)
+    return Trainer(contender.model_config, config, info, preset=contender.name, model=model)
 
 
 def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: torch.device) -> dict:
@@ -284,14 +247,13 @@ def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: 
                            "meta": environment(device), "error": None}
     trainer = None
     try:
-        trainer = Trainer(contender.model_config, train_config(config, Path(row["run_dir"])),
-                          distributed.setup(config.device), preset=contender.name, model_factory=contender.factory)
+        trainer = make_trainer(contender, train_config(config, Path(row["run_dir"])), distributed.setup(config.device))
         row.update(params=trainer.model.num_parameters(), stateful=bool(trainer.stateful),
                    seq_len=trainer.seq_len, flops_per_token=trainer.model.flops_per_token(),
                    peak_flops=trainer.peak_flops, peak_source=trainer.peak_source,
                    train_config=trainer.config.to_dict())
         log(f"{contender.name}: {row['params']:,} parameters; compile warm-up")
-        row["warmup_s"] = warm_up(trainer, config.compile_warmup)
+        row["warmup_s"] = trainer.warm_up(config.compile_warmup)
         log(f"{contender.name}: training ({row['warmup_s']:.0f} s warm-up)")
         summary = trainer.fit()
         row.update(scores(summary, read(trainer.out), trainer))

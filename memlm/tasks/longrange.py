@@ -308,6 +308,19 @@ def recall_accuracy(model, distances: Sequence[int] = DISTANCES, n: int = 64, ba
             "seed": seed, "by_distance": rows}
 
 
+def recall_by_mode(model, distances: Sequence[int], n: int = 64, batch_size: int = 16, seed: int = 0) -> dict:
+    """`recall_accuracy` of the model with its memory ("memory") and, for a model with memory,
+    also without it ("windowed"), in eval mode (the model's mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        modes = [True, False] if model.config.stateful else [False]
+        return {"memory" if stateful else "windowed": recall_accuracy(model, distances, n, batch_size, seed=seed,
+                                                                     stateful=stateful) for stateful in modes}
+    finally:
+        model.train(was_training)
+
+
 def _mean_nll(logprob: torch.Tensor) -> float:
     """-mean(logprob), as first value + mean of the offsets from it: exact for equal values
     (a uniform model scores ln(vocab) to the last bit) and no worse elsewhere."""
@@ -330,4 +343,5 @@ def recall_markdown(result: dict) -> str:
 
 
 __all__ = ["DISTANCES", "EVAL_STREAM", "FILLER_KINDS", "TRAIN_STREAM", "RecallDocument", "distances_for", "filler",
-           "make_document", "make_documents", "recall_accuracy", "recall_markdown", "score_documents"]
+           "make_document", "make_documents", "recall_accuracy", "recall_by_mode", "recall_markdown",
+           "score_documents"]

@@ -18,9 +18,9 @@ from memlm.tasks.recall_streams import TARGETS as RECALL_TARGETS
 
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
-# On CUDA the embedded stdlib corpus (10-30M tokens) is small for seed-small: one H200 trains at
-# ~850k tokens/s, an epoch every 15-40 s. Measured (H200, 2026-11-28): 1.25 minutes reach test bpb
-# 0.877, while 3 minutes on two H200s (~13 epochs) overfit to 1.20. Bring more data for longer runs.
+# On CUDA the embedded stdlib corpus (10-30M tokens) is small for seed-small, which passes over it
+# in well under a minute: longer default budgets overfit it (BENCHMARKS.md, "Training runs").
+# Bring more data for longer runs.
 CPU_MINUTES, CUDA_MINUTES = 3.0, 1.5
 CPU_BATCH, CUDA_BATCH = 8, 32
 CPU_LR, CUDA_LR = 2e-3, 1e-3
@@ -106,10 +106,10 @@ class TrainConfig:
     sample_temperature: float = 0.8
     """Sampling temperature of the samples."""
     cache_dir: str | None = None
+    """Where prepared corpora are cached; None = $MEMLM_CACHE or ~/.cache/memlm."""
     verify_data: bool = False
     """Read every document again at start and rebuild the cached corpus if its contents changed (the
     default check is each file's name, size and mtime, which an edit keeping both passes)."""
-    """Where prepared corpora are cached; None = $MEMLM_CACHE or ~/.cache/memlm."""
 
     def resolve(self, device_type: str) -> "TrainConfig":
         """A validated copy with the device-dependent defaults (batch size, budget) filled in."""

@@ -2,14 +2,20 @@
 
 Every record has a `kind` ("train", "eval" or "test") and the `step` it belongs to. On
 resume, metrics after the checkpoint's step (written by the run that crashed) are dropped,
-so the metrics read as one uninterrupted run; samples.txt keeps every sample written.
+so the metrics read as one uninterrupted run; samples.txt keeps every sample written. `Meter`
+gathers a train record's loss and time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 METRICS, SAMPLES = "metrics.jsonl", "samples.txt"
 
@@ -67,3 +73,49 @@ def truncate(path: Path, step: int) -> None:
     if path.exists():
         kept = [r for r in read(path) if r["step"] <= step and r["kind"] != "test"]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class Meter:
+    """Training loss (a device tensor until read) and training time between two train records."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum, self.steps = torch.zeros((), device=device), 0
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) does not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+"""Dense bf16 tensor-core peaks (vendor figures) by device-name fragment: the MFU estimate's
+fallback when measuring the peak fails."""
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str | None]:
+    """(peak FLOP/s for the MFU estimate, where it comes from): on CUDA in bf16 the best rate of
+    bf16 8192^3 matmuls measured now (memlm.device, well under a second), else the vendor
+    figure of PEAK_BF16_FLOPS; (None, None) on CPU or in fp32 (no MFU logged)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None, None
+    from memlm.device import measure_peak_flops
+    try:
+        peak = measure_peak_flops(device)["flops"]
+        torch.cuda.empty_cache()  # give the matrices' memory back
+        return peak, f"bf16 matmul peak measured on {torch.cuda.get_device_name(device)}"
+    except RuntimeError:  # e.g. out of memory on a crowded device: the vendor figure instead
+        name = torch.cuda.get_device_name(device)
+        peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+        return peak, f"vendor bf16 peak of {name}" if peak else None

@@ -10,22 +10,26 @@
         every checkpoint_every (default: with each evaluation) and at the end: checkpoint (latest, best)
       test bpb on the whole test split; PNGs: curves, test bpb by position in document, learned spans
 
-Resuming restores the weights, the optimizer, the counters, and every rank's data-loader
-and RNG state, so the steps after a resume are the steps an uninterrupted run would have
-taken. When the number of ranks changed, the loaders and RNGs are re-seeded from
-(seed, step) instead: the data order then differs from an uninterrupted run, as it must.
+The model is a LanguageModel built from the model config, or any module given as `model=` that
+speaks its protocol: forward(input_ids, targets, state) -> ModelOutput, init_state, load_state,
+after_optimizer_step, spans, num_parameters, flops_per_token, estimate_mfu, and a `config` with
+seq_len, stateful, memory.reset_at_document, validate(), to_dict() and from_dict().
+
+Public hooks for the code that runs a trainer: `warm_up(steps)` compiles before the clock
+(memlm.train.warmup), `evaluate(split)` scores a split, and callbacks (memlm.train.callbacks)
+hear of warm-ups, evaluations, metrics records and the end of `fit`. Resuming restores the
+weights, the optimizer, the counters, and every rank's data-loader and RNG state
+(memlm.train.resume).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,40 +38,35 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
-from memlm.tasks import RecallStreams, distances_for, recall_accuracy, recall_markdown
+from memlm.tasks import RecallStreams, distances_for, recall_by_mode, recall_markdown
 from memlm.eval import evaluate
 from memlm.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
-from memlm.train import checkpoint, distributed
+from memlm.train import checkpoint, distributed, resume, warmup
+from memlm.train.callbacks import Callback, notify
 from memlm.train.config import TrainConfig
 from memlm.train.lock import RunLock
-from memlm.train.metrics import MetricsLog, read
+from memlm.train.metrics import Meter, MetricsLog, peak_flops, read
 from memlm.train.optim import make_optimizer
 from memlm.train.plot import plot_by_position, plot_curves, plot_spans
 from memlm.device import autocast
 from memlm.train.progress import ProgressBar
+from memlm.train.resume import derived_seed
 from memlm.train.sample import sample_text
 from memlm.train.schedule import Schedule, step_progress
 
 EVALUATIONS = 10
 """Evaluations (and checkpoints) over a run whose eval_every is None."""
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-"""Dense bf16 tensor-core peaks (vendor figures) by device-name fragment: the MFU estimate's
-fallback when measuring the peak fails."""
-ModelFactory = Callable[[Any], nn.Module]
-"""(model config) -> a model with LanguageModel's protocol (forward(input_ids, targets, state) ->
-ModelOutput, init_state, load_state, after_optimizer_step, spans, num_parameters, estimate_mfu);
-the config must offer seq_len, stateful, memory.reset_at_document, validate(), to_dict() and
-from_dict(). memlm.bench.adapters wraps peer libraries' models this way."""
 
 
-def train(model_config: ModelConfig, config: TrainConfig, preset: str | None = None,
-          model_factory: ModelFactory | None = None) -> dict[str, Any]:
-    """Train (or resume) a run and return its summary; joins the torchrun process group if any."""
+def train(model_config: ModelConfig | None, config: TrainConfig, preset: str | None = None, *,
+          model: nn.Module | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train (or resume) a run and return its summary; joins the torchrun process group if any.
+    `model`, `callbacks`: as `Trainer` takes them."""
     info = distributed.setup(config.device)
     trainer = None
     try:
-        trainer = Trainer(model_config, config, info, preset, model_factory)
+        trainer = Trainer(model_config, config, info, preset, model=model, callbacks=callbacks)
         return trainer.fit()
     finally:
         if trainer is not None:
@@ -79,11 +78,6 @@ def default_run_dir(preset: str | None) -> Path:
     return Path("runs") / f"{preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def derived_seed(*values: int) -> int:
-    """A seed that depends on every value (numpy's SeedSequence mixing)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
-
-
 class TrainingError(Exception):
     """A run that cannot go on (one line for the user): its loss or gradient norm stayed
     non-finite, or its weights are no longer finite and cannot be checkpointed."""
@@ -92,10 +86,18 @@ class TrainingError(Exception):
 class Trainer:
     """One training run in one process (one rank of a data-parallel job)."""
 
-    def __init__(self, model_config: ModelConfig, config: TrainConfig, info: distributed.Dist,
-                 preset: str | None = None, model_factory: ModelFactory | None = None):
-        """model_factory: builds the model from model_config; None = LanguageModel."""
+    def __init__(self, model_config: ModelConfig | None, config: TrainConfig, info: distributed.Dist,
+                 preset: str | None = None, *, model: nn.Module | None = None,
+                 callbacks: Sequence[Callback] = ()):
+        """model: the module to train, built by the caller (seeded as it likes; the trainer moves it
+        to its device); None = a LanguageModel of model_config, built from the run's seed.
+        model_config: None = model.config. callbacks: told of the run's events (Callback)."""
+        if model_config is None:
+            if model is None:
+                raise ValueError("Trainer: give a model config, a model, or both")
+            model_config = model.config
         self.info, self.device = info, info.device
+        self.callbacks = list(callbacks)
         out = Path(config.out) if config.out else default_run_dir(preset)
         self.out = Path(distributed.all_gather_objects(info, str(out))[0])  # rank 0's timestamp everywhere
         if config.resume and not self.out.is_dir():
@@ -103,11 +105,11 @@ class Trainer:
         self.lock = RunLock(self.out).acquire() if info.main else None  # released by close()
         resume_from, self.resume_note = None, None
         if config.resume:
-            resume_from = self._checkpoint_to_resume()
+            resume_from, self.resume_note = resume.checkpoint_to_resume(self.out, info.main)
             if resume_from is not None:
                 saved = checkpoint.read_config(resume_from)
                 checkpoint.check_same_model(self.out, resume_from, saved)
-                model_config, config = _resumed_configs(saved, config, type(model_config))
+                model_config, config = resume.resumed_configs(saved, config, type(model_config))
                 preset = saved.get("preset") or preset
         elif (self.out / checkpoint.CHECKPOINTS).exists():
             raise checkpoint.CheckpointError(f"{self.out} already holds a run: pass --resume to continue it, "
@@ -126,10 +128,12 @@ class Trainer:
         self.seq_len = self.model_config.seq_len
         self.recall_distances = c.recall_distances or distances_for(self.seq_len)  # recall task only
         self.stateful = self.model_config.stateful
-        self.loader = self._make_loader(c.seed)
+        self.loader = self.make_loader(c.seed)
 
-        torch.manual_seed(c.seed)  # the same initial weights on every rank
-        self.model = (model_factory or LanguageModel)(self.model_config).to(self.device)
+        if model is None:
+            torch.manual_seed(c.seed)  # the same initial weights on every rank
+            model = LanguageModel(self.model_config)
+        self.model = model.to(self.device)
         torch.manual_seed(derived_seed(c.seed, info.rank))  # per-rank dropout / forgetful masks
         self.optimizer = make_optimizer(self.model, c.lr, c.weight_decay, (c.beta1, c.beta2), self.device.type)
         self.schedule = Schedule(c.lr, c.warmup_steps, c.schedule, c.min_lr_frac, c.decay_frac)
@@ -149,9 +153,9 @@ class Trainer:
         self.state: State | None = self.model.init_state(c.batch_size) if self.stateful else None
         if resume_from is not None:
             checkpoint.load_weights(self.model, resume_from, self.device)
-            self._load_trainer_state(checkpoint.load_trainer_state(resume_from))
+            resume.restore(self, checkpoint.load_trainer_state(resume_from))
         self.total_steps = self._total_steps()
-        self.peak_flops, self.peak_source = self._measure_peak() if info.main else (None, None)
+        self.peak_flops, self.peak_source = peak_flops(self.device, c.precision) if info.main else (None, None)
         self.origin = time.perf_counter() - self.elapsed  # the clock (reset when training starts)
         self.next_mark = math.inf  # minutes budget: when the next evaluation is due (set by fit)
 
@@ -170,26 +174,12 @@ class Trainer:
             (self.out / checkpoint.CONFIG).write_text(json.dumps(self.run_config(), indent=2) + "\n")
             self.log = MetricsLog(self.out, resume_step=self.step if resume_from is not None else None)
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The checkpoint --resume continues; None (and a note) for a run directory that holds no
-        complete checkpoint, such as one killed inside its first save, which then starts from the
-        beginning, its leftovers removed."""
-        try:
-            return checkpoint.find(self.out)
-        except checkpoint.CheckpointError:
-            if not (self.out / checkpoint.CONFIG).is_file():
-                raise
-        if self.info.main and (self.out / checkpoint.CHECKPOINTS).is_dir():
-            checkpoint.remove_leftovers(self.out / checkpoint.CHECKPOINTS)
-        self.resume_note = "no complete checkpoint to resume: starting from the beginning"
-        return None
-
     def close(self) -> None:
         """Release the run directory."""
         if self.lock is not None:
             self.lock.release()
 
-    def _make_loader(self, seed: int):
+    def make_loader(self, seed: int):
         """Contiguous streams for models that carry memory, random windows otherwise."""
         c, info = self.config, self.info
         if c.task == "recall":  # endless recall documents, as streams (models without memory ignore the state)
@@ -250,10 +240,11 @@ class Trainer:
                     if evaluate:
                         self.next_mark = self._next_mark()
                 self.bar.update(self._bar_position())
-            tested_step = self._restore_best() if c.test_weights == "best" else self.step
+            tested_step = resume.restore_best(self) if c.test_weights == "best" else self.step
             if c.test_weights == "best" and c.keep_best and self.best_weights is not None and main:
-                self._save_best_weights()
-            test = self._evaluate_split("test")
+                resume.save_best_weights(self)
+            test = self.evaluate("test")
+            notify(self.callbacks, "on_evaluate", self, "test", test)
             recall = self._recall() if c.task == "recall" and main else None
             sample = "" if not main else self.sample if self.sample is not None else self._sample()
         summary = {"run_dir": str(self.out), "steps": self.step, "tokens": self.tokens,
@@ -265,14 +256,15 @@ class Trainer:
         if recall is not None:
             summary["recall"] = recall
         if main:
-            self.log.write("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3),
-                           weights_step=tested_step, **_scored(test))
+            self._record("test", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3),
+                         weights_step=tested_step, **_scored(test))
             self.log.close()
             name = f"{self.preset or 'model'} on {c.data}"
             plot_curves(read(self.out), self.out / "curves.png", title=name)
             plot_by_position(test["by_position"], self.out / "by_position.png", title=f"test bpb by position: {name}")
             if (spans := self.model.spans()) is not None:
                 plot_spans(spans, self.out / "spans.png", self.model_config.span_max, title=f"learned spans: {name}")
+        notify(self.callbacks, "on_fit_end", self, summary)
         return summary
 
     def _total_steps(self) -> int | None:
@@ -404,77 +396,64 @@ class Trainer:
                   "skipped_steps": self.skipped_steps}
         if self.peak_flops:
             record["mfu"] = self.model.estimate_mfu(tokens_per_s / self.info.world_size, self.peak_flops)
-        self.log.write("train", self.step, **record)
+        self._record("train", self.step, **record)
         self.bar.update(self._bar_position(), step=self.step, loss=loss, bpb=record["bpb"], tokens_per_s=tokens_per_s)
 
-    def _measure_peak(self) -> tuple[float | None, str | None]:
-        """(peak FLOP/s for the MFU estimate, where it comes from): on CUDA in bf16 the best rate of
-        bf16 8192^3 matmuls measured now (memlm.device, well under a second), else the vendor
-        figure of PEAK_BF16_FLOPS; (None, None) on CPU or in fp32 (no MFU logged)."""
-        if self.device.type != "cuda" or self.config.precision == "fp32":
-            return None, None
-        from memlm.device import measure_peak_flops
-        try:
-            peak = measure_peak_flops(self.device)["flops"]
-            torch.cuda.empty_cache()  # give the matrices' memory back
-            return peak, f"bf16 matmul peak measured on {torch.cuda.get_device_name(self.device)}"
-        except RuntimeError:  # e.g. out of memory on a crowded device: the vendor figure instead
-            name = torch.cuda.get_device_name(self.device)
-            peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
-            return peak, f"vendor bf16 peak of {name}" if peak else None
-
     def _recall(self) -> dict[str, Any]:
-        """Recall accuracy by distance (memlm.tasks) with the model's memory and, for a model
-        with memory, without it; written to recall.md in the run directory."""
-        c, model = self.config, self.model
-        results = {}
-        was_training = model.training
-        model.eval()
-        try:
-            with self.autocast:
-                modes = [True, False] if self.stateful else [False]
-                for stateful in modes:
-                    results["memory" if stateful else "windowed"] = recall_accuracy(
-                        model, self.recall_distances, 64, c.batch_size, seed=c.seed, stateful=stateful)
-        finally:
-            model.train(was_training)
+        """Recall accuracy by distance (memlm.tasks) with the model's memory and, for a model with
+        memory, without it; written to recall.md in the run directory."""
+        with self.autocast:
+            results = recall_by_mode(self.model, self.recall_distances, 64, self.config.batch_size,
+                                     seed=self.config.seed)
         (self.out / "recall.md").write_text("\n\n".join(recall_markdown(r) for r in results.values()) + "\n")
         self.bar.log("\n".join(recall_markdown(r) for r in results.values()))
         return results
 
-    def _evaluate_split(self, name: str, max_tokens: int | None = None) -> dict[str, float]:
-        split = self.val_split if name == "validation" else self.corpus.split(name)
+    # ----- public hooks ---------------------------------------------------------------
+    @property
+    def eval_tokens(self) -> int:
+        """Validation tokens each evaluation during training scores (eval_batches batches)."""
+        return self.config.eval_batches * self.config.batch_size * self.seq_len
+
+    def evaluate(self, split: str = "validation", max_tokens: int | None = None) -> dict[str, Any]:
+        """Score the model as it is now on a split of the run's corpus (memlm.eval.evaluate: bpb,
+        loss, perplexity, tokens, by_position), about `max_tokens` of it spread over the split
+        (None = all of it), in the run's precision, with the memory kept across segments for a
+        model with memory. Collective under data parallelism: every rank must call it."""
+        data = self.val_split if split == "validation" else self.corpus.split(split)
         with self.autocast:
-            return evaluate(self.model, split, self.config.batch_size, self.seq_len, max_tokens,
+            return evaluate(self.model, data, self.config.batch_size, self.seq_len, max_tokens,
                             stateful=self.stateful, reset=self.model_config.memory.reset_at_document,
                             rank=self.info.rank, world_size=self.info.world_size)
+
+    def warm_up(self, steps: int) -> float:
+        """Compile before the clock: at least `steps` forward/backward passes with no update (more
+        for a memory that takes longer to fill) and one validation evaluation, the loader and
+        RNGs restored afterwards, so the run then trains as it would have (memlm.train.warmup).
+        Nothing for an uncompiled run. Seconds taken; callbacks hear of it (on_warmup_end)."""
+        seconds = warmup.compile_warm_up(self, steps)
+        notify(self.callbacks, "on_warmup_end", self, seconds)
+        return seconds
+
+    def _record(self, kind: str, step: int, **values: Any) -> None:
+        """A metrics record (rank 0), passed on to the callbacks."""
+        self.log.write(kind, step, **values)
+        notify(self.callbacks, "on_metrics", self, {"kind": kind, "step": step, **values})
 
     def _evaluate(self) -> None:
         """Validation bpb on eval_batches batches spread over the split, and a sample (rank 0)."""
         c = self.config
-        result = self._evaluate_split("validation", c.eval_batches * c.batch_size * self.seq_len)
+        result = self.evaluate("validation", self.eval_tokens)
+        notify(self.callbacks, "on_evaluate", self, "validation", result)
         if result["bpb"] < self.best_bpb:  # never true for a non-finite bpb
             self.best_bpb, self.best_evaluated_step = result["bpb"], self.step
             if c.test_weights == "best":
                 self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 self.best_step = self.step
         if self.info.main:
-            self.log.write("eval", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(result))
+            self._record("eval", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(result))
             self.sample = self._sample()
             self.bar.log(f"step {self.step:>6} | val bpb {result['bpb']:.4f} | sample: {self.sample[:100]!r}")
-
-    def _restore_best(self) -> int:
-        """Put back the weights of the best validation evaluation (early stopping) for the test; the
-        step they come from. A resumed run that has not improved since takes checkpoints/best."""
-        if self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
-            return self.best_step
-        try:
-            best = checkpoint.find(self.out, "best")
-        except checkpoint.CheckpointError:
-            return self.step  # never evaluated, or no best kept: the last weights
-        checkpoint.load_weights(self.model, best, self.device)
-        return checkpoint.load_trainer_state(best)["step"]
 
     def _sample(self) -> str:
         c = self.config
@@ -506,92 +485,15 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint the run (collective: every rank contributes its loader and RNG state)."""
-        rank_state = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
-                      "memory": self.state.to("cpu").state_dict() if self.state is not None else None,
-                      "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        ranks = distributed.all_gather_objects(self.info, rank_state)
+        ranks = distributed.all_gather_objects(self.info, resume.rank_state(self))
         if not self.info.main:
             return
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingError(f"step {self.step}: the weights are no longer finite and are not checkpointed; "
                                 f"the previous checkpoint is intact")
-        state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "decay_start": self.decay_start,
-                 "best_bpb": self.best_bpb, "best_evaluated_step": self.best_evaluated_step,
-                 "skipped_steps": self.skipped_steps, "world_size": self.info.world_size,
-                 "optimizer": self.optimizer.state_dict(), "ranks": ranks}
-        # best: only the checkpoint of the very step whose evaluation gave the best bpb
-        best = self.config.keep_best and self.best_evaluated_step == self.step
-        pointers = ("latest", "best") if best else ("latest",)
-        try:
-            checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.step, self.model, state, self.run_config(), pointers)
-        except OSError as e:  # a full disk, a read-only or vanished directory: the save removed its partial copy
-            raise checkpoint.CheckpointError(
-                f"{e.strerror or e} while writing checkpoint step {self.step} in {self.out / checkpoint.CHECKPOINTS}; "
-                f"the previous checkpoint is intact") from None
-
-    def _save_best_weights(self) -> None:
-        """Keep the restored best-validation weights as checkpoints/best when no checkpoint was
-        written at their step (races checkpoint only after the budget): `memlm eval`, `generate` and
-        `memorize` can then read the weights the test scored. A weights checkpoint: its trainer
-        state holds the step and the best bpb only, no optimizer or data state to resume from."""
-        state = {"step": self.best_step, "best_bpb": self.best_bpb, "weights_only": True}
-        checkpoint.save(self.out / checkpoint.CHECKPOINTS, self.best_step, self.model, state, self.run_config(),
-                        ("best",))
-
-    def _load_trainer_state(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-        self.decay_start, self.best_bpb = state["decay_start"], state["best_bpb"]
-        self.best_evaluated_step = state.get("best_evaluated_step")
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["world_size"] == self.info.world_size:
-            mine = state["ranks"][self.info.rank]
-            self.loader.load_state_dict(mine["loader"])
-            if mine.get("memory") is not None:
-                self.state = self.model.load_state(mine["memory"], self.device)
-            torch.set_rng_state(mine["rng"])
-            if mine["cuda_rng"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
-        else:  # a different number of ranks: fresh data order and RNG, derived from (seed, step)
-            c = self.config
-            self.loader = self._make_loader(derived_seed(c.seed, self.step))  # streams restart, memory empty
-            torch.manual_seed(derived_seed(c.seed, self.step, self.info.rank))
-
-
-class Meter:
-    """Training loss (a device tensor until read) and training time between two train records."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum, self.steps = torch.zeros((), device=device), 0
-        self.start, self.paused = time.perf_counter(), 0.0
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        """Time spent inside (evaluation, checkpoints) does not count as training time."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused += time.perf_counter() - start
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start - self.paused
+        resume.write_checkpoint(self, ranks)
 
 
 def _scored(result: dict[str, float]) -> dict[str, float]:
     """An evaluation result for a metrics record: its token count renamed to scored_tokens."""
     return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items() if k != "by_position"}
-
-
-def _resumed_configs(saved: dict[str, Any], given: TrainConfig,
-                     config_type: type = ModelConfig) -> tuple[ModelConfig, TrainConfig]:
-    """The saved configs of a run; a budget given now replaces the saved one."""
-    model_config = config_type.from_dict(saved["model"])
-    train_config = dataclasses.replace(TrainConfig.from_dict(saved["train"]), out=given.out, resume=True)
-    if any(v is not None for v in (given.steps, given.tokens, given.minutes)):
-        train_config = dataclasses.replace(train_config, steps=given.steps, tokens=given.tokens, minutes=given.minutes)
-    return model_config, train_config

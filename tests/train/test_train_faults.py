@@ -19,8 +19,8 @@ from memlm.train.metrics import read
 
 
 def poisoned(bad_steps: set[int] | None = None, from_step: int | None = None):
-    """A model factory whose training loss is NaN on the given optimizer steps (1-based), or on
-    every step from `from_step` on."""
+    """A LanguageModel class whose training loss is NaN on the given optimizer steps (1-based), or
+    on every step from `from_step` on."""
 
     class Poisoned(LanguageModel):
         step = 0
@@ -38,8 +38,8 @@ def poisoned(bad_steps: set[int] | None = None, from_step: int | None = None):
 
 def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_finite(corpus, tmp_path):
     run = tmp_path / "run"
-    summary = train(tiny_model(), fast_config(corpus, run, steps=8, max_nonfinite_steps=3),
-                    model_factory=poisoned({3, 4}))
+    summary = train(None, fast_config(corpus, run, steps=8, max_nonfinite_steps=3),
+                    model=poisoned({3, 4})(tiny_model()))
     assert summary["steps"] == 8 and math.isfinite(summary["test_bpb"])
     trains = [r for r in read(run) if r["kind"] == "train"]
     assert [r["skipped_steps"] for r in trains] == [0, 0, 1, 2, 2, 2, 2, 2]
@@ -56,7 +56,7 @@ def test_a_run_that_stays_non_finite_stops_naming_the_last_checkpoint(corpus, tm
     run = tmp_path / "run"
     config = fast_config(corpus, run, steps=20, max_nonfinite_steps=3, checkpoint_every=2, eval_every=10)
     with pytest.raises(TrainingError, match=r"stopped at step 6: .* 3 steps in a row .*step-00000004"):
-        train(tiny_model(), config, model_factory=poisoned(from_step=4))
+        train(None, config, model=poisoned(from_step=4)(tiny_model()))
     assert os.readlink(run / "checkpoints" / "latest") == "step-00000004"
 
 

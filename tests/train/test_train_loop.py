@@ -104,13 +104,13 @@ def test_a_run_directory_is_not_overwritten_without_resume(corpus, tmp_path):
 def fake_validation(monkeypatch, scores: list[float]) -> None:
     """Validation bpb replaced by `scores` in turn (the test split is still scored for real), so that
     which evaluation is best is known in advance."""
-    real, queue = Trainer._evaluate_split, list(scores)
+    real, queue = Trainer.evaluate, list(scores)
 
-    def evaluate_split(self, name, max_tokens=None):
-        result = real(self, name, max_tokens)
-        return {**result, "bpb": queue.pop(0)} if name == "validation" else result
+    def evaluate(self, split="validation", max_tokens=None):
+        result = real(self, split, max_tokens)
+        return {**result, "bpb": queue.pop(0)} if split == "validation" else result
 
-    monkeypatch.setattr(Trainer, "_evaluate_split", evaluate_split)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
 
 
 def test_bpb(run_dir, pointer: str) -> float:
