@@ -12,7 +12,7 @@
     memlm presets [--json]
     memlm race [--contenders A B ...] [--minutes M | --steps N] [--devices cuda:0 ... | --only NAME | --contender-index I]
                [TrainConfig options]
-    memlm race merge FILES...                  (memlm.bench.race: contenders trained for one budget, test bpb)
+    memlm race merge FILES...                  (memlm_bench.race: contenders trained for one budget, test bpb)
 
 argparse picks the command; tyro parses its options from a dataclass, so the help texts are
 the config fields' docstrings. `memlm train` reads --preset (and --device) first: the preset
@@ -245,14 +245,14 @@ def position_table(rows: list[dict]) -> str:
 # ----- bench ------------------------------------------------------------------------------
 
 def cmd_bench(argv: list[str]) -> int:
-    from memlm.bench import main as bench_main
+    from memlm_bench import main as bench_main
     return bench_main(argv)
 
 
 # ----- race -------------------------------------------------------------------------------
 
 def cmd_race(argv: list[str]) -> int:
-    from memlm.bench.race import main as race_main
+    from memlm_bench.race import main as race_main
     return race_main(argv)
 
 

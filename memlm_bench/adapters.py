@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memlm.bench.contenders import Shape, dense_flops_per_token
+from memlm_bench.contenders import Shape, dense_flops_per_token
 from memlm.model import LanguageModel, ModelOutput
 
 INSTALL_HINT = "pip install x-transformers"
@@ -69,10 +69,10 @@ class PeerConfig:
     seq_len: int = 512
     vocab_size: int = 257
     features: dict[str, Any] = field(default_factory=lambda: {"rotary_pos_emb": True})
-    """x-transformers Decoder switches (memlm.bench.peers.SEED_FEATURES for the programme's choices)."""
+    """x-transformers Decoder switches (memlm_bench.peers.SEED_FEATURES for the programme's choices)."""
     memory: PeerMemory = field(default_factory=PeerMemory)
     dropout: float = 0.0
-    """x-transformers' emb_dropout, ff_dropout and attn_dropout (memlm.bench.peers.x_transformer)."""
+    """x-transformers' emb_dropout, ff_dropout and attn_dropout (memlm_bench.peers.x_transformer)."""
 
     @property
     def stateful(self) -> bool:
@@ -194,7 +194,7 @@ class XTransformersLM(nn.Module):
         super().__init__()
         self.config = config.validate()
         _import_x_transformers()
-        from memlm.bench.peers import x_transformer
+        from memlm_bench.peers import x_transformer
         self.net = x_transformer(config.shape, config.features, max_mem_len=config.memory.length,
                                  dropout=config.dropout)
 

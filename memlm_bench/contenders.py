@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memlm
-from memlm.bench import reference
+from memlm_bench import reference
 from memlm.config import ModelConfig
 from memlm.decode import static as static_decode
 from memlm.state import State, allow_memory_recompiles

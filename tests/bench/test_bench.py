@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import memlm
-from memlm.bench import BenchConfig, ReferenceGPT, main, markdown, reference, run_bench, runner, write_results
-from memlm.bench.config import resolve
-from memlm.bench.contenders import (Contender, ContenderSpec, Shape, StreamObjective, dense_flops_per_token,
+from memlm_bench import BenchConfig, ReferenceGPT, main, markdown, reference, run_bench, runner, write_results
+from memlm_bench.config import resolve
+from memlm_bench.contenders import (Contender, ContenderSpec, Shape, StreamObjective, dense_flops_per_token,
                                     fill_stores, memlm_loss, memory_warmup)
-from memlm.bench.measure import measure_training, random_tokens
-from memlm.bench.peers import Peer
+from memlm_bench.measure import measure_training, random_tokens
+from memlm_bench.peers import Peer
 
 TINY = dict(device="cpu", presets=["vanilla-tiny", "seed-tiny"], batch_size=2, seq_len=32, layers=2, width=32,
             steps=3, warmup=1, repeats=2, gen_batch_sizes=[1, 3], gen_prompt_len=4, gen_new_tokens=5, peers=False)
@@ -358,7 +358,7 @@ def test_reshaping_keeps_memory_proportions_and_entries_take_their_own_overrides
 
 
 def test_graph_decode_mode_generates_what_the_eager_decoder_generates():
-    from memlm.bench.contenders import memlm_decoder, memlm_static_decoder
+    from memlm_bench.contenders import memlm_decoder, memlm_static_decoder
     torch.manual_seed(0)
     model = memlm.build("seed-tiny", layers=2, width=32, seq_len=64, **{"attention.heads": 4}).eval()
     prompt = torch.randint(0, 256, (3, 6))

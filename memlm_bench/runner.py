@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 import tyro
 
-from memlm.bench.config import BenchConfig, parse_overrides, resolve
-from memlm.bench.contenders import REFERENCE, Contender, ContenderSpec, Shape, memlm_spec
-from memlm.bench.measure import measure_generation, measure_training
-from memlm.bench.peers import PEERS, Peer
-from memlm.bench.report import environment, markdown, write_results
+from memlm_bench.config import BenchConfig, parse_overrides, resolve
+from memlm_bench.contenders import REFERENCE, Contender, ContenderSpec, Shape, memlm_spec
+from memlm_bench.measure import measure_generation, measure_training
+from memlm_bench.peers import PEERS, Peer
+from memlm_bench.report import environment, markdown, write_results
 from memlm.device import measure_peak_flops, pick_device, release
 from memlm.config import ModelConfig, get_preset
 from memlm.config import resolve as resolve_model

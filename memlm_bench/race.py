@@ -11,7 +11,7 @@ seed, budget) and the same Trainer: random windows for models without memory, co
 with the memory carried (and detached) for models with memory, validation and test bpb by
 `memlm.eval.evaluate`, which keeps the memory across segments and resets it where documents start.
 A contender is a memlm preset name or a peer: `x-transformers` (rotary, no memory) or
-`x-transformers-XL` (rotary, Transformer-XL memory of seq_len), wrapped by memlm.bench.adapters
+`x-transformers-XL` (rotary, Transformer-XL memory of seq_len), wrapped by memlm_bench.adapters
 and built at the `--peer-shape` preset's shape (or --layers/--width/--heads/--seq-len).
 
 The clock: a contender's budget is the Trainer's wall clock, which starts at `fit()` and includes
@@ -46,9 +46,9 @@ from typing import Any, Callable
 import torch
 import tyro
 
-from memlm.bench.adapters import PeerConfig, XTransformersLM
-from memlm.bench.contenders import Shape
-from memlm.bench.report import environment, slug
+from memlm_bench.adapters import PeerConfig, XTransformersLM
+from memlm_bench.contenders import Shape
+from memlm_bench.report import environment, slug
 from memlm.config import ConfigError, ModelConfig, describe, get_preset, presets, resolve
 from memlm.device import pick_device, release
 from memlm.train import distributed
@@ -141,7 +141,7 @@ class Contender:
     kind: str
     """memlm or peer."""
     model_config: Any
-    """A memlm ModelConfig, or a PeerConfig (memlm.bench.adapters)."""
+    """A memlm ModelConfig, or a PeerConfig (memlm_bench.adapters)."""
     factory: Callable | None
     """Trainer model_factory; None = LanguageModel."""
     description: str
@@ -311,9 +311,9 @@ def race_result(config: RaceConfig, names: list[str], device: torch.device) -> d
 
 
 def run_side_by_side(config: RaceConfig, argv: list[str], device: torch.device) -> dict:
-    """--devices: every contender in a child process on a device of its own (memlm.bench.parallel),
+    """--devices: every contender in a child process on a device of its own (memlm_bench.parallel),
     their results merged; a child that left no result is a failed row pointing at its log."""
-    from memlm.bench.parallel import run_children
+    from memlm_bench.parallel import run_children
 
     names = contender_names(config, device)
     runs = Path(config.out) if config.out else Path("runs") / f"race-{utc_stamp()}"
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.compile_warmup < 0:
             raise ValueError(f"--compile-warmup must be >= 0, got {config.compile_warmup}")
         if side_by_side:  # a child (--only) gets one device and drops --devices (parallel.child_argv)
-            from memlm.bench.parallel import check_devices
+            from memlm_bench.parallel import check_devices
             check_devices(config.devices)
     except (ValueError, ConfigError) as error:
         print(f"memlm race: error: {error}", file=sys.stderr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from memlm.bench.contenders import Contender, Decoder, Shape
+from memlm_bench.contenders import Contender, Decoder, Shape
 from memlm.device import autocast, median, repeat_seconds, seconds
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.bench.contenders import (Contender, ContenderSpec, Decoder, Objective, Shape, count_params,
+from memlm_bench.contenders import (Contender, ContenderSpec, Decoder, Objective, Shape, count_params,
                                     dense_flops_per_token)
 
 SEED_FEATURES = dict(rotary_pos_emb=True, attn_qk_norm=True, ff_relu_squared=True, attn_one_kv_head=True,

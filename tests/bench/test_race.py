@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from memlm import cli
-from memlm.bench import race
-from memlm.bench.adapters import PeerConfig, PeerMemory, PeerState, XTransformersLM
+from memlm_bench import race
+from memlm_bench.adapters import PeerConfig, PeerMemory, PeerState, XTransformersLM
 from memlm.config import get_preset
 from memlm.data import prepare
 from memlm.eval import evaluate
@@ -113,7 +113,7 @@ def test_contenders_race_side_by_side_in_processes_of_their_own(corpus, tmp_path
 
 def test_each_child_sees_only_its_own_gpu():
     """cuda:N becomes --device cuda with CUDA_VISIBLE_DEVICES naming the N-th GPU this process sees."""
-    from memlm.bench.parallel import child_device
+    from memlm_bench.parallel import child_device
 
     assert child_device("cuda:3", {"PATH": "x"}) == ("cuda", {"PATH": "x", "CUDA_VISIBLE_DEVICES": "3"})
     assert child_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "4, 6"})[1]["CUDA_VISIBLE_DEVICES"] == "6"
@@ -126,7 +126,7 @@ def test_each_child_sees_only_its_own_gpu():
 def test_children_are_not_given_the_parents_gpu_numbers():
     """A child sees one GPU: the parent's --devices (cuda:1 ...) would name GPUs it cannot see, so
     its options lose --devices and keep everything else."""
-    from memlm.bench.parallel import child_argv
+    from memlm_bench.parallel import child_argv
 
     argv = ["--contenders", "a", "b", "--devices", "cuda:0", "cuda:1", "--minutes", "10", "--devices=cuda:2", "-h"]
     assert child_argv(argv) == ["--contenders", "a", "b", "--minutes", "10", "-h"]
@@ -201,7 +201,7 @@ def test_a_missing_peer_library_fails_its_row_with_the_install_command(corpus, t
 
 
 def test_race_modules_import_without_x_transformers():
-    code = ("import sys; sys.modules['x_transformers'] = None; import memlm.bench.race, memlm.bench.adapters, "
+    code = ("import sys; sys.modules['x_transformers'] = None; import memlm_bench.race, memlm_bench.adapters, "
             "memlm.cli; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

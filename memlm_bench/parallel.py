@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from memlm.bench.report import slug
+from memlm_bench.report import slug
 
 POLL_S = 2.0
 """Seconds between looks at the running children."""
