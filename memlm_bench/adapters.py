@@ -35,12 +35,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from memlm_bench.contenders import Shape, dense_flops_per_token
-from memlm.model import LanguageModel, ModelOutput
+from memlm.model import ModelOutput
+from memlm.tasks import IGNORE
+from memlm_bench.workloads import Shape, dense_flops_per_token
 
 INSTALL_HINT = "pip install x-transformers"
+
+
+@dataclass(frozen=True)
+class TrainablePeer:
+    description: str
+    xl_memory: bool
+    """Transformer-XL memory of seq_len (trained on streams), or none (random windows)."""
+
+
+TRAINABLE_PEERS = {
+    "x-transformers": TrainablePeer("x-transformers, rotary, no memory", xl_memory=False),
+    "x-transformers-XL": TrainablePeer("x-transformers, rotary, XL memory = seq_len (streams, memory kept in "
+                                       "evaluation)", xl_memory=True),
+}
+"""The peers memlm's Trainer trains through `XTransformersLM` (the peer contenders of `memlm race`), by
+name. `memlm bench` times its own set of peers (memlm_bench.peers.PEERS)."""
 
 
 class PeerMissing(ImportError):
@@ -120,7 +138,10 @@ class PeerConfig:
 
 @dataclass
 class PeerState:
-    """What a peer model carries from one segment to the next (one batch of streams)."""
+    """What a peer model carries from one segment to the next (one batch of streams). x-transformers
+    hands its memory around as per-layer hidden states, not as memlm's typed per-layer `State`, so
+    the adapter keeps its own; it offers what the Trainer and evaluator call on a state (batch_size,
+    detach, to, reset, state_dict)."""
 
     position: int
     """Stream position of the next token (same for every row)."""
@@ -139,9 +160,11 @@ class PeerState:
         return self.rows
 
     def _map(self, fn) -> "PeerState":
-        opt = lambda t: None if t is None else fn(t)  # noqa: E731
-        return PeerState(self.position, self.rows, None if self.mems is None else [fn(m) for m in self.mems],
-                         opt(self.mem_mask), opt(self.tokens), opt(self.token_mask))
+        def apply(value):
+            if isinstance(value, list):
+                return [fn(t) for t in value]
+            return fn(value) if isinstance(value, torch.Tensor) else value
+        return dataclasses.replace(self, **{f.name: apply(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def detach(self) -> "PeerState":
         return self._map(lambda t: t.detach())
@@ -162,19 +185,23 @@ class PeerState:
                 visible = torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
             return visible & keep.to(visible.device)
 
-        return PeerState(self.position, self.rows, self.mems,
-                         hide(self.mem_mask, self.mems[0] if self.mems else None),
-                         self.tokens, hide(self.token_mask, self.tokens))
+        return dataclasses.replace(self, mem_mask=hide(self.mem_mask, self.mems[0] if self.mems else None),
+                                   token_mask=hide(self.token_mask, self.tokens))
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "rows": self.rows,
-                "mems": None if self.mems is None else list(self.mems), "mem_mask": self.mem_mask,
-                "tokens": self.tokens, "token_mask": self.token_mask}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_state_dict(cls, data: dict) -> "PeerState":
-        return cls(data["position"], data["rows"], data["mems"], data["mem_mask"], data["tokens"],
-                   data["token_mask"])
+        return cls(**data)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """The loss memlm's models return: mean cross-entropy in float32 over the targets (B, T), IGNORE
+    (-100) skipped; None without targets."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 def _import_x_transformers():
@@ -220,7 +247,7 @@ class XTransformersLM(nn.Module):
         else:
             logits, new_state = self._windowed(input_ids, state)
         aux_loss = torch.zeros((), device=input_ids.device)
-        return ModelOutput(logits, LanguageModel._loss(logits, targets), aux_loss, new_state)
+        return ModelOutput(logits, lm_loss(logits, targets), aux_loss, new_state)
 
     def _with_memory(self, input_ids: torch.Tensor, state: PeerState) -> tuple[torch.Tensor, PeerState]:
         """One segment with the XL memory in the state; the memory returned is detached."""

@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from memlm_bench.report import results_dir
+
 DecodeMode = Literal["eager", "compile", "graph"]
 DECODE_MODES = get_args(DecodeMode)
 
@@ -62,8 +64,8 @@ class BenchConfig:
     """auto (CUDA when available), cuda, cuda:N or cpu."""
     seed: int = 0
     """Seed of the random weights and token data."""
-    out: Path = Path("benchmarks")
-    """Directory for the JSON and markdown results."""
+    out: Path | None = None
+    """Directory for the JSON and markdown results; None = $MEMLM_RESULTS, else ~/memlm-results."""
     json: bool = False
     """Print the result as one JSON object on the last line of stdout."""
 
@@ -78,10 +80,11 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def resolve(config: BenchConfig, device: torch.device) -> BenchConfig:
-    """A copy with every None field set to the device's default, checked for consistency."""
+    """A copy with every None field set to the device's default (the results directory too),
+    checked for consistency."""
     defaults = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     filled = {name: value for name, value in defaults.items() if getattr(config, name) is None}
-    config = dataclasses.replace(config, **filled)
+    config = dataclasses.replace(config, **filled, out=results_dir(config.out))
     _check(config)
     return config
 

@@ -1,4 +1,4 @@
-"""The two measurements every contender gets: training steps and cached greedy generation.
+"""The two measurements every workload gets: training steps and cached greedy generation.
 
 Training: AdamW (fused on CUDA) over the objective, bf16 autocast on CUDA, random tokens
 already on the device, `warmup` untimed steps (torch.compile happens in the first), then
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from memlm_bench.contenders import Contender, Decoder, Shape
+from memlm_bench.workloads import Decoder, Shape, Workload
 from memlm.device import autocast, median, repeat_seconds, seconds
 
 
@@ -25,12 +25,12 @@ def random_tokens(vocab_size: int, size: tuple[int, ...], device: torch.device, 
     return torch.randint(0, vocab_size, size, device=device, generator=generator)
 
 
-def measure_training(contender: Contender, shape: Shape, *, steps: int, warmup: int, repeats: int,
+def measure_training(workload: Workload, shape: Shape, *, steps: int, warmup: int, repeats: int,
                      compile: bool, device: torch.device, seed: int) -> dict:
-    """Train the contender's objective and time it. Returns tokens (per timed run), seconds
+    """Train the workload's objective and time it. Returns tokens (per timed run), seconds
     (each run), tokens_per_s (of the median run), initial_loss (the first step's, at init) and
     peak_mem_bytes (CUDA, timed runs only; None elsewhere)."""
-    objective = contender.objective.train()
+    objective = workload.objective.train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(objective) if compile else objective
     data = random_tokens(shape.vocab_size, (steps, shape.batch_size, shape.seq_len + 1), device, seed)

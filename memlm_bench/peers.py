@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm_bench.contenders import (Contender, ContenderSpec, Decoder, Objective, Shape, count_params,
-                                    dense_flops_per_token)
+from memlm_bench.workloads import (Decoder, Entry, Objective, Shape, Workload, count_params,
+                                  dense_flops_per_token)
 
 SEED_FEATURES = dict(rotary_pos_emb=True, attn_qk_norm=True, ff_relu_squared=True, attn_one_kv_head=True,
                      use_scalenorm=True, ff_no_bias=True)
@@ -36,7 +36,7 @@ SEED_FEATURES = dict(rotary_pos_emb=True, attn_qk_norm=True, ff_relu_squared=Tru
 
 @dataclass(frozen=True)
 class Peer:
-    spec: ContenderSpec
+    entry: Entry
     module: str
     """The import name whose presence enables this peer."""
 
@@ -89,10 +89,10 @@ def x_transformers_decoder(model: nn.Module) -> Decoder:
                    extend=lambda prompt, n: wrapper.generate(prompt, n, temperature=0.0, cache_kv=True))
 
 
-def x_transformers_contender(features: dict, notes: list[str]):
-    def build(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
+def x_transformers_workload(features: dict, notes: list[str]):
+    def build(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
         model = x_transformer(shape, features).to(device)
-        return Contender(Objective(model, logits_loss), dense_flops_per_token(model, shape, shape.seq_len),
+        return Workload(Objective(model, logits_loss), dense_flops_per_token(model, shape, shape.seq_len),
                          count_params(model), decoder=x_transformers_decoder(model),
                          notes=notes + ["generation timed with its prompt pass"])
     return build
@@ -103,9 +103,9 @@ def xl_step(model, inputs, targets, memory):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), memory
 
 
-def build_x_transformers_xl(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
+def build_x_transformers_xl(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
     model = x_transformer(shape, {}, max_mem_len=shape.seq_len).to(device)
-    return Contender(RecurrentObjective(model, xl_step), dense_flops_per_token(model, shape, shape.seq_len),
+    return Workload(RecurrentObjective(model, xl_step), dense_flops_per_token(model, shape, shape.seq_len),
                      count_params(model), notes=["XL memory = seq_len", "no cached decode with memory"])
 
 
@@ -116,13 +116,13 @@ def compressive_step(model, inputs, targets, memory):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) + aux_loss, memory
 
 
-def build_compressive(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
+def build_compressive(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
     from compressive_transformer_pytorch import CompressiveTransformer
     model = CompressiveTransformer(
         num_tokens=shape.vocab_size, dim=shape.width, seq_len=shape.seq_len, depth=shape.layers,
         heads=shape.heads, mem_len=shape.seq_len, cmem_len=shape.seq_len // 4, cmem_ratio=4,
         gru_gated_residual=False).to(device)
-    return Contender(RecurrentObjective(model, compressive_step),
+    return Workload(RecurrentObjective(model, compressive_step),
                      dense_flops_per_token(model, shape, shape.seq_len), count_params(model),
                      notes=["memory seq_len, compressed seq_len/4", "plain residual", "no cached decode"])
 
@@ -141,7 +141,7 @@ class KnnObjective(nn.Module):
         return self.model(inputs, self.knn_memories, labels=targets)
 
 
-def build_memorizing(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
+def build_memorizing(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
     from memorizing_transformers_pytorch import MemorizingTransformer
     directory = tempfile.mkdtemp(prefix="memlm-bench-knn-")
     model = MemorizingTransformer(
@@ -154,19 +154,19 @@ def build_memorizing(shape: Shape, device: torch.device, decode_mode: str) -> Co
         knn_memories.cleanup()
         shutil.rmtree(directory, ignore_errors=True)
 
-    return Contender(KnnObjective(model, knn_memories), dense_flops_per_token(model, shape, shape.seq_len),
+    return Workload(KnnObjective(model, knn_memories), dense_flops_per_token(model, shape, shape.seq_len),
                      count_params(model), close=close,
                      notes=["kNN memory 4 x seq_len per row, 32 retrieved", "no cached decode"])
 
 
 PEERS = [
-    Peer(ContenderSpec("x-transformers", "peer", x_transformers_contender({}, [])), "x_transformers"),
-    Peer(ContenderSpec("x-transformers seed features", "peer",
-                       x_transformers_contender(SEED_FEATURES, ["rope, qk-norm, relu^2, 1 kv head, scalenorm"])),
+    Peer(Entry("x-transformers", "peer", x_transformers_workload({}, [])), "x_transformers"),
+    Peer(Entry("x-transformers seed features", "peer",
+                       x_transformers_workload(SEED_FEATURES, ["rope, qk-norm, relu^2, 1 kv head, scalenorm"])),
          "x_transformers"),
-    Peer(ContenderSpec("x-transformers XL", "peer", build_x_transformers_xl), "x_transformers"),
-    Peer(ContenderSpec("compressive-transformer-pytorch", "peer", build_compressive),
+    Peer(Entry("x-transformers XL", "peer", build_x_transformers_xl), "x_transformers"),
+    Peer(Entry("compressive-transformer-pytorch", "peer", build_compressive),
          "compressive_transformer_pytorch"),
-    Peer(ContenderSpec("memorizing-transformers-pytorch", "peer", build_memorizing),
+    Peer(Entry("memorizing-transformers-pytorch", "peer", build_memorizing),
          "memorizing_transformers_pytorch"),
 ]

@@ -1,74 +1,76 @@
-"""`memlm race`: contenders trained for the same budget by memlm's own training loop, then scored on
-test bits per byte, side by side in one table (the quality counterpart of `memlm bench`'s speeds).
+"""`memlm race`: contenders trained for the same budget by memlm's own Trainer, then scored on test
+bits per byte, side by side in one table (the quality counterpart of `memlm bench`'s speeds).
 
     memlm race --contenders seed-small seed-xl-small x-transformers x-transformers-XL --minutes 2.33
     memlm race ... --devices cuda:0 cuda:1 cuda:2 cuda:3   # side by side: a process and a GPU each
     memlm race ... --only x-transformers-XL          # one contender (one GPU each, in parallel), its own JSON
-    memlm race merge benchmarks/race-*-<stamp>*.json # one table from several such files
+    memlm race merge $MEMLM_RESULTS/race-*-<stamp>*.json  # one table from several such files
 
 Every contender gets the same TrainConfig (corpus, batch, sequence length, optimizer, schedule,
 seed, budget) and the same Trainer: random windows for models without memory, contiguous streams
 with the memory carried (and detached) for models with memory, validation and test bpb by
 `memlm.eval.evaluate`, which keeps the memory across segments and resets it where documents start.
 A contender is a memlm preset name or a peer: `x-transformers` (rotary, no memory) or
-`x-transformers-XL` (rotary, Transformer-XL memory of seq_len), wrapped by memlm_bench.adapters
-and built at the `--peer-shape` preset's shape (or --layers/--width/--heads/--seq-len).
+`x-transformers-XL` (rotary, Transformer-XL memory of seq_len), wrapped by memlm_bench.adapters,
+built at the `--peer-shape` preset's shape (or --layers/--width/--heads/--seq-len) and handed to
+the Trainer as `model=`.
 
 The clock: a contender's budget is the Trainer's wall clock, which starts at `fit()` and includes
 the validation evaluations made during training (10 over a minutes budget unless --eval-every
-sets a step interval; 8 batches each). Before it starts, `--compile-warmup` forward/backward
-passes (no weight update; data order, memory and RNG restored afterwards) and one validation
-evaluation let torch.compile compile every graph variant the run will need, so compilation is
-not charged to the budget; its seconds are reported as warm-up. The final validation and test
-evaluations and the checkpoints come after the budget: latest (the last step) and, with
-`--test-weights best` (the default), best, the weights of the best validation, which the test
-scores (`memlm eval/memorize <out>/<contender>/checkpoints/best`). Text samples are off by
-default (`--sample-bytes 0`): token-by-token sampling would cost each contender a different
-share of its budget.
+sets a step interval; 8 batches each). Before it starts, `Trainer.warm_up(--compile-warmup)`
+(forward/backward passes with no weight update, then one validation evaluation; data order,
+memory and RNGs restored afterwards) lets torch.compile compile every graph variant the run will
+need, so compilation is not charged to the budget; its seconds are reported as warm-up. The
+final validation and test evaluations and the checkpoints come after the budget: latest (the
+last step) and, with `--test-weights best` (the race's default), best, the weights of the best
+validation, which the test scores (`memlm eval/memorize <out>/<contender>/checkpoints/best`).
+Text samples are off by default (`--sample-bytes 0`): token-by-token sampling would cost each
+contender a different share of its budget. The row's numbers come from the Trainer's callbacks
+(its metrics records) and its summary. Tables: memlm_bench.race_report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import math
 import os
-import re
 import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import torch
 import tyro
+from torch import nn
 
-from memlm_bench.adapters import PeerConfig, XTransformersLM
-from memlm_bench.contenders import Shape
-from memlm_bench.report import environment, slug
-from memlm.config import ConfigError, ModelConfig, describe, get_preset, presets, resolve
+from memlm.config import ConfigError, describe, presets, resolve
 from memlm.device import pick_device, release
-from memlm.train import distributed
-from memlm.train.config import TrainConfig
-from memlm.train.metrics import read
-from memlm.train.trainer import Trainer
+from memlm.train import Callback, Trainer, TrainConfig, distributed
+from memlm_bench.adapters import TRAINABLE_PEERS, PeerConfig, XTransformersLM
+from memlm_bench.race_report import RESULT_KIND, load, merge, race_markdown, write_race_results
+from memlm_bench.report import environment, results_dir, slug, utc_stamp
+from memlm_bench.workloads import Shape
 
-PEERS = {
-    "x-transformers": "x-transformers, rotary, no memory",
-    "x-transformers-XL": "x-transformers, rotary, XL memory = seq_len (streams, memory kept in evaluation)",
-}
-"""Peer contenders (benchmark-only; need `pip install x-transformers`) and what they are."""
 DEFAULT_CONTENDERS = {"cuda": ["seed-small", "seed-xl-small", "x-transformers", "x-transformers-XL"],
                       "cpu": ["seed-tiny", "seed-xl-tiny"]}
-RESULT_KIND = "memlm race"
+
+
+def race_training() -> TrainConfig:
+    """The training settings a race starts from: TrainConfig's, but tested with the best validation's
+    weights, no text samples and checkpoints only after the budget."""
+    return TrainConfig(test_weights="best", sample_bytes=0, checkpoint_every=1_000_000_000)
 
 
 @dataclass
-class RaceConfig(TrainConfig):
-    """Train each contender with the same training config and budget, then compare test bpb."""
+class RaceConfig:
+    """Train each contender with the same training config and budget, then compare test bpb. The
+    training options are TrainConfig's, except that --out is the directory holding one run
+    directory per contender (<out>/<contender>; None = runs/race-<UTC time>), a race never
+    resumes, and by default it tests the best validation's weights (--test-weights best), samples
+    no text (--sample-bytes 0) and checkpoints only after the budget."""
 
     contenders: list[str] | None = None
     """Contenders: memlm preset names and the peers x-transformers, x-transformers-XL; None = seed-small
@@ -102,25 +104,16 @@ class RaceConfig(TrainConfig):
     peer_train_reset: float = 0.0
     """The peers' memory.train_reset: in training each row also forgets its XL memory at a segment start
     with this probability. Give the memlm contenders' (--overrides memory.train_reset=P) to train both alike."""
-    test_weights: str = "best"
-    """Weights each contender is tested with: best (those of its lowest validation bpb during the budget,
-    i.e. early stopping; the default, since fast models overfit a small corpus well within a budget)
-    or last."""
     compile_warmup: int = 4
     """Forward/backward passes (no update) before the clock starts, so compilation is not charged to the
     budget (compiled runs only); 0 = compile inside the budget."""
-    out: str | None = None
-    """Directory holding one run directory per contender (<out>/<contender>); None = runs/race-<UTC time>."""
-    resume: tyro.conf.Suppress[bool] = False
-    sample_bytes: int = 0
-    """Bytes sampled at each evaluation; 0 (default) keeps sampling out of the budget."""
-    checkpoint_every: int | None = 1_000_000_000
-    """Steps between checkpoints; the default writes them only after the budget (latest, and best:
-    the tested weights)."""
-    results: str = "benchmarks"
-    """Directory of the JSON and markdown results (race-<UTC time>-<device>[-<contender>].json/.md)."""
+    results: str | None = None
+    """Directory of the JSON and markdown results (race-<UTC time>-<device>[-<contender>].json/.md);
+    None = $MEMLM_RESULTS, else ~/memlm-results."""
     json: bool = False
     """Print the result object as one JSON line last."""
+    train: Annotated[TrainConfig, tyro.conf.arg(name="")] = field(default_factory=race_training)
+    """The training settings every contender shares (their options appear without a prefix)."""
 
 
 @dataclass
@@ -129,22 +122,24 @@ class MergeConfig:
 
     files: tyro.conf.Positional[list[str]]
     """JSON files written by memlm race (race-*.json)."""
-    results: str = "benchmarks"
-    """Directory of the merged JSON and markdown."""
+    results: str | None = None
+    """Directory of the merged JSON and markdown; None = $MEMLM_RESULTS, else ~/memlm-results."""
     json: bool = False
     """Print the merged result object as one JSON line last."""
 
 
 @dataclass
 class Contender:
+    """One contender of a race, planned (its model not built yet)."""
+
     name: str
     kind: str
     """memlm or peer."""
     model_config: Any
     """A memlm ModelConfig, or a PeerConfig (memlm_bench.adapters)."""
-    factory: Callable | None
-    """Trainer model_factory; None = LanguageModel."""
     description: str
+    adapter: Callable[[Any], nn.Module] | None = None
+    """Builds a peer's model from its config; None for memlm presets, which the Trainer builds."""
 
 
 def log(message: str) -> None:
@@ -184,18 +179,18 @@ def split_contender(name: str) -> tuple[str, list[str]]:
 
 def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
     """The contenders, checked and built as configs (no model is made yet)."""
-    known = presets() + list(PEERS)
+    known = presets() + list(TRAINABLE_PEERS)
     split = {name: split_contender(name) for name in names}  # name -> (preset or peer, its own overrides)
     unknown = [name for name in names if split[name][0] not in known]
     if unknown:
         raise ValueError(f"unknown contender {', '.join(unknown)}; known: memlm presets ({', '.join(presets())}) "
-                         f"and peers {', '.join(PEERS)}")
+                         f"and peers {', '.join(TRAINABLE_PEERS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"a contender is named twice: {' '.join(names)}")
     for item in config.overrides + [item for _, own in split.values() for item in own]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must read key=value")
-    with_own = [name for name, (base, own) in split.items() if own and base in PEERS]
+    with_own = [name for name, (base, own) in split.items() if own and base in TRAINABLE_PEERS]
     if with_own:
         raise ValueError(f"{', '.join(with_own)}: a peer takes no overrides of its own (give --peer-dropout, "
                          f"--peer-train-reset, --peer-shape)")
@@ -204,39 +199,65 @@ def plan(config: RaceConfig, names: list[str]) -> list[Contender]:
     overrides = dict(item.split("=", 1) for item in config.overrides)
     contenders = []
     for name in names:
-        if name in PEERS:
-            base = resolve(config.peer_shape, **shape)
-            peer = PeerConfig.of(Shape.of(base, 0), memory=base.seq_len if name.endswith("-XL") else 0,
+        if name in TRAINABLE_PEERS:
+            base, trainable = resolve(config.peer_shape, **shape), TRAINABLE_PEERS[name]
+            peer = PeerConfig.of(Shape.of(base, 0), memory=base.seq_len if trainable.xl_memory else 0,
                                  dropout=config.peer_dropout, train_reset=config.peer_train_reset).validate()
-            text = PEERS[name] + (f"; dropout={config.peer_dropout:g}" if config.peer_dropout else "")
+            text = trainable.description + (f"; dropout={config.peer_dropout:g}" if config.peer_dropout else "")
             if config.peer_train_reset and peer.stateful:
                 text += f"; train_reset={config.peer_train_reset:g}"
-            contenders.append(Contender(name, "peer", peer, XTransformersLM, text))
+            contenders.append(Contender(name, "peer", peer, text, adapter=XTransformersLM))
         else:
             preset, own = split[name]
             own_overrides = dict(item.split("=", 1) for item in own)
             model_config = resolve(preset, **{**shape, **overrides, **own_overrides}).validate()
             given = config.overrides + own
             text = describe(preset) + ("; " + ", ".join(given) if given else "")
-            contenders.append(Contender(name, "memlm", model_config, None, text))
+            contenders.append(Contender(name, "memlm", model_config, text))
     return contenders
 
 
 def train_config(config: RaceConfig, run_dir: Path) -> TrainConfig:
     """The TrainConfig every contender shares, with this contender's run directory."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**values, "out": str(run_dir), "resume": False})
+    return dataclasses.replace(config.train, out=str(run_dir), resume=False)
+
+
+def runs_dir(config: RaceConfig) -> Path:
+    """The directory of the contenders' run directories: --out, or runs/race-<UTC time>."""
+    return Path(config.train.out) if config.train.out else Path("runs") / f"race-{utc_stamp()}"
+
+
+def settings(config: RaceConfig) -> dict[str, Any]:
+    """The race's settings as one flat JSON-ready dict: the training options, then the race's own."""
+    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("train", "json")}
+    return {**dataclasses.asdict(config.train), **own}
 
 
 # ----- running ----------------------------------------------------------------------------
 
-def make_trainer(contender: Contender, config: TrainConfig, info: distributed.Dist) -> Trainer:
-    """The contender's Trainer: memlm presets are built by it, peers by their adapter, seeded alike."""
+class Recorder(Callback):
+    """What the race keeps of a Trainer's run: its metrics records and the warm-up's seconds."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.warmup_s = 0.0
+
+    def on_warmup_end(self, trainer, seconds: float) -> None:
+        self.warmup_s = seconds
+
+    def on_metrics(self, trainer, record: dict) -> None:
+        self.records.append(record)
+
+
+def make_trainer(contender: Contender, config: TrainConfig, info: distributed.Dist,
+                 callbacks: list[Callback] | None = None) -> Trainer:
+    """The contender's Trainer: a memlm preset is built by it, a peer by its adapter, from the same seed."""
     model = None
-    if contender.factory is not None:
-        torch.manual_seed(config.seed)  # the same initial weights as the trainer gives its own models
-        model = contender.factory(contender.model_config)
-    return Trainer(contender.model_config, config, info, preset=contender.name, model=model)
+    if contender.adapter is not None:
+        torch.manual_seed(config.seed)  # the initial weights the Trainer gives the models it builds
+        model = contender.adapter(contender.model_config)
+    return Trainer(contender.model_config, config, info, preset=contender.name, model=model,
+                   callbacks=callbacks or [])
 
 
 def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: torch.device) -> dict:
@@ -247,16 +268,19 @@ def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: 
                            "meta": environment(device), "error": None}
     trainer = None
     try:
-        trainer = make_trainer(contender, train_config(config, Path(row["run_dir"])), distributed.setup(config.device))
+        recorder = Recorder()
+        trainer = make_trainer(contender, train_config(config, Path(row["run_dir"])),
+                               distributed.setup(config.train.device), [recorder])
         row.update(params=trainer.model.num_parameters(), stateful=bool(trainer.stateful),
                    seq_len=trainer.seq_len, flops_per_token=trainer.model.flops_per_token(),
                    peak_flops=trainer.peak_flops, peak_source=trainer.peak_source,
                    train_config=trainer.config.to_dict())
         log(f"{contender.name}: {row['params']:,} parameters; compile warm-up")
-        row["warmup_s"] = trainer.warm_up(config.compile_warmup)
+        trainer.warm_up(config.compile_warmup)
+        row["warmup_s"] = recorder.warmup_s
         log(f"{contender.name}: training ({row['warmup_s']:.0f} s warm-up)")
         summary = trainer.fit()
-        row.update(scores(summary, read(trainer.out), trainer))
+        row.update(scores(summary, recorder.records, trainer))
         log(f"{contender.name}: test bpb {row['test_bpb']:.4f} after {row['steps']:,} steps")
     except Exception as error:  # a failing contender is a row of the table, not the end of the race
         row["error"] = f"{type(error).__name__}: {error}"
@@ -272,7 +296,7 @@ def run_contender(contender: Contender, config: RaceConfig, runs: Path, device: 
 
 
 def scores(summary: dict, records: list[dict], trainer: Trainer) -> dict:
-    """A row's numbers from the Trainer's summary and metrics.jsonl."""
+    """A row's numbers from the Trainer's summary and metrics records."""
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     steady = [r["tokens_per_s"] for r in train[1:] or train]  # the first record holds the first steps
@@ -291,10 +315,10 @@ def scores(summary: dict, records: list[dict], trainer: Trainer) -> dict:
 
 def run_race(config: RaceConfig) -> dict:
     """Train and score the selected contenders one after another; the JSON-ready result."""
-    device = pick_device(config.device)
+    device = pick_device(config.train.device)
     names = contender_names(config, device)
     contenders = plan(config, selected_names(config, device))
-    runs = Path(config.out) if config.out else Path("runs") / f"race-{utc_stamp()}"
+    runs = runs_dir(config)
     rows = []
     for contender in contenders:
         log(f"{contender.name} ({contender.description}) -> {runs / slug(contender.name)}")
@@ -305,8 +329,7 @@ def run_race(config: RaceConfig) -> dict:
 
 def race_result(config: RaceConfig, names: list[str], device: torch.device) -> dict:
     """A result without rows: this machine's environment and the race's settings."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "json"}
-    return {"kind": RESULT_KIND, "meta": environment(device), "config": {**settings, "contenders": names},
+    return {"kind": RESULT_KIND, "meta": environment(device), "config": {**settings(config), "contenders": names},
             "single": False, "rows": [], "notes": []}
 
 
@@ -316,7 +339,7 @@ def run_side_by_side(config: RaceConfig, argv: list[str], device: torch.device) 
     from memlm_bench.parallel import run_children
 
     names = contender_names(config, device)
-    runs = Path(config.out) if config.out else Path("runs") / f"race-{utc_stamp()}"
+    runs = runs_dir(config)
     ended = run_children(names, argv, config.devices, runs, log)
     loaded = [load(path) for path in ended.values() if isinstance(path, Path)]
     own = race_result(config, names, device)  # the settings of this race, not of its children (--only ...)
@@ -332,145 +355,6 @@ def run_side_by_side(config: RaceConfig, argv: list[str], device: torch.device) 
     return result
 
 
-def utc_stamp(date: str | None = None) -> str:
-    """'2026-11-28T02:43:17+00:00' (or now) -> '20261128T024317'."""
-    date = date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return re.sub(r"[^0-9T]", "", date.split("+")[0])
-
-
-# ----- merging and reporting --------------------------------------------------------------
-
-COMPARED = ("data", "fractions", "steps", "tokens", "minutes", "batch_size", "grad_accum", "lr", "min_lr_frac",
-            "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
-            "precision", "compile", "eval_every", "eval_batches", "layers", "width", "heads", "seq_len",
-            "peer_shape", "overrides", "compile_warmup", "sample_bytes", "test_weights", "peer_dropout",
-            "peer_train_reset")
-"""Settings that must agree between merged runs (a difference is noted under the table)."""
-
-
-def merge(results: list[dict]) -> dict:
-    """One result from several (e.g. one contender each): rows in --contenders order, each keeping its
-    own environment; settings that differ between the inputs are noted."""
-    if not results:
-        raise ValueError("nothing to merge")
-    for result in results:
-        if result.get("kind") != RESULT_KIND:
-            raise ValueError("not a memlm race result (its 'kind' is not 'memlm race')")
-    first = results[0]
-    order = list(first["config"]["contenders"])
-    rows = [row for result in results for row in result["rows"]]
-    rows.sort(key=lambda row: order.index(row["contender"]) if row["contender"] in order else len(order))
-    notes = [note for result in results for note in result.get("notes", [])]
-    for name in COMPARED:
-        values = {json.dumps(result["config"].get(name)) for result in results}
-        if len(values) > 1:
-            notes.append(f"the merged runs differ in {name}: {', '.join(sorted(values))}")
-    seen = [row["contender"] for row in rows]
-    notes += [f"{name} appears {seen.count(name)} times" for name in dict.fromkeys(seen) if seen.count(name) > 1]
-    meta = dict(first["meta"])
-    for key in ("device", "torch", "commit", "python"):
-        values = list(dict.fromkeys(str(row["meta"].get(key)) for row in rows)) or [str(meta.get(key))]
-        meta[key] = values[0] if len(values) == 1 else " / ".join(values)
-    meta["date"] = min(row["meta"]["date"] for row in rows) if rows else meta["date"]
-    return {"kind": RESULT_KIND, "meta": meta, "config": first["config"], "single": False, "rows": rows,
-            "notes": list(dict.fromkeys(notes)), "merged_from": [result.get("file") for result in results]}
-
-
-def _fmt(value: float | None, spec: str = "{:,.0f}") -> str:
-    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else spec.format(value)
-
-
-COLUMNS = ["contender", "params", "steps", "tokens", "tokens/s", "MFU", "train loss", "val bpb", "best val bpb",
-           "test bpb", "tested step",
-           "budget s", "warm-up s", "wall s", "device", "notes"]
-
-
-def row_cells(row: dict) -> list[str]:
-    remark = row["description"] + (f"; FAILED: {row['error'].splitlines()[0][:160]}" if row["error"] else "")
-    return [row["contender"], _fmt(row.get("params")), _fmt(row.get("steps")), _fmt(row.get("tokens")),
-            _fmt(row.get("tokens_per_s")), _fmt(row.get("mfu"), "{:.1%}"), _fmt(row.get("train_loss"), "{:.4f}"),
-            _fmt(row.get("val_bpb"), "{:.4f}"), _fmt(row.get("best_val_bpb"), "{:.4f}"),
-            _fmt(row.get("test_bpb"), "{:.4f}"), _fmt(row.get("test_step")), _fmt(row.get("budget_s"), "{:.1f}"),
-            _fmt(row.get("warmup_s"), "{:.1f}"), _fmt(row.get("wall_s"), "{:.1f}"), row["meta"]["device"],
-            remark.replace("|", "/")]
-
-
-def verdict(rows: list[dict]) -> str | None:
-    """The best memlm contender against the best peer, by test bpb."""
-    scored = [row for row in rows if row.get("test_bpb") is not None and not row["error"]]
-    ours = min((r for r in scored if r["kind"] == "memlm"), key=lambda r: r["test_bpb"], default=None)
-    peer = min((r for r in scored if r["kind"] == "peer"), key=lambda r: r["test_bpb"], default=None)
-    if ours is None or peer is None:
-        return None
-    gain = 1 - ours["test_bpb"] / peer["test_bpb"]
-    return (f"best memlm contender {ours['contender']} ({ours['test_bpb']:.4f}) vs best peer {peer['contender']} "
-            f"({peer['test_bpb']:.4f}): {abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} test bpb")
-
-
-SLOW_START_S = 10.0
-"""A contender whose first logged training step comes later than this on its clock is noted."""
-
-
-def markdown(result: dict) -> str:
-    """The result as a markdown section: settings, the table, the verdict and notes."""
-    meta, c = result["meta"], result["config"]
-    budget = (f"{c['minutes']:g} minutes" if c.get("minutes") else f"{c['steps']} steps" if c.get("steps")
-              else f"{c['tokens']:,} tokens" if c.get("tokens") else "the device default")
-    trained = next((row["train_config"] for row in result["rows"] if row.get("train_config")), c)
-    seq_len = " / ".join(dict.fromkeys(str(row["seq_len"]) for row in result["rows"] if row.get("seq_len"))) or "seq_len"
-    commit = f", commit {meta['commit']}" if meta.get("commit") else ""
-    lines = [
-        f"## memlm race, {meta['date']}", "",
-        f"- device: {meta['device']}; torch {meta['torch']}, memlm {meta['memlm']}{commit}",
-        f"- data: {c['data']} (fractions {', '.join(f'{x:g}' for x in c['fractions'])}); budget {budget} per "
-        f"contender on its training clock (validation during training included; compile warm-up before it, "
-        f"final validation and test after it)",
-        f"- batch {trained.get('batch_size')} x {seq_len} tokens, lr {trained.get('lr')} {trained.get('schedule')} "
-        f"(warmup {trained.get('warmup_steps')} steps, min {trained.get('min_lr_frac')}), weight decay "
-        f"{trained.get('weight_decay')}, seed {trained.get('seed')}, precision {trained.get('precision')}, "
-        f"compiled {trained.get('compile')}",
-        "- tokens/s: median of the logged training rates (evaluations excluded); test bpb: the whole test split, "
-        "models with memory scored as streams with the memory kept, with the weights of "
-        + ("the lowest validation bpb (early stopping; their step is 'tested step')"
-           if c.get("test_weights", "last") == "best" else "the last step"),
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
-    ]
-    lines += ["| " + " | ".join(row_cells(row)) + " |" for row in result["rows"]]
-    summary = verdict(result["rows"])
-    slow = [f"{row['contender']} spent {row['first_log']['elapsed_s']:.0f} s of its clock before step "
-            f"{row['first_log']['step']} (the first logged): compilation the warm-up did not cover?"
-            for row in result["rows"] if (row.get("first_log") or {}).get("elapsed_s", 0) > SLOW_START_S]
-    lines += [""] + ([f"- {summary}"] if summary else []) + [f"- {note}" for note in result["notes"] + slow]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def write_results(result: dict, out: str | Path) -> tuple[Path, Path]:
-    """<out>/race-<UTC time>-<device>[-<contender>].json and .md (the contender for a one-contender run)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    devices = {row["meta"]["device"] for row in result["rows"]} or {result["meta"]["device"]}
-    device = slug(devices.pop()) if len(devices) == 1 else "mixed"
-    name = f"race-{utc_stamp(result['meta']['date'])}-{device}"
-    if result.get("single"):
-        name += f"-{slug(result['rows'][0]['contender'])}"
-    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
-    return json_path, md_path
-
-
-def load(path: str | Path) -> dict:
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read race result {path}: {error}") from None
-    if not isinstance(result, dict):
-        raise ValueError(f"{path} is not a memlm race result")
-    return {**result, "file": str(path)}
-
-
 # ----- the command ------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,16 +365,20 @@ def main(argv: list[str] | None = None) -> int:
         return merge_main(argv[1:])
     config = tyro.cli(RaceConfig, args=argv, prog="memlm race",
                       description="Contenders (memlm presets, x-transformers peers) trained by memlm's loop for the "
-                                  "same budget, then scored on test bpb. `memlm race merge FILES...` merges results.")
+                                  "same budget, then scored on test bpb. The training options are memlm train's; "
+                                  "--out holds one run directory per contender (default runs/race-<UTC time>) and "
+                                  "a race never resumes. `memlm race merge FILES...` merges results.")
     side_by_side = config.devices is not None and config.only is None and config.contender_index is None
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("memlm race trains one contender per process: instead of torchrun, give "
                              "--devices cuda:0 cuda:1 ... (a process and a GPU per contender)")
-        device = pick_device(config.device)
+        device = pick_device(config.train.device)
         plan(config, contender_names(config, device))  # every name checked before anything trains
         plan(config, selected_names(config, device))
-        TrainConfig.validate(config)
+        config.train.validate()
+        if config.train.resume:
+            raise ValueError("a race does not resume: each contender trains from the start (--out holds its runs)")
         if config.compile_warmup < 0:
             raise ValueError(f"--compile-warmup must be >= 0, got {config.compile_warmup}")
         if side_by_side:  # a child (--only) gets one device and drops --devices (parallel.child_argv)
@@ -514,9 +402,9 @@ def merge_main(argv: list[str]) -> int:
     return report(result, config.results, config.json)
 
 
-def report(result: dict, out: str, as_json: bool) -> int:
-    json_path, md_path = write_results(result, out)
-    print(markdown(result))
+def report(result: dict, out: str | None, as_json: bool) -> int:
+    json_path, md_path = write_race_results(result, results_dir(out))
+    print(race_markdown(result))
     print(f"wrote {json_path} and {md_path}")
     if as_json:
         print(json.dumps(result))

@@ -1,9 +1,16 @@
-"""The run's environment, its markdown table, and the JSON + markdown files it leaves."""
+"""Where results go and what every result records (shared by `memlm bench` and `memlm race`), and
+the bench's own markdown and files.
+
+Results default to `$MEMLM_RESULTS`, else `~/memlm-results`: measurements are not source, so
+they stay out of the checkout unless a run is given `--out`/`--results` inside it (the dated
+directories of the repository's `results/` hold the runs BENCHMARKS.md quotes).
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -12,10 +19,30 @@ from pathlib import Path
 import torch
 
 import memlm
+from memlm.tables import markdown_table
+
+RESULTS_ENV = "MEMLM_RESULTS"
 
 COLUMNS = ["model", "shape", "compiled", "train tok/s", "MFU", "peak mem"]
 """The first columns; then one 'gen tok/s bN' per generation batch size, ratio, 'vs no memory'
 (only when some row has a baseline) and notes."""
+
+
+def results_dir(given: str | Path | None = None) -> Path:
+    """`given`, else $MEMLM_RESULTS, else ~/memlm-results."""
+    if given is not None:
+        return Path(given)
+    return Path(os.environ.get(RESULTS_ENV) or Path.home() / "memlm-results")
+
+
+def utc_stamp(date: str | None = None) -> str:
+    """'2026-11-28T02:43:17+00:00' (or now) -> '20261128T024317'."""
+    date = date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return re.sub(r"[^0-9T]", "", date.split("+")[0])
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def environment(device: torch.device) -> dict:
@@ -82,11 +109,11 @@ def row_cells(row: dict, gen_batch_sizes: list[int], baselines: bool = False) ->
     return [row["model"], row["shape"], "yes" if row["compiled"] else "no",
             _number(train.get("tokens_per_s")), _number(row["mfu"], "{:.1%}"), _bytes(train.get("peak_mem_bytes")),
             *gen, _number(row["ratio"], "{:.2f}x"), *([baseline_cell(row)] if baselines else []),
-            "; ".join(remarks).replace("|", "/")]
+            "; ".join(remarks)]
 
 
-def markdown(result: dict) -> str:
-    """The result as a markdown section: environment lines, the table, then the run's notes."""
+def bench_markdown(result: dict) -> str:
+    """A `memlm bench` result as a markdown section: environment lines, the table, the run's notes."""
     meta, config, peak = result["meta"], result["config"], result["peak"]
     batch_sizes = config["gen_batch_sizes"]
     baselines = has_baselines(result["rows"])
@@ -106,24 +133,18 @@ def markdown(result: dict) -> str:
         + ("; vs no memory = train tok/s / the same family's preset of that size without memory, "
            "in this run" if baselines else ""),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(row_cells(row, batch_sizes, baselines)) + " |" for row in result["rows"]]
+    lines += markdown_table(header, [row_cells(row, batch_sizes, baselines) for row in result["rows"]])
     lines += [""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-
-
-def write_results(result: dict, out: Path) -> tuple[Path, Path]:
+def write_bench_results(result: dict, out: str | Path) -> tuple[Path, Path]:
     """Write <out>/bench-<date>-<device>.json and .md; returns both paths."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = re.sub(r"[^0-9T]", "", result["meta"]["date"].split("+")[0])
-    stem = out / f"bench-{stamp}-{slug(result['meta']['device'])}"
+    stem = out / f"bench-{utc_stamp(result['meta']['date'])}-{slug(result['meta']['device'])}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
+    md_path.write_text(bench_markdown(result))
     return json_path, md_path

@@ -25,20 +25,20 @@ import torch
 import tyro
 
 from memlm_bench.config import BenchConfig, parse_overrides, resolve
-from memlm_bench.contenders import REFERENCE, Contender, ContenderSpec, Shape, memlm_spec
+from memlm_bench.workloads import REFERENCE, Entry, Shape, Workload, memlm_entry
 from memlm_bench.measure import measure_generation, measure_training
 from memlm_bench.peers import PEERS, Peer
-from memlm_bench.report import environment, markdown, write_results
+from memlm_bench.report import bench_markdown, environment, write_bench_results
 from memlm.device import measure_peak_flops, pick_device, release
 from memlm.config import ModelConfig, get_preset
 from memlm.config import resolve as resolve_model
 
-Group = tuple[Shape, list[ContenderSpec]]
+Group = tuple[Shape, list[Entry]]
 
 
 def plan(config: BenchConfig) -> list[Group]:
     """Rows grouped by shape: the reference first, then the presets, then the installed peers."""
-    groups: dict[Shape, list[ContenderSpec]] = {}
+    groups: dict[Shape, list[Entry]] = {}
     configs: dict[Shape, dict[str, ModelConfig]] = {}
     for entry in config.presets:
         name = " ".join(entry.split())
@@ -46,11 +46,11 @@ def plan(config: BenchConfig) -> list[Group]:
         shape = Shape.of(model_config, config.batch_size)
         configs.setdefault(shape, {})[name] = model_config
     for shape, rows in configs.items():
-        groups[shape] = [REFERENCE] + [memlm_spec(name, model_config, baseline_of(name, rows))
+        groups[shape] = [REFERENCE] + [memlm_entry(name, model_config, baseline_of(name, rows))
                                        for name, model_config in rows.items()]
     if config.peers:
-        for specs in groups.values():
-            specs.extend(peer.spec for peer in selected_peers(config) if peer.installed())
+        for entries in groups.values():
+            entries.extend(peer.entry for peer in selected_peers(config) if peer.installed())
     return list(groups.items())
 
 
@@ -110,11 +110,11 @@ def selected_peers(config: BenchConfig) -> list[Peer]:
     """The peers named in config.peer_names (all when None); an unknown name is an error."""
     if config.peer_names is None:
         return PEERS
-    known = [peer.spec.name for peer in PEERS]
+    known = [peer.entry.name for peer in PEERS]
     unknown = [name for name in config.peer_names if name not in known]
     if unknown:
         raise ValueError(f"bench: unknown peer {', '.join(unknown)}; known: {', '.join(known)}")
-    return [peer for peer in PEERS if peer.spec.name in config.peer_names]
+    return [peer for peer in PEERS if peer.entry.name in config.peer_names]
 
 
 def peer_notes(config: BenchConfig) -> list[str]:
@@ -141,51 +141,51 @@ def attempt(row: dict, stage: str, fn: Callable):
         return None
 
 
-def empty_row(spec: ContenderSpec, shape: Shape, compiled: bool) -> dict:
-    return {"model": spec.name, "kind": spec.kind, "shape": shape.label, "dims": dataclasses.asdict(shape),
+def empty_row(entry: Entry, shape: Shape, compiled: bool) -> dict:
+    return {"model": entry.name, "kind": entry.kind, "shape": shape.label, "dims": dataclasses.asdict(shape),
             "compiled": compiled, "params": None, "flops_per_token": None, "train": None, "mfu": None,
-            "gen_tokens_per_s": {}, "ratio": None, "baseline": spec.baseline, "baseline_ratio": None,
+            "gen_tokens_per_s": {}, "ratio": None, "baseline": entry.baseline, "baseline_ratio": None,
             "warmup": None, "graphs_compiled": None, "notes": [], "errors": [], "wall_s": None}
 
 
-def measure_row(spec: ContenderSpec, shape: Shape, config: BenchConfig, device: torch.device,
+def measure_row(entry: Entry, shape: Shape, config: BenchConfig, device: torch.device,
                 peak_flops: float) -> dict:
-    """Build one contender, measure it, free it; the row records what failed on the way."""
+    """Build one entry's workload, measure it, free it; the row records what failed on the way."""
     started = time.perf_counter()
-    row = empty_row(spec, shape, compiled=config.compile and device.type == "cuda")
+    row = empty_row(entry, shape, compiled=config.compile and device.type == "cuda")
     torch.manual_seed(config.seed)
-    contender = attempt(row, "build", lambda: spec.build(shape, device, config.decode))
-    if contender is not None:
+    workload = attempt(row, "build", lambda: entry.build(shape, device, config.decode))
+    if workload is not None:
         try:
-            measure_contender(row, contender, shape, config, device, peak_flops)
+            measure_workload(row, workload, shape, config, device, peak_flops)
         finally:
-            contender.close()
-    del contender
+            workload.close()
+    del workload
     release(device)
     row["wall_s"] = time.perf_counter() - started  # build, compile and every measurement
     return row
 
 
-def measure_contender(row: dict, contender: Contender, shape: Shape, config: BenchConfig,
+def measure_workload(row: dict, workload: Workload, shape: Shape, config: BenchConfig,
                       device: torch.device, peak_flops: float) -> None:
     """Fill the row: training rate, MFU and peak memory, then generation at each batch size."""
-    row.update(params=contender.params, flops_per_token=contender.flops_per_token, notes=contender.notes)
+    row.update(params=workload.params, flops_per_token=workload.flops_per_token, notes=workload.notes)
     # compiled rows warm up until their memory is full: its shapes change (and recompile) until then
-    row["warmup"] = max(config.warmup, contender.warmup) if row["compiled"] else config.warmup
+    row["warmup"] = max(config.warmup, workload.warmup) if row["compiled"] else config.warmup
     graphs = compiled_graphs()
     row["train"] = attempt(row, "train", lambda: measure_training(
-        contender, shape, steps=config.steps, warmup=row["warmup"], repeats=config.repeats,
+        workload, shape, steps=config.steps, warmup=row["warmup"], repeats=config.repeats,
         compile=row["compiled"], device=device, seed=config.seed))
     if row["compiled"]:
         row["graphs_compiled"] = compiled_graphs() - graphs
     if row["train"] is not None:
-        row["mfu"] = row["train"]["tokens_per_s"] * contender.flops_per_token / peak_flops
-    if not config.generate or contender.decoder is None:
+        row["mfu"] = row["train"]["tokens_per_s"] * workload.flops_per_token / peak_flops
+    if not config.generate or workload.decoder is None:
         return
-    contender.objective.eval()
+    workload.objective.eval()
     for batch_size in config.gen_batch_sizes:
         rate = attempt(row, f"generate b{batch_size}", functools.partial(
-            measure_generation, contender.decoder, shape.vocab_size, batch_size=batch_size,
+            measure_generation, workload.decoder, shape.vocab_size, batch_size=batch_size,
             prompt_len=config.gen_prompt_len, new_tokens=config.gen_new_tokens, repeats=config.repeats,
             device=device, seed=config.seed))
         if rate is not None:
@@ -224,11 +224,11 @@ def measure_all(config: BenchConfig, groups: list[Group], device: torch.device) 
     log(f"measuring the matmul peak on {device}")
     peak = measure_peak_flops(device)
     rows = []
-    for shape, specs in groups:
+    for shape, entries in groups:
         group_rows = []
-        for spec in specs:
-            log(f"{spec.name} at {shape.label}")
-            group_rows.append(measure_row(spec, shape, config, device, peak["flops"]))
+        for entry in entries:
+            log(f"{entry.name} at {shape.label}")
+            group_rows.append(measure_row(entry, shape, config, device, peak["flops"]))
             log(summary(group_rows[-1]))
         add_ratios(group_rows)
         rows += group_rows
@@ -244,7 +244,8 @@ def run_bench(config: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`memlm bench`: print the table, write JSON + markdown under --out, with --json print the
+    """`memlm bench`: print the table, write JSON + markdown under --out (default: $MEMLM_RESULTS,
+    else ~/memlm-results), with --json print the
     result as the last line. Exit 2 for a bad option, 1 if a memlm or reference row failed."""
     config = tyro.cli(BenchConfig, args=argv, prog="memlm bench")
     device = pick_device(config.device)
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memlm bench: {error}", file=sys.stderr)
         return 2
     result = measure_all(config, groups, device)
-    json_path, md_path = write_results(result, config.out)
-    print(markdown(result))
+    json_path, md_path = write_bench_results(result, config.out)
+    print(bench_markdown(result))
     print(f"wrote {json_path} and {md_path}")
     if config.json:
         print(json.dumps(result))

@@ -1,4 +1,4 @@
-"""memlm bench on a tiny CPU shape: the numbers it reports are the ones it measured, the
+"""memlm bench (memlm_bench) on a tiny CPU shape: the numbers it reports are the ones it measured, the
 reference GPT is what its formula says, and the table and JSON carry every row. No timing
 assertions: CPU speeds are noise."""
 
@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import memlm
-from memlm_bench import BenchConfig, ReferenceGPT, main, markdown, reference, run_bench, runner, write_results
+from memlm_bench import BenchConfig, ReferenceGPT, main, reference, run_bench, runner
+from memlm_bench import bench_markdown as markdown, write_bench_results as write_results
 from memlm_bench.config import resolve
-from memlm_bench.contenders import (Contender, ContenderSpec, Shape, StreamObjective, dense_flops_per_token,
-                                    fill_stores, memlm_loss, memory_warmup)
+from memlm.train.warmup import memory_warmup
+from memlm_bench.workloads import Entry, Shape, StreamObjective, Workload, dense_flops_per_token, fill_stores, memlm_loss
 from memlm_bench.measure import measure_training, random_tokens
 from memlm_bench.peers import Peer
 
@@ -178,8 +179,8 @@ class Exploding(nn.Module):
         raise RuntimeError("kernel exploded")
 
 
-def exploding_contender(shape, device, decode_mode):
-    return Contender(Exploding(), flops_per_token=1.0, params=0)
+def exploding_workload(shape, device, decode_mode):
+    return Workload(Exploding(), flops_per_token=1.0, params=0)
 
 
 def unbuildable(shape, device, decode_mode):
@@ -188,9 +189,9 @@ def unbuildable(shape, device, decode_mode):
 
 def test_failing_and_missing_peers_become_rows_and_notes_not_crashes(monkeypatch):
     monkeypatch.setattr(runner, "PEERS", [
-        Peer(ContenderSpec("unbuildable peer", "peer", unbuildable), "torch"),
-        Peer(ContenderSpec("exploding peer", "peer", exploding_contender), "torch"),
-        Peer(ContenderSpec("absent peer", "peer", unbuildable), "no_such_peer_package"),
+        Peer(Entry("unbuildable peer", "peer", unbuildable), "torch"),
+        Peer(Entry("exploding peer", "peer", exploding_workload), "torch"),
+        Peer(Entry("absent peer", "peer", unbuildable), "no_such_peer_package"),
     ])
     result = run_bench(BenchConfig(**{**TINY, "presets": ["seed-tiny"], "peers": True, "generate": False}))
     rows = rows_by_model(result)
@@ -208,13 +209,13 @@ def test_failing_and_missing_peers_become_rows_and_notes_not_crashes(monkeypatch
 
 def test_peer_names_pick_peers_and_unknown_names_are_rejected(monkeypatch):
     monkeypatch.setattr(runner, "PEERS", [
-        Peer(ContenderSpec("first peer", "peer", unbuildable), "torch"),
-        Peer(ContenderSpec("second peer", "peer", unbuildable), "torch"),
+        Peer(Entry("first peer", "peer", unbuildable), "torch"),
+        Peer(Entry("second peer", "peer", unbuildable), "torch"),
     ])
     config = resolve(BenchConfig(**{**TINY, "peers": True, "peer_names": ["second peer"]}), torch.device("cpu"))
-    ((shape, specs),) = runner.plan(config)
+    ((shape, entries),) = runner.plan(config)
     assert shape == Shape(B, T, L, W, 4, V)
-    assert [spec.name for spec in specs] == ["reference GPT", "memlm vanilla-tiny", "memlm seed-tiny", "second peer"]
+    assert [entry.name for entry in entries] == ["reference GPT", "memlm vanilla-tiny", "memlm seed-tiny", "second peer"]
     with pytest.raises(ValueError, match="unknown peer third peer; known: first peer, second peer"):
         runner.plan(resolve(BenchConfig(**{**TINY, "peers": True, "peer_names": ["third peer"]}),
                             torch.device("cpu")))
@@ -225,11 +226,11 @@ def test_peer_names_pick_peers_and_unknown_names_are_rejected(monkeypatch):
 CPU = torch.device("cpu")
 
 
-def memory_spec(entry, **changes):
-    """The planned memlm row of a preset entry at the TINY shape, and that shape."""
+def memory_entry(entry, **changes):
+    """The planned memlm entry of a preset entry at the TINY shape, and that shape."""
     config = resolve(BenchConfig(**{**TINY, "presets": [entry], **changes}), CPU)
-    ((shape, specs),) = runner.plan(config)
-    return specs[1], shape
+    ((shape, entries),) = runner.plan(config)
+    return entries[1], shape
 
 
 def segments(n, seed=0):
@@ -238,12 +239,12 @@ def segments(n, seed=0):
 
 
 def test_a_stateful_row_carries_the_state_between_steps_as_the_trainer_does():
-    spec, shape = memory_spec("seed-xl-tiny")
+    entry, shape = memory_entry("seed-xl-tiny")
     torch.manual_seed(0)
-    contender = spec.build(shape, CPU, "eager")
-    objective = contender.objective
+    workload = entry.build(shape, CPU, "eager")
+    objective = workload.objective
     assert isinstance(objective, StreamObjective) and objective.state.position == 0
-    assert contender.notes == ["streams with memory: state carried across steps"]
+    assert workload.notes == ["streams with memory: state carried across steps"]
     torch.manual_seed(0)
     model = memlm.LanguageModel(objective.model.config)  # the same weights, driven by hand
     state = model.init_state(B)
@@ -261,11 +262,11 @@ def test_a_stateful_row_carries_the_state_between_steps_as_the_trainer_does():
 
 
 def test_a_stateful_row_advances_its_state_by_one_segment_per_training_step():
-    spec, shape = memory_spec("seed-compressive-tiny")
-    contender = spec.build(shape, CPU, "eager")
-    train = measure_training(contender, shape, steps=3, warmup=2, repeats=2, compile=False, device=CPU, seed=0)
+    entry, shape = memory_entry("seed-compressive-tiny")
+    workload = entry.build(shape, CPU, "eager")
+    train = measure_training(workload, shape, steps=3, warmup=2, repeats=2, compile=False, device=CPU, seed=0)
     steps = 2 + 2 * 3  # warm-up (its first step included) + repeats x steps
-    objective = contender.objective
+    objective = workload.objective
     assert objective.steps == steps and objective.state.position == steps * T
     assert train["tokens"] == B * T * 3
     for layer in objective.state.layers:  # memory T, compressed T / 4 at rate 4
@@ -274,9 +275,9 @@ def test_a_stateful_row_advances_its_state_by_one_segment_per_training_step():
 
 
 def test_a_knn_row_fills_its_stores_to_capacity_before_the_first_step():
-    spec, shape = memory_spec("seed-knn-tiny")
-    contender = spec.build(shape, CPU, "eager")
-    objective = contender.objective
+    entry, shape = memory_entry("seed-knn-tiny")
+    workload = entry.build(shape, CPU, "eager")
+    objective = workload.objective
     config = objective.model.config
     capacity = config.memory.knn.capacity
     assert (capacity, config.memory.knn.layers, config.memory.knn.k) == (65536, [1], 32)  # layer 2 of 4 -> 1 of 2
@@ -289,7 +290,7 @@ def test_a_knn_row_fills_its_stores_to_capacity_before_the_first_step():
     assert torch.allclose(keys.float().norm(dim=-1), torch.ones(()), atol=1e-2)  # unit keys, as the layer writes them
     q = torch.nn.functional.normalize(torch.randn(B, 4, T, config.head_dim), dim=-1)
     assert bool(store.search(q, 32).valid.all())  # every query finds its k from the first step
-    assert contender.notes == ["streams with memory: state carried across steps", "kNN stores filled to 65,536/row"]
+    assert workload.notes == ["streams with memory: state carried across steps", "kNN stores filled to 65,536/row"]
     for x, y in segments(2):
         objective(x, y)
     assert store.counts.tolist() == [capacity] * B and store.written.tolist() == [capacity + 2 * T] * B
@@ -300,19 +301,19 @@ def test_a_knn_row_fills_its_stores_to_capacity_before_the_first_step():
 def test_compiled_stream_training_recompiles_only_while_the_memory_fills(monkeypatch):
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compile(module, backend="aot_eager", **kw))
-    spec, shape = memory_spec("seed-knn-tiny")
-    contender = spec.build(shape, CPU, "eager")
-    warmup = memory_warmup(contender.objective.model.config)
+    entry, shape = memory_entry("seed-knn-tiny")
+    workload = entry.build(shape, CPU, "eager")
+    warmup = memory_warmup(workload.objective.model.config)
     before = runner.compiled_graphs()
     try:
-        measure_training(contender, shape, steps=1, warmup=warmup, repeats=1, compile=True, device=CPU, seed=0)
+        measure_training(workload, shape, steps=1, warmup=warmup, repeats=1, compile=True, device=CPU, seed=0)
         assert runner.compiled_graphs() - before == 2  # no memory yet, then the steady state
-        assert contender.objective.compiled is not None  # the model compiled, the state kept outside
-        measure_training(contender, shape, steps=3, warmup=1, repeats=2, compile=True, device=CPU, seed=1)
+        assert workload.objective.compiled is not None  # the model compiled, the state kept outside
+        measure_training(workload, shape, steps=3, warmup=1, repeats=2, compile=True, device=CPU, seed=1)
         assert runner.compiled_graphs() - before == 2  # the growing position recompiles nothing
     finally:
         torch._dynamo.reset()
-    objective = contender.objective
+    objective = workload.objective
     assert objective.steps == warmup + 1 + 1 + 2 * 3
     (store,) = objective.state.stores.values()
     assert store.written.tolist() == [65536 + objective.steps * T] * B  # written from the compiled graph
@@ -358,7 +359,7 @@ def test_reshaping_keeps_memory_proportions_and_entries_take_their_own_overrides
 
 
 def test_graph_decode_mode_generates_what_the_eager_decoder_generates():
-    from memlm_bench.contenders import memlm_decoder, memlm_static_decoder
+    from memlm_bench.workloads import memlm_decoder, memlm_static_decoder
     torch.manual_seed(0)
     model = memlm.build("seed-tiny", layers=2, width=32, seq_len=64, **{"attention.heads": 4}).eval()
     prompt = torch.randint(0, 256, (3, 6))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from memlm import cli
-from memlm_bench import race
+from memlm_bench import race, race_report
 from memlm_bench.adapters import PeerConfig, PeerMemory, PeerState, XTransformersLM
 from memlm.config import get_preset
 from memlm.data import prepare
@@ -140,15 +140,15 @@ def test_merge_notes_settings_that_differ(tmp_path):
                                   "config": {"contenders": ["seed-tiny", "x"], "minutes": minutes, "data": "stdlib",
                                              "fractions": [0.98, 0.01, 0.01]},
                                   "rows": [{**row, "contender": name}], "notes": []}
-    merged = race.merge([make(2.0, "x"), make(3.0, "seed-tiny")])
+    merged = race_report.merge([make(2.0, "x"), make(3.0, "seed-tiny")])
     assert [r["contender"] for r in merged["rows"]] == ["seed-tiny", "x"]
     assert any("differ in minutes" in note for note in merged["notes"])
     with pytest.raises(ValueError, match="not a memlm race result"):
-        race.merge([{"kind": "memlm bench"}])
+        race_report.merge([{"kind": "memlm bench"}])
     # a contender whose clock ran long before its first logged step is pointed out under the table
     merged["rows"][1]["first_log"] = {"step": 10, "elapsed_s": 57.5}
     merged["rows"][0]["first_log"] = {"step": 10, "elapsed_s": 0.4}
-    notes = [line for line in race.markdown(merged).splitlines() if "before step" in line]
+    notes = [line for line in race_report.race_markdown(merged).splitlines() if "before step" in line]
     assert notes == ["- x spent 58 s of its clock before step 10 (the first logged): compilation the warm-up did "
                      "not cover?"]
 
@@ -208,10 +208,14 @@ def test_race_modules_import_without_x_transformers():
 
 
 def tiny_race_config(corpus: Path, out: Path, **changes) -> race.RaceConfig:
-    base = dict(contenders=["seed-xl-tiny"], layers=2, width=32, heads=2, seq_len=32, peer_shape="seed-tiny",
-                data=str(corpus), fractions=(0.8, 0.1, 0.1), steps=5, batch_size=4, eval_batches=1, device="cpu",
-                out=str(out))
-    return race.RaceConfig(**{**base, **changes})
+    """A RaceConfig of tiny CPU contenders; `changes` may name race and training options alike."""
+    base = dict(contenders=["seed-xl-tiny"], layers=2, width=32, heads=2, seq_len=32, peer_shape="seed-tiny")
+    training = dict(data=str(corpus), fractions=(0.8, 0.1, 0.1), steps=5, batch_size=4, eval_batches=1, device="cpu",
+                    out=str(out))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    training.update({k: v for k, v in changes.items() if k in names})
+    base.update({k: v for k, v in changes.items() if k not in names})
+    return race.RaceConfig(**base, train=dataclasses.replace(race.race_training(), **training))
 
 
 def race_trainer(config: race.RaceConfig, name: str, out: Path) -> Trainer:

@@ -1,6 +1,7 @@
-"""What the bench measures: one `Contender` per table row, built lazily for one `Shape`.
+"""What `memlm bench` measures: one `Entry` per table row, whose `build` makes its `Workload` for
+one `Shape` just before it is measured.
 
-A contender hands the harness three things, so every model is timed by the same code:
+A workload hands the harness three things, so every model is timed by the same code:
 an `objective` module, forward(inputs (B, T), targets (B, T)) -> scalar loss, which the
 harness compiles (if asked) and trains with AdamW; its training FLOPs per token; and
 optionally a `Decoder` for cached greedy generation, split into an untimed prefill and the
@@ -71,7 +72,9 @@ class Decoder:
 
 
 @dataclass
-class Contender:
+class Workload:
+    """What the harness trains, times and decodes for one entry."""
+
     objective: nn.Module
     """forward(inputs (B, T), targets (B, T)) -> scalar loss; what is compiled and trained."""
     flops_per_token: float
@@ -83,20 +86,20 @@ class Contender:
     notes: list[str] = field(default_factory=list)
     """What the table should say about this row (configuration choices)."""
     close: Callable[[], None] = lambda: None
-    """Releases what the contender holds outside torch (files of an external memory)."""
+    """Releases what the workload holds outside torch (files of an external memory)."""
     warmup: int = 0
     """Untimed steps the row needs at least when compiled: a memory that fills over the first
     steps changes the shapes the compiled model sees until it is full."""
 
 
 @dataclass(frozen=True)
-class ContenderSpec:
-    """A row to measure: its name, kind (reference, memlm or peer) and how to build it."""
+class Entry:
+    """A row to measure: its name, kind (reference, memlm or peer) and how to build its workload."""
 
     name: str
     kind: str
-    build: Callable[[Shape, torch.device, str], Contender]
-    """(shape, device, decode mode) -> Contender."""
+    build: Callable[[Shape, torch.device, str], Workload]
+    """(shape, device, decode mode) -> Workload."""
     baseline: str | None = None
     """The row (its name) of the same preset family and size without memory, measured in the same
     run, that this row's train rate is also compared with; None when there is none."""
@@ -263,11 +266,11 @@ def memlm_notes(config: ModelConfig, filled: int) -> list[str]:
     return []
 
 
-def memlm_spec(preset: str, config: ModelConfig, baseline: str | None = None) -> ContenderSpec:
+def memlm_entry(preset: str, config: ModelConfig, baseline: str | None = None) -> Entry:
     """A memlm preset as a row (`preset` names it: the preset, then any row overrides); models
     with memory in a state train on streams (StreamObjective), kNN stores filled first."""
 
-    def build(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
+    def build(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
         model = memlm.LanguageModel(config).to(device)
         static = decode_mode == "graph" and static_decode.unsupported_reason(model) is None
         filled = 0
@@ -279,7 +282,7 @@ def memlm_spec(preset: str, config: ModelConfig, baseline: str | None = None) ->
             objective, warmup = StreamObjective(model, state), memory_warmup(config)
         else:
             objective, warmup = Objective(model, memlm_loss), 0
-        return Contender(
+        return Workload(
             objective=objective,
             flops_per_token=model.flops_per_token(shape.seq_len),
             params=model.num_parameters(),
@@ -290,7 +293,7 @@ def memlm_spec(preset: str, config: ModelConfig, baseline: str | None = None) ->
             warmup=warmup,
         )
 
-    return ContenderSpec(f"memlm {preset}", "memlm", build, baseline)
+    return Entry(f"memlm {preset}", "memlm", build, baseline)
 
 
 # ----- the reference ----------------------------------------------------------------------
@@ -314,10 +317,10 @@ def reference_decoder(step: nn.Module) -> Decoder:
     return Decoder(prefill, extend)
 
 
-def build_reference(shape: Shape, device: torch.device, decode_mode: str) -> Contender:
+def build_reference(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
     model = reference.ReferenceGPT(shape.vocab_size, shape.width, shape.layers, shape.heads,
                                    shape.seq_len).to(device)
-    return Contender(
+    return Workload(
         objective=Objective(model, reference_loss),
         flops_per_token=dense_flops_per_token(model, shape, shape.seq_len),
         params=count_params(model),
@@ -326,4 +329,4 @@ def build_reference(shape: Shape, device: torch.device, decode_mode: str) -> Con
     )
 
 
-REFERENCE = ContenderSpec("reference GPT", "reference", build_reference)
+REFERENCE = Entry("reference GPT", "reference", build_reference)
