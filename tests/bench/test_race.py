@@ -23,7 +23,7 @@ from memlm.eval import evaluate
 from memlm.train import Trainer, checkpoint, distributed
 from memlm.train.config import TrainConfig
 from tests.conftest import by_segments
-from tests.test_cli import corpus  # noqa: F401  (the fixture: a small corpus of word documents)
+from tests.cli.test_cli import corpus  # noqa: F401  (the fixture: a small corpus of word documents)
 
 TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "32", "--peer-shape", "seed-tiny",
         "--fractions", "0.8", "0.1", "0.1", "--steps", "4", "--batch-size", "4", "--eval-batches", "1",

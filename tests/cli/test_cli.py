@@ -11,6 +11,7 @@ import torch
 
 import memlm
 from memlm import cli
+from memlm.cli import train as train_command
 from memlm.config import get_preset
 from memlm.data import ByteTokenizer
 
@@ -87,7 +88,7 @@ def test_train_defaults_are_the_main_job(monkeypatch, capsys):
         return {"run_dir": "runs/x", "steps": 1, "tokens": 1, "elapsed_s": 0.0, "test_bpb": 1.0, "test_tokens": 1,
                 "sample": "", "test_weights": config.test_weights, "test_step": 1}
 
-    monkeypatch.setattr(cli, "train", fake_train)
+    monkeypatch.setattr(train_command, "train", fake_train)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the main job on a machine without a GPU
     code, stdout, _ = run(capsys, "train", "--test_weights", "best")
     assert code == 0 and "test bpb 1.0000 (1 tokens with the best validation's weights (step 1))" in stdout
