@@ -1,4 +1,5 @@
-"""The package's layering: imports between memlm's subpackages form no cycle and only go down."""
+"""The package's layering: imports between memlm's subpackages form no cycle and only go down, and the
+benchmark harness (memlm_bench) sits outside: memlm imports it only inside the CLI's command functions."""
 
 import ast
 from pathlib import Path
@@ -15,7 +16,7 @@ LAYERS = [
     {"model"},
     {"decode"},
     {"data", "eval", "tasks", "memorize", "train"},
-    {"cli", "__main__", "bench"},
+    {"cli", "__main__"},
 ]
 """Bottom to top. A subpackage may import its own layer (if no cycle forms) and the layers below."""
 
@@ -85,3 +86,37 @@ def test_the_import_graph_between_subpackages_is_acyclic():
     for node in list(graph):
         visit(node, [])
     assert len(edges) > 10  # the walk saw the package's imports
+
+
+def module_level_imports(tree: ast.Module) -> list[ast.AST]:
+    """The import statements a module runs when it is imported: those outside function bodies."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def imports_harness(node: ast.AST) -> bool:
+    names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+    return any(name.split(".")[0] == "memlm_bench" for name in names)
+
+
+def test_memlm_imports_the_harness_only_inside_cli_functions():
+    lazy = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        eager = [node.lineno for node in module_level_imports(tree) if imports_harness(node)]
+        assert eager == [], f"{path.relative_to(PACKAGE.parent)} imports memlm_bench at module level (lines {eager})"
+        every = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        if any(imports_harness(node) for node in every):
+            lazy.append(path.relative_to(PACKAGE).as_posix())
+    assert lazy and all(name.startswith("cli/") for name in lazy), lazy  # the bench and race commands only
+
+
+def test_cli_is_the_top_layer():
+    assert LAYERS[-1] == {"cli", "__main__"}
+    assert [(a, b) for a, b in import_edges() if b == "cli"] == [("__main__", "cli")]  # only `python -m memlm`
