@@ -1,8 +1,8 @@
 """Profile the Trainer's own training step (memlm.train.Trainer.train_step) on a GPU.
 
-    python benchmarks/profile_train.py seed-xl-small [--steps 40] [--override k=v ...] [--train k=v ...]
+    python scripts/profile_train.py seed-xl-small [--steps 40] [--override k=v ...] [--train k=v ...]
 
-Where `benchmarks/profile_step.py` times a bare compiled step on random tokens, this builds the
+Where `scripts/profile_step.py` times a bare compiled step on random tokens, this builds the
 real Trainer (its loader, state resets at document starts, gradient clipping, optimizer and
 compiled model) and times `train_step` after a compile warm-up, then prints torch.profiler's
 tables of the slowest CPU-side and CUDA-side operations of a few steps. A gap between the two

@@ -1,7 +1,7 @@
 """Time one kNN-memory search on a GPU: ExactStore (bmm + torch.topk) against the fused Triton
 top-k (memlm.memory.fused_topk), float32 and bf16 stores.
 
-    python benchmarks/knn_topk_bench.py [--rows 32] [--capacity 65536] [--heads 8] [--seq-len 512]
+    python scripts/knn_topk_bench.py [--rows 32] [--capacity 65536] [--heads 8] [--seq-len 512]
                                         [--k 32] [--sweep] [--dtypes float32 bfloat16]
 
 The store: `rows` rows x 1 kv head x `capacity` entries of dim 64, filled; the search: queries
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from memlm.device import cuda_ms
-from memlm.memory.fused_topk import (TopkConfig, available, candidate_scores, fused_inner_product_topk, row_topk,
-                                     tile_maxima)
-from memlm.memory.stores import ExactStore
+from memlm.memory.knn.fused_topk import (TopkConfig, available, candidate_scores, fused_inner_product_topk, row_topk,
+                                         tile_maxima)
+from memlm.memory.knn.exact import ExactStore
 
 DEFAULT_CONFIGS = [  # (name, TopkConfig options): the default (bitonic selection, 1 warp, best groups) first
     ("default", {}),

@@ -1,7 +1,7 @@
 """Time forward+backward of masked attention kernels on a GPU: which kernel should a per-row key
 mask (document boundaries in a recurrent memory) and a score bias use?
 
-    python benchmarks/mask_kernels_bench.py [--batch 32 --heads 8 --kv-heads 1 --q-len 512 --k-len 1024]
+    python scripts/mask_kernels_bench.py [--batch 32 --heads 8 --kv-heads 1 --q-len 512 --k-len 1024]
 
 Variants, each compiled with torch.compile and checked against the eager reference:
   sdpa-bool      sdpa with a (B, 1, Tq, Tk) boolean mask (causal offset & key mask)
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from memlm.device import cuda_ms
-from memlm.model.kernels import eager_attention
+from memlm.nn.kernels import eager_attention
 
 
 def main() -> None:

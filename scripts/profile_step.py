@@ -1,6 +1,6 @@
 """Profile compiled training steps of a preset on a GPU: where the step's time goes.
 
-    python benchmarks/profile_step.py seed-small --batch-size 32 [--steps 10] [--override k=v ...]
+    python scripts/profile_step.py seed-small --batch-size 32 [--steps 10] [--override k=v ...]
 
 Prints the step time, tokens/s, and torch.profiler's table of the CUDA kernels that take the
 most time (self CUDA time), grouped so that matmuls, attention and elementwise kernels can

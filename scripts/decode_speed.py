@@ -1,6 +1,6 @@
 """Decode tokens/s of memlm's generation paths on a GPU, side by side in one run.
 
-    python benchmarks/decode_speed.py [--presets vanilla-small seed-small] [--batch-sizes 1 16]
+    python scripts/decode_speed.py [--presets vanilla-small seed-small] [--batch-sizes 1 16]
 
 Paths: `eager` (the model's forward with a growing cache, memlm.generate(decode="eager")),
 `graph` (static cache, eager step captured in a CUDA graph), `compiled graph` (the step
@@ -19,7 +19,7 @@ import time
 import torch
 
 import memlm
-from memlm.model.static_decode import StaticDecoder
+from memlm.decode.static import StaticDecoder
 
 
 def timed(fn, repeats: int = 3) -> float:
