@@ -167,8 +167,8 @@ class Streams(SegmentStreams):
     ):
         n, parts = len(split), batch_size * world_size
         super().__init__(batch_size, seq_len, rank, world_size, {
-            "tokens": n, "batch_size": batch_size, "seq_len": seq_len, "rank": rank, "world_size": world_size, "wrap": wrap
-        })
+            "tokens": n, "batch_size": batch_size, "seq_len": seq_len, "rank": rank, "world_size": world_size,
+            "wrap": wrap})
         if n == 0 or (wrap and n // parts < seq_len):
             raise DataError(
                 f"split {split.name!r} has {n} tokens, too few for {parts} streams of seq_len {seq_len} "

@@ -14,4 +14,5 @@ from memlm.tasks.longrange import (DISTANCES, RecallDocument, distances_for, fil
 from memlm.tasks.recall_streams import IGNORE, TARGETS, RecallStreams, spread_distance
 
 __all__ = ["DISTANCES", "IGNORE", "TARGETS", "RecallDocument", "RecallStreams", "distances_for", "filler",
-           "make_documents", "recall_accuracy", "recall_by_mode", "recall_markdown", "score_documents", "spread_distance"]
+           "make_documents", "recall_accuracy", "recall_by_mode", "recall_markdown", "score_documents",
+           "spread_distance"]

@@ -5,7 +5,7 @@ Language modelling of these documents does not teach recall to a small model: th
 digits are a few bytes among hundreds of filler bytes, and copying a value from a definition
 matched by a multi-byte key is an induction-head circuit that the loss of the filler does not
 call for. `RecallStreams` therefore departs from language modelling in three ways (the CPU
-measurements behind each choice are in BENCHMARKS.md, "Recall task"):
+measurements behind each choice are in BENCHMARKS.md, "Training runs and recall"):
 
 * the loss is the answer alone (`targets="answers"`): targets are IGNORE except on the
   queried value digits, as synthetic recall tasks train (the multi-query associative recall

@@ -15,7 +15,8 @@ from memlm_bench import BenchConfig, ReferenceGPT, main, reference, run_bench, r
 from memlm_bench import bench_markdown as markdown, write_bench_results as write_results
 from memlm_bench.config import resolve
 from memlm.train.warmup import memory_warmup
-from memlm_bench.workloads import Entry, Shape, StreamObjective, Workload, dense_flops_per_token, fill_stores, memlm_loss
+from memlm_bench.workloads import (Entry, Shape, StreamObjective, Workload, dense_flops_per_token, fill_stores,
+                                   memlm_loss)
 from memlm_bench.measure import measure_training, random_tokens
 from memlm_bench.peers import Peer
 
