@@ -19,6 +19,7 @@ import torch
 
 from memlm.state import State
 from memlm.decode import static as static_decode
+from memlm.decode import static_memory
 
 DECODE_PATHS = ("auto", "eager", "static", "compiled")
 
@@ -103,6 +104,15 @@ def _decode_path(model, decode: str, ids: torch.Tensor, state: State | None, ret
     return decode
 
 
+def static_decoder(model, batch_size: int, max_len: int, **options) -> static_decode.StaticDecoder:
+    """The static-cache decoder for `model`: over a key/value cache of max_len positions, or, for a
+    model with recurrent memory, over its memory buffers for an unbounded stream
+    (memlm.decode.static_memory). Raises ValueError for a model neither serves."""
+    if getattr(getattr(model, "config", None), "recurrent", False):
+        return static_memory.MemoryStaticDecoder(model, batch_size, **options)
+    return static_decode.StaticDecoder(model, batch_size, max_len, **options)
+
+
 @torch.no_grad()
 def _generate_static(model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                      top_p: float | None, generator: torch.Generator | None, *, compile: bool,
@@ -110,7 +120,7 @@ def _generate_static(model, ids: torch.Tensor, max_new_tokens: int, temperature:
     was_training = model.training
     model.eval()
     try:
-        decoder = static_decode.StaticDecoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compile=compile)
+        decoder = static_decoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compile=compile)
         logits = decoder.prefill(ids)
         pieces = [ids]
         for step in range(max_new_tokens):

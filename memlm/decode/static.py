@@ -33,9 +33,9 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from memlm.nn.kernels import merge_partials
 from memlm.nn.positions import check_positions, sinusoidal_table, t5_buckets
 
 
@@ -78,7 +78,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, compile: bool = False,
                  graph: bool | None = None, dtype: torch.dtype | None = None):
-        reason = unsupported_reason(model)
+        reason = self.unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"static-cache decoding does not support this model: {reason}")
         if batch_size < 1 or max_len < 1:
@@ -112,6 +112,10 @@ class StaticDecoder:
         self._position = torch.zeros((), dtype=torch.long, device=device)
         self._logits = None
         self._cuda_graph = None
+
+    @staticmethod
+    def unsupported_reason(model: nn.Module) -> str | None:
+        return unsupported_reason(model)
 
     # ----- public -----------------------------------------------------------------------
     @torch.no_grad()
@@ -178,13 +182,8 @@ class StaticDecoder:
     def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor) -> torch.Tensor:
         """ids (B, 1) at `position` (0-d long tensor) -> logits (B, V); writes the caches in place."""
-        model, c = self.model, self.model.config
-        x = model.embed(ids)  # (B, 1, W)
-        if model.positions is not None:
-            where = position.view(1)
-            table = model.positions.table(where) if model.positions.table is not None \
-                else sinusoidal_table(where, c.width)
-            x = x + table.to(x.dtype)
+        model = self.model
+        x = self._embed(ids, position)  # (B, 1, W)
         visible = self.key_positions <= position  # (S,)
         bias = self._shared_bias(position)
         for i, block in enumerate(model.blocks):
@@ -203,6 +202,17 @@ class StaticDecoder:
                     x = block.ff_norm(x + block.feedforward(x))
         return model.head(model.final_norm(x))[:, -1]  # (B, V)
 
+    def _embed(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, 1, W) of ids (B, 1) at `position`, with absolute positions if any."""
+        model = self.model
+        x = model.embed(ids)
+        if model.positions is not None:
+            where = position.view(1)
+            table = model.positions.table(where) if model.positions.table is not None \
+                else sinusoidal_table(where, model.config.width)
+            x = x + table.to(x.dtype)
+        return x
+
     def _shared_bias(self, position: torch.Tensor) -> list[torch.Tensor]:
         """T5 / TUPE score terms (H, S) of the query at `position` against every cache slot, one
         per T5 table (shared: one for all layers); [] without such terms."""
@@ -220,35 +230,48 @@ class StaticDecoder:
         return tables
 
     def _attention(self, attention, h: torch.Tensor, position: torch.Tensor, visible: torch.Tensor,
-                   bias: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """One query per row: h (B, 1, W) -> (B, 1, W); writes this position's key and value."""
+                   bias: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot: torch.Tensor | None = None, sources=(), store=None) -> torch.Tensor:
+        """One query per row: h (B, 1, W) -> (B, 1, W); writes this position's key and value at
+        `slot` (0-d long; default: the position) of the caches (B, Hkv, S, D).
+
+        visible: (S,) or (B, S) bool, the cache slots the query sees; their stream positions are
+        `self.key_positions` (S,). Persistent memory, the registry's per-row sources and the kNN
+        store are merged as the model's attention merges them (memlm.nn.attention)."""
         B = h.shape[0]
         H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
         G = H // Hkv
         q, k, v = attention.project(h)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
-        k_cache.index_copy_(2, position.view(1), k.to(k_cache.dtype))  # (B, Hkv, S, D)
-        v_cache.index_copy_(2, position.view(1), v.to(v_cache.dtype))
+        where = (position if slot is None else slot).view(1)
+        k_cache.index_copy_(2, where, k.to(k_cache.dtype))  # (B, Hkv, S, D)
+        v_cache.index_copy_(2, where, v.to(v_cache.dtype))
         scale = attention.scale
         if attention.qk_scale is not None:
             q = q * attention.qk_scale.to(q.dtype)
             scale = 1.0
-        q = q.view(B, Hkv, G, D)  # the query is at distance 0: rotary leaves it unchanged
+        q_unrotated = q  # the query is at distance 0: rotary leaves it unchanged
+        q = q.view(B, Hkv, G, D)
+        distance = self.key_positions - position  # (S,) <= 0 for every visible key
         keys = k_cache.to(q.dtype)
         if attention.rotary is not None:
-            keys = attention.rotary.rotate(keys, self.key_positions - position, -1.0)
+            keys = attention.rotary.rotate(keys, distance, -1.0)
         scores = (q @ keys.transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
         if bias is not None:
             scores = scores + bias.view(1, Hkv, G, -1).float()
-        scores = scores.masked_fill(~visible, float("-inf"))
-        values = v_cache.to(q.dtype)
-        if attention.persistent is not None:  # no position, always visible: one joint softmax
-            pk = attention.persistent.k
-            if attention.qk_scale is not None:
-                pk = F.normalize(pk, dim=-1)
-            extra = (q @ pk.to(q.dtype).transpose(-1, -2)).float() * scale  # (B, Hkv, G, P)
-            probs = torch.cat([scores, extra], dim=-1).softmax(dim=-1).to(q.dtype)
-            cached, persistent = probs.split([scores.shape[-1], extra.shape[-1]], dim=-1)
-            out = cached @ values + persistent @ attention.persistent.v.to(q.dtype)  # (B, Hkv, G, D)
-        else:
-            out = scores.softmax(dim=-1).to(q.dtype) @ values  # (B, Hkv, G, D)
-        return attention.out(out.reshape(B, 1, H * D))
+        if attention.span is not None:  # adaptive span's soft mask over the distance
+            mask = attention.span.mask((-distance).clamp_min(0).float()[None])  # (H, 1, S)
+            span = torch.where(mask > 0, mask.clamp_min(1e-30).log(), float("-inf"))
+            scores = scores + span.view(1, Hkv, G, -1)
+        scores = scores.masked_fill(~(visible if visible.dim() == 1 else visible[:, None, None, :]), float("-inf"))
+        lse = scores.logsumexp(dim=-1)  # (B, Hkv, G)
+        probs = (scores - lse[..., None]).exp().to(q.dtype)
+        y = (probs @ v_cache.to(q.dtype)).view(B, H, 1, D)
+        lse = lse.view(B, H, 1)
+        if attention.persistent is not None:  # no position, always visible: merged exactly
+            y, lse = merge_partials(y, lse, *attention.persistent(q_unrotated, scale, 0.0,
+                                                                   attention.qk_scale is not None))
+        for read in sources:  # per-row memories without position (memlm.memory.registry)
+            y, lse = merge_partials(y, lse, *read(q_unrotated, 0.0))
+        if store is not None:  # kNN memory
+            y = attention.knn(y, lse, store, q_unrotated, scale, 0.0)
+        return attention.out(y.reshape(B, 1, H * D))

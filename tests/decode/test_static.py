@@ -100,10 +100,12 @@ def test_limits_and_unsupported_models():
     assert "recurrent" in unsupported_reason(xl)
     with pytest.raises(ValueError, match="does not support"):
         StaticDecoder(xl, batch_size=1, max_len=8)
-    # auto falls back to the eager path for it; an explicit static path is refused
+    # auto decodes it eagerly on a CPU; the static path serves it with memlm.decode.static_memory,
+    # and refuses a model that neither decoder serves (memory tokens)
     prompt = torch.zeros(1, 3, dtype=torch.long)
     assert memlm.generate(xl, prompt, 4, temperature=0).shape == (1, 7)
+    tokens = memlm.build("seed-xl-tiny", **tiny_overrides(**{"memory.tokens.count": 4}))
     with pytest.raises(ValueError, match="does not support"):
-        memlm.generate(xl, prompt, 4, decode="static")
+        memlm.generate(tokens, prompt, 4, decode="static")
     with pytest.raises(ValueError, match="takes no state"):
         memlm.generate(model, prompt, 1, decode="static", state=model.init_state(1))

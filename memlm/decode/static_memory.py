@@ -1,0 +1,255 @@
+"""Static-cache decoding of models with recurrent memory: Transformer-XL memory (one length per
+layer), layerwise feedback, compressive memory, persistent vectors, adaptive span, kNN memory
+and the registry's slot memories, one token at a time over buffers of fixed shapes.
+
+The eager path (`memlm.generate` through the model's forward) keeps a layer's memory as hidden
+states and projects all of them through the layer's key/value weights again for every new
+token. Here each layer's keys and values live in one preallocated buffer (L, B, Hkv, R + T, D):
+
+    slots 0 .. R-1      the memory the segment reads ([compressed | memory], right-aligned), its
+                        keys and values projected once, when the segment starts
+    slots R .. R+T-1    the segment's own positions, written in place as they are decoded
+
+with T = seq_len and R the longest memory any layer keeps in evaluation plus the compressed
+memory's length. The stream position of every slot is in `key_positions` (S,); a key is visible
+to the query at position p when it lies in the layer's memory window, at or before p, and at or
+after its row's document start (`State.reset`). The step (`StaticDecoder._attention`, shared
+with the plain decoder) therefore has the same shapes at every position, which is what
+`torch.compile` with static shapes and CUDA-graph replay need.
+
+When a segment completes, the memory rolls outside the step, through the model's own code
+(`memlm.memory.xl.next_layers`: feedback, compression, kNN writes; the registry's writes) on
+the inputs the step recorded, and the memory slots are projected anew. Between rolls the step
+records each layer's input (and the top layer's output) in fixed buffers, as the forward's
+`pending` state does. Prefill runs the prompt through the model's forward.
+
+Not supported (`unsupported_reason`): memory tokens (they change the key set at segment
+boundaries) and TUPE with memory (its positions are numbered in the attended window). CUDA
+graphs need every buffer the step reads to keep its address; the registry's readers and the
+kNN store's search do not yet, so `graph=True` is refused for models with kNN or slot memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memlm.decode.static import StaticDecoder
+from memlm.memory import xl
+from memlm.state import LayerState, State
+
+MEMORY_ONLY = tuple(name for name in xl.MEMORY_FIELDS if name != "pending")
+"""LayerState fields that a segment reads as memory from its start (oldest first)."""
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot decode with this static memory cache, or None when it can."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "blocks"):
+        return "not a memlm LanguageModel"
+    if not config.recurrent:
+        return "it carries no recurrent memory (memlm.decode.static serves it)"
+    if config.memory.tokens.count:
+        return "memory tokens change the key set at segment boundaries"
+    if config.position.kind == "tupe":
+        return "TUPE with memory numbers positions in the attended window"
+    return None
+
+
+def graph_unsupported_reason(model: nn.Module) -> str | None:
+    """Why the step of `model` cannot be replayed as a CUDA graph yet, or None."""
+    m = model.config.memory
+    if m.knn.layers:
+        return "the kNN store's search is not captured in a CUDA graph yet"
+    if len(model.mechanisms):
+        return "the slot memories' readers are rebuilt at each segment, outside fixed buffers"
+    return None
+
+
+class MemoryStaticDecoder(StaticDecoder):
+    """Decoding of `batch_size` streams of a model with recurrent memory over fixed buffers.
+
+    decoder = MemoryStaticDecoder(model, batch_size=1)
+    logits = decoder.prefill(prompt)        # (B, V) after the prompt (B, T0), from an empty memory
+    logits = decoder.step(next_ids)         # (B, V) after one more token (B, 1), for ever
+    decoder.reset(mask)                     # rows where mask (B,) is True start a new document
+    state = decoder.state()                 # the model's State at this point (as the forward's)
+
+    The stream has no length limit: the memory rolls every seq_len positions.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, *, compile: bool = False, graph: bool | None = None,
+                 dtype: torch.dtype | None = None):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"static-cache decoding does not support this model: {reason}")
+        c = model.config
+        device = next(model.parameters()).device
+        if (device.type == "cuda" if graph is None else graph) and graph_unsupported_reason(model):
+            if graph:
+                raise ValueError(f"CUDA-graph decoding does not support this model: {graph_unsupported_reason(model)}")
+            graph = False
+        self.memory_slots = max(c.memory_lengths(training=False)) + c.memory.compressive.length  # R
+        self.segment = c.seq_len  # T
+        super().__init__(model, batch_size, self.memory_slots + self.segment, compile=compile, graph=graph,
+                         dtype=dtype)
+        W, L = c.width, c.layers
+        hidden = dtype or next(self.model.parameters()).dtype
+        self.inputs = torch.zeros(L, batch_size, self.segment, W, dtype=hidden, device=device)  # (L, B, T, W)
+        self.top = torch.zeros(batch_size, self.segment, W, dtype=hidden, device=device)  # (B, T, W)
+        self.added = torch.zeros(L, batch_size, self.segment, W, dtype=hidden, device=device)  # feedback add
+        self.first_visible = torch.zeros(L, dtype=torch.long, device=device)  # (L,) oldest memory position
+        self.row_start = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self._segment_start = torch.zeros((), dtype=torch.long, device=device)
+        self._host: State | None = None  # the State at the segment's start: memory, stores, extensions
+        self._sources: dict[int, list] = {}
+        self.segment_start = 0
+
+    unsupported_reason = staticmethod(unsupported_reason)
+
+    # ----- public -----------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T0) through the model's forward from an empty memory; logits (B, V)
+        of its last position."""
+        B, T0 = prompt.shape
+        if B != self.batch_size:
+            raise ValueError(f"the decoder holds {self.batch_size} rows, the prompt has {B}")
+        if T0 < 1:
+            raise ValueError("the prompt must hold at least one token")
+        with self._precision():
+            out = self.model(prompt, state=self.model.init_state(B, device=prompt.device))
+        self._load(out.state)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append ids (B, 1) at the next position; logits (B, V) there. Overwritten by the next
+        step when a CUDA graph runs it: copy it to keep it."""
+        if self._host is None:
+            raise RuntimeError("prefill a prompt before decoding")
+        self._ids.copy_(ids)
+        self._position.fill_(self.length)
+        if self.graph:
+            if self._cuda_graph is None:
+                self._capture()
+            self._cuda_graph.replay()
+        else:
+            with self._precision():
+                self._logits = self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
+        self.length += 1
+        if self.length - self.segment_start == self.segment:
+            self._roll()
+        return self._logits
+
+    @torch.no_grad()
+    def reset(self, mask: torch.Tensor) -> None:
+        """Rows where mask (B,) is True forget their past (State.reset)."""
+        if self._host is None:
+            raise RuntimeError("prefill a prompt before resetting rows")
+        self._load(self.state().reset(mask))
+
+    def state(self) -> State:
+        """The model's State after the tokens so far: what its forward would return."""
+        if self._host is None:
+            raise RuntimeError("prefill a prompt first")
+        done = self.length - self.segment_start
+        if not done:
+            return self._host
+        layers = [layer.replace(pending=self.inputs[i, :, :done].clone()) for i, layer in enumerate(self._host.layers)]
+        layers[-1] = layers[-1].replace(top=self.top[:, :done].clone())
+        return State(self.length, self._host.row_start, layers, self._host.masked, self._host.stores)
+
+    # ----- segment boundaries (host side) -----------------------------------------------
+    def _roll(self) -> None:
+        """The segment is complete: roll every layer's memory through the model's own code."""
+        host, model = self._host, self.model
+        layers = [LayerState(cmem=layer.cmem, mem=layer.mem, feedback=layer.feedback, external=layer.external,
+                             extensions=dict(layer.extensions)) for layer in host.layers]
+        inputs = [self.inputs[i].clone() for i in range(len(layers))]
+        writable = {i: store for i, store in host.stores.items() if not store.shared}
+        with self._precision():
+            layers, _, completed = xl.next_layers(model, layers, inputs, self.top.clone(), writable, self.length)
+            state = State(self.length, host.row_start, layers, host.masked, host.stores)
+            if completed is not None:
+                model._write_mechanisms(layers, completed, state, self.length)
+        self._load(state)
+
+    def _load(self, state: State) -> None:
+        """Fill the buffers from a State: memory slots, the unfinished segment, feedback, rows."""
+        model, R = self.model, self.memory_slots
+        pending = state.layers[0].pending
+        done = pending.shape[1] if pending is not None else 0
+        if done >= self.segment:
+            raise ValueError(f"a state with {done} pending positions (a segment holds {self.segment})")
+        self.length, self.segment_start = state.position, state.position - done
+        self._segment_start.fill_(self.segment_start)
+        self.key_positions.copy_(torch.arange(self.max_len, device=self.device) + self.segment_start - R)
+        self.row_start.copy_(state.row_start)
+        with self._precision():
+            for i, (block, layer) in enumerate(zip(model.blocks, state.layers)):
+                parts = [t for t in (getattr(layer, name) for name in MEMORY_ONLY) if t is not None and t.shape[1]]
+                memory = torch.cat(parts, dim=1) if parts else None  # (B, n, W)
+                n = memory.shape[1] if memory is not None else 0
+                if n > R:
+                    raise ValueError(f"layer {i} holds {n} memory positions, the decoder has {R} slots")
+                self.first_visible[i] = self.segment_start - n
+                if n:
+                    self._project_into(i, block, memory, R - n)
+                if done:
+                    self._project_into(i, block, layer.pending, R)
+                    self.inputs[i, :, :done].copy_(layer.pending)
+                feedback = layer.feedback
+                self.added[i].zero_()
+                if feedback is not None:
+                    self.added[i, :, :feedback.shape[1]].copy_(feedback[:, :self.segment])
+            if done:
+                self.top[:, :done].copy_(state.layers[-1].top)
+            self._sources = model._sources(state)
+        layers = [layer.replace(pending=None, top=None) for layer in state.layers]
+        self._host = State(state.position, state.row_start, layers, state.masked, state.stores)
+
+    def _project_into(self, i: int, block: nn.Module, states: torch.Tensor, first: int) -> None:
+        """Keys and values of hidden states (B, n, W) into slots first..first+n-1 of layer i."""
+        h = block.attn_norm(states) if block.pre_norm else states
+        k, v = block.attention.project_kv(h.to(self.inputs.dtype))  # (B, Hkv, n, D)
+        n = states.shape[1]
+        self.k_cache[i, :, :, first:first + n].copy_(k)
+        self.v_cache[i, :, :, first:first + n].copy_(v)
+
+    # ----- the step ---------------------------------------------------------------------
+    def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor) -> torch.Tensor:
+        """ids (B, 1) at `position` (0-d long) -> logits (B, V); writes keys, values and inputs
+        of the position in place."""
+        model = self.model
+        x = self._embed(ids, position)  # (B, 1, W)
+        offset = (position - self._segment_start).view(1)  # index within the segment
+        slot = self.memory_slots + offset
+        keys = self.key_positions  # (S,)
+        seen = (keys <= position)[None, :] & (keys[None, :] >= self.row_start[:, None])  # (B, S)
+        bias = self._shared_bias(position)
+        add_feedback = model.config.memory.feedback.mode == "add"
+        h = x
+        for i, block in enumerate(model.blocks):
+            if add_feedback:
+                h = h + self.added[i].index_select(1, offset).to(h.dtype)
+            self.inputs[i].index_copy_(1, offset, h.to(self.inputs.dtype))
+            visible = seen & (keys >= self.first_visible[i])[None, :]
+            layer_bias = bias[0 if len(bias) == 1 else i] if bias else None
+            store = self._host.stores.get(i) if block.attention.knn is not None else None
+
+            def attend(a, i=i, block=block, visible=visible, layer_bias=layer_bias, store=store):
+                return self._attention(block.attention, a, position, visible, layer_bias, k_cache[i], v_cache[i],
+                                       slot=slot, sources=self._sources.get(i, ()), store=store)
+
+            if block.pre_norm:
+                h = h + attend(block.attn_norm(h))
+                if block.feedforward is not None:
+                    h = h + block.feedforward(block.ff_norm(h))
+            else:
+                h = block.attn_norm(h + attend(h))
+                if block.feedforward is not None:
+                    h = block.ff_norm(h + block.feedforward(h))
+        self.top.index_copy_(1, offset, h.to(self.top.dtype))
+        return model.head(model.final_norm(h))[:, -1]  # (B, V)
