@@ -182,6 +182,10 @@ def measure_workload(row: dict, workload: Workload, shape: Shape, config: BenchC
         row["mfu"] = row["train"]["tokens_per_s"] * workload.flops_per_token / peak_flops
     if not config.generate or workload.decoder is None:
         return
+    if config.gen_prompt_len + config.gen_new_tokens > shape.seq_len and not workload.decoder.unbounded:
+        row["notes"] = row["notes"] + [f"no generation: prompt + new tokens exceed seq_len {shape.seq_len} "
+                                       f"and only models with recurrent memory decode past it"]
+        return
     workload.objective.eval()
     for batch_size in config.gen_batch_sizes:
         rate = attempt(row, f"generate b{batch_size}", functools.partial(

@@ -31,7 +31,9 @@ from torch import nn
 import memlm
 from memlm_bench import reference
 from memlm.config import ModelConfig
-from memlm.decode import static as static_decode
+from memlm.decode import static_decoder
+from memlm.decode.static import unsupported_reason as static_unsupported
+from memlm.decode.static_memory import unsupported_reason as memory_static_unsupported
 from memlm.state import State, allow_memory_recompiles
 from memlm.train.warmup import memory_warmup
 
@@ -69,6 +71,8 @@ class Decoder:
     """prompt (B, T0) -> context: the cache after all but the prompt's last token (not timed)."""
     extend: Callable[[Any, int], torch.Tensor]
     """(context, n) -> ids holding n new tokens, one single-token forward each (timed)."""
+    unbounded: bool = False
+    """Decodes past seq_len positions (models with recurrent memory roll it); others stop there."""
 
 
 @dataclass
@@ -145,7 +149,7 @@ def dense_flops_per_token(model: nn.Module, shape: Shape, context: int) -> float
 
 # ----- memlm ------------------------------------------------------------------------------
 
-def memlm_decoder(step: nn.Module) -> Decoder:
+def memlm_decoder(step: nn.Module, unbounded: bool = False) -> Decoder:
     """memlm.decode.generate over `step` (the model, or it compiled), continuing the prefilled state."""
 
     def prefill(prompt: torch.Tensor):
@@ -156,20 +160,20 @@ def memlm_decoder(step: nn.Module) -> Decoder:
         state, last = context
         return memlm.generate(step, last, max_new_tokens=n, temperature=0, state=state)
 
-    return Decoder(prefill, extend)
+    return Decoder(prefill, extend, unbounded)
 
 
 def memlm_static_decoder(model: nn.Module, max_len: int) -> Decoder:
-    """memlm.decode.static: one StaticDecoder per batch size (compiled and captured once
-    on CUDA), prefilled with all but the prompt's last token, then stepped greedily."""
-    from memlm.decode.static import StaticDecoder
-    decoders: dict[int, StaticDecoder] = {}
+    """memlm.decode.static_decoder: one per batch size (compiled and, where the model allows it,
+    captured as a CUDA graph once on CUDA), prefilled with all but the prompt's last token, then
+    stepped greedily. Models with recurrent memory decode past max_len, their memory rolling."""
+    decoders: dict[int, Any] = {}
 
     def prefill(prompt: torch.Tensor):
         B = prompt.shape[0]
         if B not in decoders:
             cuda = prompt.is_cuda
-            decoders[B] = StaticDecoder(model, B, max_len, compile=cuda, dtype=torch.bfloat16 if cuda else None)
+            decoders[B] = static_decoder(model, B, max_len, compile=cuda, dtype=torch.bfloat16 if cuda else None)
         decoders[B].prefill(prompt[:, :-1])
         return decoders[B], prompt[:, -1:]
 
@@ -181,7 +185,7 @@ def memlm_static_decoder(model: nn.Module, max_len: int) -> Decoder:
             pieces.append(ids)
         return torch.cat(pieces, dim=1)
 
-    return Decoder(prefill, extend)
+    return Decoder(prefill, extend, unbounded=model.config.recurrent)
 
 
 def memlm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -272,7 +276,8 @@ def memlm_entry(preset: str, config: ModelConfig, baseline: str | None = None) -
 
     def build(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
         model = memlm.LanguageModel(config).to(device)
-        static = decode_mode == "graph" and static_decode.unsupported_reason(model) is None
+        unsupported = memory_static_unsupported if config.recurrent else static_unsupported
+        static = decode_mode == "graph" and unsupported(model) is None
         filled = 0
         if config.stateful:
             # masked, as training on documents is after the first document boundary: the attention
@@ -287,7 +292,8 @@ def memlm_entry(preset: str, config: ModelConfig, baseline: str | None = None) -
             flops_per_token=model.flops_per_token(shape.seq_len),
             params=model.num_parameters(),
             decoder=memlm_static_decoder(model, config.seq_len) if static
-            else memlm_decoder(decode_step(model, "eager" if decode_mode == "graph" else decode_mode)),
+            else memlm_decoder(decode_step(model, "eager" if decode_mode == "graph" else decode_mode),
+                               unbounded=config.recurrent),
             notes=memlm_notes(config, filled) + ([] if static or decode_mode != "graph"
                                                  else ["decodes eagerly: no static-cache path for its memory"]),
             warmup=warmup,

@@ -107,11 +107,14 @@ class StaticDecoder:
             self._tupe_keys = torch.zeros(max_len, tupe.heads, tupe.head_dim, dtype=tupe.key.weight.dtype,
                                           device=device)
         self.length = 0  # positions written (host-side, so bounds are checked without a sync)
-        self.step_fn = torch.compile(self._step, dynamic=False, fullgraph=True) if compile else self._step
+        self.step_fn = torch.compile(self._step, dynamic=False, fullgraph=self.fullgraph) if compile else self._step
         self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs of the graph
         self._position = torch.zeros((), dtype=torch.long, device=device)
         self._logits = None
         self._cuda_graph = None
+
+    fullgraph = True
+    """Compile the step as one graph (no Python left between its kernels)."""
 
     @staticmethod
     def unsupported_reason(model: nn.Module) -> str | None:

@@ -89,6 +89,7 @@ class MemoryStaticDecoder(StaticDecoder):
             if graph:
                 raise ValueError(f"CUDA-graph decoding does not support this model: {graph_unsupported_reason(model)}")
             graph = False
+        self.fullgraph = graph_unsupported_reason(model) is None  # the kNN search and readers break it
         self.memory_slots = max(c.memory_lengths(training=False)) + c.memory.compressive.length  # R
         self.segment = c.seq_len  # T
         super().__init__(model, batch_size, self.memory_slots + self.segment, compile=compile, graph=graph,
