@@ -164,9 +164,9 @@ def memlm_decoder(step: nn.Module, unbounded: bool = False) -> Decoder:
 
 
 def memlm_static_decoder(model: nn.Module, max_len: int) -> Decoder:
-    """memlm.decode.static_decoder: one per batch size (compiled and, where the model allows it,
-    captured as a CUDA graph once on CUDA), prefilled with all but the prompt's last token, then
-    stepped greedily. Models with recurrent memory decode past max_len, their memory rolling."""
+    """memlm.decode.static_decoder: one per batch size (compiled and captured as a CUDA graph on
+    CUDA; for kNN and slot memories captured again at each segment), prefilled with all but the
+    prompt's last token, then stepped greedily. Models with recurrent memory decode past max_len, their memory rolling."""
     decoders: dict[int, Any] = {}
 
     def prefill(prompt: torch.Tensor):

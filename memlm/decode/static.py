@@ -112,6 +112,7 @@ class StaticDecoder:
         self._position = torch.zeros((), dtype=torch.long, device=device)
         self._logits = None
         self._cuda_graph = None
+        self._graph_pool = None  # the captures' memory pool, shared when a step is captured again
 
     fullgraph = True
     """Compile the step as one graph (no Python left between its kernels)."""
@@ -178,9 +179,10 @@ class StaticDecoder:
                 self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self._precision():
+        with torch.cuda.graph(graph, pool=self._graph_pool), self._precision():
             self._logits = self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
         self._cuda_graph = graph
+        self._graph_pool = graph.pool()
 
     def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor) -> torch.Tensor:

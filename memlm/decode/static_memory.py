@@ -24,9 +24,12 @@ records each layer's input (and the top layer's output) in fixed buffers, as the
 `pending` state does. Prefill runs the prompt through the model's forward.
 
 Not supported (`unsupported_reason`): memory tokens (they change the key set at segment
-boundaries) and TUPE with memory (its positions are numbered in the attended window). CUDA
-graphs need every buffer the step reads to keep its address; the registry's readers and the
-kNN store's search do not yet, so `graph=True` is refused for models with kNN or slot memory.
+boundaries) and TUPE with memory (its positions are numbered in the attended window).
+
+CUDA graphs: every buffer above keeps its address, so one capture serves the whole stream. The
+kNN store's bookkeeping and the slot memories' readers are new tensors after each roll; for
+models with them the step is captured again at the first step of each segment (into the same
+memory pool), a few step-times per seq_len tokens.
 """
 
 from __future__ import annotations
@@ -56,14 +59,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def graph_unsupported_reason(model: nn.Module) -> str | None:
-    """Why the step of `model` cannot be replayed as a CUDA graph yet, or None."""
-    m = model.config.memory
-    if m.knn.layers:
-        return "the kNN store's search is not captured in a CUDA graph yet"
-    if len(model.mechanisms):
-        return "the slot memories' readers are rebuilt at each segment, outside fixed buffers"
-    return None
+def captured_per_segment(model: nn.Module) -> bool:
+    """Whether the step of `model` reads tensors that a segment's end replaces rather than
+    overwrites (the kNN store's bookkeeping, the slot memories' readers), so that a CUDA graph of
+    it is captured again after each roll."""
+    return bool(model.config.memory.knn.layers) or len(model.mechanisms) > 0
 
 
 class MemoryStaticDecoder(StaticDecoder):
@@ -84,17 +84,13 @@ class MemoryStaticDecoder(StaticDecoder):
         if reason is not None:
             raise ValueError(f"static-cache decoding does not support this model: {reason}")
         c = model.config
-        device = next(model.parameters()).device
-        if (device.type == "cuda" if graph is None else graph) and graph_unsupported_reason(model):
-            if graph:
-                raise ValueError(f"CUDA-graph decoding does not support this model: {graph_unsupported_reason(model)}")
-            graph = False
-        self.fullgraph = graph_unsupported_reason(model) is None  # the kNN search and readers break it
+        self.recapture = captured_per_segment(model)
+        self.fullgraph = not self.recapture  # the kNN search may leave the compiled graph
         self.memory_slots = max(c.memory_lengths(training=False)) + c.memory.compressive.length  # R
         self.segment = c.seq_len  # T
         super().__init__(model, batch_size, self.memory_slots + self.segment, compile=compile, graph=graph,
                          dtype=dtype)
-        W, L = c.width, c.layers
+        W, L, device = c.width, c.layers, self.device
         hidden = dtype or next(self.model.parameters()).dtype
         self.inputs = torch.zeros(L, batch_size, self.segment, W, dtype=hidden, device=device)  # (L, B, T, W)
         self.top = torch.zeros(batch_size, self.segment, W, dtype=hidden, device=device)  # (B, T, W)
@@ -207,6 +203,8 @@ class MemoryStaticDecoder(StaticDecoder):
             if done:
                 self.top[:, :done].copy_(state.layers[-1].top)
             self._sources = model._sources(state)
+        if self.recapture:
+            self._cuda_graph = None  # the step reads new tensors: capture it again at the next step
         layers = [layer.replace(pending=None, top=None) for layer in state.layers]
         self._host = State(state.position, state.row_start, layers, state.masked, state.stores)
 

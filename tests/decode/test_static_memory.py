@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.decode.static_memory import MemoryStaticDecoder, graph_unsupported_reason, unsupported_reason
+from memlm.decode.static_memory import MemoryStaticDecoder, captured_per_segment, unsupported_reason
 from tests.conftest import by_segments, tiny_overrides
 
 SEQ = 16
@@ -122,11 +122,10 @@ def test_unsupported_models_and_errors():
     tupe = memlm.build("seed-xl-tiny", **tiny_overrides(seq_len=SEQ, **{"position.kind": "tupe"}))
     assert "TUPE" in unsupported_reason(tupe)
     assert "no recurrent memory" in unsupported_reason(memlm.build("seed-tiny", **tiny_overrides()))
-    assert graph_unsupported_reason(build("knn joint")) is not None
-    assert graph_unsupported_reason(build("ntm slots")) is not None
-    assert graph_unsupported_reason(build("seed-mem (feedback, span, compressive, persistent)")) is None
-    with pytest.raises(ValueError, match="CUDA-graph"):
-        MemoryStaticDecoder(build("knn joint"), batch_size=1, graph=True)
+    assert captured_per_segment(build("knn joint")) and captured_per_segment(build("ntm slots"))
+    assert not captured_per_segment(build("seed-mem (feedback, span, compressive, persistent)"))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+        MemoryStaticDecoder(build("xl"), batch_size=1, graph=True)
     decoder = MemoryStaticDecoder(build("xl"), batch_size=2)
     with pytest.raises(RuntimeError, match="prefill"):
         decoder.step(torch.zeros(2, 1, dtype=torch.long))
