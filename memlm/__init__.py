@@ -16,7 +16,7 @@ from memlm.config import ConfigError, ModelConfig, presets, resolve
 
 __version__ = "0.1.0"
 
-_LAZY = {"generate": "memlm.decode", "State": "memlm.state", "LanguageModel": "memlm.model",
+_LAZY = {"generate": "memlm.decode", "stream": "memlm.decode", "State": "memlm.state", "LanguageModel": "memlm.model",
          "ModelOutput": "memlm.model"}
 """Public names imported on first use, so that `import memlm.config` (configs, presets) needs no torch."""
 
@@ -34,5 +34,5 @@ def build(preset_or_config: str | ModelConfig = "seed-tiny", **overrides: Any):
     return LanguageModel(resolve(preset_or_config, **overrides))
 
 
-__all__ = ["build", "generate", "presets", "ModelConfig", "ConfigError", "LanguageModel",
+__all__ = ["build", "generate", "stream", "presets", "ModelConfig", "ConfigError", "LanguageModel",
            "ModelOutput", "State", "__version__"]

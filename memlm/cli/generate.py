@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import tyro
@@ -40,6 +42,15 @@ class GenerateCommand:
     replace (the knowledge memory only)."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
+    stop: list[str] = dataclasses.field(default_factory=list)
+    """Stop strings: the completion ends before the first of them."""
+    stop_at_eod: bool = True
+    """End the completion at the model's end-of-document token."""
+    stream: bool = False
+    """Print the completion piece by piece as it is generated."""
+    prompts_file: Path | None = None
+    """Several prompts, the model loaded once: one per line, or a .jsonl file of {"prompt": ...}
+    objects; completions are printed in order (--json: one JSON object per line)."""
     json: bool = False
     """Print {"prompt", "completion", "ids", "new_tokens"} as one JSON object on the last line."""
 
@@ -54,13 +65,36 @@ def run(argv: list[str]) -> int:
         raise UsageError(f"--top-k must be positive, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if any(not stop for stop in args.stop):
+        raise UsageError("--stop strings must not be empty")
+    prompts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
     attach_memory(model, args.memory, device, args.memory_mode)
-    with autocast(device, saved["train"].get("precision", "auto")):
-        text, ids = sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                args.seed)
-    print(args.prompt + text)
-    if args.json:
-        print(json.dumps({"prompt": args.prompt, "completion": text, "ids": ids, "new_tokens": len(ids)}))
+    for prompt in prompts:
+        if args.stream:
+            print(prompt, end="", flush=True)
+        with autocast(device, saved["train"].get("precision", "auto")):
+            text, ids = sample_text(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                    args.seed, stop_at_eod=args.stop_at_eod, stop_strings=args.stop,
+                                    on_text=(lambda piece: print(piece, end="", flush=True)) if args.stream else None)
+        print() if args.stream else print(prompt + text)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text, "ids": ids, "new_tokens": len(ids)}))
     return 0
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of --prompts-file: one per line, or {"prompt": ...} per line of a .jsonl file."""
+    if not path.is_file():
+        raise UsageError(f"--prompts-file {path}: no such file")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            prompts.append(str(json.loads(line)["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UsageError(f"--prompts-file {path}, line {number}: expected {{\"prompt\": ...}} ({error})")
+    return prompts

@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
 from memlm.data import EOD, ByteTokenizer
-from memlm.decode import generate
+from memlm.decode.streaming import TextStream, stream
 
 
 def sample_text(model: nn.Module, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
-                top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> tuple[str, list[int]]:
+                top_k: int | None = None, top_p: float | None = None, seed: int = 0, *,
+                stop_at_eod: bool = False, stop_strings: Sequence[str] = (),
+                on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
     """(decoded continuation, its ids) of `prompt`, which is fed after an EOD so that the model
-    sees the start of a document. The same seed gives the same sample."""
+    sees the start of a document. The same seed gives the same sample.
+
+    stop_at_eod: end at the model's end-of-document token (not included); stop_strings: end
+    before the first of them (the ids returned are those decoded, up to the one that completed
+    it). on_text: called with each piece of text as soon as it is final (streaming)."""
     device = next(model.parameters()).device
     tokenizer = ByteTokenizer()
     prompt_ids = torch.from_numpy(tokenizer.encode(prompt)).to(device)  # (P,)
     ids = torch.cat([torch.tensor([EOD], device=device), prompt_ids])  # (P + 1,)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, generator=generator)  # (P + 1 + N,)
-    new_ids = out[len(ids):].tolist()
-    return tokenizer.decode(new_ids), new_ids
+    text = TextStream(stop_strings, tokenizer.eod_text)
+    pieces, new_ids = [], []
+    for token in stream(model, ids, max_new_tokens, temperature, top_k, top_p, generator=generator,
+                        stop_ids=[EOD] if stop_at_eod else ()):
+        new_ids.append(token)
+        piece = text.feed([token])
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        if text.stopped:
+            break
+    piece = text.finish()
+    if piece:
+        pieces.append(piece)
+        if on_text is not None:
+            on_text(piece)
+    return "".join(pieces), new_ids

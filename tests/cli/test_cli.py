@@ -71,6 +71,19 @@ def test_train_eval_generate(corpus, tmp_path, capsys):
     assert stdout.startswith("alpha " + generated["completion"])
     assert last_json(run(capsys, *args)[1]) == generated  # the same seed, the same text
 
+    # --stream prints the same text piece by piece; --prompts-file loads the model once for several
+    code, streamed, _ = run(capsys, *args[:-1], "--stream")
+    assert code == 0 and streamed == "alpha " + generated["completion"] + "\n"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "alpha "}) + "\n" + json.dumps({"prompt": "beta"}) + "\n")
+    code, stdout, _ = run(capsys, *args[:2], "--prompts-file", prompts, *args[4:])
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert code == 0 and [line["prompt"] for line in lines] == ["alpha ", "beta"] and lines[0] == generated
+    stop = generated["completion"][5:7]
+    code, stdout, _ = run(capsys, *args, "--stop", stop)
+    assert last_json(stdout)["completion"] == generated["completion"][:generated["completion"].index(stop)]
+    assert run(capsys, *args[:2], "--prompts-file", tmp_path / "none.txt")[0] == 2
+
 
 def test_train_without_out_makes_a_timestamped_run_directory(corpus, tmp_path, capsys):
     code, stdout, _ = run(capsys, "train", *TINY, "--data", corpus, "--fractions", "0.8", "0.1", "0.1",
