@@ -15,7 +15,7 @@ LAYERS = [
     {"memory"},
     {"model"},
     {"decode"},
-    {"data", "eval", "tasks", "memorize", "train"},
+    {"data", "eval", "tasks", "memorize", "train", "serve"},
     {"cli", "__main__"},
 ]
 """Bottom to top. A subpackage may import its own layer (if no cycle forms) and the layers below."""

@@ -10,6 +10,7 @@
     memlm memorize RUN_OR_CKPT --out MEMDIR [--data SRC --split train --max-tokens N --batch-size B
                                              --capacity C]  (knowledge memory for kNN layers, memlm.memorize)
     memlm presets [--json]
+    memlm serve RUN_OR_CKPT [--host H --port P --max-sessions N --max-session-mb M --max-tokens N --memory MEMDIR]
     memlm race [--contenders A B ...] [--minutes M | --steps N] [--devices cuda:0 ... | --only NAME | --contender-index I]
                [TrainConfig options]
     memlm race merge FILES...                  (memlm_bench.race: contenders trained for one budget, test bpb)
@@ -52,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memorize": ("memlm.cli.memorize:run",
                  "save what a kNN model's memory layers write over a corpus (knowledge memory)"),
     "presets": ("memlm.cli.presets:run", "list the model presets"),
+    "serve": ("memlm.cli.serve:run", "OpenAI-compatible completions server whose sessions keep their memory"),
     "bench": ("memlm.cli.harness:bench", "training and generation speed against a reference GPT and peers"),
     "race": ("memlm.cli.harness:race",
              "contenders trained for the same budget by memlm's loop, test bpb table; race merge FILES"),
