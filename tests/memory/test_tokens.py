@@ -372,3 +372,24 @@ def test_a_state_inside_a_segment_must_hold_its_cache():
     with pytest.raises(ValueError, match=rf"the state at position {L + 3} holds no cache of its segment "
                                          rf"\(segments start at multiples of seq_len={L}\)"):
         model(torch.randint(0, 256, (2, 2)), state=state)
+
+
+@pytest.mark.parametrize("position, length", [(0, 24), (3, 20), (5, 3), (7, 1), (6, 19), (16, 0)])
+def test_pieces_cut_a_call_exactly_at_the_segment_boundaries_inside_it(position, length):
+    """The pieces of `length` tokens from `position` end at every multiple of seq_len strictly inside
+    the call and at its end, nowhere else (brute force over the positions)."""
+    mt = build().memory_tokens
+    cuts = [p for p in range(position + 1, position + length) if p % L == 0] + ([position + length] if length else [])
+    expected = [b - a for a, b in zip([position] + cuts, cuts)]
+    assert mt.pieces(position, length) == expected
+
+
+def test_a_call_spanning_several_segments_from_inside_one_equals_segment_by_segment():
+    """A 3-token piece, then one 20-token call that crosses two boundaries from an unaligned position."""
+    model = build(True)
+    ids = torch.randint(0, 256, (2, 23))
+    segments, _ = by_segments(model, ids, L)
+    state = model.init_state(2)
+    first = model(ids[:, :3], state=state)
+    rest = model(ids[:, 3:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], dim=1), segments, atol=1e-5, rtol=0)

@@ -510,3 +510,23 @@ def test_a_checkpoint_with_the_old_persistent_vector_names_loads_into_the_same_w
     del old["blocks.0.attention.persistent_v"]
     with pytest.raises(RuntimeError, match="persistent.v"):
         memlm.build("seed-tiny", layers=2, **{"memory.persistent.vectors": 3}).load_state_dict(old)
+
+
+def test_registry_extensions_are_carried_unchanged_between_segment_completions():
+    """A registry mechanism's state (here NTM slots) rides through xl.next_layers untouched while a
+    segment is unfinished: after a partial piece it is the same as before it, and the segment
+    completed in two pieces leaves the same slots as the whole segment at once."""
+    torch.manual_seed(0)
+    model = build(**{"memory.xl.length": 8, "memory.ntm.layers": [1], "memory.ntm.slots": 4})
+    ids = torch.randint(0, 256, (2, 16))
+    first = model(ids[:, :8], state=model.init_state(2)).state
+    before = first.layers[1].extensions["ntm"]
+    half = model(ids[:, 8:12], state=first).state
+    carried = half.layers[1].extensions["ntm"]
+    for name in ("slots", "segment", "keep", "written"):
+        torch.testing.assert_close(getattr(carried, name), getattr(before, name), rtol=0, atol=0)
+    whole = model(ids[:, 8:], state=first).state.layers[1].extensions["ntm"]
+    split = model(ids[:, 12:], state=half).state.layers[1].extensions["ntm"]
+    for name in ("slots", "segment", "keep", "written"):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), atol=1e-6, rtol=0)
+    assert not torch.allclose(whole.segment, before.segment)  # the completed segment was written

@@ -1085,3 +1085,17 @@ def test_a_shared_store_answers_every_batch_row_from_its_one_row(kind, options):
             assert_matches_reference(out, pos, ref, q, k, row_of=lambda b: 0)
             assert out.scores.dtype == dtype
         store.shared = False
+
+
+
+
+def test_an_exact_store_is_built_on_the_device_asked_for_not_the_default():
+    """make_store passes the caller's device on: a store asked for on 'meta' is there, and with the
+    default device set to 'meta' a store asked for on the CPU is on the CPU."""
+    assert make_store("exact", rows=1, heads=1, dim=4, capacity=8, device="meta").device.type == "meta"
+    torch.set_default_device("meta")
+    try:
+        built = make_store("exact", rows=1, heads=1, dim=4, capacity=8, device="cpu")
+    finally:
+        torch.set_default_device(None)
+    assert built.device.type == "cpu" and built.keys.device.type == "cpu"
