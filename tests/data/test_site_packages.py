@@ -133,16 +133,19 @@ def test_hidden_cache_binary_unreadable_and_foreign_site_packages_are_skipped(tm
     write(site / "pkg" / "mod.pyc", b"# not .py\n")
     write(site / "pkg" / "blob.py", b"binary\x00data\n")
     os.symlink(site / "pkg" / "gone.py", site / "pkg" / "dangling.py")
-    use_roots(monkeypatch, *roots)
+    write(stdlib / "nested" / "zz.py", b"# a root inside another root: read once, named from its own root\n")
+    use_roots(monkeypatch, *roots, ("user", stdlib / "nested"))
     (source,) = parse_spec("site-packages")
-    assert [name for name, _ in source.candidates] == ["json/__init__.py", "pkg/blob.py", "pkg/dangling.py",
-                                                       "pkg/mod.py"]
-    assert docs(source) == {"json/__init__.py": b"# json\n", "pkg/mod.py": b"# kept\n"}
+    assert source.candidates == [("json/__init__.py", 0), ("pkg/blob.py", 1), ("pkg/dangling.py", 1),
+                                 ("pkg/mod.py", 1), ("zz.py", 2)]
+    assert set(docs(source)) == {"json/__init__.py", "pkg/mod.py", "zz.py"}
+    assert docs(source)["pkg/mod.py"] == b"# kept\n"
     assert source.inventory()["skipped"] == {"duplicate": 0, "binary": 1, "empty": 0, "unreadable": 1}
     assert source.stamp()[1:] == [[0, "json/__init__.py", 7, (stdlib / "json" / "__init__.py").stat().st_mtime_ns],
                                   [1, "pkg/blob.py", 12, (site / "pkg" / "blob.py").stat().st_mtime_ns],
                                   [1, "pkg/dangling.py", -1, -1],
-                                  [1, "pkg/mod.py", 7, (site / "pkg" / "mod.py").stat().st_mtime_ns]]
+                                  [1, "pkg/mod.py", 7, (site / "pkg" / "mod.py").stat().st_mtime_ns],
+                                  [2, "zz.py", 65, (stdlib / "nested" / "zz.py").stat().st_mtime_ns]]
 
 
 def test_manifest_records_roots_sizes_and_distributions_with_versions(tmp_path, monkeypatch, cache):
