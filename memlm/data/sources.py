@@ -5,15 +5,15 @@ separated by commas. Each source is one of
 
 - ``"stdlib"``: every ``*.py`` file of the running interpreter's standard library
   (``sysconfig.get_paths()["stdlib"]``, tests included, site-packages excluded);
+- ``"stdlib-long"``: the same files joined into long documents: each directory's files, in
+  name order, each after a ``# file: <path>`` line, concatenated into documents of at most
+  64 KiB (a larger file stays one document). Related code in documents of up to 128 segments
+  of 512 bytes, for measuring memory that reaches far back (`Joined`);
 - ``"site-packages"``: every ``*.py`` file of the standard library and of the interpreter's
   site-packages / dist-packages directories (`site_packages_roots`), deduplicated by content
   (`SitePackages`); ``"site-packages-text"``: their ``.txt`` / ``.rst`` / ``.md`` files. Option
   ``:holdout=numpy+torch`` (names joined by ``+``: a comma separates sources) puts every file of
   those top-level packages, or of those distributions, into the test split;
-- ``"stdlib-long"``: the same files joined into long documents: each directory's files, in
-  name order, each after a ``# file: <path>`` line, concatenated into documents of at most
-  64 KiB (a larger file stays one document). Related code in documents of up to 128 segments
-  of 512 bytes, for measuring memory that reaches far back (`Joined`);
 - a directory: every file, recursively, whose relative path matches an `include` glob and
   no `exclude` glob (an excluded directory is skipped whole); files holding a NUL byte are
   binary and skipped;
@@ -27,8 +27,8 @@ separated by commas. Each source is one of
 
 A document is named by its path relative to its source (a lone file by its base name);
 the name decides its split (`SitePackages` names a file by its path relative to its root,
-so the same file gets the same split on every machine). Each source yields its documents sorted by name, so the
-result never depends on file-system listing order.
+so the same file gets the same split on every machine). Each source yields its documents
+sorted by name, so the result never depends on file-system listing order.
 """
 
 from __future__ import annotations
@@ -355,7 +355,8 @@ def _package(name: str) -> str:
 def _metadata_dirs(path: Path) -> list[str]:
     """The names of the distributions' metadata directories at the top of `path` (none if it is gone)."""
     try:
-        return [entry.name for entry in os.scandir(path) if entry.name.endswith((".dist-info", ".egg-info"))]
+        with os.scandir(path) as entries:
+            return [entry.name for entry in entries if entry.name.endswith((".dist-info", ".egg-info"))]
     except OSError:
         return []
 
@@ -560,7 +561,7 @@ def parse_spec(
             raise DataError(f"{after!r} is not a data source: held-out packages are joined by '+' "
                             f"(a comma separates sources), e.g. site-packages:holdout=numpy+torch")
     if not parts:
-        raise DataError("no data source given: use 'stdlib', a file, a directory or an archive")
+        raise DataError("no data source given: use 'stdlib', 'site-packages', a file, a directory or an archive")
     return [_source(p, include, exclude) for p in parts]
 
 
