@@ -2,9 +2,12 @@
 
 Layout of a prepared corpus, ``<cache_dir>/<key>/``::
 
-    manifest.json        sources, fractions, per split: documents, bytes, tokens, SHA-1 of the contents,
-                         BLAKE2b-128 of its two files (checked each time a split is opened: any
-                         damage to a token file is an error naming it, never silent data)
+    manifest.json        sources; inventory: what each source read, where it says (`Source.inventory`:
+                         for site-packages the roots, files, bytes, held-out packages and installed
+                         distributions with versions); fractions; per split: documents, bytes,
+                         tokens, SHA-1 of the contents, BLAKE2b-128 of its two files (checked each
+                         time a split is opened: any damage to a token file is an error naming it,
+                         never silent data)
     train.tokens         uint16 little-endian ids: documents concatenated, each followed by EOD
     train.docs.npy       int64 offset of each document's first token in train.tokens
     validation.* test.*  the same for the other splits
@@ -154,6 +157,7 @@ def prepare(
             "key": key,
             "stamp": stamp,
             "sources": [s.key for s in sources],
+            "inventory": [s.inventory() for s in sources],
             "fractions": dict(zip(SPLITS, fractions)),
             "tokenizer": {"kind": "byte", "vocab_size": VOCAB_SIZE, "eod": EOD, "dtype": "uint16"},
             "splits": splits,

@@ -30,7 +30,7 @@ TASKS = ("lm", "recall")
 @dataclass
 class TrainConfig:
     data: str = "stdlib"
-    """Training corpus: 'stdlib', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
+    """Training corpus: 'stdlib', 'stdlib-long', 'site-packages' (stdlib and installed packages; ':holdout=numpy+torch' puts those packages in the test split), 'site-packages-text', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
     task: str = "lm"
     """What to train on: lm (the corpus of --data), or recall (endless documents of the long-range recall task, memlm.tasks; --data then serves only the validation and test bpb, and the run ends with recall accuracy by distance)."""
     recall_distances: tuple[int, ...] | None = None

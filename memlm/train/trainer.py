@@ -480,6 +480,8 @@ class Trainer:
         m = self.corpus.manifest
         data = {"spec": self.config.data, "fractions": list(self.config.fractions), "cache": str(self.corpus.path),
                 "splits": m["splits"], "tokenizer": m["tokenizer"]}
+        if any(m.get("inventory") or ()):  # what the sources read (site-packages: files, distributions), kept
+            data["inventory"] = m["inventory"]  # with the run: the cache is rebuilt in place when they change
         return {"preset": self.preset, "model": self.model_config.to_dict(), "train": self.config.to_dict(),
                 "data": data}
 

@@ -8,9 +8,10 @@ import time
 
 import pytest
 import torch
-from train_helpers import fast_config, tiny_model
+from train_helpers import fast_config, tiny_model, write_corpus
 
 from memlm.config import ConfigError
+from memlm.data import sources
 from memlm.train import CheckpointError, Trainer, checkpoint, train
 from memlm.train import distributed
 from memlm.train.metrics import read
@@ -183,3 +184,18 @@ def test_no_sample_bytes_runs_no_sampling(corpus, tmp_path, monkeypatch):
     summary = train(tiny_model(), fast_config(corpus, out, steps=4, eval_every=2, sample_bytes=0))
     assert summary["sample"] == "" and not (out / "samples.txt").exists()
     assert [r["step"] for r in read(out) if r["kind"] == "eval"] == [0, 2, 4]
+
+
+def test_run_config_keeps_the_corpus_inventory(tmp_path, monkeypatch):
+    """A site-packages run's config.json says what it trained on: roots, files, distributions."""
+    stdlib, site = write_corpus(tmp_path / "lib" / "python3.11"), tmp_path / "venv" / "site-packages"
+    meta = site / "fakepkg-1.2.3.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.2.3\n")
+    monkeypatch.setattr(sources, "site_packages_roots", lambda: [("stdlib", stdlib), ("purelib", site)])
+    monkeypatch.setenv("MEMLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    train(tiny_model(), fast_config(stdlib, out, data="site-packages-text", steps=2, eval_every=2, checkpoint_every=2))
+    (inventory,) = json.loads((out / "config.json").read_text())["data"]["inventory"]
+    assert inventory["files"] == 40 and inventory["roots"][0] == {"role": "stdlib", "path": str(stdlib)}
+    assert inventory["distributions"] == [{"name": "fakepkg", "version": "1.2.3"}]
