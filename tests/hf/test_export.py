@@ -23,8 +23,9 @@ from memlm.hf import ExportError  # noqa: E402
 from memlm.train import checkpoint  # noqa: E402
 
 SHAPE = {"layers": 2, "width": 32, "seq_len": 16, "attention.heads": 2}
-PRESETS = {"seed-tiny": {}, "seed-xl-tiny": {"memory.xl.length": 16}}
-"""Each preset shrunk to SHAPE; seed-xl-tiny's memory holds one segment, so a stream of 50 drops its oldest."""
+PRESETS = {"seed-tiny": {}, "seed-xl-tiny": {"memory.xl.length": 16}, "seed-mem-tiny": {}}
+"""Each preset shrunk to SHAPE; seed-xl-tiny's memory holds one segment, so a stream of 50 drops its oldest;
+seed-mem-tiny: feedback, adaptive span (spans moved off their init), compressive and persistent memory."""
 TEST_BPB = 2.345
 
 
@@ -40,6 +41,11 @@ def save_run(path: Path, preset: str) -> tuple[Path, torch.nn.Module]:
     test record in metrics.jsonl) holding an untrained model: 0 steps."""
     torch.manual_seed(0)
     model = memlm.build(preset, **SHAPE, **PRESETS[preset]).eval()
+    if model.spans() is not None:  # learned spans, as training leaves them: the key limit follows them
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attention.span.span.copy_(torch.tensor([3.0, 9.0]))
+        model.after_optimizer_step()
     config = {"preset": preset, "model": model.config.to_dict(),
               "train": {"steps": 0, "batch_size": 2, "lr": 1e-3, "precision": "fp32", "seed": 0},
               "data": {"spec": "stdlib", "fractions": [0.98, 0.01, 0.01],
@@ -101,6 +107,9 @@ def test_the_directory_holds_what_transformers_loads(exported):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_logits_equal_memlm_forward(exported, preset):
     _, model, hf = exported[preset]
+    if model.spans() is not None:  # memlm's load_state_dict hook reads the key limit from the loaded spans
+        assert [b.attention.span.limit for b in hf.model.blocks] == [b.attention.span.limit for b in model.blocks]
+        assert hf.model.spans() == model.spans() == [[3.0, 9.0]] * 2 and model.blocks[0].attention.span.limit == 41
     ids = torch.randint(0, 257, (2, 40))  # longer than seq_len 16
     with torch.no_grad():
         expected, got = model(ids).logits, hf(ids).logits
@@ -126,18 +135,34 @@ def memlm_pieces(model, ids, size):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_greedy_generate_equals_memlm_generate(exported, preset):
-    """seed-xl-tiny: prompt 20 and 30 new tokens past seq_len 16, the XL memory (one segment) rolling
-    at every segment boundary and dropping the oldest segments."""
+    """Prompt 20 and 30 new tokens, past seq_len 16: seed-xl-tiny's memory (one segment) rolls at every
+    segment boundary and drops the oldest segments. The logits of every step equal memlm's reading
+    the same stream (prompt, then one token at a time) with its State."""
     _, model, hf = exported[preset]
     prompt = torch.randint(0, 256, (2, 20))
     expected = memlm.generate(model, prompt, max_new_tokens=30, temperature=0)
-    got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
-                      eos_token_id=None)  # memlm.generate does not stop at EOD
-    assert got.shape == (2, 50) and torch.equal(got, expected)
     out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
-                      eos_token_id=None, return_dict_in_generate=True)
+                      eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    assert out.sequences.shape == (2, 50) and torch.equal(out.sequences, expected)  # memlm does not stop at EOD
     assert type(out.cache).__name__ == "MemlmCache"
-    assert out.cache.state.position == 49  # the prompt and every new token but the last were read
+    assert out.cache.get_seq_length() == 49  # the prompt and every new token but the last were read
+    with torch.no_grad():
+        streamed = torch.cat([memlm_pieces(model, expected[:, :20], 20)[:, -1:]] + [
+            memlm_step_logits(model, expected)], 1)  # (2, 30, V): the logits each new token was chosen from
+        assert torch.allclose(torch.stack(out.logits, 1), streamed, atol=1e-5, rtol=0)
+        if preset == "seed-xl-tiny":  # the memory matters: one stateless pass over the stream differs
+            assert not torch.allclose(model(expected[:, :-1]).logits[:, 19:], streamed, atol=1e-3)
+
+
+def memlm_step_logits(model, ids):
+    """Logits (B, N - 21, V) after each of ids[:, 20:-1], fed one at a time after the prompt ids[:, :20]."""
+    out = model(ids[:, :20], state=model.init_state(ids.shape[0]))
+    state, pieces = out.state, []
+    for t in range(20, ids.shape[1] - 1):
+        out = model(ids[:, t:t + 1], state=state)
+        state = out.state
+        pieces.append(out.logits)
+    return torch.cat(pieces, 1)
 
 
 def test_sampling_equals_memlm_with_the_same_seed(exported):
@@ -185,6 +210,7 @@ def test_memlm_from_pretrained_round_trip(exported):
     for preset in PRESETS:
         out, model, _ = exported[preset]
         loaded = memlm.from_pretrained(out)
+        assert loaded.spans() == model.spans()
         assert loaded.config == model.config and not loaded.training
         assert loaded.state_dict().keys() == model.state_dict().keys()
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
