@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,serve]" $(if $(TRITON_SPEC),"$(TRITON_SPEC)")
+	$(PY) -m pip install -q -e ".[dev,serve,hf]" $(if $(TRITON_SPEC),"$(TRITON_SPEC)")
 	touch $@
 
 train: setup

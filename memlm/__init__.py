@@ -4,6 +4,7 @@
     model = memlm.build("seed-tiny", **{"attention.kv_heads": 1})
     out = model(input_ids, targets=None, state=None)
     ids = memlm.generate(model, prompt_ids, max_new_tokens=64)
+    model = memlm.from_pretrained("exported/")   # a directory written by `memlm export RUN --hf exported/`
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from memlm.config import ConfigError, ModelConfig, presets, resolve
 __version__ = "0.1.0"
 
 _LAZY = {"generate": "memlm.decode", "stream": "memlm.decode", "State": "memlm.state", "LanguageModel": "memlm.model",
-         "ModelOutput": "memlm.model"}
+         "ModelOutput": "memlm.model", "from_pretrained": "memlm.hf"}
 """Public names imported on first use, so that `import memlm.config` (configs, presets) needs no torch."""
 
 
@@ -35,4 +36,4 @@ def build(preset_or_config: str | ModelConfig = "seed-tiny", **overrides: Any):
 
 
 __all__ = ["build", "generate", "stream", "presets", "ModelConfig", "ConfigError", "LanguageModel",
-           "ModelOutput", "State", "__version__"]
+           "ModelOutput", "State", "from_pretrained", "__version__"]

@@ -16,7 +16,7 @@ LAYERS = [
     {"model"},
     {"decode"},
     {"data", "eval", "tasks", "memorize", "train", "serve"},
-    {"cli", "__main__"},
+    {"cli", "hf", "__main__"},
 ]
 """Bottom to top. A subpackage may import its own layer (if no cycle forms) and the layers below."""
 
@@ -118,5 +118,29 @@ def test_memlm_imports_the_harness_only_inside_cli_functions():
 
 
 def test_cli_is_the_top_layer():
-    assert LAYERS[-1] == {"cli", "__main__"}
+    assert LAYERS[-1] == {"cli", "hf", "__main__"}
     assert [(a, b) for a, b in import_edges() if b == "cli"] == [("__main__", "cli")]  # only `python -m memlm`
+    assert {a for a, b in import_edges() if b == "hf"} <= {"cli"}  # the Hugging Face bridge: only its command
+
+
+def imports_transformers(node: ast.AST) -> bool:
+    names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+    return any(name.split(".")[0] == "transformers" for name in names)
+
+
+def test_only_the_hf_remote_code_imports_transformers():
+    """memlm imports transformers only in memlm/hf's remote-code modules (copied into every export),
+    which nothing of memlm imports: exporting and memlm.from_pretrained need no transformers."""
+    importers = set()
+    for path in PACKAGE.rglob("*.py"):
+        if any(imports_transformers(node) for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.Import, ast.ImportFrom))):
+            importers.add(path.relative_to(PACKAGE).as_posix())
+    remote = {"hf/configuration_memlm.py", "hf/modeling_memlm.py", "hf/tokenization_memlm.py"}
+    assert importers == remote
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                stems = {name.split(".")[-1] for name in names if name.startswith("memlm.hf")}
+                assert not stems & {f.split("/")[1][:-3] for f in remote}, f"{path} imports the remote code"

@@ -1,4 +1,4 @@
-"""The `memlm` command: train, eval, generate, memorize, presets, bench, race.
+"""The `memlm` command: train, eval, generate, memorize, presets, export, serve, bench, race.
 
     memlm train [--preset P] [--data SRC] [--out DIR] [--steps N | --tokens N | --minutes M] [--resume]
                 [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
@@ -10,6 +10,7 @@
     memlm memorize RUN_OR_CKPT --out MEMDIR [--data SRC --split train --max-tokens N --batch-size B
                                              --capacity C]  (knowledge memory for kNN layers, memlm.memorize)
     memlm presets [--json]
+    memlm export RUN_OR_CKPT --hf OUT [--checkpoint latest|best]   (a Hugging Face model directory, memlm.hf)
     memlm serve RUN_OR_CKPT [--host H --port P --max-sessions N --max-session-mb M --max-tokens N --memory MEMDIR]
     memlm race [--contenders A B ...] [--minutes M | --steps N] [--devices cuda:0 ... | --only NAME | --contender-index I]
                [TrainConfig options]
@@ -36,6 +37,7 @@ from memlm.cli.common import UsageError
 from memlm.cli.train import default_preset
 from memlm.config import ConfigError
 from memlm.data import DataError
+from memlm.hf import ExportError
 from memlm.memorize import KnowledgeError
 from memlm.memory.knn.stores import StoreError
 from memlm.train import CheckpointError, TrainingError
@@ -44,7 +46,7 @@ from memlm.train.lock import RunDirectoryBusy
 FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 """OSErrors that are the machine's state, not a bug: one line and exit 2 (no space, read-only, no permission)."""
 USER_ERRORS = (ConfigError, DataError, CheckpointError, UsageError, KnowledgeError, StoreError, TrainingError,
-               RunDirectoryBusy)
+               RunDirectoryBusy, ExportError)
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("memlm.cli.train:run", "train a model (default: the main job, seed-tiny for 3 minutes on CPU)"),
@@ -53,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memorize": ("memlm.cli.memorize:run",
                  "save what a kNN model's memory layers write over a corpus (knowledge memory)"),
     "presets": ("memlm.cli.presets:run", "list the model presets"),
+    "export": ("memlm.cli.export:run", "write a run as a Hugging Face model directory (--hf OUT; memlm.hf)"),
     "serve": ("memlm.cli.serve:run", "OpenAI-compatible completions server whose sessions keep their memory"),
     "bench": ("memlm.cli.harness:bench", "training and generation speed against a reference GPT and peers"),
     "race": ("memlm.cli.harness:race",
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
         + "\n\n`memlm COMMAND --help` lists a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS, help="train, eval, generate, memorize, presets, bench or race")
+    parser.add_argument("command", choices=COMMANDS,
+                        help="train, eval, generate, memorize, presets, export, serve, bench or race")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parsed = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

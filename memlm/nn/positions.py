@@ -75,20 +75,27 @@ class Rotary(nn.Module):
     def __init__(self, rope_dim: int, base: float, xpos_gamma: float | None = None,
                  xpos_scale_base: float = 512.0, table_reach: int = 0):
         super().__init__()
-        self.rope_dim = rope_dim
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dim, 2).double() / rope_dim),
-                             persistent=False)  # (rope_dim / 2,)
+        self.rope_dim, self.base, self.xpos_gamma = rope_dim, base, xpos_gamma
         self.xpos = xpos_gamma is not None
         if self.xpos:
-            zeta = (torch.arange(0, rope_dim, 2).double() / rope_dim + xpos_gamma) / (1 + xpos_gamma)
-            self.register_buffer("log_zeta", zeta.log(), persistent=False)  # (rope_dim / 2,)
             self.scale_base = xpos_scale_base
         # cos/sin of the relative positions -reach..reach-1, computed once in float64 and kept in
         # float32: computing them per call costs float64 trigonometry that a compiler may even
         # fuse into (and so repeat in) every head's kernel. Positions outside are computed.
         self.table_reach = table_reach
-        if table_reach:
-            positions = torch.arange(-table_reach, table_reach)
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-persistent buffers (inverse frequencies, xPos decay, cos/sin table) on
+        `device` (None: the default device), e.g. after a loader that knows only the state dict left
+        them empty (transformers, memlm.hf)."""
+        fractions = torch.arange(0, self.rope_dim, 2, device=device).double() / self.rope_dim  # (rope_dim / 2,)
+        self.register_buffer("inv_freq", self.base ** (-fractions), persistent=False)  # (rope_dim / 2,)
+        if self.xpos:
+            zeta = (fractions + self.xpos_gamma) / (1 + self.xpos_gamma)
+            self.register_buffer("log_zeta", zeta.log(), persistent=False)  # (rope_dim / 2,)
+        if self.table_reach:
+            positions = torch.arange(-self.table_reach, self.table_reach, device=device)
             signs = (1.0, -1.0) if self.xpos else (1.0,)
             tables = [torch.stack(self._tables(positions, torch.float32, sign)) for sign in signs]
             self.register_buffer("table", torch.stack(tables), persistent=False)  # (signs, 2, 2*reach, R)
