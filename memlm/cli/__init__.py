@@ -1,4 +1,4 @@
-"""The `memlm` command: train, eval, generate, memorize, presets, export, serve, bench, race.
+"""The `memlm` command: train, eval, generate, memorize, presets, export, serve, bench, race, ablate.
 
     memlm train [--preset P] [--data SRC] [--out DIR] [--steps N | --tokens N | --minutes M] [--resume]
                 [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
@@ -15,9 +15,13 @@
     memlm race [--contenders A B ...] [--minutes M | --steps N] [--devices cuda:0 ... | --only NAME | --contender-index I]
                [TrainConfig options]
     memlm race merge FILES...                  (memlm_bench.race: contenders trained for one budget, test bpb)
+    memlm ablate [--claims ID ...] [--seeds 3] [--shape tiny|small|base] [--minutes M | --tokens N]
+                 [--concurrent K] [--devices ...] [--data SPEC] [--out DIR] [--report-only] [--list-claims]
+                                               (memlm_bench.ablate: claims x arms x seeds, RESULTS.md)
 
 One module per command (`COMMANDS` names it; it is imported when its command runs) with a
-`run(argv) -> int`; bench and race live in the memlm_bench package (memlm.cli.harness).
+`run(argv) -> int`; bench, race and ablate live in the memlm_bench package (memlm.cli.harness,
+memlm.cli.ablate).
 argparse picks the command; tyro parses its options from a dataclass, so the help texts are
 the config fields' docstrings. `memlm train` reads --preset (and --device) first: the preset
 gives the defaults of every --model.* option. `--json` prints one JSON object as the last
@@ -60,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("memlm.cli.harness:bench", "training and generation speed against a reference GPT and peers"),
     "race": ("memlm.cli.harness:race",
              "contenders trained for the same budget by memlm's loop, test bpb table; race merge FILES"),
+    "ablate": ("memlm.cli.ablate:run", "the reading list's claims: arms x paired seeds, 95% intervals, RESULTS.md"),
 }
 """Command name -> ("module:function" that runs it with its arguments, one-line help)."""
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n\n`memlm COMMAND --help` lists a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS,
-                        help="train, eval, generate, memorize, presets, export, serve, bench or race")
+                        help="train, eval, generate, memorize, presets, export, serve, bench, race or ablate")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parsed = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
