@@ -58,10 +58,21 @@ DEFAULT_CONTENDERS = {"cuda": ["seed-small", "seed-xl-small", "x-transformers", 
                       "cpu": ["seed-tiny", "seed-xl-tiny"]}
 
 
+DEFAULT_DATA = {"cpu": "stdlib", "cuda": "site-packages"}
+"""The corpus of a race whose --data is "auto" (the default), by device type: on a GPU the installed
+Python sources (memlm.data.sources.SitePackages), large enough that a 10-minute race sees no token twice."""
+
+
 def race_training() -> TrainConfig:
     """The training settings a race starts from: TrainConfig's, but tested with the best validation's
-    weights, no text samples and checkpoints only after the budget."""
-    return TrainConfig(test_weights="best", sample_bytes=0, checkpoint_every=1_000_000_000)
+    weights, no text samples, checkpoints only after the budget and the corpus chosen by device."""
+    return TrainConfig(data="auto", test_weights="best", sample_bytes=0, checkpoint_every=1_000_000_000)
+
+
+def resolve_data(config: "RaceConfig", device: torch.device) -> None:
+    """Replace --data auto by the device's default corpus (DEFAULT_DATA)."""
+    if config.train.data == "auto":
+        config.train.data = DEFAULT_DATA["cuda" if device.type == "cuda" else "cpu"]
 
 
 @dataclass
@@ -316,6 +327,7 @@ def scores(summary: dict, records: list[dict], trainer: Trainer) -> dict:
 def run_race(config: RaceConfig) -> dict:
     """Train and score the selected contenders one after another; the JSON-ready result."""
     device = pick_device(config.train.device)
+    resolve_data(config, device)
     names = contender_names(config, device)
     contenders = plan(config, selected_names(config, device))
     runs = runs_dir(config)
@@ -374,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("memlm race trains one contender per process: instead of torchrun, give "
                              "--devices cuda:0 cuda:1 ... (a process and a GPU per contender)")
         device = pick_device(config.train.device)
+        resolve_data(config, device)
         plan(config, contender_names(config, device))  # every name checked before anything trains
         plan(config, selected_names(config, device))
         config.train.validate()

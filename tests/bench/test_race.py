@@ -363,3 +363,15 @@ def test_peer_dropout_regularises_the_peers_alike(corpus, tmp_path):
     assert all(m.p == 0 for m in XTransformersLM(plain.model_config).modules() if isinstance(m, torch.nn.Dropout))
     with pytest.raises(ValueError, match="peer dropout"):
         race.plan(tiny_race_config(corpus, tmp_path / "runs", peer_dropout=1.5), ["x-transformers"])
+
+
+def test_the_default_corpus_is_chosen_by_device():
+    """--data auto (the default): the standard library on a CPU, the installed Python sources on a GPU."""
+    for device, expected in [("cpu", "stdlib"), ("cuda", "site-packages")]:
+        config = race.RaceConfig()
+        assert config.train.data == "auto"
+        race.resolve_data(config, torch.device(device))
+        assert config.train.data == expected
+    given = race.RaceConfig(train=dataclasses.replace(race.race_training(), data="enwik8.zip"))
+    race.resolve_data(given, torch.device("cuda"))
+    assert given.train.data == "enwik8.zip"
