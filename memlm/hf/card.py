@@ -2,8 +2,8 @@
 
 From the checkpoint's config.json: the preset, the model config (shape, memory switches that
 differ from the defaults), the data spec and split sizes, the training settings; from the run's
-metrics.jsonl: the test bpb and the step whose weights it scored. Runs do not record their
-command line; the card says so and lists the saved settings instead."""
+metrics.jsonl: the test bpb and the step whose weights it scored; the command that started the
+run (runs before it was recorded: the card says so and lists the saved settings)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ class RunRecord:
     train: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] | None = None
     """The run's last `test` metrics record (bpb, weights_step, ...), if it ran its test."""
+    command: str | None = None
+    """The command line that started the run (runs before it was recorded have none)."""
 
     @classmethod
     def read(cls, run: str | Path, found: Path, saved: dict[str, Any],
@@ -44,7 +46,8 @@ class RunRecord:
         step = int(found.name.split("-", 1)[1]) if found.name.startswith("step-") else None
         tests = [r for r in read_metrics(run_dir) if r.get("kind") == "test"]
         return cls(run=str(run_dir), checkpoint=found.name, preset=saved.get("preset"), step=step,
-                   data=saved.get("data") or {}, train=saved.get("train") or {}, test=tests[-1] if tests else None)
+                   data=saved.get("data") or {}, train=saved.get("train") or {}, test=tests[-1] if tests else None,
+                   command=saved.get("command"))
 
 
 def memory_switches(config: ModelConfig) -> list[str]:
@@ -105,8 +108,9 @@ def model_card(model, record: RunRecord) -> str:
     settings = [f"{key} {json.dumps(record.train[key])}" for key in TRAIN_KEYS if record.train.get(key) is not None]
     if settings:
         lines.append(f"- training settings: {', '.join(settings)}")
-    lines += ["- command: not recorded (a memlm run saves its resolved configs, not its command line); the "
-              "whole model config is in config.json under `memlm`", ""]
+    lines += [f"- command: `{record.command}`" if record.command else
+              "- command: not recorded (the run predates it); the whole model config is in config.json under `memlm`",
+              ""]
     lines += [
         "## Use", "",
         "The model code is remote code that imports memlm: install memlm (`pip install -e .` in its checkout) "

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from memlm.config import ConfigError
@@ -181,3 +184,9 @@ class TrainConfig:
             if data.get(name) is not None:
                 data[name] = tuple(data[name])
         return cls(**data)
+
+
+def launch_command() -> str:
+    """The command line that started this process (program name without its directory), as a shell
+    would read it: what a run directory records to say how it was made."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from memlm.device import pick_device
 
@@ -52,6 +53,15 @@ def setup(device: str = "auto") -> Dist:
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
                                 device_id=chosen if chosen.type == "cuda" else None)
     return Dist(rank, world_size, local_rank, chosen)
+
+
+def wrap(model: torch.nn.Module, info: Dist, find_unused: bool = False) -> torch.nn.Module:
+    """The module each step runs: `model` itself in one process, else DistributedDataParallel over
+    it (find_unused: memory mechanisms use some weights only on some steps)."""
+    if not info.enabled:
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def teardown(info: Dist) -> None:

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
@@ -44,7 +43,7 @@ from memlm.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
 from memlm.train import checkpoint, distributed, resume, warmup
 from memlm.train.callbacks import Callback, notify
-from memlm.train.config import TrainConfig
+from memlm.train.config import TrainConfig, launch_command
 from memlm.train.lock import RunLock
 from memlm.train.metrics import Meter, MetricsLog, peak_flops, read
 from memlm.train.optim import make_optimizer
@@ -164,10 +163,7 @@ class Trainer:
             if self.stateful:  # filling memories and trimmed spans are new graphs
                 allow_memory_recompiles()
             self.train_model = torch.compile(self.train_model)
-        if info.enabled:
-            self.train_model = DistributedDataParallel(  # memory mechanisms use some weights only on some steps
-                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.stateful)
+        self.train_model = distributed.wrap(self.train_model, info, find_unused=self.stateful)
         self.log = None
         if info.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -476,14 +472,14 @@ class Trainer:
 
     # ----- checkpoints --------------------------------------------------------------
     def run_config(self) -> dict[str, Any]:
-        """The resolved {"model", "train", "data"} configs of this run (JSON-ready)."""
+        """The resolved {"model", "train", "data"} configs of this run and the command that started it."""
         m = self.corpus.manifest
         data = {"spec": self.config.data, "fractions": list(self.config.fractions), "cache": str(self.corpus.path),
                 "splits": m["splits"], "tokenizer": m["tokenizer"]}
-        if any(m.get("inventory") or ()):  # what the sources read (site-packages: files, distributions), kept
-            data["inventory"] = m["inventory"]  # with the run: the cache is rebuilt in place when they change
-        return {"preset": self.preset, "model": self.model_config.to_dict(), "train": self.config.to_dict(),
-                "data": data}
+        if any(m.get("inventory") or ()):  # what the sources read, kept: the cache is rebuilt in place on changes
+            data["inventory"] = m["inventory"]
+        return {"preset": self.preset, "command": launch_command(), "model": self.model_config.to_dict(),
+                "train": self.config.to_dict(), "data": data}
 
     def save(self) -> None:
         """Checkpoint the run (collective: every rank contributes its loader and RNG state)."""

@@ -46,7 +46,7 @@ def save_run(path: Path, preset: str) -> tuple[Path, torch.nn.Module]:
             for block in model.blocks:
                 block.attention.span.span.copy_(torch.tensor([3.0, 9.0]))
         model.after_optimizer_step()
-    config = {"preset": preset, "model": model.config.to_dict(),
+    config = {"preset": preset, "command": f"memlm train --preset {preset} --steps 0", "model": model.config.to_dict(),
               "train": {"steps": 0, "batch_size": 2, "lr": 1e-3, "precision": "fp32", "seed": 0},
               "data": {"spec": "stdlib", "fractions": [0.98, 0.01, 0.01],
                        "splits": {"test": {"documents": 3, "tokens": 1234}}}}
@@ -226,6 +226,7 @@ def test_model_card_names_the_run(exported):
     assert "# memlm seed-xl-tiny" in card and "| preset | seed-xl-tiny |" in card
     assert f"{TEST_BPB:.4f}" in card and "`stdlib`" in card and "memory.xl.length = 16" in card
     assert f"| parameters | {model.num_parameters():,} |" in card and "trust_remote_code=True" in card
+    assert "- command: `memlm train --preset seed-xl-tiny --steps 0`" in card
 
 
 def test_cli_errors_exit_2(tmp_path, exported):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from train_helpers import fast_config, tiny_model, write_corpus
 
 from memlm.config import ConfigError
 from memlm.data import sources
+from memlm.train.config import launch_command
 from memlm.train import CheckpointError, Trainer, checkpoint, train
 from memlm.train import distributed
 from memlm.train.metrics import read
@@ -199,3 +201,6 @@ def test_run_config_keeps_the_corpus_inventory(tmp_path, monkeypatch):
     (inventory,) = json.loads((out / "config.json").read_text())["data"]["inventory"]
     assert inventory["files"] == 40 and inventory["roots"][0] == {"role": "stdlib", "path": str(stdlib)}
     assert inventory["distributions"] == [{"name": "fakepkg", "version": "1.2.3"}]
+    assert json.loads((out / "config.json").read_text())["command"] == launch_command()  # the process's own
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/memlm", "train", "--data", "two words"])
+    assert launch_command() == "memlm train --data 'two words'"  # what config.json records as "command"
