@@ -60,7 +60,7 @@ DEFAULT_CONTENDERS = {"cuda": ["seed-small", "seed-xl-small", "x-transformers", 
 
 DEFAULT_DATA = {"cpu": "stdlib", "cuda": "site-packages"}
 """The corpus of a race whose --data is "auto" (the default), by device type: on a GPU the installed
-Python sources (memlm.data.sources.SitePackages), large enough that a 10-minute race sees no token twice."""
+Python sources (memlm.data.site_packages.SitePackages), large enough that a 10-minute race sees no token twice."""
 
 
 def race_training() -> TrainConfig:

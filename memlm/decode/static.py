@@ -146,10 +146,7 @@ class StaticDecoder:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Append ids (B, 1) at the next position; logits (B, V) there. The returned tensor is
         overwritten by the next step when a CUDA graph runs it: copy it to keep it."""
-        if self.length == 0:
-            raise RuntimeError("prefill a prompt before decoding")
-        if self.length >= self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} positions and is full")
+        self._check_step()
         self._ids.copy_(ids)
         self._position.fill_(self.length)
         if self.graph:
@@ -160,7 +157,18 @@ class StaticDecoder:
             with self._precision():
                 self._logits = self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
         self.length += 1
+        self._after_step()
         return self._logits
+
+    def _check_step(self) -> None:
+        """Refuse a step before a prefill or past the cache."""
+        if self.length == 0:
+            raise RuntimeError("prefill a prompt before decoding")
+        if self.length >= self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions and is full")
+
+    def _after_step(self) -> None:
+        """Host-side work after a step (the memory decoder rolls its memory here)."""
 
     # ----- the step ---------------------------------------------------------------------
     def _precision(self):

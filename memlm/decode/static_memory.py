@@ -71,7 +71,7 @@ class MemoryStaticDecoder(StaticDecoder):
 
     decoder = MemoryStaticDecoder(model, batch_size=1)
     logits = decoder.prefill(prompt)        # (B, V) after the prompt (B, T0), from an empty memory
-    logits = decoder.step(next_ids)         # (B, V) after one more token (B, 1), for ever
+    logits = decoder.step(next_ids)         # (B, V) after one more token (B, 1), for ever (StaticDecoder.step)
     decoder.reset(mask)                     # rows where mask (B,) is True start a new document
     state = decoder.state()                 # the model's State at this point (as the forward's)
 
@@ -119,25 +119,13 @@ class MemoryStaticDecoder(StaticDecoder):
         self._load(out.state)
         return out.logits[:, -1]
 
-    @torch.no_grad()
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Append ids (B, 1) at the next position; logits (B, V) there. Overwritten by the next
-        step when a CUDA graph runs it: copy it to keep it."""
+    def _check_step(self) -> None:
         if self._host is None:
             raise RuntimeError("prefill a prompt before decoding")
-        self._ids.copy_(ids)
-        self._position.fill_(self.length)
-        if self.graph:
-            if self._cuda_graph is None:
-                self._capture()
-            self._cuda_graph.replay()
-        else:
-            with self._precision():
-                self._logits = self.step_fn(self._ids, self._position, self.k_cache, self.v_cache)
-        self.length += 1
-        if self.length - self.segment_start == self.segment:
+
+    def _after_step(self) -> None:
+        if self.length - self.segment_start == self.segment:  # the segment is complete
             self._roll()
-        return self._logits
 
     @torch.no_grad()
     def reset(self, mask: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
 """The site-packages corpora: fake standard library and site-packages trees in tmp_path stand in
-for the interpreter's (memlm.data.sources.site_packages_roots is patched); only the last test
+for the interpreter's (memlm.data.site_packages.site_packages_roots is patched); only the last test
 lists the real trees, without reading them."""
 
 import json
@@ -8,10 +8,11 @@ import os
 import pytest
 
 from memlm.data import SPLITS, assign_split, prepare
-from memlm.data import sources as sources_module
+from memlm.data import site_packages as sources_module
 from memlm.data.cache import _assigned_documents
 from memlm.data.errors import DataError
-from memlm.data.sources import SITE_PACKAGES_TEXT, SitePackages, parse_spec
+from memlm.data.site_packages import SITE_PACKAGES_TEXT, SitePackages
+from memlm.data.sources import parse_spec
 
 FRACTIONS = (0.5, 0.25, 0.25)
 

@@ -12,7 +12,7 @@ import torch
 from train_helpers import fast_config, tiny_model, write_corpus
 
 from memlm.config import ConfigError
-from memlm.data import sources
+from memlm.data import site_packages
 from memlm.train.config import launch_command
 from memlm.train import CheckpointError, Trainer, checkpoint, train
 from memlm.train import distributed
@@ -194,7 +194,7 @@ def test_run_config_keeps_the_corpus_inventory(tmp_path, monkeypatch):
     meta = site / "fakepkg-1.2.3.dist-info"
     meta.mkdir(parents=True)
     (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.2.3\n")
-    monkeypatch.setattr(sources, "site_packages_roots", lambda: [("stdlib", stdlib), ("purelib", site)])
+    monkeypatch.setattr(site_packages, "site_packages_roots", lambda: [("stdlib", stdlib), ("purelib", site)])
     monkeypatch.setenv("MEMLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     train(tiny_model(), fast_config(stdlib, out, data="site-packages-text", steps=2, eval_every=2, checkpoint_every=2))
