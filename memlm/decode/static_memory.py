@@ -2,6 +2,10 @@
 layer), layerwise feedback, compressive memory, persistent vectors, adaptive span, kNN memory
 and the registry's slot memories, one token at a time over buffers of fixed shapes.
 
+Transformer-XL ("Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context", Dai et
+al., arXiv 1901.02860) evaluates with a cache of earlier states; at inference the projections do
+not change, so caching their keys and values instead is exact, and it is what this module does.
+
 The eager path (`memlm.generate` through the model's forward) keeps a layer's memory as hidden
 states and projects all of them through the layer's key/value weights again for every new
 token. Here each layer's keys and values live in one preallocated buffer (L, B, Hkv, R + T, D):
