@@ -195,8 +195,9 @@ class MemoryStaticDecoder(StaticDecoder):
             if done:
                 self.top[:, :done].copy_(state.layers[-1].top)
             self._sources = model._sources(state)
-        if self.recapture:
-            self._cuda_graph = None  # the step reads new tensors: capture it again at the next step
+        if self.recapture:  # the step reads new tensors: capture it again at the next step, in a
+            # pool of its own (capturing into the pool of a graph already freed fails in the allocator)
+            self._cuda_graph, self._graph_pool = None, None
         layers = [layer.replace(pending=None, top=None) for layer in state.layers]
         self._host = State(state.position, state.row_start, layers, state.masked, state.stores)
 
