@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(config.devices[0] if config.devices else config.train.device)
         specs = plan(config, device.type)
         done = [spec for spec in specs if finished(spec.path)]
-        mismatched = [(spec, why) for spec in done if (why := stale(spec))]
+        # the report reads whatever runs --out holds; only runs to be continued must match these settings
+        mismatched = [] if config.report_only else [(spec, why) for spec in done if (why := stale(spec))]
         if mismatched:
             spec, why = mismatched[0]
             raise ValueError(f"{len(mismatched)} finished run(s) in {config.out} were made with other settings "

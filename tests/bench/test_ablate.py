@@ -149,3 +149,9 @@ def test_a_smoke_ablation_runs_resumes_and_reports(corpus, tmp_path, capsys):
 
     code, _, err = run(capsys, *args[:-2], "--steps", "4", "--out", out)  # other settings, same --out
     assert code == 2 and "made with other settings" in err
+
+    (out / "RESULTS.md").unlink()  # the report alone reads the runs, whatever settings made them
+    code, _, err = run(capsys, "--report-only", "--steps", "4", "--out", out)
+    assert code == 0, err
+    again = (out / "RESULTS.md").read_text()
+    assert [line for line in again.splitlines() if line.startswith(("| 10 |", "| 15 |"))] == [rows["10"], rows["15"]]
