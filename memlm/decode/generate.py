@@ -8,7 +8,8 @@ Decode paths (`decode`): `eager` runs the model's forward with its growing state
 uses memlm.decode.static (a fixed-size key/value cache, the step captured in a CUDA
 graph on CUDA); `compiled` is `static` with the step compiled by torch.compile first (worth
 its compile time only for long or repeated generation); `auto` takes `static` on CUDA for
-models it supports when no state is passed in or asked back, `eager` otherwise.
+models it supports (`auto_static`: memory models too, except kNN and slot memories) when no state
+is passed in or asked back, `eager` otherwise.
 """
 
 from __future__ import annotations
@@ -97,11 +98,21 @@ def _decode_path(model, decode: str, ids: torch.Tensor, state: State | None, ret
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
     if decode == "auto":
-        supported = static_decode.unsupported_reason(model) is None
+        supported = auto_static(model)
         return "static" if ids.is_cuda and supported and state is None and not return_state else "eager"
     if decode != "eager" and (state is not None or return_state):
         raise ValueError(f"decode={decode!r} starts from the prompt alone: it takes no state and returns none")
     return decode
+
+
+def auto_static(model) -> bool:
+    """Whether `decode="auto"` takes the static path on CUDA for `model`: every model
+    memlm.decode.static serves, and the recurrent-memory models memlm.decode.static_memory serves
+    with one graph for the whole stream (kNN and slot memories, whose graph is captured again at
+    each segment's end, decode eagerly until that path is measured on a GPU)."""
+    if not getattr(getattr(model, "config", None), "recurrent", False):
+        return static_decode.unsupported_reason(model) is None
+    return static_memory.unsupported_reason(model) is None and not static_memory.captured_per_segment(model)
 
 
 def static_decoder(model, batch_size: int, max_len: int, **options) -> static_decode.StaticDecoder:

@@ -109,3 +109,23 @@ def test_limits_and_unsupported_models():
         memlm.generate(tokens, prompt, 4, decode="static")
     with pytest.raises(ValueError, match="takes no state"):
         memlm.generate(model, prompt, 1, decode="static", state=model.init_state(1))
+
+
+def test_auto_takes_the_static_path_on_cuda_for_models_one_graph_serves():
+    """decode="auto": static on CUDA for plain models and for memory models served by one graph
+    (XL, compressive); eager for kNN memory (its graph is captured per segment), memory tokens
+    (no static path), with a state passed in or asked back, and on the CPU."""
+    from types import SimpleNamespace
+
+    from memlm.decode.generate import _decode_path
+    on_cuda, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    plain = memlm.build("seed-tiny", **tiny_overrides())
+    xl = memlm.build("seed-xl-tiny", **tiny_overrides())
+    compressive = memlm.build("seed-compressive-tiny", **tiny_overrides())
+    knn = memlm.build("seed-knn-tiny", **tiny_overrides(**{"memory.knn.layers": [1]}))
+    tokens = memlm.build("seed-xl-tiny", **tiny_overrides(**{"memory.tokens.count": 4}))
+    assert [_decode_path(m, "auto", on_cuda, None, False) for m in (plain, xl, compressive, knn, tokens)] == \
+        ["static", "static", "static", "eager", "eager"]
+    assert _decode_path(xl, "auto", on_cpu, None, False) == "eager"
+    assert _decode_path(xl, "auto", on_cuda, xl.init_state(1), False) == "eager"
+    assert _decode_path(xl, "auto", on_cuda, None, True) == "eager"
