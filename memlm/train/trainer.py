@@ -493,5 +493,6 @@ class Trainer:
 
 
 def _scored(result: dict[str, float]) -> dict[str, float]:
-    """An evaluation result for a metrics record: its token count renamed to scored_tokens."""
-    return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items() if k != "by_position"}
+    """An evaluation result for a metrics record: its token and byte counts renamed scored_tokens, scored_bytes."""
+    names = {"tokens": "scored_tokens", "bytes": "scored_bytes"}
+    return {names.get(k, k): v for k, v in result.items() if k != "by_position"}
