@@ -24,6 +24,7 @@ weights, the optimizer, the counters, and every rank's data-loader and RNG state
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -37,6 +38,7 @@ from torch import nn
 
 from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
+from memlm.data.tokenizers import TOKENIZER_FILE, check_vocab
 from memlm.tasks import RecallStreams, distances_for, recall_by_mode, recall_markdown
 from memlm.eval import evaluate
 from memlm.state import State, allow_memory_recompiles
@@ -122,7 +124,11 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.corpus = self._prepare_corpus()
+        self.tokenizer = self.corpus.tokenizer
+        self.model_config = self._follow_tokenizer(self.model_config, model, resume_from)
         self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
+        train_info = self.corpus.manifest["splits"]["train"]  # training bpb: loss per token over mean bytes per token
+        self.bytes_per_token = train_info.get("scored_bytes", train_info["tokens"]) / max(1, train_info["tokens"])
         self.corpus.split("test")  # a split with no documents fails now, not after the whole budget
         self.seq_len = self.model_config.seq_len
         self.recall_distances = c.recall_distances or distances_for(self.seq_len)  # recall task only
@@ -168,6 +174,8 @@ class Trainer:
         if info.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / checkpoint.CONFIG).write_text(json.dumps(self.run_config(), indent=2) + "\n")
+            for name, contents in self.checkpoint_files().items():  # the run's tokenizer
+                (self.out / name).write_bytes(contents)
             self.log = MetricsLog(self.out, resume_step=self.step if resume_from is not None else None)
 
     def close(self) -> None:
@@ -190,11 +198,27 @@ class Trainer:
         """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it."""
         c = self.config
         if self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, verify=c.verify_data)
+            corpus = prepare(c.data, c.cache_dir, c.fractions, verify=c.verify_data, tokenizer=c.tokenizer)
         distributed.barrier(self.info)
         if not self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False)
+            corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False, tokenizer=c.tokenizer)
         return corpus
+
+    def _follow_tokenizer(self, model_config: ModelConfig, model: nn.Module | None,
+                          resume_from: Path | None) -> ModelConfig:
+        """The model config with the tokenizer's vocabulary size: a model this trainer builds takes
+        it; a given model or a resumed checkpoint must already have it."""
+        vocab = self.tokenizer.vocab_size
+        if model is not None or resume_from is not None:
+            check_vocab(self.tokenizer, model_config.vocab_size, str(resume_from or "the given model"))
+            return model_config
+        if model_config.vocab_size != vocab:
+            model_config = dataclasses.replace(model_config, vocab_size=vocab).validate()
+        return model_config
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Files a checkpoint holds beside its weights and configs: a non-byte tokenizer's tokenizer.json."""
+        return {} if self.tokenizer.kind == "byte" else {TOKENIZER_FILE: self.tokenizer.json.encode()}
 
     # ----- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -387,7 +411,8 @@ class Trainer:
         if not self.info.main:
             return
         tokens_per_s = steps * self.tokens_per_step / meter.seconds()
-        record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss, "bpb": loss / math.log(2),
+        record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss,
+                  "bpb": loss / math.log(2) / self.bytes_per_token,
                   "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
                   "skipped_steps": self.skipped_steps}
         if self.peak_flops:
@@ -456,7 +481,8 @@ class Trainer:
         if not c.sample_bytes:  # no sampling: not even the prompt's forward pass (new shapes to compile)
             return c.sample_prompt
         with self.autocast:
-            text, _ = sample_text(self.model, c.sample_prompt, c.sample_bytes, c.sample_temperature, seed=c.seed)
+            text, _ = sample_text(self.model, c.sample_prompt, c.sample_bytes, c.sample_temperature, seed=c.seed,
+                                  tokenizer=self.tokenizer)
         self.log.sample(self.step, c.sample_prompt + text)
         return c.sample_prompt + text
 
