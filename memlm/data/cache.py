@@ -164,7 +164,7 @@ def prepare(
     tokenizer = _resolve_tokenizer(tokenizer, sources, fractions, stamp, root, rebuild)
     described = {"format": FORMAT, "sources": [s.key for s in sources], "fractions": fractions}
     if tokenizer.kind != "byte":  # byte corpora keep the keys they always had
-        described["tokenizer"] = {"kind": tokenizer.kind, "sha256": tokenizer.sha256}
+        described["tokenizer"] = {"sha256": tokenizer.sha256}
     key = _sha1_json(described)
     path = root / key[:16]
     manifest = None if rebuild else _load_manifest(path, key, stamp)
@@ -220,7 +220,7 @@ def _resolve_tokenizer(tokenizer: str | Tokenizer, sources: list[Source], fracti
     key = _sha1_json({"bpe": arg, "sources": [s.key for s in sources], "stamp": stamp, "fractions": fractions})
     file = root / "tokenizers" / f"bpe-{arg}-{key[:16]}.json"
     if file.is_file() and not rebuild:
-        return read_tokenizer_file(file, tokenizer)
+        return read_tokenizer_file(file, tokenizer, kind="bpe")
     log.info("training a byte-level BPE of %d tokens on the train split of %s", arg,
              ", ".join(str(s) for s in sources))
     texts = (bytes(doc.data).decode("utf-8", errors="replace")

@@ -220,8 +220,9 @@ def train_bpe(vocab_size: int, texts: Iterator[str]) -> HFTokenizer:
     return HFTokenizer(backend.to_str(), "bpe", f"bpe:{vocab_size}")
 
 
-def read_tokenizer_file(path: str | Path, spec: str | None = None) -> HFTokenizer:
-    """The hf:PATH tokenizer of a tokenizer.json file (or a directory holding one)."""
+def read_tokenizer_file(path: str | Path, spec: str | None = None, kind: str = "hf") -> HFTokenizer:
+    """The hf:PATH tokenizer of a tokenizer.json file (or a directory holding one); `kind` "bpe"
+    for a trained bpe:N read back."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
@@ -229,7 +230,7 @@ def read_tokenizer_file(path: str | Path, spec: str | None = None) -> HFTokenize
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(f"cannot read the tokenizer {path}: {e.strerror or e}") from None
-    return HFTokenizer(text, "hf", spec or f"hf:{path}")
+    return HFTokenizer(text, kind, spec or f"hf:{path}")
 
 
 def make_tokenizer(spec: str, train_texts: Iterator[str] | None = None) -> Tokenizer:
