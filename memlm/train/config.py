@@ -34,7 +34,7 @@ TASKS = ("lm", "recall")
 @dataclass
 class TrainConfig:
     data: str = "stdlib"
-    """Training corpus: 'stdlib', 'stdlib-long', 'site-packages' (stdlib and installed packages; ':holdout=numpy+torch' puts those packages in the test split), 'site-packages-text', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
+    """Training corpus: 'stdlib', 'stdlib-long', 'site-packages' (stdlib and installed packages; ':holdout=numpy+torch' puts those packages in the test split), 'site-packages-text', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), hf:PATH (local .txt/.jsonl/.parquet files through the datasets library, streamed; hf:PATH:field=NAME names the text column), or several separated by commas."""
     tokenizer: str = "bytes"
     """Tokenizer: bytes (UTF-8 bytes and an end-of-document id, 257 tokens), bpe:N (a byte-level BPE of N tokens trained on the train split, kept with the corpus cache and the run; needs the tokenizers library), or hf:PATH (a local tokenizer.json). The model's vocab_size follows it; bits per byte stay comparable across tokenizers."""
     task: str = "lm"
