@@ -38,7 +38,7 @@ from torch import nn
 
 from memlm.config import ModelConfig
 from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
-from memlm.data.tokenizers import TOKENIZER_FILE, check_vocab
+from memlm.data.tokenizers import TOKENIZER_FILE, Tokenizer, check_vocab
 from memlm.tasks import RecallStreams, distances_for, recall_by_mode, recall_markdown
 from memlm.eval import evaluate
 from memlm.state import State, allow_memory_recompiles
@@ -123,7 +123,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.corpus = self._prepare_corpus()
+        # a resumed run keeps the tokenizer it was trained with (a bpe:N is not trained again)
+        self.corpus = self._prepare_corpus(checkpoint.load_tokenizer(resume_from) if resume_from is not None else None)
         self.tokenizer = self.corpus.tokenizer
         self.model_config = self._follow_tokenizer(self.model_config, model, resume_from)
         self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
@@ -194,14 +195,16 @@ class Trainer:
         return RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=seed, rank=info.rank,
                              world_size=info.world_size)
 
-    def _prepare_corpus(self) -> PreparedCorpus:
-        """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it."""
+    def _prepare_corpus(self, tokenizer: Tokenizer | None = None) -> PreparedCorpus:
+        """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it.
+        tokenizer: the one to use (a resumed run's); None = the config's spec."""
         c = self.config
+        tokenizer = tokenizer if tokenizer is not None else c.tokenizer
         if self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, verify=c.verify_data, tokenizer=c.tokenizer)
+            corpus = prepare(c.data, c.cache_dir, c.fractions, verify=c.verify_data, tokenizer=tokenizer)
         distributed.barrier(self.info)
         if not self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False, tokenizer=c.tokenizer)
+            corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False, tokenizer=tokenizer)
         return corpus
 
     def _follow_tokenizer(self, model_config: ModelConfig, model: nn.Module | None,

@@ -66,3 +66,14 @@ def test_recall_task_needs_the_byte_tokenizer(corpus, tmp_path):
         fast_config(corpus, tmp_path / "run", task="recall", tokenizer="bpe:300").validate()
     with pytest.raises(ConfigError, match="tokenizer"):
         fast_config(corpus, tmp_path / "run", tokenizer="bpe:3").validate()
+
+
+def test_a_resumed_run_keeps_its_tokenizer(bpe_run, corpus, tmp_path):
+    out, _ = bpe_run
+    before = load_tokenizer(out)
+    for trained in (tmp_path / "cache" / "tokenizers").iterdir():
+        trained.unlink()  # a bpe:300 spec would have to be trained again
+    summary = train(tiny_model(), fast_config(corpus, out, steps=3, eval_every=3, checkpoint_every=3,
+                                              tokenizer="bpe:300", resume=True))
+    assert summary["steps"] == 3 and load_tokenizer(out).sha256 == before.sha256
+    assert not list((tmp_path / "cache" / "tokenizers").iterdir())  # read from the run, not trained
