@@ -24,7 +24,6 @@ weights, the optimizer, the counters, and every rank's data-loader and RNG state
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -37,13 +36,12 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
-from memlm.data.tokenizers import TOKENIZER_FILE, Tokenizer, check_vocab
+from memlm.data import RandomWindows, Streams
 from memlm.tasks import RecallStreams, distances_for, recall_by_mode, recall_markdown
 from memlm.eval import evaluate
 from memlm.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
-from memlm.train import checkpoint, distributed, resume, warmup
+from memlm.train import checkpoint, corpus, distributed, resume, warmup
 from memlm.train.callbacks import Callback, notify
 from memlm.train.config import TrainConfig, launch_command
 from memlm.train.lock import RunLock
@@ -123,13 +121,11 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        # a resumed run keeps the tokenizer it was trained with (a bpe:N is not trained again)
-        self.corpus = self._prepare_corpus(checkpoint.load_tokenizer(resume_from) if resume_from is not None else None)
+        self.corpus = corpus.prepare_corpus(c, info, checkpoint.load_tokenizer(resume_from) if resume_from else None)
         self.tokenizer = self.corpus.tokenizer
-        self.model_config = self._follow_tokenizer(self.model_config, model, resume_from)
+        fixed = str(resume_from) if resume_from is not None else "the given model" if model is not None else None
+        self.model_config = corpus.follow_tokenizer(self.model_config, self.tokenizer, fixed)
         self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
-        train_info = self.corpus.manifest["splits"]["train"]  # training bpb: loss per token over mean bytes per token
-        self.bytes_per_token = train_info.get("scored_bytes", train_info["tokens"]) / max(1, train_info["tokens"])
         self.corpus.split("test")  # a split with no documents fails now, not after the whole budget
         self.seq_len = self.model_config.seq_len
         self.recall_distances = c.recall_distances or distances_for(self.seq_len)  # recall task only
@@ -195,33 +191,9 @@ class Trainer:
         return RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=seed, rank=info.rank,
                              world_size=info.world_size)
 
-    def _prepare_corpus(self, tokenizer: Tokenizer | None = None) -> PreparedCorpus:
-        """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it.
-        tokenizer: the one to use (a resumed run's); None = the config's spec."""
-        c = self.config
-        tokenizer = tokenizer if tokenizer is not None else c.tokenizer
-        if self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, verify=c.verify_data, tokenizer=tokenizer)
-        distributed.barrier(self.info)
-        if not self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False, tokenizer=tokenizer)
-        return corpus
-
-    def _follow_tokenizer(self, model_config: ModelConfig, model: nn.Module | None,
-                          resume_from: Path | None) -> ModelConfig:
-        """The model config with the tokenizer's vocabulary size: a model this trainer builds takes
-        it; a given model or a resumed checkpoint must already have it."""
-        vocab = self.tokenizer.vocab_size
-        if model is not None or resume_from is not None:
-            check_vocab(self.tokenizer, model_config.vocab_size, str(resume_from or "the given model"))
-            return model_config
-        if model_config.vocab_size != vocab:
-            model_config = dataclasses.replace(model_config, vocab_size=vocab).validate()
-        return model_config
-
     def checkpoint_files(self) -> dict[str, bytes]:
         """Files a checkpoint holds beside its weights and configs: a non-byte tokenizer's tokenizer.json."""
-        return {} if self.tokenizer.kind == "byte" else {TOKENIZER_FILE: self.tokenizer.json.encode()}
+        return corpus.tokenizer_files(self.tokenizer)
 
     # ----- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -415,7 +387,7 @@ class Trainer:
             return
         tokens_per_s = steps * self.tokens_per_step / meter.seconds()
         record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss,
-                  "bpb": loss / math.log(2) / self.bytes_per_token,
+                  "bpb": loss / math.log(2) / corpus.bytes_per_token(self.corpus),
                   "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
                   "skipped_steps": self.skipped_steps}
         if self.peak_flops:
