@@ -17,7 +17,8 @@ Layout of a prepared corpus, ``<cache_dir>/<key>/``::
 `key` is a hash of the source spec (kinds, absolute paths, filters), the split fractions, the
 file format and, for a non-byte tokenizer, the SHA-256 of its tokenizer.json. A bpe:N tokenizer
 is trained first on the train split's documents and kept under
-``<cache_dir>/tokenizers/bpe-N-<hash of the sources, their stamp and the fractions>.json``. A build is reused while its manifest matches the key and the sources'
+``<cache_dir>/tokenizers/bpe-N-<hash of the sources, their stamp and the fractions>.json``.
+A build is reused while its manifest matches the key and the sources'
 stamp (name, size and mtime of every file read); otherwise it is rebuilt in place. An edit
 that keeps a file's size and mtime passes that check: `verify=True` (`--verify_data`) also
 reads every document and compares the SHA-1 of each split's contents, rebuilding on a change. Every
