@@ -5,9 +5,14 @@ wrap=False) and walked `seq_len` tokens at a time, so every token of the split i
 exactly once: the EOD token that ends each document counts as a target like any byte (and
 the target of the split's final EOD is its first token, as in training). Then
 
-    loss = mean cross-entropy in nats over those targets
-    bpb  = loss / ln 2                   (one token is one byte, or the EOD)
-    perplexity = exp(loss)               (per byte)
+    loss = mean cross-entropy in nats over those targets (per token)
+    bpb  = total nats / bytes those targets stand for / ln 2
+    perplexity = exp(loss)               (per token)
+
+The bytes a target stands for come from the split's `byte_lengths` table (bytes per token id,
+memlm.data.tokenizers; the EOD counts one byte), so bpb compares models with different
+tokenizers on the same text: any window of the split divides its nats by its own bytes. With
+the byte tokenizer every id is one byte and bpb = loss / ln 2.
 
 Models without memory score each segment on its own: a target sees only the earlier tokens
 of its segment. Models with memory pass `stateful=True`: the state is carried from segment
@@ -45,7 +50,8 @@ def positions_in_document(doc_start: torch.Tensor, carry: torch.Tensor) -> tuple
 @torch.no_grad()
 def evaluate(model: nn.Module, split: TokenSplit, batch_size: int, seq_len: int, max_tokens: int | None = None,
              *, stateful: bool = False, reset: bool = True, rank: int = 0, world_size: int = 1) -> dict:
-    """{"bpb", "loss", "perplexity", "tokens"} of `model` on `split` (see the module docstring).
+    """{"bpb", "loss", "perplexity", "tokens", "bytes", "by_position"} of `model` on `split` (see the
+    module docstring).
 
     max_tokens: score only the first max_tokens // (batch_size * world_size * seq_len) segments
         of the streams (at least one): a sample of the split spread evenly over it, since the
@@ -63,6 +69,9 @@ def evaluate(model: nn.Module, split: TokenSplit, batch_size: int, seq_len: int,
     edges = torch.tensor(POSITION_EDGES, device=device)
     nll = torch.zeros(len(POSITION_EDGES), dtype=torch.float64, device=device)  # per position bucket
     count = torch.zeros(len(POSITION_EDGES), dtype=torch.float64, device=device)
+    size = torch.zeros(len(POSITION_EDGES), dtype=torch.float64, device=device)  # bytes of the targets
+    lengths = (torch.from_numpy(split.byte_lengths).to(device, torch.float64) if split.byte_lengths is not None
+               else None)  # (V,)
     carry = torch.zeros(batch_size, dtype=torch.long, device=device)
     state = model.init_state(batch_size, device=device) if stateful else None
     try:
@@ -80,17 +89,21 @@ def evaluate(model: nn.Module, split: TokenSplit, batch_size: int, seq_len: int,
             bucket = torch.bucketize(positions.flatten(), edges, right=True) - 1  # (B * T,)
             nll.index_add_(0, bucket, losses.double())
             count.index_add_(0, bucket, valid.flatten().double())
+            scored = valid.flatten().double()  # (B * T,) bytes of each target: 1 per byte token
+            size.index_add_(0, bucket, scored if lengths is None else scored * lengths[y.flatten()])
             state = out.state
     finally:
         model.train(was_training)
     if world_size > 1:
-        totals = torch.stack([nll, count])
+        totals = torch.stack([nll, count, size])
         torch.distributed.all_reduce(totals)
-        nll, count = totals[0], totals[1]
+        nll, count, size = totals[0], totals[1], totals[2]
     loss = (nll.sum() / count.sum()).item()
+    bpb = (nll.sum() / size.sum()).item() / math.log(2)  # = loss / ln 2 when every token is one byte
     by_position = [{"from": int(lo), "to": int(hi) if hi is not None else None, "tokens": int(c),
-                    "bpb": float(n / c / math.log(2)) if c > 0 else None}
-                   for lo, hi, n, c in zip(POSITION_EDGES, POSITION_EDGES[1:] + (None,), nll.tolist(), count.tolist())]
+                    "bpb": float(n / b / math.log(2)) if c > 0 else None}
+                   for lo, hi, n, c, b in zip(POSITION_EDGES, POSITION_EDGES[1:] + (None,), nll.tolist(),
+                                              count.tolist(), size.tolist())]
     perplexity = math.exp(loss) if loss < 709.0 else math.inf  # exp overflows a float past ~709.78
-    return {"bpb": loss / math.log(2), "loss": loss, "perplexity": perplexity, "tokens": int(count.sum().item()),
-            "by_position": by_position}
+    return {"bpb": bpb, "loss": loss, "perplexity": perplexity, "tokens": int(count.sum().item()),
+            "bytes": int(size.sum().item()), "by_position": by_position}

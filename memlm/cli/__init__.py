@@ -1,7 +1,7 @@
 """The `memlm` command: train, eval, generate, memorize, presets, export, serve, bench, race, ablate.
 
-    memlm train [--preset P] [--data SRC] [--out DIR] [--steps N | --tokens N | --minutes M] [--resume]
-                [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
+    memlm train [--preset P] [--data SRC] [--tokenizer bytes|bpe:N|hf:PATH] [--out DIR]
+                [--steps N | --tokens N | --minutes M] [--resume] [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
     memlm eval RUN_OR_CKPT [--data SRC] [--split test] [--memory MEMDIR] [--json]
     memlm eval RUN_OR_CKPT --task recall [--distances 64 256 1024 4096 --documents 64 --pairs 1 --seed 0
                                           --no-memory]     (long-range recall, memlm.tasks; no corpus)

@@ -18,7 +18,7 @@ from memlm.eval import evaluate
 from memlm.memorize import load_memory
 from memlm.model import LanguageModel
 from memlm.tasks import DISTANCES, recall_accuracy, recall_markdown
-from memlm.train import load_model
+from memlm.train import load_model, load_tokenizer
 from memlm.train.checkpoint import find
 
 
@@ -90,10 +90,13 @@ def run(argv: list[str]) -> int:
     train_config = saved["train"]
     memory = attach_memory(model, args.memory, device, args.memory_mode)
     if args.task == "recall":
+        if load_tokenizer(args.path, saved).kind != "byte":
+            raise UsageError("--task recall writes its documents as byte ids: the model must use the byte tokenizer")
         result = eval_recall(model, args, device, train_config.get("precision", "auto"))
     else:
         data = args.data or train_config["data"]
-        corpus = prepare(data, train_config.get("cache_dir"), train_config.get("fractions", (0.98, 0.01, 0.01)))
+        corpus = prepare(data, train_config.get("cache_dir"), train_config.get("fractions", (0.98, 0.01, 0.01)),
+                         tokenizer=load_tokenizer(args.path, saved))  # the run's, on any --data
         batch_size = args.batch_size or train_config["batch_size"]
         with autocast(device, train_config.get("precision", "auto")):
             result = evaluate(model, corpus.split(args.split), batch_size, model.config.seq_len, args.max_tokens,
@@ -104,7 +107,8 @@ def run(argv: list[str]) -> int:
         result = {"checkpoint": str(find(args.path)), "data": data, "split": args.split,
                   "memory_lengths": model.config.memory_lengths(training=False), **result}
         print(f"{args.split} bpb {result['bpb']:.4f} | loss {result['loss']:.4f} nats | perplexity "
-              f"{result['perplexity']:.4f} | {result['tokens']:,} tokens | {result['checkpoint']}")
+              f"{result['perplexity']:.4f} | {result['tokens']:,} tokens, {result['bytes']:,} bytes | "
+              f"{result['checkpoint']}")
         print(position_table(result["by_position"]))
     if memory is not None:
         result["memory"] = memory

@@ -14,7 +14,7 @@ import tyro
 from memlm.cli.common import RunPath, UsageError
 from memlm.cli.evaluate import attach_memory
 from memlm.device import autocast, pick_device
-from memlm.train import load_model
+from memlm.train import load_model, load_tokenizer
 from memlm.train.sample import sample_text
 
 
@@ -25,7 +25,7 @@ class GenerateCommand:
     prompt: str = ""
     """Text to continue; it follows an end-of-document token, i.e. it starts a document."""
     max_new_tokens: int = 256
-    """Bytes (tokens) to generate."""
+    """Tokens to generate (bytes with the byte tokenizer)."""
     temperature: float = 0.8
     """Sampling temperature; 0 = greedy."""
     top_k: int | None = None
@@ -70,6 +70,7 @@ def run(argv: list[str]) -> int:
     prompts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
+    tokenizer = load_tokenizer(args.path, saved)
     attach_memory(model, args.memory, device, args.memory_mode)
     for prompt in prompts:
         if args.stream:
@@ -77,7 +78,8 @@ def run(argv: list[str]) -> int:
         with autocast(device, saved["train"].get("precision", "auto")):
             text, ids = sample_text(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                     args.seed, stop_at_eod=args.stop_at_eod, stop_strings=args.stop,
-                                    on_text=(lambda piece: print(piece, end="", flush=True)) if args.stream else None)
+                                    on_text=(lambda piece: print(piece, end="", flush=True)) if args.stream else None,
+                                    tokenizer=tokenizer)
         print() if args.stream else print(prompt + text)
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text, "ids": ids, "new_tokens": len(ids)}))

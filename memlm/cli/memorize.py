@@ -14,7 +14,7 @@ from memlm.cli.common import RunPath, UsageError
 from memlm.data import prepare
 from memlm.device import autocast, pick_device
 from memlm.memorize import KnowledgeError, check_target, memorize, save_memory
-from memlm.train import load_model
+from memlm.train import load_model, load_tokenizer
 from memlm.train.checkpoint import find
 
 
@@ -57,7 +57,7 @@ def run(argv: list[str]) -> int:
     train_config = saved["train"]
     data = args.data or train_config["data"]
     fractions = train_config.get("fractions", (0.98, 0.01, 0.01))
-    corpus = prepare(data, train_config.get("cache_dir"), fractions)
+    corpus = prepare(data, train_config.get("cache_dir"), fractions, tokenizer=load_tokenizer(args.path, saved))
     batch_size = args.batch_size or train_config["batch_size"]
     split = corpus.split(args.split)
 

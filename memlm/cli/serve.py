@@ -11,7 +11,7 @@ import tyro
 from memlm.cli.common import RunPath, UsageError
 from memlm.cli.evaluate import attach_memory
 from memlm.device import pick_device
-from memlm.train import load_model
+from memlm.train import load_model, load_tokenizer
 
 
 @dataclass
@@ -56,7 +56,7 @@ def run(argv: list[str]) -> int:
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
     attach_memory(model, args.memory, device, args.memory_mode)
-    engine = Engine(model, device, saved["train"].get("precision", "auto"))
+    engine = Engine(model, device, saved["train"].get("precision", "auto"), load_tokenizer(args.path, saved))
     sessions = SessionStore(args.max_sessions, int(args.max_session_mb * 2 ** 20))
     app = create_app(engine, sessions, model_name=Path(args.path).name or "memlm", max_tokens=args.max_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

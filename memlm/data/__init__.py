@@ -1,4 +1,5 @@
-"""memlm.data: byte-level corpora, tokenised once into cached split files, and batch loaders.
+"""memlm.data: corpora tokenised once into cached split files (bytes by default, or a BPE /
+tokenizer.json: memlm.data.tokenizers), and batch loaders.
 
     corpus = prepare("stdlib")                      # or a file, directory, archive, or several
     corpus.manifest                                 # what was built (also manifest.json)
@@ -15,6 +16,7 @@ from .errors import DataError
 from .loaders import RandomWindows, Segment, SegmentStreams, Streams
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_split
 from .tokenizer import EOD, VOCAB_SIZE, ByteTokenizer
+from .tokenizers import HFTokenizer, Tokenizer, make_tokenizer, token_dtype
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -22,6 +24,8 @@ __all__ = [
     "SPLITS",
     "VOCAB_SIZE",
     "ByteTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
     "DataError",
     "PreparedCorpus",
     "RandomWindows",
@@ -31,5 +35,7 @@ __all__ = [
     "TokenSplit",
     "assign_split",
     "default_cache_dir",
+    "make_tokenizer",
     "prepare",
+    "token_dtype",
 ]

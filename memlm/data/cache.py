@@ -8,12 +8,17 @@ Layout of a prepared corpus, ``<cache_dir>/<key>/``::
                          tokens, SHA-1 of the contents, BLAKE2b-128 of its two files (checked each
                          time a split is opened: any damage to a token file is an error naming it,
                          never silent data)
-    train.tokens         uint16 little-endian ids: documents concatenated, each followed by EOD
+    train.tokens         little-endian ids (uint16, uint32 for vocabularies over 65,535 tokens):
+                         documents concatenated, each followed by EOD
     train.docs.npy       int64 offset of each document's first token in train.tokens
     validation.* test.*  the same for the other splits
+    tokenizer.json       a non-byte tokenizer (memlm.data.tokenizers; its SHA-256 in the manifest)
 
-`key` is a hash of the source spec (kinds, absolute paths, filters), the split fractions and
-the file format. A build is reused while its manifest matches the key and the sources'
+`key` is a hash of the source spec (kinds, absolute paths, filters), the split fractions, the
+file format and, for a non-byte tokenizer, the SHA-256 of its tokenizer.json. A bpe:N tokenizer
+is trained first on the train split's documents and kept under
+``<cache_dir>/tokenizers/bpe-N-<hash of the sources, their stamp and the fractions>.json``.
+A build is reused while its manifest matches the key and the sources'
 stamp (name, size and mtime of every file read); otherwise it is rebuilt in place. An edit
 that keeps a file's size and mtime passes that check: `verify=True` (`--verify_data`) also
 reads every document and compares the SHA-1 of each split's contents, rebuilding on a change. Every
@@ -44,10 +49,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .errors import DataError
 from .sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Document, Source, parse_spec
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_split, check_fractions
-from .tokenizer import EOD, VOCAB_SIZE, ByteTokenizer
+from .tokenizer import EOD, ByteTokenizer
+from .tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, parse_spec as parse_tokenizer_spec
+from .tokenizers import read_tokenizer_file, token_dtype, train_bpe
 
 FORMAT = 3  # 2: a lone file is cut by byte offsets into the three splits; 3: file checksums
 TOKEN_DTYPE = np.dtype("<u2")
+"""dtype of the byte tokenizer's token files (`token_dtype` gives any tokenizer's)."""
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
@@ -62,8 +70,10 @@ class TokenSplit:
     """One split: its documents' tokens concatenated, each document followed by `EOD`."""
 
     name: str
-    tokens: np.ndarray  # (N,) uint16; an np.memmap when loaded from the cache
+    tokens: np.ndarray  # (N,) uint16 or uint32; an np.memmap when loaded from the cache
     doc_starts: np.ndarray  # (D,) int64 offset of each document's first token
+    eod: int = EOD  # the tokenizer's end-of-document id
+    byte_lengths: np.ndarray | None = None  # (V,) bytes each id counts for in bpb; None = one byte each
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -76,6 +86,14 @@ class PreparedCorpus:
     path: Path
     manifest: dict
     rebuilt: bool
+    _tokenizer: Tokenizer | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the corpus was tokenised with (its tokenizer.json checked by SHA-256)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path, self.manifest.get("tokenizer"))
+        return self._tokenizer
 
     def split(self, name: str) -> TokenSplit:
         """The tokens of split `name` (train, validation or test), memory-mapped read-only."""
@@ -91,8 +109,10 @@ class PreparedCorpus:
             )
         for suffix in (".tokens", ".docs.npy"):
             _verify(self.path / f"{name}{suffix}", info["blake2b"][suffix])
-        tokens = np.memmap(self.path / f"{name}.tokens", dtype=TOKEN_DTYPE, mode="r")
-        return TokenSplit(name, tokens, np.load(self.path / f"{name}.docs.npy"))
+        tokens = np.memmap(self.path / f"{name}.tokens", dtype=_dtype(self.manifest), mode="r")
+        tokenizer = self.tokenizer
+        lengths = None if tokenizer.kind == "byte" else tokenizer.byte_lengths()
+        return TokenSplit(name, tokens, np.load(self.path / f"{name}.docs.npy"), tokenizer.eod, lengths)
 
 
 def blake2b_file(path: Path) -> str:
@@ -124,6 +144,7 @@ def prepare(
     rebuild: bool = False,
     progress: bool = True,
     verify: bool = False,
+    tokenizer: str | Tokenizer = "bytes",
 ) -> PreparedCorpus:
     """Tokenise the corpus `data` into train/validation/test token files, or reuse the cached ones.
 
@@ -134,13 +155,19 @@ def prepare(
         Empty documents are skipped; every other document is followed by `EOD` in its split.
     rebuild: build even if a matching cache exists. progress: show a progress bar while building.
     verify: reuse a cache only if the contents of its documents, read again, still match it.
+    tokenizer: a --tokenizer spec (bytes, bpe:N trained on this corpus's train split, hf:PATH;
+        memlm.data.tokenizers) or a tokenizer object (a run's, to score other data with it).
     """
     fractions = check_fractions(fractions)
     sources = parse_spec(data, include, exclude)
-    key = _sha1_json({"format": FORMAT, "sources": [s.key for s in sources], "fractions": fractions})
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = path / key[:16]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     stamp = _sha1_json([s.stamp() for s in sources])
+    tokenizer = _resolve_tokenizer(tokenizer, sources, fractions, stamp, root, rebuild)
+    described = {"format": FORMAT, "sources": [s.key for s in sources], "fractions": fractions}
+    if tokenizer.kind != "byte":  # byte corpora keep the keys they always had
+        described["tokenizer"] = {"sha256": tokenizer.sha256}
+    key = _sha1_json(described)
+    path = root / key[:16]
     manifest = None if rebuild else _load_manifest(path, key, stamp)
     if manifest is not None and verify and _content_sha1(sources, fractions) != {
             name: info["sha1"] for name, info in manifest["splits"].items()}:
@@ -151,7 +178,10 @@ def prepare(
     start = time.perf_counter()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        splits = _build(sources, fractions, path, progress)
+        splits = _build(sources, fractions, path, progress, tokenizer)
+        if tokenizer.kind != "byte":
+            with _atomic_open(path / TOKENIZER_FILE) as f:
+                f.write(tokenizer.json.encode())
         manifest = {
             "format": FORMAT,
             "key": key,
@@ -159,7 +189,7 @@ def prepare(
             "sources": [s.key for s in sources],
             "inventory": [s.inventory() for s in sources],
             "fractions": dict(zip(SPLITS, fractions)),
-            "tokenizer": {"kind": "byte", "vocab_size": VOCAB_SIZE, "eod": EOD, "dtype": "uint16"},
+            "tokenizer": tokenizer.describe(),
             "splits": splits,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - start, 3),
@@ -174,7 +204,41 @@ def prepare(
         manifest["build_seconds"],
         ", ".join(f"{k} {v['documents']} docs / {v['tokens']} tokens" for k, v in splits.items()),
     )
-    return PreparedCorpus(path, manifest, rebuilt=True)
+    return PreparedCorpus(path, manifest, rebuilt=True, _tokenizer=tokenizer)
+
+
+def _resolve_tokenizer(tokenizer: str | Tokenizer, sources: list[Source], fractions: tuple[float, float, float],
+                       stamp: str, root: Path, rebuild: bool) -> Tokenizer:
+    """The tokenizer object of a spec: bpe:N trained on the train split's documents (or read back
+    from where an earlier training left it under `root`/tokenizers)."""
+    if not isinstance(tokenizer, str):
+        return tokenizer
+    kind, arg = parse_tokenizer_spec(tokenizer)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        return read_tokenizer_file(arg, tokenizer)
+    key = _sha1_json({"bpe": arg, "sources": [s.key for s in sources], "stamp": stamp, "fractions": fractions})
+    file = root / "tokenizers" / f"bpe-{arg}-{key[:16]}.json"
+    if file.is_file() and not rebuild:
+        return read_tokenizer_file(file, tokenizer, kind="bpe")
+    log.info("training a byte-level BPE of %d tokens on the train split of %s", arg,
+             ", ".join(str(s) for s in sources))
+    texts = (bytes(doc.data).decode("utf-8", errors="replace")
+             for split, doc in _assigned_documents(sources, fractions) if split == "train")
+    trained = train_bpe(arg, texts)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_open(file) as f:
+            f.write(trained.json.encode())
+    except OSError as e:
+        raise DataError(f"cannot write the cache directory {file.parent}: {e.strerror or e}") from None
+    return trained
+
+
+def _dtype(manifest: dict) -> np.dtype:
+    """The dtype of a manifest's token files (uint16 unless its tokenizer says otherwise)."""
+    return np.dtype(manifest.get("tokenizer", {}).get("dtype", "uint16")).newbyteorder("<")
 
 
 def _sha1_json(obj) -> str:
@@ -188,8 +252,11 @@ def _load_manifest(path: Path, key: str, stamp: str) -> dict | None:
         if (manifest["format"], manifest["key"], manifest["stamp"]) != (FORMAT, key, stamp):
             return None
         for name, info in manifest["splits"].items():
-            if info["documents"] and (path / f"{name}.tokens").stat().st_size != info["tokens"] * TOKEN_DTYPE.itemsize:
+            if info["documents"] and (path / f"{name}.tokens").stat().st_size != info["tokens"] * _dtype(manifest).itemsize:
                 return None
+        described = manifest.get("tokenizer") or {}
+        if described.get("kind", "byte") != "byte" and not (path / described.get("file", TOKENIZER_FILE)).is_file():
+            return None
             if info["documents"] and not (path / f"{name}.docs.npy").is_file():
                 return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -213,32 +280,41 @@ def _atomic_open(path: Path) -> Iterator[BinaryIO]:
 
 
 class _SplitWriter:
-    """Appends documents to one split's token file and counts what it wrote."""
+    """Appends documents to one split's token file and counts what it wrote.
 
-    tokenizer = ByteTokenizer()
-    eod = np.array([EOD], TOKEN_DTYPE).tobytes()
+    For a non-byte tokenizer it also counts `scored_bytes`, the bytes its tokens stand for
+    (`byte_lengths`, EODs included): what evaluating the whole split divides its nats by."""
 
-    def __init__(self, file: BinaryIO):
-        self.file = file
+    def __init__(self, file: BinaryIO, tokenizer: Tokenizer):
+        self.file, self.tokenizer = file, tokenizer
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.eod = np.array([tokenizer.eod], self.dtype).tobytes()
+        self.lengths = None if tokenizer.kind == "byte" else tokenizer.byte_lengths()
         self.starts: list[int] = []
-        self.tokens = self.bytes = 0
+        self.tokens = self.bytes = self.scored_bytes = self.text_bytes = 0
         self.sha1 = hashlib.sha1()
         self.blake2b = hashlib.blake2b(digest_size=16)  # of the bytes written
 
     def add(self, doc: Document) -> None:
-        ids = self.tokenizer.encode(doc.data, dtype=TOKEN_DTYPE)  # (n,)
+        ids = self.tokenizer.encode(doc.data, dtype=self.dtype)  # (n,)
         for piece in (memoryview(ids), self.eod):
             self.file.write(piece)
             self.blake2b.update(piece)
         self.starts.append(self.tokens)
         self.tokens += len(ids) + 1
-        self.bytes += len(ids)
-        _content_update(self.sha1, doc)  # byte tokens: len(ids) == len(doc.data)
+        self.bytes += len(doc.data)
+        if self.lengths is not None:
+            self.scored_bytes += int(self.lengths[ids].sum()) + 1  # + 1: the EOD
+            self.text_bytes += len(bytes(doc.data).decode("utf-8", errors="replace").encode()) + 1
+        _content_update(self.sha1, doc)
 
     def summary(self) -> dict:
-        return {
+        summary = {
             "documents": len(self.starts), "bytes": self.bytes, "tokens": self.tokens, "sha1": self.sha1.hexdigest()
         }
+        if self.lengths is not None:
+            summary["scored_bytes"] = self.scored_bytes
+        return summary
 
 
 SINGLE_DOCUMENT_KINDS = ("file", "compressed")
@@ -293,18 +369,24 @@ def _content_update(digest, doc: Document) -> None:
     digest.update(doc.data)
 
 
-def _build(sources: list[Source], fractions: tuple[float, float, float], path: Path, progress: bool) -> dict:
+def _build(sources: list[Source], fractions: tuple[float, float, float], path: Path, progress: bool,
+           tokenizer: Tokenizer) -> dict:
     """Tokenise every document of `sources` into the split files under `path`; per-split summaries."""
     (path / MANIFEST).unlink(missing_ok=True)
     columns = (TextColumn("tokenising {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with ExitStack() as stack:
-        writers = {name: _SplitWriter(stack.enter_context(_atomic_open(path / f"{name}.tokens"))) for name in SPLITS}
+        writers = {name: _SplitWriter(stack.enter_context(_atomic_open(path / f"{name}.tokens")), tokenizer)
+                   for name in SPLITS}
         console = Console(stderr=True)
         bar = stack.enter_context(Progress(*columns, console=console, transient=True, disable=not progress))
         for split, doc in _assigned_documents(sources, fractions, bar):
             writers[split].add(doc)
     summaries = {}
     for name, writer in writers.items():
+        if writer.scored_bytes != writer.text_bytes:
+            log.warning("the %s split's %d tokens stand for %d bytes by the tokenizer's pieces, its documents hold "
+                        "%d: bits per byte with this tokenizer are approximate", name, writer.tokens,
+                        writer.scored_bytes, writer.text_bytes)
         with _atomic_open(path / f"{name}.docs.npy") as f:
             np.save(f, np.array(writer.starts, np.int64))
         summaries[name] = {**writer.summary(), "blake2b": {".tokens": writer.blake2b.hexdigest(),

@@ -7,7 +7,7 @@ Streams cut the split into ``batch_size * world_size`` contiguous parts (lengths
 at most one token; every token is in exactly one part); rank r owns parts
 ``[r * batch_size, (r + 1) * batch_size)``, one per batch row::
 
-    split:  |doc0 E doc1 E doc2 E ... |        (E = EOD)
+    split:  |doc0 E doc1 E doc2 E ... |        (E = EOD, the split's `eod` id)
     parts:  | row 0  | row 1  | ...  | row P-1 |
     step s: x[b] = part b[s*T : (s+1)*T],  y[b] = the token after each x (the true next token of the split)
 
@@ -26,7 +26,6 @@ import torch
 
 from .cache import TokenSplit
 from .errors import DataError
-from .tokenizer import EOD
 
 
 def _check_layout(batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
@@ -197,8 +196,9 @@ class Streams(SegmentStreams):
             local = local % self.length[:, None]  # (B, T')
         valid = local < self.length[:, None]  # (B, T')
         pos = (self.start[:, None] + local) % n  # (B, T') position in the split
-        x = np.where(valid, tokens[pos], EOD)
-        y = np.where(valid, tokens[(pos + 1) % n], EOD)
-        doc_start = valid & ((local == 0) | (tokens[(pos - 1) % n] == EOD))
+        eod = self.split.eod
+        x = np.where(valid, tokens[pos], eod)
+        y = np.where(valid, tokens[(pos + 1) % n], eod)
+        doc_start = valid & ((local == 0) | (tokens[(pos - 1) % n] == eod))
         self.step += 1
         return Segment(_long(x), _long(y), torch.from_numpy(doc_start), torch.from_numpy(valid))

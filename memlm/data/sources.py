@@ -23,7 +23,9 @@ separated by commas. Each source is one of
   name starts with ``enwik8``: its one member is cut by byte offsets into train
   (the first 90%), validation (the next 5%) and test (the last 5%). For the real
   100,000,000-byte enwik8 that is exactly the standard 90M / 5M / 5M split;
-- any other file: one document, its raw bytes.
+- any other file: one document, its raw bytes;
+- ``"hf:PATH"``: text, JSON lines or Parquet files read (streamed) through the Hugging Face
+  `datasets` library, a document per file or row (`memlm.data.hf_datasets`).
 
 A document is named by its path relative to its source (a lone file by its base name);
 the name decides its split (`SitePackages` names a file by its path relative to its root,
@@ -345,13 +347,16 @@ def _source(spec: str, include: Sequence[str], exclude: Sequence[str]) -> Source
         return stdlib_source()
     if spec == "stdlib-long":
         return Joined(stdlib_source(), STDLIB_LONG_BYTES)
+    if spec.startswith("hf:"):
+        from .hf_datasets import HFFiles  # imports `datasets` only when read
+        return HFFiles(spec.removeprefix("hf:"))
     if spec.partition(":")[0] in ("site-packages", "site-packages-text"):
         from .site_packages import site_packages_spec  # it builds on this module's Source
         return site_packages_spec(spec)
     path = Path(spec).expanduser().resolve()
     if not path.exists():
         raise DataError(f"data source not found: {spec} (expected 'stdlib', 'stdlib-long', 'site-packages', "
-                        f"'site-packages-text', a file, a directory or an archive)")
+                        f"'site-packages-text', hf:PATH, a file, a directory or an archive)")
     if path.is_dir():
         return Directory(path, include, exclude)
     name = path.name.lower()

@@ -24,6 +24,8 @@ REPLACEMENT = "\ufffd"
 class ByteTokenizer:
     """Text <-> byte ids. `eod_text` is what `decode` writes for an `EOD` id."""
 
+    kind = "byte"
+    spec = "bytes"
     vocab_size = VOCAB_SIZE
     eod = EOD
 
@@ -51,3 +53,15 @@ class ByteTokenizer:
             parts.append(self.eod_text if i == EOD else REPLACEMENT)
         parts.append(run.decode("utf-8", errors="replace"))
         return "".join(parts)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The byte id `token` stands for (b"" for `EOD` and ids outside the vocabulary)."""
+        return bytes([token]) if 0 <= token < 256 else b""
+
+    def byte_lengths(self) -> np.ndarray:
+        """(257,) ones: every id, `EOD` included, counts as one byte in bits per byte."""
+        return np.ones(VOCAB_SIZE, np.int64)
+
+    def describe(self) -> dict:
+        """The manifest's description (unchanged since the first cache format)."""
+        return {"kind": "byte", "vocab_size": VOCAB_SIZE, "eod": EOD, "dtype": "uint16"}

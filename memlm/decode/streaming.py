@@ -3,8 +3,9 @@
 `stream` yields the sampled ids of one stream as they are decoded (through the model's forward
 with its state, or the static decoders of memlm.decode.static / static_memory), so a caller can
 show text while it is written and stop early; with the same generator it samples what
-`memlm.generate` samples. `TextStream` turns ids into text pieces for a byte tokenizer: it holds
-back an incomplete UTF-8 character and any ending that could still become a stop string, and
+`memlm.generate` samples. `TextStream` turns ids into text pieces through the bytes each id
+stands for (bytes, or a tokenizer's `token_bytes`, memlm.data.tokenizers): it holds back an
+incomplete UTF-8 character and any ending that could still become a stop string, and
 ends the text before the first stop string.
 """
 
@@ -64,17 +65,20 @@ def stream(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperatur
 
 
 class TextStream:
-    """Byte ids -> text pieces, ending before the first of `stop_strings`.
+    """Token ids -> text pieces, ending before the first of `stop_strings`.
 
     feed(ids) returns the text that is final so far (possibly ""); `stopped` turns True once a
     stop string was seen, after which everything is ignored; finish() returns what was held back.
-    Ids >= 256 (end of document) are written as `eod_text`."""
+    tokenizer: anything with `eod` and `token_bytes(id)` (memlm.data.tokenizers); None = bytes,
+    whose ids >= 256 (end of document) are written as `eod_text`, as the tokenizer's `eod` is."""
 
-    def __init__(self, stop_strings: Sequence[str] = (), eod_text: str = "<|eod|>"):
+    def __init__(self, stop_strings: Sequence[str] = (), eod_text: str = "<|eod|>", tokenizer=None):
         if any(not s for s in stop_strings):
             raise ValueError("stop strings must not be empty")
         self.stop_strings = tuple(stop_strings)
         self.eod_text = eod_text
+        self._is_eod = (lambda i: i >= 256) if tokenizer is None else (lambda i: i == tokenizer.eod)
+        self._bytes = (lambda i: bytes([i])) if tokenizer is None else tokenizer.token_bytes
         self.stopped = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded text not yet released: it may begin a stop string
@@ -83,8 +87,10 @@ class TextStream:
         if self.stopped:
             return ""
         for i in ids:
-            self._held += self._decoder.decode(bytes([i])) if i < 256 else self._decoder.decode(b"", final=True) \
-                + self.eod_text
+            if self._is_eod(i):
+                self._held += self._decoder.decode(b"", final=True) + self.eod_text
+            else:
+                self._held += self._decoder.decode(self._bytes(i))
         return self._release(final=False)
 
     def finish(self) -> str:

@@ -65,8 +65,10 @@ def _differences(a: dict, b: dict, prefix: str) -> list[str]:
     return out
 
 
-def model_card(model, record: RunRecord) -> str:
-    """README.md text for an exported `model` (a LanguageModel) and what its run recorded."""
+def model_card(model, record: RunRecord, tokenizer=None) -> str:
+    """README.md text for an exported `model` (a LanguageModel), what its run recorded and its
+    tokenizer (None = bytes)."""
+    byte_level = tokenizer is None or tokenizer.kind == "byte"
     c: ModelConfig = model.config
     name = record.preset or "custom"
     lines = ["---", "library_name: transformers", "tags: [memlm, byte-level, custom_code]", "---", "",
@@ -84,7 +86,9 @@ def model_card(model, record: RunRecord) -> str:
         f"| memory | {'; '.join(memory_switches(c)) or 'none (a key/value cache while generating)'} |",
         f"| carries a state between segments | {'yes' if c.stateful else 'no'} |",
         f"| tokenizer | bytes of UTF-8 (ids 0-255) and end of document {EOD} (`{EOD_TEXT}`), "
-        f"vocabulary {c.vocab_size} |",
+        f"vocabulary {c.vocab_size} |" if byte_level else
+        f"| tokenizer | `{tokenizer.spec}` (tokenizer.json), end of document {tokenizer.eod} "
+        f"(`{tokenizer.eod_name}`), vocabulary {c.vocab_size} |",
     ]
     if record.run:
         lines.append(f"| exported from | `{record.run}`, checkpoint `{record.checkpoint}` |")
@@ -119,13 +123,16 @@ def model_card(model, record: RunRecord) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # bytes; prepends <|eod|>",
-        "ids = tokenizer(\"def main(\", return_tensors=\"pt\").input_ids",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # bytes; prepends <|eod|>"
+        if byte_level else "tokenizer = AutoTokenizer.from_pretrained(PATH)  # tokenizer.json",
+        "ids = tokenizer(\"def main(\", return_tensors=\"pt\").input_ids" if byte_level else
+        f"ids = torch.tensor([[{tokenizer.eod}] + tokenizer(\"def main(\").input_ids])  # a prompt starts a document",
         "out = model.generate(ids, max_new_tokens=64, do_sample=False)",
         "print(tokenizer.decode(out[0, ids.shape[1]:]))",
         "```", "",
-        "Without the tokenizer: the ids are the UTF-8 bytes of the text, after an end-of-document id "
-        f"{EOD} (a prompt starts a document). The memory state travels between generation steps in a "
+        ("Without the tokenizer: the ids are the UTF-8 bytes of the text, after an end-of-document id "
+         f"{EOD} (a prompt starts a document). " if byte_level else "")
+        + "The memory state travels between generation steps in a "
         "`MemlmCache`, so a stream longer than the segment is read with memory as memlm reads it.", "",
         "Back into memlm (no transformers needed): `model = memlm.from_pretrained(PATH)`.", "",
     ]

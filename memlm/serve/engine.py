@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memlm.data import EOD, ByteTokenizer
+from memlm.data import ByteTokenizer, Tokenizer
 from memlm.decode import sample_next
 from memlm.decode.streaming import TextStream
 from memlm.device import autocast
@@ -35,10 +35,11 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "auto"):
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "auto",
+                 tokenizer: Tokenizer | None = None):
         self.model = model.eval()
         self.device, self.precision = device, precision
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()  # the run's (load_tokenizer)
         self.lock = threading.Lock()
 
     def complete(self, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float | None = None,
@@ -48,10 +49,11 @@ class Engine:
         session's State (None: a new stream)."""
         result = result if result is not None else Completion()
         prompt_ids = self.tokenizer.encode(prompt).tolist()
-        ids = prompt_ids if state is not None else [EOD] + prompt_ids
+        eod = self.tokenizer.eod
+        ids = prompt_ids if state is not None else [eod] + prompt_ids
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
-        text = TextStream(stop)
+        text = TextStream(stop, self.tokenizer.eod_text, self.tokenizer)
         with self.lock:  # held across yields: resumed pieces may run on other threads
             state = state if state is not None else self.model.init_state(1, device=self.device)
             logits, state = self._forward(ids, state)
@@ -61,7 +63,7 @@ class Engine:
                 logits, state = self._forward([int(token)], state)  # the state reads every generated token
                 result.completion_tokens = step + 1
                 value = int(token)
-                if value == EOD:
+                if value == eod:
                     result.finish_reason = "stop"
                     break
                 piece = text.feed([value])

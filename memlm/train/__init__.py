@@ -6,8 +6,8 @@
 """
 
 from memlm.train.callbacks import Callback
-from memlm.train.checkpoint import CheckpointError, load_model
+from memlm.train.checkpoint import CheckpointError, load_model, load_tokenizer
 from memlm.train.config import TrainConfig
 from memlm.train.trainer import Trainer, TrainingError, train
 
-__all__ = ["Callback", "CheckpointError", "TrainConfig", "Trainer", "TrainingError", "load_model", "train"]
+__all__ = ["Callback", "CheckpointError", "TrainConfig", "Trainer", "TrainingError", "load_model", "load_tokenizer", "train"]

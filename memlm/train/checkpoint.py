@@ -5,6 +5,7 @@
             model.safetensors   weights; the output head tied to the embedding is stored once
             trainer.pt          optimizer, step / token / time counters, each rank's data-loader and RNG state
             config.json         {"model": ..., "train": ..., "data": ...}
+            tokenizer.json      a non-byte tokenizer (bpe:N, hf:PATH; memlm.data.tokenizers), also in the run directory
             manifest.json       the SHA-256 of each file above, checked before the file is read
         latest -> step-00000400 symbolic links, each replaced atomically
         best -> step-00000300
@@ -32,6 +33,8 @@ from torch import nn
 
 from memlm.config import ModelConfig, upgrade
 from memlm.fileio import fsync_path, sha256_file
+from memlm.data import VOCAB_SIZE, ByteTokenizer, DataError
+from memlm.data.tokenizers import TOKENIZER_FILE, Tokenizer, check_vocab, load_tokenizer as read_tokenizer
 from memlm.model import LanguageModel
 
 WEIGHTS, TRAINER, CONFIG, MANIFEST = "model.safetensors", "trainer.pt", "config.json", "manifest.json"
@@ -43,8 +46,9 @@ class CheckpointError(Exception):
 
 
 def save(root: str | Path, step: int, model: nn.Module, trainer_state: dict[str, Any],
-         config: dict[str, Any], pointers: tuple[str, ...] = ("latest",)) -> Path:
-    """Write the checkpoint of `step` under `root` and point each name in `pointers` at it."""
+         config: dict[str, Any], pointers: tuple[str, ...] = ("latest",), files: dict[str, bytes] | None = None) -> Path:
+    """Write the checkpoint of `step` under `root` and point each name in `pointers` at it.
+    files: more files of the checkpoint, name -> contents (the tokenizer.json of a non-byte tokenizer)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -62,9 +66,11 @@ def save(root: str | Path, step: int, model: nn.Module, trainer_state: dict[str,
             raise OSError(errno.EIO, str(e).split("I/O error: ")[-1].split(" (os error")[0]) from e
         torch.save(trainer_state, tmp / TRAINER)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                 for name in (WEIGHTS, TRAINER, CONFIG)}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+        for name, contents in (files or {}).items():
+            (tmp / name).write_bytes(contents)
+        listed = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                  for name in (WEIGHTS, TRAINER, CONFIG, *(files or {}))}
+        (tmp / MANIFEST).write_text(json.dumps({"files": listed}, indent=2) + "\n")
         for path in tmp.iterdir():
             fsync_path(path)
         if final.exists():  # an unreferenced leftover of a crashed run
@@ -167,6 +173,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model = LanguageModel(model_config)
     load_weights(model, checkpoint, device)
     return model.to(device).eval(), config
+
+
+def load_tokenizer(path: str | Path, config: dict[str, Any] | None = None) -> Tokenizer:
+    """The tokenizer a run directory or checkpoint was trained with (bytes unless its config names
+    another: then its tokenizer.json, from the checkpoint or else its run directory, checked by
+    SHA-256). CheckpointError when it is missing or its vocabulary differs from the model's."""
+    found = find(path)
+    config = config if config is not None else read_config(found)
+    described = (config.get("data") or {}).get("tokenizer")
+    if not described or described.get("kind", "byte") == "byte":
+        tokenizer: Tokenizer = ByteTokenizer()
+    else:
+        name = described.get("file", TOKENIZER_FILE)
+        where = next((d for d in (found, found.parent.parent) if (d / name).is_file()), None)
+        if where is None:
+            raise CheckpointError(f"{found} was trained with the tokenizer {described.get('spec', described['kind'])} "
+                                  f"but its {name} is neither there nor in its run directory {found.parent.parent}")
+        try:
+            tokenizer = read_tokenizer(where, described)
+        except DataError as e:
+            raise CheckpointError(str(e)) from None
+    vocab = (config.get("model") or {}).get("vocab_size", VOCAB_SIZE)
+    try:
+        check_vocab(tokenizer, vocab, str(found))
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    return tokenizer
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path, device: str | torch.device = "cpu") -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from memlm.config import ConfigError
-from memlm.data import DEFAULT_FRACTIONS
+from memlm.data import DEFAULT_FRACTIONS, DataError
+from memlm.data.tokenizers import parse_spec as parse_tokenizer_spec
 from memlm.tasks.recall_streams import TARGETS as RECALL_TARGETS
 
 SCHEDULES = ("cosine", "wsd")
@@ -33,7 +34,9 @@ TASKS = ("lm", "recall")
 @dataclass
 class TrainConfig:
     data: str = "stdlib"
-    """Training corpus: 'stdlib', 'stdlib-long', 'site-packages' (stdlib and installed packages; ':holdout=numpy+torch' puts those packages in the test split), 'site-packages-text', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), or several separated by commas."""
+    """Training corpus: 'stdlib', 'stdlib-long', 'site-packages' (stdlib and installed packages; ':holdout=numpy+torch' puts those packages in the test split), 'site-packages-text', a file, a directory, an archive (.gz/.bz2/.xz/.zip, enwik8.zip), hf:PATH (local .txt/.jsonl/.parquet files through the datasets library, streamed; hf:PATH:field=NAME names the text column), or several separated by commas."""
+    tokenizer: str = "bytes"
+    """Tokenizer: bytes (UTF-8 bytes and an end-of-document id, 257 tokens), bpe:N (a byte-level BPE of N tokens trained on the train split, kept with the corpus cache and the run; needs the tokenizers library), or hf:PATH (a local tokenizer.json). The model's vocab_size follows it; bits per byte stay comparable across tokenizers."""
     task: str = "lm"
     """What to train on: lm (the corpus of --data), or recall (endless documents of the long-range recall task, memlm.tasks; --data then serves only the validation and test bpb, and the run ends with recall accuracy by distance)."""
     recall_distances: tuple[int, ...] | None = None
@@ -103,7 +106,7 @@ class TrainConfig:
     log_every: int = 10
     """Steps between training-metric records (metrics.jsonl, TensorBoard, progress bar)."""
     sample_bytes: int = 200
-    """Bytes sampled at each evaluation (written to samples.txt)."""
+    """Tokens sampled at each evaluation (written to samples.txt; bytes with the byte tokenizer)."""
     sample_prompt: str = ""
     """Text the samples continue (after an end-of-document token, i.e. at a document start)."""
     sample_temperature: float = 0.8
@@ -147,6 +150,12 @@ class TrainConfig:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
         if self.task not in TASKS:
             raise ConfigError("task", self.task, f"allowed: {', '.join(TASKS)}")
+        try:
+            parse_tokenizer_spec(self.tokenizer)
+        except DataError as e:
+            raise ConfigError("tokenizer", self.tokenizer, str(e)) from None
+        if self.task == "recall" and parse_tokenizer_spec(self.tokenizer)[0] != "byte":
+            raise ConfigError("tokenizer", self.tokenizer, "the recall task's documents are byte ids: use bytes")
         if self.recall_distances is not None and (
                 not self.recall_distances or any(not isinstance(d, int) or d < 0 for d in self.recall_distances)):
             raise ConfigError("recall_distances", self.recall_distances, "must be one or more byte counts >= 0")

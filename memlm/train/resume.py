@@ -95,7 +95,7 @@ def write_checkpoint(trainer, ranks: list[dict]) -> None:
     directory = trainer.out / checkpoint.CHECKPOINTS
     try:
         checkpoint.save(directory, trainer.step, trainer.model, trainer_state(trainer, ranks), trainer.run_config(),
-                        pointers)
+                        pointers, files=trainer.checkpoint_files())
     except OSError as e:  # a full disk, a read-only or vanished directory: the save removed its partial copy
         raise checkpoint.CheckpointError(
             f"{e.strerror or e} while writing checkpoint step {trainer.step} in {directory}; "
@@ -123,4 +123,4 @@ def save_best_weights(trainer) -> None:
     step and the best bpb only, no optimizer or data state to resume from."""
     state = {"step": trainer.best_step, "best_bpb": trainer.best_bpb, "weights_only": True}
     checkpoint.save(trainer.out / checkpoint.CHECKPOINTS, trainer.best_step, trainer.model, state,
-                    trainer.run_config(), ("best",))
+                    trainer.run_config(), ("best",), files=trainer.checkpoint_files())

@@ -36,12 +36,12 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.data import PreparedCorpus, RandomWindows, Streams, prepare
+from memlm.data import RandomWindows, Streams
 from memlm.tasks import RecallStreams, distances_for, recall_by_mode, recall_markdown
 from memlm.eval import evaluate
 from memlm.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
-from memlm.train import checkpoint, distributed, resume, warmup
+from memlm.train import checkpoint, corpus, distributed, resume, warmup
 from memlm.train.callbacks import Callback, notify
 from memlm.train.config import TrainConfig, launch_command
 from memlm.train.lock import RunLock
@@ -121,7 +121,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.corpus = self._prepare_corpus()
+        self.corpus = corpus.prepare_corpus(c, info, checkpoint.load_tokenizer(resume_from) if resume_from else None)
+        self.tokenizer = self.corpus.tokenizer
+        fixed = str(resume_from) if resume_from is not None else "the given model" if model is not None else None
+        self.model_config = corpus.follow_tokenizer(self.model_config, self.tokenizer, fixed)
         self.train_split, self.val_split = self.corpus.split("train"), self.corpus.split("validation")
         self.corpus.split("test")  # a split with no documents fails now, not after the whole budget
         self.seq_len = self.model_config.seq_len
@@ -168,6 +171,8 @@ class Trainer:
         if info.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / checkpoint.CONFIG).write_text(json.dumps(self.run_config(), indent=2) + "\n")
+            for name, contents in self.checkpoint_files().items():  # the run's tokenizer
+                (self.out / name).write_bytes(contents)
             self.log = MetricsLog(self.out, resume_step=self.step if resume_from is not None else None)
 
     def close(self) -> None:
@@ -186,15 +191,9 @@ class Trainer:
         return RandomWindows(self.train_split, c.batch_size, self.seq_len, seed=seed, rank=info.rank,
                              world_size=info.world_size)
 
-    def _prepare_corpus(self) -> PreparedCorpus:
-        """The prepared corpus: rank 0 builds the cache (if needed), the other ranks then read it."""
-        c = self.config
-        if self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, verify=c.verify_data)
-        distributed.barrier(self.info)
-        if not self.info.main:
-            corpus = prepare(c.data, c.cache_dir, c.fractions, progress=False)
-        return corpus
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Files a checkpoint holds beside its weights and configs: a non-byte tokenizer's tokenizer.json."""
+        return corpus.tokenizer_files(self.tokenizer)
 
     # ----- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -387,7 +386,8 @@ class Trainer:
         if not self.info.main:
             return
         tokens_per_s = steps * self.tokens_per_step / meter.seconds()
-        record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss, "bpb": loss / math.log(2),
+        record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss,
+                  "bpb": loss / math.log(2) / corpus.bytes_per_token(self.corpus),
                   "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
                   "skipped_steps": self.skipped_steps}
         if self.peak_flops:
@@ -456,7 +456,8 @@ class Trainer:
         if not c.sample_bytes:  # no sampling: not even the prompt's forward pass (new shapes to compile)
             return c.sample_prompt
         with self.autocast:
-            text, _ = sample_text(self.model, c.sample_prompt, c.sample_bytes, c.sample_temperature, seed=c.seed)
+            text, _ = sample_text(self.model, c.sample_prompt, c.sample_bytes, c.sample_temperature, seed=c.seed,
+                                  tokenizer=self.tokenizer)
         self.log.sample(self.step, c.sample_prompt + text)
         return c.sample_prompt + text
 
@@ -493,5 +494,6 @@ class Trainer:
 
 
 def _scored(result: dict[str, float]) -> dict[str, float]:
-    """An evaluation result for a metrics record: its token count renamed to scored_tokens."""
-    return {("scored_tokens" if k == "tokens" else k): v for k, v in result.items() if k != "by_position"}
+    """An evaluation result for a metrics record: its token and byte counts renamed scored_tokens, scored_bytes."""
+    names = {"tokens": "scored_tokens", "bytes": "scored_bytes"}
+    return {names.get(k, k): v for k, v in result.items() if k != "by_position"}

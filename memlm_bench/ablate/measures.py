@@ -30,7 +30,7 @@ def eval_corpus(trainer, spec: str) -> float:
     """Test bpb of the trained model on the test split of another corpus (a --data spec), scored as
     the run's own test split is (memory kept for models with memory)."""
     c = trainer.config
-    split = prepare(spec, c.cache_dir, c.fractions, progress=False).split("test")
+    split = prepare(spec, c.cache_dir, c.fractions, progress=False, tokenizer=trainer.tokenizer).split("test")
     with autocast(trainer.device, c.precision):
         result = evaluate(trainer.model, split, c.batch_size, trainer.seq_len, stateful=trainer.stateful,
                           reset=trainer.model_config.memory.reset_at_document)

@@ -78,3 +78,18 @@ def test_sample_text_stops_and_streams_what_it_returns():
         eod_model.embed.weight.abs_()
     assert sample_text(eod_model, "x", 10, temperature=0, stop_at_eod=True) == ("", [])
     assert sample_text(eod_model, "x", 3, temperature=0)[1] == [EOD] * 3
+
+
+def test_text_stream_decodes_a_bpe_through_its_token_bytes():
+    tokenizers = pytest.importorskip("tokenizers", reason="the tok extra (tokenizers) is not installed")
+    assert tokenizers
+    from memlm.data import make_tokenizer
+    bpe = make_tokenizer("bpe:300", iter(["hello world\n" * 3] * 10))  # merges of ASCII only
+    text = "hello 日本語 😀 world\n"
+    ids = bpe.encode(text).tolist()
+    assert len(ids) < len(text.encode()) and len(bpe.token_bytes(ids[-5])) == 1  # 😀's 4 bytes, one token each
+    s = TextStream([" world\n"], tokenizer=bpe)
+    pieces = [s.feed([i]) for i in ids]
+    assert "".join(pieces) + s.finish() == "hello 日本語 😀" and "" in pieces  # characters whole, ended at the stop
+    s = TextStream(tokenizer=bpe)
+    assert s.feed(ids[:3] + [bpe.eod]) + s.finish() == bpe.decode(ids[:3]) + "<|eod|>"
