@@ -1,0 +1,117 @@
+"""Checkpoints of sharded (FSDP) runs: weights and AdamW state as a distributed checkpoint.
+
+    <run>/checkpoints/step-00000400/
+        dcp/               torch.distributed.checkpoint (DCP): .metadata and one __<rank>_0.distcp
+                           file per rank, each rank writing its own shards of {"model", "optim"}
+        trainer.pt         as memlm.train.checkpoint writes it, less the optimizer (it is in dcp/)
+        config.json
+        manifest.json      the SHA-256 of every file above, dcp/ included
+
+Weights and optimizer state are keyed by parameter name (torch.distributed.checkpoint.state_dict's
+get_state_dict), not by rank or shard, and DCP re-shards on load: a checkpoint written by N ranks
+loads into M ranks, or into one whole model in a process with no process group (`memlm eval`,
+`generate`, `export` read it as they read safetensors). Every rank must see the same directory
+(one file system shared by the nodes). The save is atomic as memlm.train.checkpoint's: rank 0
+names a temporary directory, every rank writes its shards into it, rank 0 adds the rest and
+renames it into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+from memlm.train import checkpoint
+from memlm.train.distributed import Dist, all_gather_objects
+
+
+def save(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         trainer_state: dict[str, Any], config: dict[str, Any], info: Dist,
+         pointers: tuple[str, ...] = ("latest",)) -> Path:
+    """Write the checkpoint of `step` (collective: every rank calls it); optimizer None: weights only."""
+    final = Path(root) / f"step-{step:08d}"
+    tmp = None if info.main and checkpoint.saved_already(final, pointers) else checkpoint.staging(final)
+    tmp = all_gather_objects(info, tmp)[0]  # rank 0's choice everywhere
+    if tmp is None:
+        return final
+    if info.main:
+        tmp.mkdir(parents=True)
+    _barrier(info)
+    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else \
+        (get_model_state_dict(model), None)
+    state = {"model": model_state} | ({"optim": optim_state} if optim_state is not None else {})
+    error = None
+    try:
+        with _one_process_quietly():
+            dcp.save(state, checkpoint_id=tmp / checkpoint.SHARDED, no_dist=not info.enabled)
+        if info.main:
+            checkpoint.commit(tmp, final, trainer_state, config)
+    except Exception as e:  # noqa: BLE001 (DCP wraps a rank's OSError in a CheckpointException)
+        error = (getattr(e, "errno", None) or errno.EIO, getattr(e, "strerror", None) or str(e).strip().splitlines()[-1])
+    failed = next((e for e in all_gather_objects(info, error) if e is not None), None)  # every rank raises
+    if failed is not None:
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(*failed)
+    if info.main:
+        checkpoint.publish(final, pointers)
+    _barrier(info)
+    return final
+
+
+def load(found: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a sharded checkpoint's weights (and, given `optimizer`, its AdamW state) into `model`,
+    sharded over any number of ranks or whole; every file checked against the manifest first."""
+    found = Path(found)
+    for name in _files(found):
+        checkpoint.verify(found, name)
+    with_optim = optimizer is not None
+    model_state, optim_state = get_state_dict(model, optimizer) if with_optim else (get_model_state_dict(model), None)
+    state = {"model": model_state} | ({"optim": optim_state} if with_optim else {})
+    try:
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=found / checkpoint.SHARDED, no_dist=not dist.is_initialized())
+    except Exception as e:  # noqa: BLE001 (DCP wraps every rank's failure in CheckpointException)
+        raise checkpoint.CheckpointError(f"cannot load {found / checkpoint.SHARDED}: "
+                                         f"{str(e).strip().splitlines()[-1][:300]}") from None
+    if with_optim:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(model, state["model"])
+
+
+def _files(found: Path) -> list[str]:
+    """The manifest's names of the files under dcp/ (none for a checkpoint without manifest)."""
+    manifest = found / checkpoint.MANIFEST
+    if not manifest.is_file():
+        return []
+    try:
+        names = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"cannot read the manifest {manifest}: {e}") from None
+    return [name for name in names if name.startswith(checkpoint.SHARDED + "/")]
+
+
+@contextmanager
+def _one_process_quietly():
+    """Without the warning DCP gives each time a process without a process group saves or loads."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(info: Dist) -> None:
+    if info.enabled:
+        dist.barrier()
