@@ -57,6 +57,10 @@ def check(model_config, task: str = "lm") -> None:
 def prepare(model: nn.Module, config, info: Dist) -> nn.Module:
     """The trainer's model (on its device) as TrainConfig asks: activation checkpointing, and for
     --parallel fsdp under several ranks, sharded (checked first: `check`). One rank keeps it whole."""
+    if (config.parallel == "fsdp" or config.activation_checkpointing) and not isinstance(
+            getattr(model, "blocks", None), nn.ModuleList):
+        raise ValueError(f"--parallel fsdp and --activation_checkpointing work on a model's blocks; "
+                         f"{type(model).__name__} has no ModuleList `blocks`")
     if config.parallel == "fsdp":
         check(model.config, config.task)
     if config.activation_checkpointing:
