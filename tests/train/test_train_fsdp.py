@@ -152,14 +152,16 @@ def test_fsdp_on_two_ranks_matches_one_process_and_resumes_on_one(corpus, tmp_pa
 
 
 def resume_worker(rank: int, port: int, corpus: Path, out: Path) -> None:
-    """Resume a one-process run (grad_accum 2 over two ranks' batches) on two ranks, each rank
-    continuing its stand-in's loader."""
+    """Resume a one-process run (grad_accum 2 over two ranks' batches of 4) on two ranks, each
+    continuing its stand-in's loader in two micro-steps of 2 rows (the same windows: the loader
+    draws them one by one), which FSDP accumulates without reducing the first."""
     info = join(rank, port)
     try:
         trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=STEPS, resume=True), info)
         state = load_trainer_state(out / "checkpoints" / "latest")
+        trainer.loader = RandomWindows(trainer.train_split, BATCH // 2, SEQ, rank=rank, world_size=2)
         trainer.loader.load_state_dict(state["ranks"][0]["loader"]["loaders"][rank])
-        trainer.config = dataclasses.replace(trainer.config, grad_accum=1)
+        trainer.config = dataclasses.replace(trainer.config, grad_accum=2)
         trainer.fit()
         weights = full_weights(trainer.model)
         if rank == 0:
