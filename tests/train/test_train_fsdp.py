@@ -195,34 +195,51 @@ def test_fsdp_checkpoint_of_one_rank_resumes_on_two(corpus, tmp_path):
         load_model(run)
 
 
-def memory_worker(rank: int, port: int, corpus: Path, out: Path, overrides: dict) -> None:
+def memory_worker(rank: int, port: int, corpus: Path, out: Path, overrides: dict, keep: Path | None,
+                  resume: bool) -> None:
     info = join(rank, port)
     try:
-        trainer = Trainer(tiny_model().replace(**overrides), fast_config(corpus, out, steps=3, batch_size=2,
-                                                                         parallel="fsdp"), info)
+        config = fast_config(corpus, out, steps=STEPS, batch_size=2, eval_every=2, checkpoint_every=2,
+                             parallel="fsdp", resume=resume)
+        trainer = Trainer(tiny_model().replace(**overrides), config, info,
+                          callbacks=[KeepCheckpoint(2, keep)] if keep is not None else [])
         trainer.fit()
         whole = {id(p) for p in fsdp.replicated(trainer.model)}
-        torch.save({"replicated": {n: p.detach() for n, p in trainer.model.named_parameters() if id(p) in whole},
-                    "position": trainer.state.position}, out.parent / f"rank{rank}.pt")
+        replicated = {n: p.detach() for n, p in trainer.model.named_parameters() if id(p) in whole}
+        weights = full_weights(trainer.model)
+        torch.save({"replicated": replicated, "weights": weights, "memory": trainer.state.to("cpu").state_dict()},
+                   out.parent / f"rank{rank}.pt")
     finally:
         distributed.teardown(info)
 
 
-def test_fsdp_trains_a_memory_model_with_replicated_spans(corpus, tmp_path):
+def test_fsdp_trains_a_memory_model_and_resumes_it_exactly(corpus, tmp_path):
     """XL memory, feedback, adaptive spans and persistent vectors sharded: the parameters kept whole
-    (scales, spans) stay equal on both ranks and are trained; the memory stays per rank."""
+    (scales, spans) stay equal on both ranks and are trained; the memory stays per rank; resumed on
+    two ranks from its step-2 checkpoint the run ends bit for bit as the uninterrupted one."""
     overrides = {"memory.xl.length": 32, "memory.feedback.mode": "memory", "memory.adaptive_span.enabled": True,
                  "memory.adaptive_span.init": 0.5, "memory.persistent.vectors": 4}
-    out = tmp_path / "mem" / "run"
-    mp.spawn(memory_worker, args=(free_port(), corpus, out, overrides), nprocs=2, join=True)
+    out, kept = tmp_path / "mem" / "run", tmp_path / "step-2"
+    mp.spawn(memory_worker, args=(free_port(), corpus, out, overrides, kept, False), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / "mem" / f"rank{r}.pt") for r in (0, 1))
-    assert rank0["position"] == rank1["position"] == 3 * SEQ
+    assert rank0["memory"]["position"] == rank1["memory"]["position"] == STEPS * SEQ
     spans = [n for n in rank0["replicated"] if n.endswith("span.span")]
     assert len(spans) == 2 and len(rank0["replicated"]) == 2 + 3 * 2 + 1  # spans, 3 scales a block, final norm
     initial = memlm.build(tiny_model().replace(**overrides)).state_dict()
     for name, p in rank0["replicated"].items():
         assert torch.equal(p, rank1["replicated"][name]), name
     assert all(not torch.equal(rank0["replicated"][n], initial[n]) for n in spans)
+
+    resumed = tmp_path / "again" / "run"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(kept, resumed / "checkpoints" / kept.name)
+    (resumed / "checkpoints" / "latest").symlink_to(kept.name)
+    mp.spawn(memory_worker, args=(free_port(), corpus, resumed, overrides, None, True), nprocs=2, join=True)
+    again = torch.load(tmp_path / "again" / "rank0.pt")
+    for name, p in rank0["weights"].items():
+        assert torch.equal(p, again["weights"][name]), name
+    assert [r["loss"] for r in train_records(resumed)] == [r["loss"] for r in train_records(out)][2:]
+    torch.testing.assert_close(again["memory"], rank0["memory"], rtol=0, atol=0)  # rank 0's XL memory
 
 
 def test_fsdp_refuses_mechanisms_that_run_block_weights_outside_the_block(corpus, tmp_path):
