@@ -46,37 +46,49 @@ def save(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.O
     tmp = all_gather_objects(info, tmp)[0]  # rank 0's choice everywhere
     if tmp is None:
         return final
-    if info.main:
-        tmp.mkdir(parents=True)
-    _barrier(info)
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else \
         (get_model_state_dict(model), None)
     state = {"model": model_state} | ({"optim": optim_state} if optim_state is not None else {})
-    error = None
     try:
+        if info.main:
+            tmp.mkdir()
+        _raise_anywhere(info, None)
         with _one_process_quietly():
             dcp.save(state, checkpoint_id=tmp / checkpoint.SHARDED, no_dist=not info.enabled)
         if info.main:
             checkpoint.commit(tmp, final, trainer_state, config)
-    except Exception as e:  # noqa: BLE001 (DCP wraps a rank's OSError in a CheckpointException)
-        error = (getattr(e, "errno", None) or errno.EIO, getattr(e, "strerror", None) or str(e).strip().splitlines()[-1])
-    failed = next((e for e in all_gather_objects(info, error) if e is not None), None)  # every rank raises
-    if failed is not None:
+        _raise_anywhere(info, None)
+    except BaseException as e:
         if info.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(*failed)
+        if isinstance(e, (OSError, dcp.api.CheckpointException)) and not isinstance(e, _Gathered):
+            _raise_anywhere(info, e)  # met here: tell the ranks waiting in _raise_anywhere
+        raise
     if info.main:
         checkpoint.publish(final, pointers)
     _barrier(info)
     return final
 
 
+class _Gathered(OSError):
+    """An OSError of some rank, raised on every rank by `_raise_anywhere`."""
+
+
+def _raise_anywhere(info: Dist, error: BaseException | None) -> None:
+    """Collective: raise on every rank the OSError one rank met (the lowest rank's), else return.
+    An error DCP wrapped is given as (errno, strerror), EIO and its last line when it has none."""
+    mine = None if error is None else (getattr(error, "errno", None) or errno.EIO,
+                                       getattr(error, "strerror", None) or str(error).strip().splitlines()[-1])
+    failed = next((e for e in all_gather_objects(info, mine) if e is not None), None)
+    if failed is not None:
+        raise _Gathered(*failed)
+
+
 def load(found: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a sharded checkpoint's weights (and, given `optimizer`, its AdamW state) into `model`,
     sharded over any number of ranks or whole; every file checked against the manifest first."""
     found = Path(found)
-    for name in _files(found):
-        checkpoint.verify(found, name)
+    _verify(found)
     with_optim = optimizer is not None
     model_state, optim_state = get_state_dict(model, optimizer) if with_optim else (get_model_state_dict(model), None)
     state = {"model": model_state} | ({"optim": optim_state} if with_optim else {})
@@ -90,6 +102,25 @@ def load(found: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer |
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_model_state_dict(model, state["model"])
+
+
+def _verify(found: Path) -> None:
+    """Check every file of dcp/ against the manifest: rank 0 reads them (once, not once a rank), and
+    every rank raises its CheckpointError."""
+    distributed = dist.is_initialized()
+    error = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            for name in _files(found):
+                checkpoint.verify(found, name)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+    if distributed:
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error is not None:
+        raise checkpoint.CheckpointError(error)
 
 
 def _files(found: Path) -> list[str]:

@@ -20,6 +20,7 @@ import memlm
 from memlm.data import RandomWindows
 from memlm.train import Callback, Trainer, distributed, fsdp, train
 from memlm.train.checkpoint import CheckpointError, load_model, load_trainer_state
+from memlm.train.checkpoint import find as checkpoint_find
 from memlm.train.metrics import read
 
 STEPS, BATCH, SEQ = 4, 4, 32
@@ -240,6 +241,49 @@ def test_fsdp_trains_a_memory_model_and_resumes_it_exactly(corpus, tmp_path):
         assert torch.equal(p, again["weights"][name]), name
     assert [r["loss"] for r in train_records(resumed)] == [r["loss"] for r in train_records(out)][2:]
     torch.testing.assert_close(again["memory"], rank0["memory"], rtol=0, atol=0)  # rank 0's XL memory
+
+
+def fault_worker(rank: int, port: int, corpus: Path, out: Path) -> None:
+    """Rank 0 alone finds the disk full when it completes the step-4 checkpoint."""
+    import errno
+    import faulthandler
+
+    import memlm.train.checkpoint as checkpoint_module
+
+    info = join(rank, port)
+    faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting fails the test, not hangs it
+    try:
+        commit = checkpoint_module.commit
+
+        def full_disk(tmp, final, *args):
+            if final.name == "step-00000004":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            commit(tmp, final, *args)
+        if rank == 0:
+            checkpoint_module.commit = full_disk
+        trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=4, eval_every=2, checkpoint_every=2,
+                                                    parallel="fsdp"), info)
+        try:
+            trainer.fit()
+            result = "finished"
+        except CheckpointError as e:
+            result = str(e)
+        (out.parent / f"rank{rank}.txt").write_text(result)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        distributed.teardown(info)
+
+
+def test_fsdp_a_save_failing_on_one_rank_stops_every_rank_in_one_line(corpus, tmp_path):
+    out = tmp_path / "fault" / "run"
+    mp.spawn(fault_worker, args=(free_port(), corpus, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        message = (tmp_path / "fault" / f"rank{rank}.txt").read_text()
+        assert message.startswith("No space left on device while writing checkpoint step 4"), message
+        assert message.endswith("the previous checkpoint is intact"), message
+    assert checkpoint_find(out).name == "step-00000002"
+    assert {p.name for p in (out / "checkpoints").iterdir()} - {"best"} == {"latest", "step-00000002"}  # no leftovers
+    load_model(out)  # checksums and all
 
 
 def test_fsdp_refuses_mechanisms_that_run_block_weights_outside_the_block(corpus, tmp_path):
