@@ -16,9 +16,12 @@ Parameters kept whole on every rank (`replicated`), outside the sharding (fully_
 - 0-d parameters (ScaleNorm's scale, the QK-norm scale): fully_shard shards dim 0 and refuses them;
 - adaptive spans (H,): read outside their block's forward (the span penalty, `spans()`) and clamped
   after the optimizer step, where a sharded parameter would be a shard.
-Models whose mechanisms run a block's weights outside that block's forward (kNN and slot-memory
-writes, compressive memory) are refused with a clear error (`check`). Memory states (XL memory,
-kNN stores) are per rank, as under DDP, and are not sharded.
+A kNN layer writes its completed segment with its block's key projection after the block's
+forward: its block keeps its gathered weights from its forward to its backward
+(`reshard_after_forward=False`), one layer's weights whole on every rank. Slot memory (reads and
+writes outside the block, with gradients) and compressive memory (its reconstruction loss runs a
+block's attention outside its forward, with gradients) are refused with a clear error (`check`).
+Memory states (XL memory, kNN stores) are per rank, as under DDP, and are not sharded.
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from memlm.memory.adaptive_span import AdaptiveSpan
 from memlm.train.distributed import Dist
 
-UNSHARDABLE = {"memory.knn.layers": "kNN memory writes with a block's weights outside its forward",
-               "memory.ntm.layers": "slot memory reads and writes with a block's weights outside its forward",
+UNSHARDABLE = {"memory.ntm.layers": "slot memory reads and writes with a block's weights outside its forward",
                "memory.compressive.rate": "compressive memory runs a block's attention outside its forward"}
 """Model config fields that, when set, keep a model from being sharded, and why."""
 
@@ -44,8 +46,7 @@ UNSHARDABLE = {"memory.knn.layers": "kNN memory writes with a block's weights ou
 def check(model_config, task: str = "lm") -> None:
     """Raise ValueError (one line) for a model or task FSDP cannot train here."""
     m = model_config.memory
-    values = {"memory.knn.layers": m.knn.layers, "memory.ntm.layers": m.ntm.layers,
-              "memory.compressive.rate": m.compressive.rate}
+    values = {"memory.ntm.layers": m.ntm.layers, "memory.compressive.rate": m.compressive.rate}
     for field, value in values.items():
         if value:
             raise ValueError(f"--parallel fsdp: {field} = {value}: {UNSHARDABLE[field]}, where its weights are "
@@ -78,14 +79,17 @@ def replicated(model: nn.Module) -> list[nn.Parameter]:
 
 def shard(model: nn.Module, info: Dist) -> nn.Module:
     """Shard `model` (in place, already on its device) over the ranks of `info`: one FSDP unit per
-    block and the root. Returns the model (now an FSDPModule; its parameters DTensors)."""
+    block and the root; kNN layers stay gathered from forward to backward. Returns the model (now
+    an FSDPModule; its parameters DTensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     whole = {id(p) for p in replicated(model)}
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if id(p) in whole})
+    kept = set(model.config.memory.knn.layers or ())  # their writes run after the block's forward
+    for i, block in enumerate(model.blocks):
+        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if id(p) in whole},
+                    reshard_after_forward=i not in kept)
     fully_shard(model, mesh=mesh, ignored_params=set(replicated(model)))
     return model
 

@@ -286,10 +286,38 @@ def test_fsdp_a_save_failing_on_one_rank_stops_every_rank_in_one_line(corpus, tm
     load_model(out)  # checksums and all
 
 
+def knn_worker(rank: int, port: int, corpus: Path, out: Path, parallel: str) -> None:
+    info = join(rank, port)
+    try:
+        model = tiny_model().replace(**{"memory.xl.length": 32, "memory.knn.layers": [1], "memory.knn.capacity": 128})
+        trainer = Trainer(model, fast_config(corpus, out, steps=3, batch_size=2, eval_every=3, parallel=parallel),
+                          info)
+        trainer.fit()
+        weights = full_weights(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
+        if rank == 0:
+            torch.save(weights, out.parent / "rank0.pt")
+    finally:
+        distributed.teardown(info)
+
+
+def test_fsdp_trains_a_knn_model_as_ddp_does(corpus, tmp_path):
+    """XL memory and a kNN layer (written with its block's weights after the block's forward, which
+    then stays gathered until its backward): two FSDP ranks end where two DDP ranks do."""
+    for parallel in ("ddp", "fsdp"):
+        mp.spawn(knn_worker, args=(free_port(), corpus, tmp_path / parallel / "run", parallel), nprocs=2, join=True)
+    ddp, sharded = (torch.load(tmp_path / p / "rank0.pt") for p in ("ddp", "fsdp"))
+    assert_same_weights(sharded, ddp)
+    initial = memlm.build(tiny_model().replace(**{"memory.knn.layers": [1]})).state_dict()
+    assert not torch.equal(initial["blocks.1.attention.knn.gate"], sharded["blocks.1.attention.knn.gate"])
+    losses = [[r["loss"] for r in train_records(tmp_path / p / "run")] for p in ("ddp", "fsdp")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=TOL)
+
+
 def test_fsdp_refuses_mechanisms_that_run_block_weights_outside_the_block(corpus, tmp_path):
     config = fast_config(corpus, tmp_path / "run", parallel="fsdp")
-    with pytest.raises(ValueError, match="memory.knn.layers"):
-        Trainer(tiny_model().replace(**{"memory.knn.layers": [1]}), config, distributed.setup("cpu"))
+    compressive = {"memory.xl.length": 32, "memory.compressive.rate": 4, "memory.compressive.length": 8}
+    with pytest.raises(ValueError, match="memory.compressive.rate = 4: compressive memory runs a block's attention"):
+        Trainer(tiny_model().replace(**compressive), config, distributed.setup("cpu"))
     with pytest.raises(memlm.config.ConfigError, match="parallel"):
         train(tiny_model(), fast_config(corpus, tmp_path / "other", parallel="zero"))
 
