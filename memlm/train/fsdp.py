@@ -1,5 +1,6 @@
 """Fully sharded data parallelism (FSDP2) and activation checkpointing, applied from outside.
 
+    prepare(model, config, info)     what the trainer calls: check, checkpoint_blocks, shard as TrainConfig asks
     shard(model, info)               fully_shard(block) for each block, then fully_shard(model) (root:
                                      embedding, tied head, final norm, memory-token and other top-level weights)
     reduce_replicated(model, info)   average the gradients of the few parameters left whole (below)

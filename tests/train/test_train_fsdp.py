@@ -1,7 +1,8 @@
 """FSDP2 on the CPU: two gloo processes with sharded weights train like one process that
-accumulates the two ranks' batches; their distributed checkpoints resume on one rank, and one
-rank's on two, continuing as the uninterrupted run does; activation checkpointing leaves the
-gradients unchanged."""
+accumulates the two ranks' batches, and memory models (XL, kNN) like DDP; their distributed
+checkpoints resume on one rank, and one rank's on two, continuing as the uninterrupted run does
+(on the same number of ranks bit for bit); a save failing on one rank stops all in one line;
+activation checkpointing leaves the gradients unchanged."""
 
 from __future__ import annotations
 
