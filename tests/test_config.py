@@ -182,3 +182,17 @@ def test_the_config_layer_loads_without_torch():
             "and not m.startswith('memlm.config')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_preset_counts_its_parameters_on_the_meta_device():
+    """The large and xl sizes (351M and 1.24B for seed) are counted without allocating them."""
+    import torch
+
+    from memlm.model import LanguageModel
+    counts = {}
+    with torch.device("meta"):
+        for name in memlm.presets():
+            counts[name] = LanguageModel(get_preset(name)).num_parameters()
+    assert counts["seed-large"] == counts["seed-xl-large"] == 350_618_724
+    assert counts["seed-xl"] == counts["seed-xl-xl"] == 1_239_041_745
+    assert counts["vanilla-xl"] == 1_477_611_200 and counts["seed-mem-xl"] > counts["seed-xl"]

@@ -18,8 +18,12 @@ SIZES = {
     "tiny": dict(layers=4, width=128, heads=4, seq_len=256),
     "small": dict(layers=12, width=512, heads=8, seq_len=512),
     "base": dict(layers=12, width=768, heads=12, seq_len=1024),
+    "large": dict(layers=33, width=1024, heads=16, seq_len=1024),
+    "xl": dict(layers=48, width=1600, heads=25, seq_len=1024),
 }
-"""Size name -> layers, width, heads, seq_len."""
+"""Size name -> layers, width, heads, seq_len. large (seed: 351M parameters, vanilla 417M) and xl
+(GPT-2 XL's shape; seed: 1.24B, vanilla 1.48B) are for several GPUs with --parallel fsdp
+(memlm.train.fsdp). Layer counts keep the ablations' memory arithmetic exact (`memlm ablate`)."""
 
 Recipe = Callable[..., ModelConfig]
 RECIPES: dict[str, tuple[Recipe, str]] = {}

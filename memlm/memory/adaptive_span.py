@@ -27,6 +27,8 @@ class AdaptiveSpan(nn.Module):
 
     def _limit(self) -> int:
         """Keys at distance >= limit are masked for every head (a Python int: no device sync)."""
+        if self.span.is_meta:  # no values (a model built on the meta device to count parameters)
+            return self.span_max + self.ramp
         return min(self.span_max + self.ramp, int(math.ceil(self.span.detach().max().item())) + self.ramp)
 
     @torch.no_grad()

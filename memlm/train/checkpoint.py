@@ -3,6 +3,7 @@
     <run>/checkpoints/
         step-00000400/        one directory per kept checkpoint
             model.safetensors   weights; the output head tied to the embedding is stored once
+                                (a sharded run: dcp/, weights and optimizer, memlm.train.sharded_checkpoint)
             trainer.pt          optimizer, step / token / time counters, each rank's data-loader and RNG state
             config.json         {"model": ..., "train": ..., "data": ...}
             tokenizer.json      a non-byte tokenizer (bpe:N, hf:PATH; memlm.data.tokenizers), also in the run directory
@@ -38,6 +39,9 @@ from memlm.data.tokenizers import TOKENIZER_FILE, Tokenizer, check_vocab, load_t
 from memlm.model import LanguageModel
 
 WEIGHTS, TRAINER, CONFIG, MANIFEST = "model.safetensors", "trainer.pt", "config.json", "manifest.json"
+SHARDED = "dcp"
+"""The directory of a sharded (FSDP) run's weights and optimizer state in place of WEIGHTS
+(memlm.train.sharded_checkpoint)."""
 CHECKPOINTS = "checkpoints"
 
 
@@ -49,41 +53,65 @@ def save(root: str | Path, step: int, model: nn.Module, trainer_state: dict[str,
          config: dict[str, Any], pointers: tuple[str, ...] = ("latest",), files: dict[str, bytes] | None = None) -> Path:
     """Write the checkpoint of `step` under `root` and point each name in `pointers` at it.
     files: more files of the checkpoint, name -> contents (the tokenizer.json of a non-byte tokenizer)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    if final.exists() and final.name in _targets(root):  # this very state is saved already
-        for name in pointers:
-            _point(root / name, final.name)
-        _prune(root)
+    root, final = Path(root), Path(root) / f"step-{step:08d}"
+    if saved_already(final, pointers):
         return final
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = staging(final)
     try:
         tmp.mkdir()
         try:
             safetensors.torch.save_model(model, str(tmp / WEIGHTS), metadata={"step": str(step)})
         except safetensors.SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are
             raise OSError(errno.EIO, str(e).split("I/O error: ")[-1].split(" (os error")[0]) from e
-        torch.save(trainer_state, tmp / TRAINER)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        for name, contents in (files or {}).items():
-            (tmp / name).write_bytes(contents)
-        listed = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                  for name in (WEIGHTS, TRAINER, CONFIG, *(files or {}))}
-        (tmp / MANIFEST).write_text(json.dumps({"files": listed}, indent=2) + "\n")
-        for path in tmp.iterdir():
-            fsync_path(path)
-        if final.exists():  # an unreferenced leftover of a crashed run
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_path(root)
+        commit(tmp, final, trainer_state, config, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for name in pointers:
-        _point(root / name, final.name)
-    _prune(root)
+    publish(final, pointers)
     return final
+
+
+def saved_already(final: Path, pointers: tuple[str, ...]) -> bool:
+    """Whether the checkpoint directory `final` exists and a link points at it (this very state is
+    saved already); then point `pointers` at it too. Creates the checkpoints directory."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    if final.exists() and final.name in _targets(root):
+        publish(final, pointers)
+        return True
+    return False
+
+
+def staging(final: Path) -> Path:
+    """A fresh temporary directory name beside `final` to write its checkpoint in."""
+    return final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+
+
+def commit(tmp: Path, final: Path, trainer_state: dict[str, Any], config: dict[str, Any],
+           files: dict[str, bytes] | None = None) -> None:
+    """Add the trainer state, the configs, `files` (name -> contents) and the manifest (the SHA-256
+    of every file, those in subdirectories included) to the weights in `tmp`, sync it all and
+    rename it to `final`."""
+    torch.save(trainer_state, tmp / TRAINER)
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    for name, contents in (files or {}).items():
+        (tmp / name).write_bytes(contents)
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+    for path in [*tmp.rglob("*"), tmp]:
+        fsync_path(path)
+    if final.exists():  # an unreferenced leftover of a crashed run
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+
+
+def publish(final: Path, pointers: tuple[str, ...]) -> None:
+    """Point each link in `pointers` at the checkpoint `final`; remove what no link points at."""
+    for name in pointers:
+        _point(final.parent / name, final.name)
+    _prune(final.parent)
 
 
 def _point(link: Path, target: str) -> None:
@@ -125,10 +153,15 @@ def find(path: str | Path, pointer: str = "latest") -> Path:
         raise CheckpointError(f"no such run directory or checkpoint: {path}")
     candidates = [path, path / pointer, path / CHECKPOINTS / pointer]
     for candidate in candidates:
-        if (candidate / WEIGHTS).is_file() and (candidate / CONFIG).is_file():
+        if ((candidate / WEIGHTS).is_file() or is_sharded(candidate)) and (candidate / CONFIG).is_file():
             return candidate.resolve()
-    raise CheckpointError(f"no checkpoint in {path} (expected {WEIGHTS} and {CONFIG} there or in "
+    raise CheckpointError(f"no checkpoint in {path} (expected {WEIGHTS} or {SHARDED}/, and {CONFIG}, there or in "
                           f"{CHECKPOINTS}/{pointer}/)")
+
+
+def is_sharded(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint directory holds a sharded run's distributed checkpoint (dcp/)."""
+    return (Path(checkpoint) / SHARDED / ".metadata").is_file()
 
 
 def verify(checkpoint: str | Path, name: str) -> Path:
@@ -203,7 +236,12 @@ def load_tokenizer(path: str | Path, config: dict[str, Any] | None = None) -> To
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path, device: str | torch.device = "cpu") -> None:
-    """Load a checkpoint's weights into `model` (which must have the same architecture)."""
+    """Load a checkpoint's weights into `model` (which must have the same architecture). A sharded
+    run's checkpoint loads into any model, sharded or whole (collective under a process group)."""
+    if is_sharded(checkpoint):
+        from memlm.train import sharded_checkpoint
+        sharded_checkpoint.load(checkpoint, model)
+        return
     file = verify(checkpoint, WEIGHTS)
     try:
         safetensors.torch.load_model(model, str(file), strict=True, device=str(device))

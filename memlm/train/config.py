@@ -29,6 +29,7 @@ CPU_MINUTES, CUDA_MINUTES = 3.0, 1.5
 CPU_BATCH, CUDA_BATCH = 8, 32
 CPU_LR, CUDA_LR = 2e-3, 1e-3
 TASKS = ("lm", "recall")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -88,6 +89,10 @@ class TrainConfig:
     """Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32."""
     compile: bool | None = None
     """Wrap the model in torch.compile for training (evaluation and sampling run uncompiled); None = on CUDA only."""
+    parallel: str = "ddp"
+    """How the ranks of a torchrun job share the work: ddp (a whole copy of the weights and optimizer on each rank, gradients all-reduced), or fsdp (FSDP2: weights, gradients and AdamW state sharded over the ranks, one block gathered at a time; distributed checkpoints that resume at any number of ranks; memlm.train.fsdp). Recorded with the run: a resume keeps it."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input in the forward pass and recompute the rest in the backward pass (less activation memory for about one more forward's compute); kNN and slot-memory layers are not recomputed."""
 
     eval_every: int | None = None
     """Steps between validation evaluations (and text samples); None = 10 over the budget (in steps, or in time for minutes)."""
@@ -163,6 +168,8 @@ class TrainConfig:
             raise ConfigError("recall_targets", self.recall_targets, f"allowed: {', '.join(RECALL_TARGETS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError("schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError("parallel", self.parallel, f"allowed: {', '.join(PARALLEL)}")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
         if self.lr is not None and not self.lr > 0:

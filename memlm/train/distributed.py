@@ -3,7 +3,8 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and the rendezvous address); with
 WORLD_SIZE > 1 the trainer joins a process group (NCCL on CUDA, gloo on CPU) and wraps the
 model in DistributedDataParallel. Without torchrun it is a single process of world size 1
-and nothing here touches torch.distributed.
+and nothing here touches torch.distributed. With --parallel fsdp the model is sharded instead
+of wrapped (memlm.train.fsdp).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from memlm.config import ModelConfig
-from memlm.train import checkpoint
+from memlm.train import checkpoint, distributed, sharded_checkpoint
 from memlm.train.config import TrainConfig
 
 
@@ -50,12 +50,29 @@ def resumed_configs(saved: dict[str, Any], given: TrainConfig,
     return model_config, train_config
 
 
+def sharded(trainer) -> bool:
+    """Whether the run keeps distributed checkpoints (--parallel fsdp, at any number of ranks)."""
+    return trainer.config.parallel == "fsdp"
+
+
 def trainer_state(trainer, ranks: list[dict]) -> dict[str, Any]:
-    """What a checkpoint keeps of the trainer besides the weights; `ranks`: every rank's `rank_state`."""
-    return {"step": trainer.step, "tokens": trainer.tokens, "elapsed": trainer.elapsed,
-            "decay_start": trainer.decay_start, "best_bpb": trainer.best_bpb,
-            "best_evaluated_step": trainer.best_evaluated_step, "skipped_steps": trainer.skipped_steps,
-            "world_size": trainer.info.world_size, "optimizer": trainer.optimizer.state_dict(), "ranks": ranks}
+    """What a checkpoint keeps of the trainer besides the weights; `ranks`: every rank's `rank_state`.
+    The optimizer state of a sharded run is in its distributed checkpoint instead."""
+    state = {"step": trainer.step, "tokens": trainer.tokens, "elapsed": trainer.elapsed,
+             "decay_start": trainer.decay_start, "best_bpb": trainer.best_bpb,
+             "best_evaluated_step": trainer.best_evaluated_step, "skipped_steps": trainer.skipped_steps,
+             "world_size": trainer.info.world_size, "ranks": ranks}
+    return state if sharded(trainer) else {**state, "optimizer": trainer.optimizer.state_dict()}
+
+
+def load(trainer, found: Path) -> None:
+    """Resume from checkpoint `found`: weights, optimizer and trainer state (collective for a
+    sharded checkpoint, which loads at any number of ranks)."""
+    if checkpoint.is_sharded(found):
+        sharded_checkpoint.load(found, trainer.model, trainer.optimizer)
+    else:
+        checkpoint.load_weights(trainer.model, found, trainer.device)
+    restore(trainer, checkpoint.load_trainer_state(found))
 
 
 def rank_state(trainer) -> dict[str, Any]:
@@ -71,7 +88,8 @@ def restore(trainer, state: dict[str, Any]) -> None:
     trainer.decay_start, trainer.best_bpb = state["decay_start"], state["best_bpb"]
     trainer.best_evaluated_step = state.get("best_evaluated_step")
     trainer.skipped_steps = state.get("skipped_steps", 0)
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:  # else loaded from the distributed checkpoint
+        trainer.optimizer.load_state_dict(state["optimizer"])
     info, device = trainer.info, trainer.device
     if state["world_size"] == info.world_size:
         mine = state["ranks"][info.rank]
@@ -87,15 +105,28 @@ def restore(trainer, state: dict[str, Any]) -> None:
         torch.manual_seed(derived_seed(seed, trainer.step, info.rank))
 
 
+def weights_finite(trainer) -> bool:
+    """Whether every weight is finite (each rank checks its shards of a sharded model; collective)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.model.parameters()]
+    bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in local))], device=trainer.device)
+    return distributed.all_reduce_sum(trainer.info, bad).item() == 0
+
+
 def write_checkpoint(trainer, ranks: list[dict]) -> None:
     """Save the run at its step as checkpoints/latest, and as best when this step's evaluation gave
-    the best bpb (only then: best always points at an evaluated step)."""
+    the best bpb (only then: best always points at an evaluated step). Rank 0 writes; every rank
+    writes its shards of a sharded run."""
     best = trainer.config.keep_best and trainer.best_evaluated_step == trainer.step
     pointers = ("latest", "best") if best else ("latest",)
     directory = trainer.out / checkpoint.CHECKPOINTS
     try:
-        checkpoint.save(directory, trainer.step, trainer.model, trainer_state(trainer, ranks), trainer.run_config(),
-                        pointers, files=trainer.checkpoint_files())
+        if sharded(trainer):
+            sharded_checkpoint.save(directory, trainer.step, trainer.model, trainer.optimizer,
+                                    trainer_state(trainer, ranks), trainer.run_config(), trainer.info, pointers,
+                                    files=trainer.checkpoint_files())
+        elif trainer.info.main:
+            checkpoint.save(directory, trainer.step, trainer.model, trainer_state(trainer, ranks),
+                            trainer.run_config(), pointers, files=trainer.checkpoint_files())
     except OSError as e:  # a full disk, a read-only or vanished directory: the save removed its partial copy
         raise checkpoint.CheckpointError(
             f"{e.strerror or e} while writing checkpoint step {trainer.step} in {directory}; "
@@ -120,7 +151,13 @@ def save_best_weights(trainer) -> None:
     """Keep the restored best-validation weights as checkpoints/best when no checkpoint was written
     at their step (races checkpoint only after the budget): `memlm eval`, `generate` and `memorize`
     can then read the weights the test scored. A weights checkpoint: its trainer state holds the
-    step and the best bpb only, no optimizer or data state to resume from."""
+    step and the best bpb only, no optimizer or data state to resume from. Rank 0 writes; every
+    rank writes its shards of a sharded run."""
     state = {"step": trainer.best_step, "best_bpb": trainer.best_bpb, "weights_only": True}
-    checkpoint.save(trainer.out / checkpoint.CHECKPOINTS, trainer.best_step, trainer.model, state,
-                    trainer.run_config(), ("best",), files=trainer.checkpoint_files())
+    directory = trainer.out / checkpoint.CHECKPOINTS
+    if sharded(trainer):
+        sharded_checkpoint.save(directory, trainer.best_step, trainer.model, None, state, trainer.run_config(),
+                                trainer.info, ("best",), files=trainer.checkpoint_files())
+    elif trainer.info.main:
+        checkpoint.save(directory, trainer.best_step, trainer.model, state, trainer.run_config(), ("best",),
+                        files=trainer.checkpoint_files())

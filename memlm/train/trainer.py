@@ -41,7 +41,7 @@ from memlm.tasks import RecallStreams, distances_for, recall_by_mode, recall_mar
 from memlm.eval import evaluate
 from memlm.state import State, allow_memory_recompiles
 from memlm.model import LanguageModel
-from memlm.train import checkpoint, corpus, distributed, resume, warmup
+from memlm.train import checkpoint, corpus, distributed, fsdp, resume, warmup
 from memlm.train.callbacks import Callback, notify
 from memlm.train.config import TrainConfig, launch_command
 from memlm.train.lock import RunLock
@@ -50,7 +50,6 @@ from memlm.train.optim import make_optimizer
 from memlm.train.plot import plot_by_position, plot_curves, plot_spans
 from memlm.device import autocast
 from memlm.train.progress import ProgressBar
-from memlm.train.resume import derived_seed
 from memlm.train.sample import sample_text
 from memlm.train.schedule import Schedule, step_progress
 
@@ -135,8 +134,8 @@ class Trainer:
         if model is None:
             torch.manual_seed(c.seed)  # the same initial weights on every rank
             model = LanguageModel(self.model_config)
-        self.model = model.to(self.device)
-        torch.manual_seed(derived_seed(c.seed, info.rank))  # per-rank dropout / forgetful masks
+        self.model = fsdp.prepare(model.to(self.device), c, info)  # activation checkpointing, FSDP sharding
+        torch.manual_seed(resume.derived_seed(c.seed, info.rank))  # per-rank dropout / forgetful masks
         self.optimizer = make_optimizer(self.model, c.lr, c.weight_decay, (c.beta1, c.beta2), self.device.type)
         self.schedule = Schedule(c.lr, c.warmup_steps, c.schedule, c.min_lr_frac, c.decay_frac)
         self.tokens_per_step = c.batch_size * self.seq_len * c.grad_accum * info.world_size
@@ -154,8 +153,7 @@ class Trainer:
         # carried across batches by models with memory (streams); None = independent random windows
         self.state: State | None = self.model.init_state(c.batch_size) if self.stateful else None
         if resume_from is not None:
-            checkpoint.load_weights(self.model, resume_from, self.device)
-            resume.restore(self, checkpoint.load_trainer_state(resume_from))
+            resume.load(self, resume_from)
         self.total_steps = self._total_steps()
         self.peak_flops, self.peak_source = peak_flops(self.device, c.precision) if info.main else (None, None)
         self.origin = time.perf_counter() - self.elapsed  # the clock (reset when training starts)
@@ -166,7 +164,8 @@ class Trainer:
             if self.stateful:  # filling memories and trimmed spans are new graphs
                 allow_memory_recompiles()
             self.train_model = torch.compile(self.train_model)
-        self.train_model = distributed.wrap(self.train_model, info, find_unused=self.stateful)
+        if not fsdp.is_sharded(self.model):
+            self.train_model = distributed.wrap(self.train_model, info, find_unused=self.stateful)
         self.log = None
         if info.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -236,12 +235,14 @@ class Trainer:
                         self.next_mark = self._next_mark()
                 self.bar.update(self._bar_position())
             tested_step = resume.restore_best(self) if c.test_weights == "best" else self.step
-            if c.test_weights == "best" and c.keep_best and self.best_weights is not None and main:
+            if c.test_weights == "best" and c.keep_best and self.best_weights is not None:
                 resume.save_best_weights(self)
             test = self.evaluate("test")
             notify(self.callbacks, "on_evaluate", self, "test", test)
             recall = self._recall() if c.task == "recall" and main else None
-            sample = "" if not main else self.sample if self.sample is not None else self._sample()
+            if self.sample is None and (main or fsdp.is_sharded(self.model)):
+                self.sample = self._sample()
+            sample = self.sample if main else ""
         summary = {"run_dir": str(self.out), "steps": self.step, "tokens": self.tokens,
                    "elapsed_s": round(self.elapsed, 1), "test_bpb": test["bpb"], "test_loss": test["loss"],
                    "test_perplexity": test["perplexity"], "test_tokens": test["tokens"],
@@ -325,14 +326,14 @@ class Trainer:
                 forget = self._rows_to_forget(flags[0][:, 0], micro)
                 if forget is not None:
                     self.state = self.state.reset(forget.to(self.device))
-            if self.info.enabled:  # all-reduce the gradients on the last micro-step only
-                self.train_model.require_backward_grad_sync = micro == accum - 1
+            fsdp.set_gradient_sync(self.train_model, self.model, micro == accum - 1)  # on the last micro-step only
             with self.autocast:
                 out = self.train_model(x, targets=y, state=self.state)
             ((out.loss + out.aux_loss) / accum).backward()
             loss_sum += out.loss.detach()
             self.state = out.state.detach() if out.state is not None else None
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        fsdp.reduce_replicated(self.model, self.info)  # FSDP: the parameters it leaves whole
+        grad_norm = fsdp.clip_grad_norm_(self.model, self.config.grad_clip or math.inf)
         # one device read a step: every rank sees the all-reduced gradients, and a rank whose own
         # loss overflowed has non-finite gradients too; the sum keeps the decision identical everywhere
         bad = (~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))).float()
@@ -446,9 +447,10 @@ class Trainer:
             if c.test_weights == "best":
                 self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 self.best_step = self.step
+        if self.info.main or fsdp.is_sharded(self.model):  # a sharded model's forward takes every rank
+            self.sample = self._sample()
         if self.info.main:
             self._record("eval", self.step, tokens=self.tokens, elapsed=round(self.elapsed, 3), **_scored(result))
-            self.sample = self._sample()
             self.bar.log(f"step {self.step:>6} | val bpb {result['bpb']:.4f} | sample: {self.sample[:100]!r}")
 
     def _sample(self) -> str:
@@ -458,7 +460,8 @@ class Trainer:
         with self.autocast:
             text, _ = sample_text(self.model, c.sample_prompt, c.sample_bytes, c.sample_temperature, seed=c.seed,
                                   tokenizer=self.tokenizer)
-        self.log.sample(self.step, c.sample_prompt + text)
+        if self.log is not None:  # rank 0
+            self.log.sample(self.step, c.sample_prompt + text)
         return c.sample_prompt + text
 
     def _announce(self) -> str:
@@ -485,9 +488,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the run (collective: every rank contributes its loader and RNG state)."""
         ranks = distributed.all_gather_objects(self.info, resume.rank_state(self))
-        if not self.info.main:
-            return
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not resume.weights_finite(self):
             raise TrainingError(f"step {self.step}: the weights are no longer finite and are not checkpointed; "
                                 f"the previous checkpoint is intact")
         resume.write_checkpoint(self, ranks)
