@@ -252,3 +252,44 @@ def test_memory_config_errors(bad, field):
     with pytest.raises(memlm.ConfigError) as info:
         build_tiny(**bad)
     assert info.value.field_name == field
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_compress_sees_the_layers_attention_inputs(placement):
+    """compress() ranks (most_used) and reconstructs (conv) with the layer's attention over what it
+    attends to: attn_norm of the segment and memories under pre-norm, the states themselves under
+    post-norm; the loss only for a learned (conv) compressor in training."""
+    model = build_tiny(**{"norm.placement": placement, "bias": True})
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.attention.qkv.bias.normal_()
+        for p in block.attn_norm.parameters():
+            p.uniform_(0.5, 2.0)
+    segment, overflow = 2 * torch.randn(2, 5, 32) + 1, 2 * torch.randn(2, 8, 32) + 1
+    norm = (lambda x: block.attn_norm(x).detach()) if placement == "pre" else (lambda x: x)
+    other = (lambda x: x) if placement == "pre" else (lambda x: block.attn_norm(x).detach())
+
+    def ranked(f):
+        used = manual_content_weights(block.attention, f(segment), f(overflow)).sum(dim=(1, 2))
+        return used.topk(4, dim=1).indices.sort(dim=1).values
+
+    keep = ranked(norm)
+    assert not torch.equal(keep, ranked(other))  # the norm changes the choice: the test can tell
+    out, loss = compressive.compress(block, Compressor("most_used", 32, 2), segment, overflow, training=True)
+    torch.testing.assert_close(out, overflow.gather(1, keep[..., None].expand(-1, -1, 32)))
+    assert loss is None
+
+    conv = Compressor("conv", 32, 2)
+    out, loss = compressive.compress(block, conv, segment, overflow, training=True)
+    compressed = conv(overflow).detach()
+    torch.testing.assert_close(out, compressed)
+    h = norm(segment)
+    expected = (manual_content_attention(block.attention, h, norm(overflow))
+                - manual_content_attention(block.attention, h, norm(compressed))).pow(2).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
+    assert compressive.compress(block, conv, segment, overflow, training=False)[1] is None
+    with torch.no_grad():
+        assert compressive.compress(block, conv, segment, overflow, training=True)[1] is None
+    out, loss = compressive.compress(block, Compressor("mean", 32, 2), segment, overflow, training=True)
+    assert loss is None
+    torch.testing.assert_close(out, overflow.view(2, 4, 2, 32).mean(2))

@@ -437,3 +437,116 @@ def test_layer_computes_on_its_inputs_device_not_torchs_default():
         mask = ctx.key_mask(12, 4, torch.device("cpu"))
     assert y.device.type == "cpu" and mask.device.type == "cpu"
     close(y, expected)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"bias": False, "attention.kv_heads": 1},
+    {"attention.qk_norm": True, "attention.qk_norm_scale": 3.0},
+    {"position.kind": "tupe"},
+])
+def test_content_scores_are_position_free_scores_with_every_weight_detached(overrides):
+    """content_scores(h, memory): float32 scores g q̂·k̂ (QK-norm) or q·k / sqrt(d) (sqrt(2d) under
+    TUPE) of queries from h over keys from memory, with the layer's biases and grouped heads and
+    no position, and the values; gradients reach h and memory but no weight of the layer."""
+    config, attn = layer(**{"position.kind": "rope", **overrides})
+    h = torch.randn(2, 5, WIDTH, requires_grad=True)
+    memory = torch.randn(2, 6, WIDTH, requires_grad=True)
+    scores, values = attn.content_scores(h, memory)
+    assert scores.shape == (2, H, 5, 6) and scores.dtype == torch.float32 and values.shape == (2, H, 6, D)
+    W = attn.qkv.weight.detach().double()
+    b = attn.qkv.bias.detach().double() if config.bias else torch.zeros(W.shape[0], dtype=torch.float64)
+    kv_heads = attn.kv_heads
+    qk_norm = config.attention.qk_norm
+    scale = attn.qk_scale.item() if qk_norm else 1.0 / math.sqrt((2 if config.position.kind == "tupe" else 1) * D)
+    for head in range(H):
+        g = head // (H // kv_heads)
+        q = h.detach().double() @ W[head * D:(head + 1) * D].T + b[head * D:(head + 1) * D]
+        k = memory.detach().double() @ W[(H + g) * D:(H + g + 1) * D].T + b[(H + g) * D:(H + g + 1) * D]
+        v = memory.detach().double() @ W[(H + kv_heads + g) * D:(H + kv_heads + g + 1) * D].T \
+            + b[(H + kv_heads + g) * D:(H + kv_heads + g + 1) * D]
+        if qk_norm:
+            q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(scores[:, head].double(), scale * q @ k.transpose(1, 2), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(values[:, head].double(), v, atol=2e-5, rtol=2e-5)
+    (scores.sum() + values.sum()).backward()
+    assert all(p.grad is None for p in attn.parameters())
+    assert h.grad.abs().sum() > 0 and memory.grad.abs().sum() > 0
+
+
+def test_recurrent_memory_keys_and_values_train_the_layers_projection():
+    """Transformer-XL stops gradients into the memory states, not into this layer's weights that
+    project them: the layer's gradients equal the reference's, memory keys included."""
+    config, attn = layer(**{"memory.xl.length": 6, "position.kind": "rope"})
+    h, memory = torch.randn(2, 4, WIDTH), torch.randn(2, 6, WIDTH)
+    weights = torch.randn(2, 4, WIDTH)
+    (attn(h, context(q_start=6), None, memory)[0] * weights).sum().backward()
+    got = {name: p.grad.clone() for name, p in attn.named_parameters()}
+    attn.zero_grad()
+    (reference(config, attn, h, memory=memory) * weights).sum().backward()
+    for name, p in attn.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    memory_rows = slice(H * D, (H + 2 * HKV) * D)  # keys and values: the memory's share matters
+    attn.zero_grad()
+    (reference(config, attn, h) * weights).sum().backward()
+    assert not torch.allclose(got["qkv.weight"][memory_rows], attn.qkv.weight.grad[memory_rows], atol=1e-3)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_per_row_sources_join_one_softmax_without_position(qk_norm):
+    """ctx.sources[layer]: each read(q unrotated and scaled, dropout) -> (out, lse) is merged
+    exactly; a read whose lse is -inf (nothing to read) changes nothing; another layer's sources
+    are not read. Persistent vectors read as a source give the layer with persistent vectors."""
+    overrides = {"position.kind": "xpos", "position.xpos_scale_base": 4.0, "attention.qk_norm": qk_norm}
+    config_p, attn_p = layer(**{"memory.persistent.vectors": 3, **overrides})
+    with torch.no_grad():
+        attn_p.persistent.v.normal_(0.0, 1.0)
+    config, attn = layer(**overrides)
+    attn.load_state_dict({k: v for k, v in attn_p.state_dict().items() if not k.startswith("persistent.")})
+    seen = []
+
+    def read(q, dropout_p):
+        seen.append((q.shape, dropout_p))
+        return attn_p.persistent(q, attn.scale if not qk_norm else 1.0, dropout_p, qk_norm)
+
+    def nothing(q, dropout_p):
+        return torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"))
+
+    h = torch.randn(2, 5, WIDTH)
+    keep = torch.tensor([[True, False, False, True, False], [False] * 5])
+    row_start = torch.tensor([2, 0])
+    ctx = context(keep=keep, row_start=row_start)
+    ctx.sources = {0: [nothing, read, nothing]}
+    close(attn(h, ctx, None)[0], reference(config_p, attn_p, h, keep=keep, row_start=row_start))
+    assert seen == [((2, H, 5, D), 0.0)]
+    ctx.sources = {1: [read]}
+    close(attn(h, ctx, None)[0], reference(config, attn, h, keep=keep, row_start=row_start))
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_the_configured_backend_computes_the_layer(backend, monkeypatch):
+    from memlm.nn import kernels
+
+    config, attn = layer(**{"attention.backend": backend, "position.kind": "rope"})
+    calls = []
+    for name, kernel in list(kernels.KERNELS.items()):
+        def spy(*args, _name=name, _kernel=kernel, **kwargs):
+            calls.append(_name)
+            return _kernel(*args, **kwargs)
+        monkeypatch.setitem(kernels.KERNELS, name, spy)
+    h = torch.randn(2, 5, WIDTH)
+    with torch.no_grad():  # FlexAttention has no backward on the CPU
+        close(attn(h, context(), None)[0], reference(config, attn, h))
+    assert calls == [backend]
+
+
+def test_adaptive_span_without_memory():
+    """A layer with an adaptive span and no memory (the first segment): the soft mask alone."""
+    config, attn = layer(**{"memory.xl.length": 4, "memory.adaptive_span.enabled": True,
+                            "memory.adaptive_span.ramp": 2, "memory.adaptive_span.init": 0.0})
+    with torch.no_grad():
+        attn.span.span.copy_(torch.tensor([0.5, 3.0, 1.5, 2.0]))
+    attn.span.clamp_()
+    h = torch.randn(2, 6, WIDTH)
+    close(attn(h, context(), None)[0], reference(config, attn, h))
+

@@ -430,3 +430,83 @@ def test_merge_partials_gives_an_empty_part_no_weight():
     out, lse = merge_partials(empty_out, empty_lse, torch.ones(1, 2, 3, 4), empty_lse)
     assert torch.equal(out, torch.zeros(1, 2, 3, 4))
     assert torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_kernels_compute_on_the_queries_device_not_torchs_default(backend):
+    """Masks, positions and flex's block mask and index scalars are made on q's device: with torch's
+    default device set to another one (meta here) every kernel gives the same output on the CPU."""
+    for case in ("mask", "bias-per-head", "memory-before"):
+        Tq, Tk, k_offset, options = KERNEL_CASES[case]
+        Tk, k_offset = Tk + 1, k_offset - 1  # a block mask no other test has cached
+        q, k, v, extra = kernel_case(Tq, Tk, k_offset, **options)
+        expected = KERNELS[backend](q, k, v, scale=0.5, **extra)
+        with torch.device("meta"):
+            got = KERNELS[backend](q, k, v, scale=0.5, **extra)
+            allowed = visibility(Tq, Tk, k_offset, extra.get("key_mask"), torch.device("cpu"))
+        assert got.device.type == "cpu" and allowed.device.type == "cpu"
+        torch.testing.assert_close(got, expected)
+
+
+def test_dropout_uses_the_rate_asked_for():
+    """p = 0.3 (not F.dropout's default 0.5): kept probabilities are scaled by 1 / 0.7, in the
+    causal kernel and over shared keys."""
+    q, k, v, extra = kernel_case(4, 6, -2, mask=True)
+    torch.manual_seed(11)
+    out = eager_attention(q, k, v, scale=0.8, dropout_p=0.3, **extra)
+    torch.manual_seed(11)
+    drop = F.dropout(torch.ones(2, 4, 4, 6), 0.3)
+    assert torch.allclose(drop[drop != 0], torch.tensor(1 / 0.7))
+    torch.testing.assert_close(out.double(), brute_attention(q, k, v, scale=0.8, drop=drop, **extra)[0],
+                               atol=1e-5, rtol=1e-5)
+    torch.manual_seed(12)
+    out, _ = shared_key_attention(q, k, v, 0.8, dropout_p=0.3)
+    torch.manual_seed(12)
+    drop = F.dropout(torch.ones(2, 4, 4, 6), 0.3)
+    torch.testing.assert_close(out.double(), brute_attention(q, k, v, scale=0.8, drop=drop, causal=False)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_shared_key_attention_groups_heads_when_there_are_as_many_keys_as_query_heads():
+    """4 query heads over 2 key heads with P = 4 keys: heads are grouped by the head count, not the key count."""
+    q = torch.randn(2, 4, 3, 5)
+    k, v = torch.randn(2, 2, 4, 5), torch.randn(2, 2, 4, 5)
+    out, lse = shared_key_attention(q, k, v, 0.45)
+    ref, ref_lse = brute_attention(q, k, v, scale=0.45, causal=False)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+class FakeCudaTensor:
+    """What flex_attention reads of a CUDA tensor (is_cuda, shape, device), on any machine."""
+
+    def __init__(self, shape):
+        self.is_cuda, self.shape, self.device = True, shape, torch.device("cpu")
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_flex_runs_compiled_with_its_tile_sizes_on_cuda_and_eagerly_on_a_cpu(cuda, monkeypatch):
+    """On CUDA flex calls the compiled FlexAttention with FLEX_KERNEL_OPTIONS (64 x 64 tiles); on a
+    CPU the eager one, without kernel options. The kernels are stand-ins that record their call."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    calls = []
+
+    def recorder(name):
+        def kernel(q, k, v, **kwargs):
+            calls.append((name, kwargs))
+            return name
+        return kernel
+
+    monkeypatch.setattr(kernels_module, "_compiled_flex", lambda: recorder("compiled"))
+    monkeypatch.setattr(flex_module, "flex_attention", recorder("eager"))
+    monkeypatch.setattr(kernels_module, "_causal_block_mask", lambda *args: ("block", args))
+    if cuda:
+        q, k, v = FakeCudaTensor((2, 4, 3, 8)), FakeCudaTensor((2, 2, 5, 8)), "v"
+    else:
+        q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), "v"
+    assert kernels_module.flex_attention(q, k, v, k_offset=-2, scale=0.5) == ("compiled" if cuda else "eager")
+    (name, kwargs), = calls
+    assert kwargs == {"score_mod": None, "block_mask": ("block", (3, 5, -2, "cpu")), "scale": 0.5,
+                      "enable_gqa": True, "return_lse": False,
+                      "kernel_options": kernels_module.FLEX_KERNEL_OPTIONS if cuda else None}

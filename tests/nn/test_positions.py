@@ -429,3 +429,21 @@ def test_position_terms_live_on_the_requested_device_not_torchs_default():
             got = call()
             assert got.device == cpu, name
             torch.testing.assert_close(got, expected[name])
+
+
+@pytest.mark.parametrize("gamma", [None, 0.4])
+def test_reset_buffers_rebuilds_every_buffer_on_the_device_asked_for(gamma):
+    """reset_buffers(device) remakes inv_freq, log_zeta and the cos/sin table on `device`, not on
+    torch's default device (meta stands for an accelerator), with the constructor's values."""
+    rotary = Rotary(4, 30.0, xpos_gamma=gamma, xpos_scale_base=6.0, table_reach=3)
+    expected = {name: b.clone() for name, b in rotary.named_buffers()}
+    assert set(expected) == ({"inv_freq", "table"} | ({"log_zeta"} if gamma else set()))
+    rotary.reset_buffers("meta")
+    assert {name: (b.device.type, b.shape, b.dtype) for name, b in rotary.named_buffers()} == \
+        {name: ("meta", b.shape, b.dtype) for name, b in expected.items()}
+    with torch.device("meta"):
+        rotary.reset_buffers("cpu")
+    got = dict(rotary.named_buffers())
+    for name, want in expected.items():
+        assert got[name].device.type == "cpu", name
+        torch.testing.assert_close(got[name], want)
