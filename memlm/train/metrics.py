@@ -62,9 +62,11 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     records = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:  # a record torn by a crash or a full disk: dropped
             continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record:
+            records.append(record)  # damage that still parses (a bare number, a list) is dropped too
     return records
 
 

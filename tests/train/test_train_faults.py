@@ -299,3 +299,18 @@ def test_damaged_run_records_give_one_line_or_are_dropped(finished_run, tmp_path
     else:
         assert rc == 0
         assert [r["step"] for r in read(copy) if r["kind"] == "train"][-1] == 3
+
+
+def test_metrics_records_damaged_into_other_json_are_dropped(tmp_path):
+    """A damaged metrics line may still parse (a bare number, a list, a dict without its step):
+    reading and truncating keep only the whole records."""
+    from memlm.train.metrics import truncate
+    path = tmp_path / "metrics.jsonl"
+    good = [{"kind": "train", "step": 1, "loss": 2.0}, {"kind": "eval", "step": 2, "bpb": 1.5},
+            {"kind": "train", "step": 3, "loss": 1.0}]
+    lines = [json.dumps(good[0]), "5", "[1, 2]", '{"kind": "train"}', '{"step": "x", "kind": "eval"}',
+             json.dumps(good[1]), json.dumps(good[2])]
+    path.write_text("\n".join(lines) + "\n")
+    assert read(path) == good
+    truncate(path, 2)
+    assert read(path) == good[:2]
