@@ -102,6 +102,17 @@ def test_auto_backend_choice():
     assert choose_backend("eager", q, has_bias=False, has_mask=False, dropout_p=0.0) == "eager"
 
 
+def kernel_recorder(calls: list):
+    """recorder(name): a stand-in kernel that appends (name, its keyword arguments) to `calls`
+    and returns its name."""
+    def recorder(name):
+        def kernel(q, k, v, **kwargs):
+            calls.append((name, kwargs))
+            return name
+        return kernel
+    return recorder
+
+
 class CudaQueries:
     """What choose_backend reads of the queries (is_cuda, shape) for a CUDA batch, on any machine."""
 
@@ -139,13 +150,7 @@ def test_attend_with_log_sum_exp_on_cuda_replaces_sdpa(monkeypatch, backend, Tq,
     dropout (as auto would pick it), eager otherwise; a named eager or flex stays. The kernels are
     stand-ins that record their call: this is the choice for CUDA queries, made on any machine."""
     calls = []
-
-    def recorder(name):
-        def kernel(q, k, v, **kwargs):
-            calls.append((name, kwargs))
-            return name
-        return kernel
-
+    recorder = kernel_recorder(calls)
     monkeypatch.setattr(kernels_module, "KERNELS", {n: recorder(n) for n in ("eager", "sdpa", "flex")})
     q = CudaQueries(Tq)
     for has_bias, has_mask in [(False, False), (True, False), (False, True), (True, True)]:
@@ -491,13 +496,7 @@ def test_flex_runs_compiled_with_its_tile_sizes_on_cuda_and_eagerly_on_a_cpu(cud
     import torch.nn.attention.flex_attention as flex_module
 
     calls = []
-
-    def recorder(name):
-        def kernel(q, k, v, **kwargs):
-            calls.append((name, kwargs))
-            return name
-        return kernel
-
+    recorder = kernel_recorder(calls)
     monkeypatch.setattr(kernels_module, "_compiled_flex", lambda: recorder("compiled"))
     monkeypatch.setattr(flex_module, "flex_attention", recorder("eager"))
     monkeypatch.setattr(kernels_module, "_causal_block_mask", lambda *args: ("block", args))

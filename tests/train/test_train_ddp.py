@@ -3,14 +3,12 @@ accumulates the two ranks' batches; a checkpoint resumes on another number of ra
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import fast_config, tiny_model
+from train_helpers import Interleaved, fast_config, free_port, join, tiny_model
 
 from memlm.data import RandomWindows
 from memlm.train import Trainer, distributed, train
@@ -19,16 +17,8 @@ from memlm.train.metrics import read
 STEPS, BATCH = 4, 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank: int, port: int, corpus: Path, out: Path) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    info = distributed.setup("cpu")
+    info = join(rank, port)
     try:
         trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=STEPS, batch_size=BATCH, checkpoint_every=STEPS),
                           info)
@@ -36,21 +26,6 @@ def worker(rank: int, port: int, corpus: Path, out: Path) -> None:
         torch.save(trainer.model.state_dict(), out.parent / f"rank{rank}.pt")
     finally:
         distributed.teardown(info)
-
-
-class Interleaved:
-    """One process's stand-in for two ranks: rank 0's batch, then rank 1's, then rank 0's..."""
-
-    def __init__(self, loaders):
-        self.loaders, self.turn = loaders, 0
-
-    def next_batch(self):
-        batch = self.loaders[self.turn].next_batch()
-        self.turn = (self.turn + 1) % len(self.loaders)
-        return batch
-
-    def state_dict(self):
-        return {"turn": self.turn, "loaders": [loader.state_dict() for loader in self.loaders]}
 
 
 def test_two_gloo_ranks_match_one_process_with_gradient_accumulation(corpus, tmp_path):
@@ -82,9 +57,7 @@ def test_two_gloo_ranks_match_one_process_with_gradient_accumulation(corpus, tmp
 
 
 def memory_worker(rank: int, port: int, corpus: Path, out: Path, overrides: dict) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    info = distributed.setup("cpu")
+    info = join(rank, port)
     try:
         trainer = Trainer(tiny_model().replace(**overrides),
                           fast_config(corpus, out, steps=STEPS, batch_size=2, checkpoint_every=STEPS), info)

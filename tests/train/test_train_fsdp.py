@@ -7,15 +7,13 @@ activation checkpointing leaves the gradients unchanged."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import fast_config, tiny_model
+from train_helpers import Interleaved, fast_config, free_port, join, tiny_model
 
 import memlm
 from memlm.data import RandomWindows
@@ -28,18 +26,6 @@ STEPS, BATCH, SEQ = 4, 4, 32
 TOL = 1e-5
 """Two ranks average their gradients in a reduce-scatter, one process sums its micro-steps: the
 same numbers in another order, equal to float32 rounding (as the DDP test finds)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join(rank: int, port: int) -> distributed.Dist:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return distributed.setup("cpu")
 
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,21 +58,6 @@ def worker(rank: int, port: int, corpus: Path, out: Path, changes: dict, keep: P
             torch.save({"weights": weights, "shapes": shapes}, out.parent / "rank0.pt")
     finally:
         distributed.teardown(info)
-
-
-class Interleaved:
-    """One process's stand-in for two ranks: rank 0's batch, then rank 1's, then rank 0's..."""
-
-    def __init__(self, loaders):
-        self.loaders, self.turn = loaders, 0
-
-    def next_batch(self):
-        batch = self.loaders[self.turn].next_batch()
-        self.turn = (self.turn + 1) % len(self.loaders)
-        return batch
-
-    def state_dict(self):
-        return {"turn": self.turn, "loaders": [loader.state_dict() for loader in self.loaders]}
 
 
 def two_rank_stand_in(trainer: Trainer, loaders: list[dict] | None = None) -> Trainer:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from pathlib import Path
 
 import memlm
 from memlm.config import ModelConfig
-from memlm.train import TrainConfig
+from memlm.train import TrainConfig, distributed
 
 WORDS = "the quick brown fox jumps over a lazy dog and then runs away from the big red barn".split()
 
@@ -33,3 +35,34 @@ def fast_config(corpus: Path, out: Path, **changes) -> TrainConfig:
                 device="cpu")
     base.update(changes)
     return TrainConfig(**base)
+
+
+# ----- two gloo ranks on the CPU (tests of DDP and FSDP) ----------------------------------
+
+def free_port() -> int:
+    """A free TCP port on the loopback address for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank: int, port: int) -> distributed.Dist:
+    """Join a two-rank gloo process group on the CPU as `rank`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return distributed.setup("cpu")
+
+
+class Interleaved:
+    """One process's stand-in for two ranks: rank 0's batch, then rank 1's, then rank 0's..."""
+
+    def __init__(self, loaders):
+        self.loaders, self.turn = loaders, 0
+
+    def next_batch(self):
+        batch = self.loaders[self.turn].next_batch()
+        self.turn = (self.turn + 1) % len(self.loaders)
+        return batch
+
+    def state_dict(self):
+        return {"turn": self.turn, "loaders": [loader.state_dict() for loader in self.loaders]}
