@@ -120,13 +120,7 @@ def write_checkpoint(trainer, ranks: list[dict]) -> None:
     pointers = ("latest", "best") if best else ("latest",)
     directory = trainer.out / checkpoint.CHECKPOINTS
     try:
-        if sharded(trainer):
-            sharded_checkpoint.save(directory, trainer.step, trainer.model, trainer.optimizer,
-                                    trainer_state(trainer, ranks), trainer.run_config(), trainer.info, pointers,
-                                    files=trainer.checkpoint_files())
-        elif trainer.info.main:
-            checkpoint.save(directory, trainer.step, trainer.model, trainer_state(trainer, ranks),
-                            trainer.run_config(), pointers, files=trainer.checkpoint_files())
+        save_checkpoint(trainer, trainer.step, trainer_state(trainer, ranks), pointers, trainer.optimizer)
     except OSError as e:  # a full disk, a read-only or vanished directory: the save removed its partial copy
         raise checkpoint.CheckpointError(
             f"{e.strerror or e} while writing checkpoint step {trainer.step} in {directory}; "
@@ -154,10 +148,16 @@ def save_best_weights(trainer) -> None:
     step and the best bpb only, no optimizer or data state to resume from. Rank 0 writes; every
     rank writes its shards of a sharded run."""
     state = {"step": trainer.best_step, "best_bpb": trainer.best_bpb, "weights_only": True}
-    directory = trainer.out / checkpoint.CHECKPOINTS
+    save_checkpoint(trainer, trainer.best_step, state, ("best",), None)
+
+
+def save_checkpoint(trainer, step: int, state: dict[str, Any], pointers: tuple[str, ...],
+                    optimizer: torch.optim.Optimizer | None) -> None:
+    """Write checkpoints/step-<step> with the trainer `state` and point `pointers` at it: rank 0
+    writes a whole checkpoint, or every rank its shards of a sharded run (optimizer None: weights only)."""
+    directory, files = trainer.out / checkpoint.CHECKPOINTS, trainer.checkpoint_files()
     if sharded(trainer):
-        sharded_checkpoint.save(directory, trainer.best_step, trainer.model, None, state, trainer.run_config(),
-                                trainer.info, ("best",), files=trainer.checkpoint_files())
+        sharded_checkpoint.save(directory, step, trainer.model, optimizer, state, trainer.run_config(),
+                                trainer.info, pointers, files=files)
     elif trainer.info.main:
-        checkpoint.save(directory, trainer.best_step, trainer.model, state, trainer.run_config(), ("best",),
-                        files=trainer.checkpoint_files())
+        checkpoint.save(directory, step, trainer.model, state, trainer.run_config(), pointers, files=files)
