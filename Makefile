@@ -14,8 +14,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,serve,hf,tok,data]" $(if $(TRITON_SPEC),"$(TRITON_SPEC)")	\
-		|| { echo "make setup: the serve/hf/tok/data extras did not install; their tests will be skipped" >&2; \
+	$(PY) -m pip install -q -e ".[dev,serve,hf,tok,data,eval]" $(if $(TRITON_SPEC),"$(TRITON_SPEC)")	\
+		|| { echo "make setup: the serve/hf/tok/data/eval extras did not install; their tests will be skipped" >&2; \
 		     $(PY) -m pip install -q -e ".[dev]" $(if $(TRITON_SPEC),"$(TRITON_SPEC)"); }
 	touch $@
 

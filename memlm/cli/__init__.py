@@ -1,4 +1,4 @@
-"""The `memlm` command: train, eval, generate, memorize, presets, export, serve, bench, race, ablate.
+"""The `memlm` command: train, eval, generate, memorize, presets, lm-eval, export, serve, bench, race, ablate.
 
     memlm train [--preset P] [--data SRC] [--tokenizer bytes|bpe:N|hf:PATH] [--out DIR]
                 [--steps N | --tokens N | --minutes M] [--resume] [--model.attention.kv_heads 1 ...]      (every TrainConfig field and --model.<ModelConfig field>)
@@ -10,6 +10,8 @@
     memlm memorize RUN_OR_CKPT --out MEMDIR [--data SRC --split train --max-tokens N --batch-size B
                                              --capacity C]  (knowledge memory for kNN layers, memlm.memorize)
     memlm presets [--json]
+    memlm lm-eval RUN_OR_CKPT_OR_EXPORT --tasks T ... [--include-path DIR --limit N --batch-size B --no-memory]
+                                               (lm-evaluation-harness, memlm.lm_eval_harness)
     memlm export RUN_OR_CKPT --hf OUT [--checkpoint latest|best]   (a Hugging Face model directory, memlm.hf)
     memlm serve RUN_OR_CKPT [--host H --port P --max-sessions N --max-session-mb M --max-tokens N --memory MEMDIR]
     memlm race [--contenders A B ...] [--minutes M | --steps N] [--devices cuda:0 ... | --only NAME | --contender-index I]
@@ -59,6 +61,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memorize": ("memlm.cli.memorize:run",
                  "save what a kNN model's memory layers write over a corpus (knowledge memory)"),
     "presets": ("memlm.cli.presets:run", "list the model presets"),
+    "lm-eval": ("memlm.cli.lm_eval:run",
+                "lm-evaluation-harness tasks on a trained model, its memory carried (the eval extra)"),
     "export": ("memlm.cli.export:run", "write a run as a Hugging Face model directory (--hf OUT; memlm.hf)"),
     "serve": ("memlm.cli.serve:run", "OpenAI-compatible completions server whose sessions keep their memory"),
     "bench": ("memlm.cli.harness:bench", "training and generation speed against a reference GPT and peers"),

@@ -9,6 +9,7 @@ of wrapped (memlm.train.fsdp).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,13 @@ def wrap(model: torch.nn.Module, info: Dist, find_unused: bool = False) -> torch
 
 
 def teardown(info: Dist) -> None:
+    """Leave the process group. Call it once the wrapped model is unreferenced: a DDP Reducer that
+    outlives the group destroys it while holding the GIL, and a gloo thread still releasing its
+    last allreduce's tensors (which takes the GIL) then deadlocks the process at exit. Collected
+    here (cycles included), the Reducer leaves the group to destroy_process_group, which drops
+    it without the GIL."""
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

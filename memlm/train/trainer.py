@@ -15,11 +15,10 @@ speaks its protocol: forward(input_ids, targets, state) -> ModelOutput, init_sta
 after_optimizer_step, spans, num_parameters, flops_per_token, estimate_mfu, and a `config` with
 seq_len, stateful, memory.reset_at_document, validate(), to_dict() and from_dict().
 
-Public hooks for the code that runs a trainer: `warm_up(steps)` compiles before the clock
-(memlm.train.warmup), `evaluate(split)` scores a split, and callbacks (memlm.train.callbacks)
-hear of warm-ups, evaluations, metrics records and the end of `fit`. Resuming restores the
-weights, the optimizer, the counters, and every rank's data-loader and RNG state
-(memlm.train.resume).
+Public hooks: `warm_up(steps)` compiles before the clock (memlm.train.warmup), `evaluate(split)`
+scores a split, and callbacks (memlm.train.callbacks) hear of warm-ups, evaluations, metrics
+records and the end of `fit`. Resuming restores the weights, the optimizer, the counters, and
+every rank's data-loader and RNG state (memlm.train.resume).
 """
 
 from __future__ import annotations
@@ -69,6 +68,7 @@ def train(model_config: ModelConfig | None, config: TrainConfig, preset: str | N
     finally:
         if trainer is not None:
             trainer.close()
+        trainer = None  # gone before the group is: distributed.teardown says why
         distributed.teardown(info)
 
 

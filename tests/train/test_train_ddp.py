@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import Interleaved, fast_config, free_port, join, tiny_model
+from train_helpers import Interleaved, fast_config, as_rank, free_port, tiny_model
 
 from memlm.data import RandomWindows
 from memlm.train import Trainer, distributed, train
@@ -17,20 +17,17 @@ from memlm.train.metrics import read
 STEPS, BATCH = 4, 4
 
 
-def worker(rank: int, port: int, corpus: Path, out: Path) -> None:
-    info = join(rank, port)
-    try:
-        trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=STEPS, batch_size=BATCH, checkpoint_every=STEPS),
-                          info)
-        trainer.fit()
-        torch.save(trainer.model.state_dict(), out.parent / f"rank{rank}.pt")
-    finally:
-        distributed.teardown(info)
+def worker(info: distributed.Dist, corpus: Path, out: Path) -> None:
+    rank = info.rank
+    trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=STEPS, batch_size=BATCH, checkpoint_every=STEPS),
+                      info)
+    trainer.fit()
+    torch.save(trainer.model.state_dict(), out.parent / f"rank{rank}.pt")
 
 
 def test_two_gloo_ranks_match_one_process_with_gradient_accumulation(corpus, tmp_path):
     out = tmp_path / "ddp" / "run"
-    mp.spawn(worker, args=(free_port(), corpus, out), nprocs=2, join=True)
+    mp.spawn(as_rank, args=(free_port(), worker, corpus, out), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
@@ -56,16 +53,13 @@ def test_two_gloo_ranks_match_one_process_with_gradient_accumulation(corpus, tmp
     assert [r["step"] for r in read(out) if r["kind"] == "train"] == list(range(1, STEPS + 3))
 
 
-def memory_worker(rank: int, port: int, corpus: Path, out: Path, overrides: dict) -> None:
-    info = join(rank, port)
-    try:
-        trainer = Trainer(tiny_model().replace(**overrides),
-                          fast_config(corpus, out, steps=STEPS, batch_size=2, checkpoint_every=STEPS), info)
-        trainer.fit()
-        torch.save({"weights": trainer.model.state_dict(), "position": trainer.state.position},
-                   out.parent / f"rank{rank}.pt")
-    finally:
-        distributed.teardown(info)
+def memory_worker(info: distributed.Dist, corpus: Path, out: Path, overrides: dict) -> None:
+    rank = info.rank
+    trainer = Trainer(tiny_model().replace(**overrides),
+                      fast_config(corpus, out, steps=STEPS, batch_size=2, checkpoint_every=STEPS), info)
+    trainer.fit()
+    torch.save({"weights": trainer.model.state_dict(), "position": trainer.state.position},
+               out.parent / f"rank{rank}.pt")
 
 
 def test_two_gloo_ranks_train_a_memory_model_in_step(corpus, tmp_path):
@@ -73,7 +67,7 @@ def test_two_gloo_ranks_train_a_memory_model_in_step(corpus, tmp_path):
     out = tmp_path / "ddp-memory" / "run"
     overrides = {"memory.xl.length": 32, "memory.compressive.rate": 4, "memory.compressive.length": 8,
                  "memory.knn.layers": [1], "memory.knn.capacity": 128}
-    mp.spawn(memory_worker, args=(free_port(), corpus, out, overrides), nprocs=2, join=True)
+    mp.spawn(as_rank, args=(free_port(), memory_worker, corpus, out, overrides), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / "ddp-memory" / f"rank{r}.pt") for r in (0, 1))
     assert rank0["position"] == rank1["position"] == STEPS * 32
     for name, p in rank0["weights"].items():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import Interleaved, fast_config, free_port, join, tiny_model
+from train_helpers import Interleaved, fast_config, as_rank, free_port, tiny_model
 
 import memlm
 from memlm.data import RandomWindows
@@ -45,19 +45,16 @@ class KeepCheckpoint(Callback):
             shutil.copytree(trainer.out / "checkpoints" / f"step-{self.step:08d}", self.to)
 
 
-def worker(rank: int, port: int, corpus: Path, out: Path, changes: dict, keep: Path | None) -> None:
-    info = join(rank, port)
-    try:
-        callbacks = [KeepCheckpoint(2, keep)] if keep is not None else []
-        trainer = Trainer(tiny_model(), fast_config(corpus, out, **changes), info, callbacks=callbacks)
-        shapes = {n: (tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else None)
-                  for n, p in trainer.model.named_parameters()}
-        trainer.fit()
-        weights = full_weights(trainer.model)
-        if rank == 0:
-            torch.save({"weights": weights, "shapes": shapes}, out.parent / "rank0.pt")
-    finally:
-        distributed.teardown(info)
+def worker(info: distributed.Dist, corpus: Path, out: Path, changes: dict, keep: Path | None) -> None:
+    rank = info.rank
+    callbacks = [KeepCheckpoint(2, keep)] if keep is not None else []
+    trainer = Trainer(tiny_model(), fast_config(corpus, out, **changes), info, callbacks=callbacks)
+    shapes = {n: (tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else None)
+              for n, p in trainer.model.named_parameters()}
+    trainer.fit()
+    weights = full_weights(trainer.model)
+    if rank == 0:
+        torch.save({"weights": weights, "shapes": shapes}, out.parent / "rank0.pt")
 
 
 def two_rank_stand_in(trainer: Trainer, loaders: list[dict] | None = None) -> Trainer:
@@ -85,7 +82,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = TOL) -> None:
 def test_fsdp_on_two_ranks_matches_one_process_and_resumes_on_one(corpus, tmp_path):
     fsdp_run, kept = tmp_path / "fsdp" / "run", tmp_path / "step-2"
     changes = dict(steps=STEPS, batch_size=BATCH, eval_every=2, checkpoint_every=2, parallel="fsdp")
-    mp.spawn(worker, args=(free_port(), corpus, fsdp_run, changes, kept), nprocs=2, join=True)
+    mp.spawn(as_rank, args=(free_port(), worker, corpus, fsdp_run, changes, kept), nprocs=2, join=True)
     saved = torch.load(tmp_path / "fsdp" / "rank0.pt")
     # sharded: each rank holds half the rows of every matrix; the 0-d scales stay whole
     assert saved["shapes"]["blocks.0.feedforward.up.weight"] == ((128, 32), (64, 32))
@@ -124,23 +121,20 @@ def test_fsdp_on_two_ranks_matches_one_process_and_resumes_on_one(corpus, tmp_pa
     assert_same_weights(trainer.model.state_dict(), saved["weights"])
 
 
-def resume_worker(rank: int, port: int, corpus: Path, out: Path) -> None:
+def resume_worker(info: distributed.Dist, corpus: Path, out: Path) -> None:
     """Resume a one-process run (grad_accum 2 over two ranks' batches of 4) on two ranks, each
     continuing its stand-in's loader in two micro-steps of 2 rows (the same windows: the loader
     draws them one by one), which FSDP accumulates without reducing the first."""
-    info = join(rank, port)
-    try:
-        trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=STEPS, resume=True), info)
-        state = load_trainer_state(out / "checkpoints" / "latest")
-        trainer.loader = RandomWindows(trainer.train_split, BATCH // 2, SEQ, rank=rank, world_size=2)
-        trainer.loader.load_state_dict(state["ranks"][0]["loader"]["loaders"][rank])
-        trainer.config = dataclasses.replace(trainer.config, grad_accum=2)
-        trainer.fit()
-        weights = full_weights(trainer.model)
-        if rank == 0:
-            torch.save({"weights": weights}, out.parent / "rank0.pt")
-    finally:
-        distributed.teardown(info)
+    rank = info.rank
+    trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=STEPS, resume=True), info)
+    state = load_trainer_state(out / "checkpoints" / "latest")
+    trainer.loader = RandomWindows(trainer.train_split, BATCH // 2, SEQ, rank=rank, world_size=2)
+    trainer.loader.load_state_dict(state["ranks"][0]["loader"]["loaders"][rank])
+    trainer.config = dataclasses.replace(trainer.config, grad_accum=2)
+    trainer.fit()
+    weights = full_weights(trainer.model)
+    if rank == 0:
+        torch.save({"weights": weights}, out.parent / "rank0.pt")
 
 
 def test_fsdp_checkpoint_of_one_rank_resumes_on_two(corpus, tmp_path):
@@ -154,7 +148,7 @@ def test_fsdp_checkpoint_of_one_rank_resumes_on_two(corpus, tmp_path):
                                                                         batch_size=BATCH), distributed.setup("cpu")))
     uninterrupted.fit()
 
-    mp.spawn(resume_worker, args=(free_port(), corpus, run), nprocs=2, join=True)
+    mp.spawn(as_rank, args=(free_port(), resume_worker, corpus, run), nprocs=2, join=True)
     records = train_records(run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in train_records(tmp_path / "single")],
@@ -168,22 +162,19 @@ def test_fsdp_checkpoint_of_one_rank_resumes_on_two(corpus, tmp_path):
         load_model(run)
 
 
-def memory_worker(rank: int, port: int, corpus: Path, out: Path, overrides: dict, keep: Path | None,
+def memory_worker(info: distributed.Dist, corpus: Path, out: Path, overrides: dict, keep: Path | None,
                   resume: bool) -> None:
-    info = join(rank, port)
-    try:
-        config = fast_config(corpus, out, steps=STEPS, batch_size=2, eval_every=2, checkpoint_every=2,
-                             parallel="fsdp", resume=resume)
-        trainer = Trainer(tiny_model().replace(**overrides), config, info,
-                          callbacks=[KeepCheckpoint(2, keep)] if keep is not None else [])
-        trainer.fit()
-        whole = {id(p) for p in fsdp.replicated(trainer.model)}
-        replicated = {n: p.detach() for n, p in trainer.model.named_parameters() if id(p) in whole}
-        weights = full_weights(trainer.model)
-        torch.save({"replicated": replicated, "weights": weights, "memory": trainer.state.to("cpu").state_dict()},
-                   out.parent / f"rank{rank}.pt")
-    finally:
-        distributed.teardown(info)
+    rank = info.rank
+    config = fast_config(corpus, out, steps=STEPS, batch_size=2, eval_every=2, checkpoint_every=2,
+                         parallel="fsdp", resume=resume)
+    trainer = Trainer(tiny_model().replace(**overrides), config, info,
+                      callbacks=[KeepCheckpoint(2, keep)] if keep is not None else [])
+    trainer.fit()
+    whole = {id(p) for p in fsdp.replicated(trainer.model)}
+    replicated = {n: p.detach() for n, p in trainer.model.named_parameters() if id(p) in whole}
+    weights = full_weights(trainer.model)
+    torch.save({"replicated": replicated, "weights": weights, "memory": trainer.state.to("cpu").state_dict()},
+               out.parent / f"rank{rank}.pt")
 
 
 def test_fsdp_trains_a_memory_model_and_resumes_it_exactly(corpus, tmp_path):
@@ -193,7 +184,7 @@ def test_fsdp_trains_a_memory_model_and_resumes_it_exactly(corpus, tmp_path):
     overrides = {"memory.xl.length": 32, "memory.feedback.mode": "memory", "memory.adaptive_span.enabled": True,
                  "memory.adaptive_span.init": 0.5, "memory.persistent.vectors": 4}
     out, kept = tmp_path / "mem" / "run", tmp_path / "step-2"
-    mp.spawn(memory_worker, args=(free_port(), corpus, out, overrides, kept, False), nprocs=2, join=True)
+    mp.spawn(as_rank, args=(free_port(), memory_worker, corpus, out, overrides, kept, False), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / "mem" / f"rank{r}.pt") for r in (0, 1))
     assert rank0["memory"]["position"] == rank1["memory"]["position"] == STEPS * SEQ
     spans = [n for n in rank0["replicated"] if n.endswith("span.span")]
@@ -207,7 +198,7 @@ def test_fsdp_trains_a_memory_model_and_resumes_it_exactly(corpus, tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(kept, resumed / "checkpoints" / kept.name)
     (resumed / "checkpoints" / "latest").symlink_to(kept.name)
-    mp.spawn(memory_worker, args=(free_port(), corpus, resumed, overrides, None, True), nprocs=2, join=True)
+    mp.spawn(as_rank, args=(free_port(), memory_worker, corpus, resumed, overrides, None, True), nprocs=2, join=True)
     again = torch.load(tmp_path / "again" / "rank0.pt")
     for name, p in rank0["weights"].items():
         assert torch.equal(p, again["weights"][name]), name
@@ -215,15 +206,15 @@ def test_fsdp_trains_a_memory_model_and_resumes_it_exactly(corpus, tmp_path):
     torch.testing.assert_close(again["memory"], rank0["memory"], rtol=0, atol=0)  # rank 0's XL memory
 
 
-def fault_worker(rank: int, port: int, corpus: Path, out: Path) -> None:
+def fault_worker(info: distributed.Dist, corpus: Path, out: Path) -> None:
     """Rank 0 alone finds the disk full when it completes the step-4 checkpoint."""
     import errno
     import faulthandler
 
     import memlm.train.checkpoint as checkpoint_module
 
-    info = join(rank, port)
     faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting fails the test, not hangs it
+    rank = info.rank
     try:
         commit = checkpoint_module.commit
 
@@ -243,12 +234,11 @@ def fault_worker(rank: int, port: int, corpus: Path, out: Path) -> None:
         (out.parent / f"rank{rank}.txt").write_text(result)
     finally:
         faulthandler.cancel_dump_traceback_later()
-        distributed.teardown(info)
 
 
 def test_fsdp_a_save_failing_on_one_rank_stops_every_rank_in_one_line(corpus, tmp_path):
     out = tmp_path / "fault" / "run"
-    mp.spawn(fault_worker, args=(free_port(), corpus, out), nprocs=2, join=True)
+    mp.spawn(as_rank, args=(free_port(), fault_worker, corpus, out), nprocs=2, join=True)
     for rank in (0, 1):
         message = (tmp_path / "fault" / f"rank{rank}.txt").read_text()
         assert message.startswith("No space left on device while writing checkpoint step 4"), message
@@ -258,25 +248,22 @@ def test_fsdp_a_save_failing_on_one_rank_stops_every_rank_in_one_line(corpus, tm
     load_model(out)  # checksums and all
 
 
-def knn_worker(rank: int, port: int, corpus: Path, out: Path, parallel: str) -> None:
-    info = join(rank, port)
-    try:
-        model = tiny_model().replace(**{"memory.xl.length": 32, "memory.knn.layers": [1], "memory.knn.capacity": 128})
-        trainer = Trainer(model, fast_config(corpus, out, steps=3, batch_size=2, eval_every=3, parallel=parallel),
-                          info)
-        trainer.fit()
-        weights = full_weights(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
-        if rank == 0:
-            torch.save(weights, out.parent / "rank0.pt")
-    finally:
-        distributed.teardown(info)
+def knn_worker(info: distributed.Dist, corpus: Path, out: Path, parallel: str) -> None:
+    rank = info.rank
+    model = tiny_model().replace(**{"memory.xl.length": 32, "memory.knn.layers": [1], "memory.knn.capacity": 128})
+    trainer = Trainer(model, fast_config(corpus, out, steps=3, batch_size=2, eval_every=3, parallel=parallel),
+                      info)
+    trainer.fit()
+    weights = full_weights(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
+    if rank == 0:
+        torch.save(weights, out.parent / "rank0.pt")
 
 
 def test_fsdp_trains_a_knn_model_as_ddp_does(corpus, tmp_path):
     """XL memory and a kNN layer (written with its block's weights after the block's forward, which
     then stays gathered until its backward): two FSDP ranks end where two DDP ranks do."""
     for parallel in ("ddp", "fsdp"):
-        mp.spawn(knn_worker, args=(free_port(), corpus, tmp_path / parallel / "run", parallel), nprocs=2, join=True)
+        mp.spawn(as_rank, args=(free_port(), knn_worker, corpus, tmp_path / parallel / "run", parallel), nprocs=2, join=True)
     ddp, sharded = (torch.load(tmp_path / p / "rank0.pt") for p in ("ddp", "fsdp"))
     assert_same_weights(sharded, ddp)
     initial = memlm.build(tiny_model().replace(**{"memory.knn.layers": [1]})).state_dict()

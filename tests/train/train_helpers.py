@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import socket
+import traceback
 from pathlib import Path
 
 import memlm
@@ -51,6 +53,24 @@ def join(rank: int, port: int) -> distributed.Dist:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return distributed.setup("cpu")
+
+
+def as_rank(rank: int, port: int, body, *args) -> None:
+    """`body(info, *args)` as `rank` of a two-rank gloo group (mp.spawn's function), then leave the
+    group. The group is destroyed only after body's locals are gone: a DistributedDataParallel
+    Reducer that outlives it destroys it while holding the GIL, and a gloo thread still releasing
+    its last allreduce's tensors (which takes the GIL) then deadlocks the rank for good (seen on a
+    2-core CI machine; memlm.train.train frees its trainer first for the same reason)."""
+    info = join(rank, port)
+    failure = None
+    try:
+        body(info, *args)
+    except BaseException:  # keep the text, not the exception: its traceback would keep body's frame alive
+        failure = traceback.format_exc()
+    gc.collect()
+    distributed.teardown(info)
+    if failure is not None:
+        raise RuntimeError(failure)
 
 
 class Interleaved:
