@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -183,6 +183,34 @@ class State:
     def _map(self, fn) -> "State":
         return State(self.position, fn(self.row_start), [layer.map(fn) for layer in self.layers], self.masked,
                      self.stores)
+
+    def batch_key(self) -> tuple | None:
+        """What States must share to be stacked into one batch (`cat`): the position, and each
+        tensor's name, shape past the row dimension and dtype. None for a State with kNN stores
+        (external memory written in place, one object per batch: not stacked)."""
+        if self.stores:
+            return None
+        return (self.position, tuple((i, name, tuple(t.shape[1:]), t.dtype) for i, layer in enumerate(self.layers)
+                                     for name, t in sorted(layer.tensors().items())))
+
+    @classmethod
+    def cat(cls, states: Sequence["State"]) -> "State":
+        """The States' rows stacked into one State (they share `batch_key`): a forward over it
+        gives each row what a forward over its own State gives (rows never mix)."""
+        keys = {state.batch_key() for state in states}
+        if None in keys or len(keys) != 1:
+            raise ValueError("only States at one position with the same tensors and no kNN stores can be stacked")
+        layers = [LayerState.from_tensors({name: torch.cat([s.layers[i].tensors()[name] for s in states])
+                                           for name in first.tensors()})
+                  for i, first in enumerate(states[0].layers)]
+        return cls(states[0].position, torch.cat([s.row_start for s in states]), layers,
+                   masked=any(s.masked for s in states))
+
+    def rows(self) -> list["State"]:
+        """One State per row (the inverse of `cat`); kNN stores cannot be split."""
+        if self.stores:
+            raise ValueError("a State with kNN stores cannot be split into rows")
+        return [self._map(lambda t, b=b: t[b:b + 1]) for b in range(self.batch_size)]
 
     def state_dict(self) -> dict:
         """Tensors and the position, for a training checkpoint."""

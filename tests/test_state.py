@@ -256,3 +256,66 @@ def test_advancing_keeps_rows_mask_flag_and_stores():
     later = state.advanced(5, state.layers)
     assert later.position == state.position + 5 and later.masked is True and later.stores is state.stores
     assert later.row_start is state.row_start
+
+
+# ----- stacking States of separate streams into one batch (the server's cross-client batching) --
+
+STACKED_MODELS = {
+    "plain (key/value cache)": ("seed-tiny", {}),
+    "xl": ("seed-xl-tiny", {}),
+    "seed-mem (feedback, span, compressive, persistent)": ("seed-mem-tiny", {}),
+    "memory tokens, recurrent": ("seed-xl-tiny", {"memory.tokens.count": 2, "memory.tokens.recurrent": True}),
+    "ntm slots": ("seed-xl-tiny", {"memory.ntm.layers": [0, 1]}),
+    "feedback add": ("seed-xl-tiny", {"memory.feedback.mode": "add"}),
+}
+
+
+@pytest.mark.parametrize("name", list(STACKED_MODELS))
+def test_stacked_states_give_each_row_what_its_own_state_gives(name):
+    """Three streams read separately to one position (a reset in one), stacked with State.cat, read
+    on in one batch (across a memory roll) and split with State.rows: logits and States equal the
+    three read on alone."""
+    import memlm
+    from tests.conftest import tiny_overrides
+    preset, extra = STACKED_MODELS[name]
+    model = memlm.build(preset, **tiny_overrides(seq_len=8, **extra)).eval()
+    ids = torch.randint(0, 256, (3, 29))
+    with torch.no_grad():
+        alone = []
+        for b in range(3):
+            state = model.init_state(1)
+            state = model(ids[b:b + 1, :13], state=state).state
+            if b == 1:
+                state = state.reset(torch.tensor([True]))  # a row that started a new document
+            alone.append(state)
+        keys = {state.batch_key() for state in alone}
+        assert len(keys) == 1 and None not in keys
+        stacked = State.cat(alone)
+        assert stacked.batch_size == 3 and stacked.masked
+        together = model(ids[:, 13:], state=stacked)
+        for b, (row, state) in enumerate(zip(together.state.rows(), alone)):
+            out = model(ids[b:b + 1, 13:], state=state)
+            torch.testing.assert_close(together.logits[b:b + 1], out.logits, atol=1e-5, rtol=0)
+            assert row.position == out.state.position == 29
+            assert torch.equal(row.row_start, out.state.row_start)
+            for mine, theirs in zip(row.layers, out.state.layers):
+                assert mine.tensors().keys() == theirs.tensors().keys()
+                for key, tensor in theirs.tensors().items():
+                    torch.testing.assert_close(mine.tensors()[key], tensor, atol=1e-5, rtol=0, msg=key)
+
+
+def test_states_at_other_positions_or_with_knn_stores_are_not_stacked():
+    a, b = State.empty(1, 2), State.empty(1, 2)
+    assert a.batch_key() == b.batch_key()
+    assert State.cat([a, b]).batch_size == 2 and [s.batch_size for s in State.cat([a, b]).rows()] == [1, 1]
+    later = a.advanced(1, a.layers)
+    assert later.batch_key() != a.batch_key()
+    with pytest.raises(ValueError, match="one position"):
+        State.cat([a, later])
+    wider = State(0, torch.zeros(1, dtype=torch.long), [LayerState(mem=torch.zeros(1, 4, 8)), LayerState()])
+    narrower = State(0, torch.zeros(1, dtype=torch.long), [LayerState(mem=torch.zeros(1, 2, 8)), LayerState()])
+    assert wider.batch_key() != narrower.batch_key()
+    with_store = sample_state()
+    assert with_store.batch_key() is None
+    with pytest.raises(ValueError, match="kNN stores"):
+        with_store.rows()

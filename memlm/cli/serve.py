@@ -32,6 +32,10 @@ class ServeCommand:
     """Memory (MB) all sessions' states may hold together; past it the least recently used are evicted."""
     max_tokens: int = 2048
     """Largest max_tokens a request may ask for."""
+    max_batch: int = 64
+    """Requests decoded at once (those at one stream position share a forward)."""
+    gather_ms: float = 2.0
+    """An idle server that receives a request waits this long for others to start with it."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
 
@@ -40,8 +44,10 @@ def run(argv: list[str]) -> int:
     args = tyro.cli(ServeCommand, args=argv, prog="memlm serve",
                     description="Serve a trained model: OpenAI-compatible /v1/completions with sessions that keep "
                                 "their memory between requests.")
-    if args.max_sessions < 1 or args.max_session_mb <= 0 or args.max_tokens < 1:
-        raise UsageError("--max-sessions, --max-session-mb and --max-tokens must be positive")
+    if args.max_sessions < 1 or args.max_session_mb <= 0 or args.max_tokens < 1 or args.max_batch < 1:
+        raise UsageError("--max-sessions, --max-session-mb, --max-tokens and --max-batch must be positive")
+    if not 0 <= args.gather_ms <= 1000:
+        raise UsageError(f"--gather-ms must lie in [0, 1000], got {args.gather_ms}")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must lie in 0..65535, got {args.port}")
     try:
@@ -56,7 +62,8 @@ def run(argv: list[str]) -> int:
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
     attach_memory(model, args.memory, device, args.memory_mode)
-    engine = Engine(model, device, saved["train"].get("precision", "auto"), load_tokenizer(args.path, saved))
+    engine = Engine(model, device, saved["train"].get("precision", "auto"), load_tokenizer(args.path, saved),
+                    max_batch=args.max_batch, gather_ms=args.gather_ms)
     sessions = SessionStore(args.max_sessions, int(args.max_session_mb * 2 ** 20))
     app = create_app(engine, sessions, model_name=Path(args.path).name or "memlm", max_tokens=args.max_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

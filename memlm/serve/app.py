@@ -10,7 +10,8 @@
 `session` is memlm's extension of the OpenAI request: the completion continues that session's
 stream from its memory. Errors answer 4xx with {"error": {"message", "type", "code"}}: an empty
 prompt, too many tokens, a bad field (400), an unknown session (404), one busy with another
-request (409) or evicted (410). Requests are served one at a time, in arrival order.
+request (409) or evicted (410). Requests of all clients are decoded together, step by step
+(memlm.serve.engine: those at one stream position share a forward).
 """
 
 from __future__ import annotations

@@ -1,17 +1,31 @@
-"""Generation for the server: one request's text, piece by piece, from a session's memory.
+"""Generation for the server: requests of many clients, each from its session's memory, batched.
 
 A new stream starts after an end-of-document token (the model sees the start of a document, as
 `memlm generate` does); a session's later requests continue its stream, so their prompts follow
 the last completion directly. The State after a request has read the prompt and every token
-generated, the last one and any stop string included. Requests run one at a time (`lock`): the
-model and its states are not shared between threads.
+generated, the last one and any stop string included.
+
+One scheduler thread owns the model. A request's prompt is read alone (its own State, batch 1);
+then every decoding step samples each active request's next token with the request's own
+generator, and feeds those tokens in as few forwards as the States allow: States at the same
+stream position with the same tensors (`State.batch_key`) are stacked into one batch
+(`State.cat`), run once and split back (`State.rows`). Rows never mix in a forward, so a
+request generates what it would alone, whatever else runs beside it. Requests arriving while
+others decode join at the next step; an idle engine waits `gather_ms` after a request for
+others to start with it. Limits: States sit at their own stream's position, so
+only requests at equal positions share a forward (new streams with prompts of one length,
+sessions at the same point); a model with kNN stores (external memory, one object per batch)
+decodes each request alone.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,53 +48,154 @@ class Completion:
     """The stream's State after the request (for its session)."""
 
 
+_DONE = object()
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request inside the scheduler."""
+
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    text: TextStream
+    generator: torch.Generator
+    result: Completion
+    state: State | None
+    pieces: queue.Queue = field(default_factory=queue.Queue)
+    """What the request's caller reads: text pieces, then _DONE (or an exception)."""
+    logits: torch.Tensor | None = None
+    """(1, V) the distribution of the next token."""
+    cancelled: bool = False
+    finished: bool = False
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "auto",
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, max_batch: int = 64, gather_ms: float = 2.0):
         self.model = model.eval()
         self.device, self.precision = device, precision
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()  # the run's (load_tokenizer)
-        self.lock = threading.Lock()
+        self.max_batch = max_batch
+        self.gather_s = gather_ms / 1000
+        """An idle engine that receives a request waits this long for others to start with it."""
+        self.forwards = 0
+        """Forward calls so far (prompts and decoding steps): fewer than tokens when requests share them."""
+        self._incoming: queue.Queue[_Job] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     def complete(self, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float | None = None,
                  stop: Sequence[str] = (), seed: int | None = None, state: State | None = None,
                  result: Completion | None = None) -> Iterator[str]:
         """Yield the completion of `prompt` in pieces; fills `result` when done. state: the
-        session's State (None: a new stream)."""
+        session's State (None: a new stream). Closing the iterator early cancels the request
+        (its result.state stays None)."""
         result = result if result is not None else Completion()
         prompt_ids = self.tokenizer.encode(prompt).tolist()
-        eod = self.tokenizer.eod
-        ids = prompt_ids if state is not None else [eod] + prompt_ids
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
-        text = TextStream(stop, self.tokenizer.eod_text, self.tokenizer)
-        with self.lock:  # held across yields: resumed pieces may run on other threads
-            state = state if state is not None else self.model.init_state(1, device=self.device)
-            logits, state = self._forward(ids, state)
-            result.prompt_tokens = len(prompt_ids)
-            for step in range(max_tokens):
-                token = sample_next(logits, temperature, None, top_p, generator)  # (1,)
-                logits, state = self._forward([int(token)], state)  # the state reads every generated token
-                result.completion_tokens = step + 1
-                value = int(token)
-                if value == eod:
-                    result.finish_reason = "stop"
+        job = _Job([*([] if state is not None else [self.tokenizer.eod]), *prompt_ids], max_tokens, temperature,
+                   top_p, TextStream(stop, self.tokenizer.eod_text, self.tokenizer), generator, result, state)
+        result.prompt_tokens = len(prompt_ids)
+        self._submit(job)
+        try:
+            while (item := job.pieces.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled = True
+
+    # ----- the scheduler thread ------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="memlm-engine", daemon=True)
+                self._thread.start()
+        self._incoming.put(job)
+
+    def _serve(self) -> None:
+        active: list[_Job] = []
+        while True:
+            new = [] if active else [self._incoming.get()]  # idle: wait for a request...
+            if new:
+                time.sleep(self.gather_s)  # ...and briefly for others to start with it
+            while len(active) + len(new) < self.max_batch:
+                try:
+                    new.append(self._incoming.get_nowait())
+                except queue.Empty:
                     break
-                piece = text.feed([value])
-                if piece:
-                    yield piece
-                if text.stopped:
-                    result.finish_reason = "stop"
-                    break
-            piece = text.finish()
+            if new:
+                self._run(self._prefill, new)
+                active += new
+            active = [job for job in active if not job.finished and not job.cancelled]
+            if active:
+                self._run(self._step, active)
+
+    def _run(self, work, jobs: list[_Job]) -> None:
+        """work(jobs); an error fails those requests (their callers raise it), not the server."""
+        try:
+            work(jobs)
+        except Exception as error:  # noqa: BLE001 - handed to each request's caller
+            for job in jobs:
+                if not job.finished:
+                    job.finished = True
+                    job.pieces.put(error)
+
+    def _prefill(self, jobs: list[_Job]) -> None:
+        """Read the new requests' prompts, those of one length from equal States in one forward."""
+        for job in jobs:
+            job.state = job.state if job.state is not None else self.model.init_state(1, device=self.device)
+        self._feed(jobs, [job.ids for job in jobs])
+
+    def _step(self, jobs: list[_Job]) -> None:
+        """One token for every job: sample, feed it (batched by State), then stop or go on."""
+        tokens = [int(sample_next(job.logits, job.temperature, None, job.top_p, job.generator)) for job in jobs]
+        self._feed(jobs, [[token] for token in tokens])
+        for job, token in zip(jobs, tokens):
+            self._after(job, token)
+
+    def _feed(self, jobs: list[_Job], ids: list[list[int]]) -> None:
+        """Each job's State reads its ids: jobs with ids of one length and stackable States
+        (`State.batch_key`) share one forward."""
+        groups: dict[object, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            key = job.state.batch_key()
+            groups[(len(ids[i]), key) if key is not None else ("alone", i)].append(i)
+        for members in groups.values():
+            batch = torch.tensor([ids[i] for i in members], device=self.device)  # (B, T)
+            if len(members) == 1:
+                job = jobs[members[0]]
+                job.logits, job.state = self._forward(batch, job.state)
+                continue
+            logits, state = self._forward(batch, State.cat([jobs[i].state for i in members]))
+            for b, (i, row) in enumerate(zip(members, state.rows())):
+                jobs[i].logits, jobs[i].state = logits[b:b + 1], row
+
+    def _after(self, job: _Job, token: int) -> None:
+        """The sampled token has been read: emit its text, or finish the request."""
+        job.result.completion_tokens += 1
+        stopped = token == self.tokenizer.eod
+        if not stopped:
+            piece = job.text.feed([token])
             if piece:
-                yield piece
-            result.state = state
+                job.pieces.put(piece)
+            stopped = job.text.stopped
+        if stopped or job.result.completion_tokens >= job.max_tokens:
+            job.result.finish_reason = "stop" if stopped else "length"
+            piece = job.text.finish()
+            if piece:
+                job.pieces.put(piece)
+            job.result.state, job.finished = job.state, True
+            job.pieces.put(_DONE)
 
     @torch.no_grad()
-    def _forward(self, ids: list[int], state: State) -> tuple[torch.Tensor, State]:
-        """Logits (1, V) after ids, and the state that has read them. Autocast and grad mode are
-        per thread, so they are entered here, around each call, not across the caller's yields."""
+    def _forward(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Logits (B, V) after ids (B, T), and the state that has read them."""
+        self.forwards += 1
         with autocast(self.device, self.precision):
-            out = self.model(torch.tensor([ids], device=self.device), state=state)
+            out = self.model(ids, state=state)
         return out.logits[:, -1].float(), out.state

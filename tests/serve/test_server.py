@@ -94,6 +94,33 @@ def test_streaming_sends_the_same_text_as_events(serve):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and len(chunks) > 2
 
 
+def test_requests_that_start_together_share_forwards_and_generate_what_they_would_alone(model):
+    """Four new streams with prompts of one length and a fifth of another length, sent at once:
+    each text and final State equal the request served alone (its own seed), while the four
+    share their forwards (one for their prompts, one per step) and the fifth interleaves."""
+    from memlm.serve.engine import Completion
+    prompts = ["abcd", "efgh", "ijkl", "mnop", "a longer prompt"]
+    alone = []
+    for seed, prompt in enumerate(prompts):
+        engine, result = Engine(model, torch.device("cpu"), gather_ms=0), Completion()
+        alone.append(("".join(engine.complete(prompt, 24, 1.0, seed=seed, result=result)), result))
+        assert engine.forwards == 1 + result.completion_tokens
+    engine = Engine(model, torch.device("cpu"), gather_ms=300)  # long enough for five threads to arrive
+    results = [Completion() for _ in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(lambda i: "".join(engine.complete(prompts[i], 24, 1.0, seed=i, result=results[i])),
+                              range(len(prompts))))
+    for (text, result), got, mine in zip(alone, texts, results):
+        assert got == text and mine.completion_tokens == result.completion_tokens
+        assert mine.finish_reason == result.finish_reason and mine.state.position == result.state.position
+        for a, b in zip(mine.state.layers, result.state.layers):
+            for key, tensor in b.tensors().items():
+                torch.testing.assert_close(a.tensors()[key], tensor, atol=1e-5, rtol=0, msg=key)
+    shared = max(r.completion_tokens for r in results[:4])
+    assert engine.forwards <= (1 + shared) + (1 + results[4].completion_tokens)
+    assert engine.forwards < sum(1 + r.completion_tokens for r in results)
+
+
 def test_a_stop_string_ends_the_text_before_it(serve):
     client = serve()
     whole = complete(client, prompt="class A:", max_tokens=60, seed=1, temperature=1.0)["choices"][0]["text"]
@@ -182,5 +209,9 @@ def test_the_command_refuses_bad_options_before_loading(capsys):
     from memlm import cli
     assert cli.main(["serve", "no-such-run", "--max-sessions", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+    assert cli.main(["serve", "no-such-run", "--max-batch", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+    assert cli.main(["serve", "no-such-run", "--gather-ms", "-1"]) == 2
+    assert "--gather-ms must lie in" in capsys.readouterr().err
     assert cli.main(["serve", "no-such-run"]) == 2
     assert "no such run directory" in capsys.readouterr().err
