@@ -1,7 +1,7 @@
 """Fully sharded data parallelism (FSDP2) and activation checkpointing, applied from outside.
 
     prepare(model, config, info)     what the trainer calls: check, checkpoint_blocks, shard as TrainConfig asks
-    shard(model, info)               fully_shard(block) for each block, then fully_shard(model) (root:
+    shard(model, info, param_dtype)  fully_shard(block) for each block, then fully_shard(model) (root:
                                      embedding, tied head, final norm, memory-token and other top-level weights)
     reduce_replicated(model, info)   average the gradients of the few parameters left whole (below)
     clip_grad_norm_(model, max)      one global norm over sharded (DTensor) and whole gradients
@@ -23,6 +23,14 @@ forward: its block keeps its gathered weights from its forward to its backward
 writes outside the block, with gradients) and compressive memory (its reconstruction loss runs a
 block's attention outside its forward, with gradients) are refused with a clear error (`check`).
 Memory states (XL memory, kNN stores) are per rank, as under DDP, and are not sharded.
+
+Mixed precision: a bf16 run (--precision bf16, or auto on CUDA) shards with FSDP2's
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the all-gathered weights a block
+computes with are bf16 (half the all-gather traffic and memory of fp32; autocast would cast them
+to bf16 for its matmuls anyway), the gradients are reduce-scattered in fp32, and the sharded
+master weights and AdamW moments stay fp32. Departure from DDP under autocast: weights that
+autocast keeps fp32 (norm and bias vectors) are rounded to bf16 too; the replicated parameters
+above stay fp32.
 """
 
 from __future__ import annotations
@@ -68,7 +76,8 @@ def prepare(model: nn.Module, config, info: Dist) -> nn.Module:
     if config.activation_checkpointing:
         checkpoint_blocks(model, uncheckpointable(model.config))
     if config.parallel == "fsdp" and info.enabled:
-        shard(model, info)
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
+        shard(model, info, torch.bfloat16 if bf16 else None)
     return model
 
 
@@ -78,20 +87,22 @@ def replicated(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.dim() == 0 or id(p) in spans]
 
 
-def shard(model: nn.Module, info: Dist) -> nn.Module:
+def shard(model: nn.Module, info: Dist, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard `model` (in place, already on its device) over the ranks of `info`: one FSDP unit per
-    block and the root; kNN layers stay gathered from forward to backward. Returns the model (now
-    an FSDPModule; its parameters DTensors)."""
+    block and the root; kNN layers stay gathered from forward to backward. param_dtype: the dtype
+    blocks compute with (gradients reduced in fp32; None = the weights' own). Returns the model
+    (now an FSDPModule; its parameters DTensors)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     whole = {id(p) for p in replicated(model)}
     kept = set(model.config.memory.knn.layers or ())  # their writes run after the block's forward
     for i, block in enumerate(model.blocks):
         fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if id(p) in whole},
-                    reshard_after_forward=i not in kept)
-    fully_shard(model, mesh=mesh, ignored_params=set(replicated(model)))
+                    reshard_after_forward=i not in kept, mp_policy=policy)
+    fully_shard(model, mesh=mesh, ignored_params=set(replicated(model)), mp_policy=policy)
     return model
 
 

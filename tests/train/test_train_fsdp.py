@@ -305,3 +305,35 @@ def test_activation_checkpointing_leaves_the_gradients_unchanged(overrides):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def precision_worker(info: distributed.Dist, corpus: Path, out: Path, parallel: str) -> None:
+    trainer = Trainer(tiny_model(), fast_config(corpus, out, steps=3, batch_size=2, eval_every=3, parallel=parallel,
+                                                precision="bf16"), info)
+    seen = []  # the dtype of the weights block 0's feed-forward computes with
+    trainer.model.blocks[0].feedforward.register_forward_pre_hook(
+        lambda module, args: seen.append(next(module.parameters()).dtype))
+    trainer.fit()
+    weights = full_weights(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
+    if info.rank == 0:
+        torch.save({"weights": weights, "seen": sorted({str(d) for d in seen}),
+                    "masters": sorted({str(p.dtype) for p in trainer.model.parameters()})}, out.parent / "rank0.pt")
+
+
+def test_a_bf16_fsdp_run_gathers_bf16_weights_keeps_fp32_masters_and_trains_as_ddp_does(corpus, tmp_path):
+    """--precision bf16 under FSDP: blocks compute with bf16 weights (MixedPrecisionPolicy), the
+    sharded weights stay fp32, and the run follows a bf16 DDP run (autocast) to bf16 rounding."""
+    for parallel in ("ddp", "fsdp"):
+        mp.spawn(as_rank, args=(free_port(), precision_worker, corpus, tmp_path / parallel / "run", parallel),
+                 nprocs=2, join=True)
+    ddp, sharded = (torch.load(tmp_path / p / "rank0.pt") for p in ("ddp", "fsdp"))
+    assert sharded["seen"] == ["torch.bfloat16"] and ddp["seen"] == ["torch.float32"]
+    assert sharded["masters"] == ddp["masters"] == ["torch.float32"]
+    # AdamW moves a weight by about lr (3e-3) a step whatever its gradient's size, so a tiny gradient
+    # whose sign bf16 rounding flips moves it the other way: a few weights differ by ~lr, the mean not
+    assert sharded["weights"].keys() == ddp["weights"].keys()
+    for name, p in ddp["weights"].items():
+        difference = (sharded["weights"][name] - p).abs()
+        assert difference.max() <= 3 * 3e-3 and difference.mean() <= 2e-4, name
+    losses = [[r["loss"] for r in train_records(tmp_path / p / "run")] for p in ("ddp", "fsdp")]
+    assert len(losses[0]) == 3 and losses[1][0] == losses[0][0] and losses[1] == pytest.approx(losses[0], abs=2e-3)
