@@ -308,14 +308,17 @@ def test_states_at_other_positions_or_with_knn_stores_are_not_stacked():
     a, b = State.empty(1, 2), State.empty(1, 2)
     assert a.batch_key() == b.batch_key()
     assert State.cat([a, b]).batch_size == 2 and [s.batch_size for s in State.cat([a, b]).rows()] == [1, 1]
+    one = sample_state()
+    one.stores = {}
+    assert_same_tensors(State.cat([one]), one)  # a batch of one is itself
     later = a.advanced(1, a.layers)
     assert later.batch_key() != a.batch_key()
-    with pytest.raises(ValueError, match="one position"):
+    with pytest.raises(ValueError, match="^only States at one position with the same tensors and no kNN stores can"):
         State.cat([a, later])
     wider = State(0, torch.zeros(1, dtype=torch.long), [LayerState(mem=torch.zeros(1, 4, 8)), LayerState()])
     narrower = State(0, torch.zeros(1, dtype=torch.long), [LayerState(mem=torch.zeros(1, 2, 8)), LayerState()])
     assert wider.batch_key() != narrower.batch_key()
     with_store = sample_state()
     assert with_store.batch_key() is None
-    with pytest.raises(ValueError, match="kNN stores"):
+    with pytest.raises(ValueError, match="^a State with kNN stores cannot be split into rows$"):
         with_store.rows()
