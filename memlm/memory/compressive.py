@@ -52,9 +52,10 @@ def split_overflow(mem: torch.Tensor, length: int, rate: int) -> tuple[torch.Ten
 
 def content_attention(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """Position-free attention of queries from h (B, T, W) over memory (B, n, W) with the layer's
-    projections detached -> (B, H, T, D)."""
-    scores, v = attention.content_scores(h, memory)
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    projections detached -> (B, H, T, D); one fused kernel (no mask), which never writes the
+    (B, H, T, n) scores."""
+    q, k, v = attention.content_qkv(h, memory)
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
 def usage(attention, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:

@@ -135,17 +135,23 @@ class Attention(nn.Module):
             out[0] = nn.functional.normalize(out[0], dim=-1)
         return tuple(out)
 
-    def content_scores(self, h: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's position-free scores of queries from h (B, T, W) over memory (B, n, W), with
-        every weight detached (compressive memory's reconstruction loss and usage ranking): scores
-        (B, H, T, n) in float32 (QK-norm, its scale g or 1/sqrt(d), biases; no positions) and the
-        values (B, H, n, D)."""
+    def content_qkv(self, h: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This layer's position-free queries from h (B, T, W) and keys and values from memory
+        (B, n, W), every weight detached (compressive memory's reconstruction loss and usage
+        ranking): q (B, H, T, D) already scaled (QK-norm's g or 1/sqrt(d)), so that the scores are
+        q k^T, and k, v (B, H, n, D) with grouped heads repeated to the query heads."""
         (q,) = self._project_rows(h, 0, self.heads, 1, True)
         k, v = self.project_kv(memory, detach_weights=True)
         groups = self.heads // self.kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scale = self.scale if self.qk_scale is None else self.qk_scale.detach()
-        return (q @ k.transpose(-1, -2)).float() * scale, v
+        scale = self.scale if self.qk_scale is None else self.qk_scale.detach().to(q.dtype)
+        return q * scale, k, v
+
+    def content_scores(self, h: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores of `content_qkv` (B, H, T, n) in float32 (QK-norm, its scale g or 1/sqrt(d),
+        biases; no positions) and the values (B, H, n, D)."""
+        q, k, v = self.content_qkv(h, memory)
+        return (q @ k.transpose(-1, -2)).float(), v
 
     def forward(self, h: torch.Tensor, ctx: SegmentContext, past: KeysValues | None = None,
                 memory: torch.Tensor | None = None, cache: bool = False) -> tuple[torch.Tensor, KeysValues | None]:
