@@ -18,10 +18,13 @@ Parameters kept whole on every rank (`replicated`), outside the sharding (fully_
 - adaptive spans (H,): read outside their block's forward (the span penalty, `spans()`) and clamped
   after the optimizer step, where a sharded parameter would be a shard.
 A kNN layer writes its completed segment with its block's key projection after the block's
-forward: its block keeps its gathered weights from its forward to its backward
-(`reshard_after_forward=False`), one layer's weights whole on every rank. Slot memory (reads and
-writes outside the block, with gradients) and compressive memory (its reconstruction loss runs a
-block's attention outside its forward, with gradients) are refused with a clear error (`check`).
+forward, and compressive memory compresses a layer's leaving memories with its block's attention
+and norm (detached: only the compressor, a root weight, gets their gradient) after the last
+block's forward: such blocks (`gathered_blocks`) keep their gathered weights from their forward to
+their backward (`reshard_after_forward=False`), their weights whole on every rank between the two
+(under compressive memory, every block: the memory saved is then that of the gradients and AdamW
+moments, as ZeRO-2). Slot memory (reads and writes with a block's weights outside its forward,
+with gradients) is refused with a clear error (`check`).
 Memory states (XL memory, kNN stores) are per rank, as under DDP, and are not sharded.
 
 Mixed precision: a bf16 run (--precision bf16, or auto on CUDA) shards with FSDP2's
@@ -47,15 +50,14 @@ from torch.utils.checkpoint import checkpoint
 from memlm.memory.adaptive_span import AdaptiveSpan
 from memlm.train.distributed import Dist
 
-UNSHARDABLE = {"memory.ntm.layers": "slot memory reads and writes with a block's weights outside its forward",
-               "memory.compressive.rate": "compressive memory runs a block's attention outside its forward"}
+UNSHARDABLE = {"memory.ntm.layers": "slot memory reads and writes with a block's weights outside its forward"}
 """Model config fields that, when set, keep a model from being sharded, and why."""
 
 
 def check(model_config, task: str = "lm") -> None:
     """Raise ValueError (one line) for a model or task FSDP cannot train here."""
     m = model_config.memory
-    values = {"memory.ntm.layers": m.ntm.layers, "memory.compressive.rate": m.compressive.rate}
+    values = {"memory.ntm.layers": m.ntm.layers}
     for field, value in values.items():
         if value:
             raise ValueError(f"--parallel fsdp: {field} = {value}: {UNSHARDABLE[field]}, where its weights are "
@@ -89,7 +91,7 @@ def replicated(model: nn.Module) -> list[nn.Parameter]:
 
 def shard(model: nn.Module, info: Dist, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard `model` (in place, already on its device) over the ranks of `info`: one FSDP unit per
-    block and the root; kNN layers stay gathered from forward to backward. param_dtype: the dtype
+    block and the root; `gathered_blocks` stay gathered from forward to backward. param_dtype: the dtype
     blocks compute with (gradients reduced in fp32; None = the weights' own). Returns the model
     (now an FSDPModule; its parameters DTensors)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -98,12 +100,20 @@ def shard(model: nn.Module, info: Dist, param_dtype: torch.dtype | None = None) 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     whole = {id(p) for p in replicated(model)}
-    kept = set(model.config.memory.knn.layers or ())  # their writes run after the block's forward
+    kept = gathered_blocks(model.config)
     for i, block in enumerate(model.blocks):
         fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if id(p) in whole},
                     reshard_after_forward=i not in kept, mp_policy=policy)
     fully_shard(model, mesh=mesh, ignored_params=set(replicated(model)), mp_policy=policy)
     return model
+
+
+def gathered_blocks(model_config) -> set[int]:
+    """The blocks whose weights are used after their forward (kNN writes, compression of leaving
+    memories), which therefore stay gathered until their backward."""
+    m = model_config.memory
+    compressing = range(model_config.layers) if m.compressive.rate else ()
+    return set(m.knn.layers or ()) | set(compressing)
 
 
 def is_sharded(model: nn.Module) -> bool:

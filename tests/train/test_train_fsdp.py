@@ -272,11 +272,43 @@ def test_fsdp_trains_a_knn_model_as_ddp_does(corpus, tmp_path):
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=TOL)
 
 
+COMPRESSIVE = {"memory.xl.length": 16, "memory.compressive.rate": 4, "memory.compressive.length": 8,
+               "memory.compressive.fn": "conv"}
+
+
+def compressive_worker(info: distributed.Dist, corpus: Path, out: Path, parallel: str) -> None:
+    trainer = Trainer(tiny_model().replace(**COMPRESSIVE),
+                      fast_config(corpus, out, steps=3, batch_size=2, eval_every=3, parallel=parallel), info)
+    trainer.fit()
+    weights = full_weights(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
+    if info.rank == 0:
+        torch.save(weights, out.parent / "rank0.pt")
+
+
+def test_fsdp_trains_a_compressive_model_as_ddp_does(corpus, tmp_path):
+    """Compressive memory (conv compressor, whose reconstruction loss runs each block's attention
+    after the forward of the last block): two FSDP ranks end where two DDP ranks do, and the
+    compressor has learned."""
+    for parallel in ("ddp", "fsdp"):
+        mp.spawn(as_rank, args=(free_port(), compressive_worker, corpus, tmp_path / parallel / "run", parallel),
+                 nprocs=2, join=True)
+    ddp, sharded = (torch.load(tmp_path / p / "rank0.pt") for p in ("ddp", "fsdp"))
+    assert_same_weights(sharded, ddp)
+    torch.manual_seed(0)
+    initial = memlm.build(tiny_model().replace(**COMPRESSIVE)).state_dict()
+    assert any(name.startswith("compressors.") for name in sharded)
+    assert all(not torch.equal(initial[name], sharded[name]) for name in sharded if name.startswith("compressors."))
+    losses = [[r["loss"] for r in train_records(tmp_path / p / "run")] for p in ("ddp", "fsdp")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=TOL)
+
+
 def test_fsdp_refuses_mechanisms_that_run_block_weights_outside_the_block(corpus, tmp_path):
     config = fast_config(corpus, tmp_path / "run", parallel="fsdp")
-    compressive = {"memory.xl.length": 32, "memory.compressive.rate": 4, "memory.compressive.length": 8}
-    with pytest.raises(ValueError, match="memory.compressive.rate = 4: compressive memory runs a block's attention"):
-        Trainer(tiny_model().replace(**compressive), config, distributed.setup("cpu"))
+    with pytest.raises(ValueError, match="^--parallel fsdp: memory.ntm.layers = \\[1\\]: slot memory reads and writes"):
+        Trainer(tiny_model().replace(**{"memory.ntm.layers": [1]}), config, distributed.setup("cpu"))
+    assert fsdp.gathered_blocks(tiny_model().replace(**COMPRESSIVE)) == set(range(tiny_model().layers))
+    assert fsdp.gathered_blocks(tiny_model().replace(**{"memory.knn.layers": [1]})) == {1}
+    assert fsdp.gathered_blocks(tiny_model()) == set()
     with pytest.raises(memlm.config.ConfigError, match="parallel"):
         train(tiny_model(), fast_config(corpus, tmp_path / "other", parallel="zero"))
 
