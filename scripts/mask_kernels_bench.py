@@ -9,7 +9,11 @@ Variants, each compiled with torch.compile and checked against the eager referen
   flex-maskmod   FlexAttention, key mask and causality in a per-batch block mask (mask_mod)
   flex-expand    flex-score with the key/value heads repeated to the query heads (no GQA)
   flex-b64       flex-score with 64 x 64 tiles
+  sdpa-expand    sdpa-bool with the key/value heads repeated to the query heads (sdpa's memory-efficient
+                 kernel takes no grouped heads, so sdpa-bool with fewer key heads may fall back to math)
+  sdpa-lower-right  sdpa with torch.nn.attention.bias.causal_lower_right (no key mask, no bias only)
 and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a float mask).
+--no-key-mask drops the per-row key mask: the plain Transformer-XL case (causal with an offset).
 --dropout P gives sdpa-bool attention dropout (flex has none; memlm's auto backend takes sdpa then);
 --only sdpa-bool,flex-b64 times just those variants.
 """
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("--k-len", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--no-key-mask", action="store_true", help="causality with an offset only")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     args = parser.parse_args()
@@ -48,6 +53,8 @@ def main() -> None:
     v = torch.randn(B, Hkv, Tk, D, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(B, H, Tq, D, device=device, dtype=dtype)
     key_mask = torch.arange(Tk, device=device)[None, :] >= torch.randint(0, Tk, (B, 1), device=device)  # (B, Tk)
+    if args.no_key_mask:
+        key_mask[:] = True
     bias = torch.randn(H, Tq, Tk, device=device, dtype=torch.float32) if args.bias else None
     scale = 1.0 / math.sqrt(D)
 
@@ -65,10 +72,13 @@ def main() -> None:
     def score_mod(score, b, h, i, j):
         if bias is not None:
             score = score + bias[h, i, j]
+        if args.no_key_mask:
+            return score
         return torch.where(key_mask[b, j] | (j + offset == i), score, float("-inf"))
 
     def flex_score(q, k, v, kernel_options=None):
-        return flex_attention(q, k, v, score_mod=score_mod, block_mask=causal_block, scale=scale,
+        mod = None if args.no_key_mask and bias is None else score_mod
+        return flex_attention(q, k, v, score_mod=mod, block_mask=causal_block, scale=scale,
                               enable_gqa=k.shape[1] != q.shape[1], kernel_options=kernel_options)
 
     def flex_maskmod(q, k, v):
@@ -81,16 +91,33 @@ def main() -> None:
     def flex_expand(q, k, v):
         return flex_score(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1))
 
+    def sdpa_expand():
+        mask = visible if bias is None else bias[None].to(dtype).masked_fill(~visible, float("-inf"))
+        groups = H // Hkv
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                              attn_mask=mask, scale=scale, dropout_p=args.dropout)
+
+    def sdpa_lower_right():
+        from torch.nn.attention.bias import causal_lower_right
+        groups = H // Hkv
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                              attn_mask=causal_lower_right(Tq, Tk), scale=scale,
+                                              dropout_p=args.dropout)
+
     variants = {
         "sdpa-bool": torch.compile(sdpa_bool),
+        "sdpa-expand": torch.compile(sdpa_expand),
         "flex-score": torch.compile(lambda: flex_score(q, k, v)),
         "flex-maskmod": torch.compile(lambda: flex_maskmod(q, k, v)),
         "flex-expand": torch.compile(lambda: flex_expand(q, k, v)),
         "flex-b64": torch.compile(lambda: flex_score(q, k, v, {"BLOCK_M": 64, "BLOCK_N": 64})),
     }
+    if args.no_key_mask and bias is None:
+        variants["sdpa-lower-right"] = torch.compile(sdpa_lower_right)
     if args.only:
         variants = {name: variants[name] for name in args.only.split(",")}
-    reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset, key_mask=key_mask, scale=scale,
+    reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset,
+                                key_mask=None if args.no_key_mask else key_mask, scale=scale,
                                 bias=bias)
     print(f"B{B} H{H} Hkv{Hkv} Tq{Tq} Tk{Tk} D{D} bf16{' +bias' if bias is not None else ''}"
           f"{f' sdpa dropout {args.dropout}' if args.dropout else ''}: fwd / fwd+bwd ms, max |out - eager fp32|"

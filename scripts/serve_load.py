@@ -75,10 +75,13 @@ def main() -> None:
     args = parser.parse_args()
     body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
     client_run(args.url, 2, body, args.sessions)  # warm-up: first requests allocate and compile
-    rows = [measure(args.url, n, args.requests, body, args.sessions) for n in args.clients]
-    for row in rows:
+    rows = []
+    for clients in args.clients:  # each row printed as soon as it is measured
+        row = measure(args.url, clients, args.requests, body, args.sessions)
+        rows.append(row)
         print(f"{row['clients']:>3} clients: {row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:,.0f} tok/s, "
-              f"p50 {row['p50_s'] * 1e3:.0f} ms, p99 {row['p99_s'] * 1e3:.0f} ms ({row['requests']} requests)")
+              f"p50 {row['p50_s'] * 1e3:.0f} ms, p99 {row['p99_s'] * 1e3:.0f} ms ({row['requests']} requests)",
+              flush=True)
     if args.json:
         print(json.dumps({"args": vars(args), "rows": rows}))
 
