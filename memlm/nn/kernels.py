@@ -71,18 +71,13 @@ def sdpa_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None,
                                               dropout_p=dropout_p, enable_gqa=gqa)
     if plain and k_offset + Tk <= 1:  # every key precedes or is the only query: nothing to mask
         return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
-    # A mask from here on: flash takes no attn_mask and the memory-efficient kernel takes no grouped
-    # heads, so grouped keys and values are repeated to the query heads; otherwise CUDA falls back
-    # to the math kernel, which writes the whole (B, H, Tq, Tk) score matrix.
-    if gqa:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, Tk, D)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     mask = visibility(Tq, Tk, k_offset, key_mask, q.device)
     if bias is None:
         attn_mask = mask
     else:
         attn_mask = bias[None].to(q.dtype).masked_fill(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
+                                          dropout_p=dropout_p, enable_gqa=gqa)
 
 
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
