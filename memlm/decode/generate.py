@@ -8,8 +8,10 @@ Decode paths (`decode`): `eager` runs the model's forward with its growing state
 uses memlm.decode.static (a fixed-size key/value cache, the step captured in a CUDA
 graph on CUDA); `compiled` is `static` with the step compiled by torch.compile first (worth
 its compile time only for long or repeated generation); `auto` takes `static` on CUDA for
-models it supports (`auto_static`: memory models too, except kNN and slot memories) when no state
-is passed in or asked back, `eager` otherwise.
+models it supports (`auto_static`: memory models too, except kNN and slot memories), `eager`
+otherwise. A state passed in or asked back (a session continuing its stream) takes the static
+path only for models with recurrent memory (memlm.decode.static_memory loads and returns a
+State); the plain key/value cache of memlm.decode.static starts from the prompt alone.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperat
     path = _decode_path(model, decode, ids, state, return_state)
     if path != "eager":
         return _generate_static(model, ids, max_new_tokens, temperature, top_k, top_p, generator,
-                                compile=path == "compiled", squeeze=squeeze)
+                                compile=path == "compiled", squeeze=squeeze, state=state,
+                                return_state=return_state)
     was_training = model.training
     model.eval()
     try:
@@ -97,11 +100,14 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperat
 def _decode_path(model, decode: str, ids: torch.Tensor, state: State | None, return_state: bool) -> str:
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
+    stateful = state is not None or return_state
+    recurrent = getattr(getattr(model, "config", None), "recurrent", False)
     if decode == "auto":
-        supported = auto_static(model)
-        return "static" if ids.is_cuda and supported and state is None and not return_state else "eager"
-    if decode != "eager" and (state is not None or return_state):
-        raise ValueError(f"decode={decode!r} starts from the prompt alone: it takes no state and returns none")
+        supported = auto_static(model) and (recurrent or not stateful)
+        return "static" if ids.is_cuda and supported else "eager"
+    if decode != "eager" and stateful and not recurrent:
+        raise ValueError(f"decode={decode!r} starts from the prompt alone for a model without recurrent memory: "
+                         f"it takes no state and returns none")
     return decode
 
 
@@ -127,19 +133,24 @@ def static_decoder(model, batch_size: int, max_len: int, **options) -> static_de
 @torch.no_grad()
 def _generate_static(model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                      top_p: float | None, generator: torch.Generator | None, *, compile: bool,
-                     squeeze: bool) -> torch.Tensor:
+                     squeeze: bool, state: State | None = None, return_state: bool = False):
+    """The static path of `generate`; state / return_state only for models with recurrent memory
+    (`_decode_path` checks): the prompt continues `state`, and the returned State has run the last
+    sampled token too, as the eager path's does."""
     was_training = model.training
     model.eval()
     try:
         decoder = static_decoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compile=compile)
-        logits = decoder.prefill(ids)
+        logits = decoder.prefill(ids, state) if state is not None else decoder.prefill(ids)
         pieces = [ids]
         for step in range(max_new_tokens):
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
             pieces.append(next_ids)
-            if step + 1 < max_new_tokens:
+            if step + 1 < max_new_tokens or return_state:
                 logits = decoder.step(next_ids)
         result = torch.cat(pieces, dim=1)
+        final = decoder.state() if return_state else None
     finally:
         model.train(was_training)
-    return result[0] if squeeze else result
+    result = result[0] if squeeze else result
+    return (result, final) if return_state else result

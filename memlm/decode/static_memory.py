@@ -75,6 +75,7 @@ class MemoryStaticDecoder(StaticDecoder):
 
     decoder = MemoryStaticDecoder(model, batch_size=1)
     logits = decoder.prefill(prompt)        # (B, V) after the prompt (B, T0), from an empty memory
+    logits = decoder.prefill(prompt, state) # ... or continuing an earlier stream's State
     logits = decoder.step(next_ids)         # (B, V) after one more token (B, 1), for ever (StaticDecoder.step)
     decoder.reset(mask)                     # rows where mask (B,) is True start a new document
     state = decoder.state()                 # the model's State at this point (as the forward's)
@@ -110,16 +111,18 @@ class MemoryStaticDecoder(StaticDecoder):
 
     # ----- public -----------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        """Run the prompt (B, T0) through the model's forward from an empty memory; logits (B, V)
-        of its last position."""
+    def prefill(self, prompt: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """Run the prompt (B, T0) through the model's forward from `state` (an earlier stream's
+        State: a session's memory) or from an empty memory; logits (B, V) of its last position."""
         B, T0 = prompt.shape
         if B != self.batch_size:
             raise ValueError(f"the decoder holds {self.batch_size} rows, the prompt has {B}")
         if T0 < 1:
             raise ValueError("the prompt must hold at least one token")
+        if state is not None and state.batch_size != B:
+            raise ValueError(f"the state holds {state.batch_size} rows, the prompt has {B}")
         with self._precision():
-            out = self.model(prompt, state=self.model.init_state(B, device=prompt.device))
+            out = self.model(prompt, state=state if state is not None else self.model.init_state(B, device=prompt.device))
         self._load(out.state)
         return out.logits[:, -1]
 

@@ -114,6 +114,57 @@ def test_greedy_generation_through_the_static_memory_path():
     assert torch.equal(static_ids, eager_ids)
 
 
+def assert_same_state(mine, theirs):
+    """Position, masking, every layer's tensors and the kNN stores' contents to 1e-5."""
+    a, b = mine.state_dict(), theirs.state_dict()
+    assert (a["position"], a["masked"]) == (b["position"], b["masked"])
+    assert a["tensors"].keys() == b["tensors"].keys() and a["stores"].keys() == b["stores"].keys()
+    torch.testing.assert_close(a["tensors"], b["tensors"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a["stores"], b["stores"], atol=1e-5, rtol=0)
+
+
+def first_call(model, prompt):
+    """A session's first call: its state after the prompt and 20 sampled tokens (eager; made anew
+    for each use, since a kNN store in a State is written in place)."""
+    torch.manual_seed(3)
+    return memlm.generate(model, prompt, 20, temperature=0, decode="eager", return_state=True)[1]
+
+
+@pytest.mark.parametrize("name", ["xl", "compressive", "seed-mem (feedback, span, compressive, persistent)",
+                                  "knn joint", "ntm slots", "xl lengths by depth, longer in evaluation"])
+def test_a_session_continues_through_the_static_path_as_through_the_forward(name):
+    """generate(state=..., return_state=True) on the static path: the prompt continues the earlier
+    stream's State (memory, pending segment, stores), the tokens equal the eager path's across
+    memory rolls, and the returned State equals the eager one's (the last token run too)."""
+    model = build(name)
+    prompt, more = torch.randint(0, 256, (2, 5)), torch.randint(0, 256, (2, 3))
+    runs = {}
+    for decode in ("eager", "static"):
+        state = first_call(model, prompt)
+        ids, final = memlm.generate(model, more, 2 * SEQ + 3, temperature=0, state=state, return_state=True,
+                                    decode=decode)
+        runs[decode] = ids, final
+    (eager_ids, eager_state), (static_ids, static_state) = runs["eager"], runs["static"]
+    assert torch.equal(static_ids, eager_ids)
+    assert static_state.position == eager_state.position == 5 + 20 + 3 + 2 * SEQ + 3
+    assert_same_state(static_state, eager_state)
+    check = torch.randint(0, 256, (2, SEQ + 2))  # the returned states read on alike
+    torch.testing.assert_close(model(check, state=static_state).logits, model(check, state=eager_state).logits,
+                               atol=1e-5, rtol=0)
+
+
+def test_static_generation_without_new_tokens_returns_the_state_after_the_prompt():
+    model = build("xl")
+    prompt = torch.randint(0, 256, (1, 7))
+    ids, state = memlm.generate(model, prompt, 0, state=first_call(model, prompt), return_state=True, decode="static")
+    _, reference = memlm.generate(model, prompt, 0, state=first_call(model, prompt), return_state=True, decode="eager")
+    assert torch.equal(ids, prompt) and state.position == reference.position == 7 + 20 + 7
+    assert_same_state(state, reference)
+    decoder = MemoryStaticDecoder(model, batch_size=2)
+    with pytest.raises(ValueError, match="^the state holds 1 rows, the prompt has 2$"):
+        decoder.prefill(torch.zeros(2, 3, dtype=torch.long), model.init_state(1))
+
+
 def test_unsupported_models_and_errors():
     tokens = memlm.build("seed-xl-tiny", **tiny_overrides(seq_len=SEQ, **{"memory.tokens.count": 4}))
     assert "memory tokens" in unsupported_reason(tokens)
