@@ -248,36 +248,9 @@ def test_fsdp_a_save_failing_on_one_rank_stops_every_rank_in_one_line(corpus, tm
     load_model(out)  # checksums and all
 
 
-def knn_worker(info: distributed.Dist, corpus: Path, out: Path, parallel: str) -> None:
-    rank = info.rank
-    model = tiny_model().replace(**{"memory.xl.length": 32, "memory.knn.layers": [1], "memory.knn.capacity": 128})
-    trainer = Trainer(model, fast_config(corpus, out, steps=3, batch_size=2, eval_every=3, parallel=parallel),
-                      info)
-    trainer.fit()
-    weights = full_weights(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
-    if rank == 0:
-        torch.save(weights, out.parent / "rank0.pt")
-
-
-def test_fsdp_trains_a_knn_model_as_ddp_does(corpus, tmp_path):
-    """XL memory and a kNN layer (written with its block's weights after the block's forward, which
-    then stays gathered until its backward): two FSDP ranks end where two DDP ranks do."""
-    for parallel in ("ddp", "fsdp"):
-        mp.spawn(as_rank, args=(free_port(), knn_worker, corpus, tmp_path / parallel / "run", parallel), nprocs=2, join=True)
-    ddp, sharded = (torch.load(tmp_path / p / "rank0.pt") for p in ("ddp", "fsdp"))
-    assert_same_weights(sharded, ddp)
-    initial = memlm.build(tiny_model().replace(**{"memory.knn.layers": [1]})).state_dict()
-    assert not torch.equal(initial["blocks.1.attention.knn.gate"], sharded["blocks.1.attention.knn.gate"])
-    losses = [[r["loss"] for r in train_records(tmp_path / p / "run")] for p in ("ddp", "fsdp")]
-    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=TOL)
-
-
-COMPRESSIVE = {"memory.xl.length": 16, "memory.compressive.rate": 4, "memory.compressive.length": 8,
-               "memory.compressive.fn": "conv"}
-
-
-def compressive_worker(info: distributed.Dist, corpus: Path, out: Path, parallel: str) -> None:
-    trainer = Trainer(tiny_model().replace(**COMPRESSIVE),
+def memory_model_worker(info: distributed.Dist, corpus: Path, out: Path, parallel: str, overrides: dict) -> None:
+    """Train the tiny model with `overrides` for 3 steps; rank 0 saves its whole weights."""
+    trainer = Trainer(tiny_model().replace(**overrides),
                       fast_config(corpus, out, steps=3, batch_size=2, eval_every=3, parallel=parallel), info)
     trainer.fit()
     weights = full_weights(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
@@ -285,21 +258,41 @@ def compressive_worker(info: distributed.Dist, corpus: Path, out: Path, parallel
         torch.save(weights, out.parent / "rank0.pt")
 
 
+def train_under_ddp_and_fsdp(corpus: Path, tmp_path: Path, overrides: dict) -> dict:
+    """Two DDP ranks and two FSDP ranks on the same batches: FSDP's final weights, after checking
+    that they and the logged losses equal DDP's."""
+    for parallel in ("ddp", "fsdp"):
+        mp.spawn(as_rank, args=(free_port(), memory_model_worker, corpus, tmp_path / parallel / "run", parallel,
+                                overrides), nprocs=2, join=True)
+    ddp, sharded = (torch.load(tmp_path / p / "rank0.pt") for p in ("ddp", "fsdp"))
+    assert_same_weights(sharded, ddp)
+    losses = [[r["loss"] for r in train_records(tmp_path / p / "run")] for p in ("ddp", "fsdp")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=TOL)
+    return sharded
+
+
+def test_fsdp_trains_a_knn_model_as_ddp_does(corpus, tmp_path):
+    """XL memory and a kNN layer (written with its block's weights after the block's forward, which
+    then stays gathered until its backward): two FSDP ranks end where two DDP ranks do."""
+    sharded = train_under_ddp_and_fsdp(corpus, tmp_path, {"memory.xl.length": 32, "memory.knn.layers": [1],
+                                                          "memory.knn.capacity": 128})
+    initial = memlm.build(tiny_model().replace(**{"memory.knn.layers": [1]})).state_dict()
+    assert not torch.equal(initial["blocks.1.attention.knn.gate"], sharded["blocks.1.attention.knn.gate"])
+
+
+COMPRESSIVE = {"memory.xl.length": 16, "memory.compressive.rate": 4, "memory.compressive.length": 8,
+               "memory.compressive.fn": "conv"}
+
+
 def test_fsdp_trains_a_compressive_model_as_ddp_does(corpus, tmp_path):
     """Compressive memory (conv compressor, whose reconstruction loss runs each block's attention
     after the forward of the last block): two FSDP ranks end where two DDP ranks do, and the
     compressor has learned."""
-    for parallel in ("ddp", "fsdp"):
-        mp.spawn(as_rank, args=(free_port(), compressive_worker, corpus, tmp_path / parallel / "run", parallel),
-                 nprocs=2, join=True)
-    ddp, sharded = (torch.load(tmp_path / p / "rank0.pt") for p in ("ddp", "fsdp"))
-    assert_same_weights(sharded, ddp)
+    sharded = train_under_ddp_and_fsdp(corpus, tmp_path, COMPRESSIVE)
     torch.manual_seed(0)
     initial = memlm.build(tiny_model().replace(**COMPRESSIVE)).state_dict()
     assert any(name.startswith("compressors.") for name in sharded)
     assert all(not torch.equal(initial[name], sharded[name]) for name in sharded if name.startswith("compressors."))
-    losses = [[r["loss"] for r in train_records(tmp_path / p / "run")] for p in ("ddp", "fsdp")]
-    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=TOL)
 
 
 def test_fsdp_refuses_mechanisms_that_run_block_weights_outside_the_block(corpus, tmp_path):
