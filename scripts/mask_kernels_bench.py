@@ -10,8 +10,9 @@ Variants, each compiled with torch.compile and checked against the eager referen
   flex-expand    flex-score with the key/value heads repeated to the query heads (no GQA)
   flex-b64       flex-score with 64 x 64 tiles
   sdpa-expand    sdpa-bool with the key/value heads repeated to the query heads (sdpa's memory-efficient
-                 kernel takes no grouped heads, so sdpa-bool with fewer key heads may fall back to math)
-  sdpa-lower-right  sdpa with torch.nn.attention.bias.causal_lower_right (no key mask, no bias only)
+                 kernel takes no grouped heads; this checks whether reaching it pays)
+  sdpa-lower-right  sdpa-expand with torch.nn.attention.bias.causal_lower_right in place of the
+                 boolean mask (only with --no-key-mask and no --bias)
 and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a float mask).
 --no-key-mask drops the per-row key mask: the plain Transformer-XL case (causal with an offset).
 --dropout P gives sdpa-bool attention dropout (flex has none; memlm's auto backend takes sdpa then);
@@ -91,18 +92,16 @@ def main() -> None:
     def flex_expand(q, k, v):
         return flex_score(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1))
 
-    def sdpa_expand():
-        mask = visible if bias is None else bias[None].to(dtype).masked_fill(~visible, float("-inf"))
+    def sdpa_expand(mask=None):
+        if mask is None:
+            mask = visible if bias is None else bias[None].to(dtype).masked_fill(~visible, float("-inf"))
         groups = H // Hkv
         return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                                               attn_mask=mask, scale=scale, dropout_p=args.dropout)
 
     def sdpa_lower_right():
         from torch.nn.attention.bias import causal_lower_right
-        groups = H // Hkv
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                              attn_mask=causal_lower_right(Tq, Tk), scale=scale,
-                                              dropout_p=args.dropout)
+        return sdpa_expand(causal_lower_right(Tq, Tk))
 
     variants = {
         "sdpa-bool": torch.compile(sdpa_bool),
@@ -115,7 +114,11 @@ def main() -> None:
     if args.no_key_mask and bias is None:
         variants["sdpa-lower-right"] = torch.compile(sdpa_lower_right)
     if args.only:
-        variants = {name: variants[name] for name in args.only.split(",")}
+        wanted = args.only.split(",")
+        missing = [name for name in wanted if name not in variants]
+        if missing:
+            parser.error(f"--only {','.join(missing)}: not a variant of this run (variants: {', '.join(variants)})")
+        variants = {name: variants[name] for name in wanted}
     reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset,
                                 key_mask=None if args.no_key_mask else key_mask, scale=scale,
                                 bias=bias)
