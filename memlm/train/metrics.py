@@ -78,14 +78,18 @@ def truncate(path: Path, step: int) -> None:
 
 
 class Meter:
-    """Training loss (a device tensor until read) and training time between two train records."""
+    """Training loss and training time between two train records; the loss sum and the count of
+    finite steps stay device tensors until read, so adding a step never waits for the device."""
 
     def __init__(self, device: torch.device):
-        self.loss_sum, self.steps = torch.zeros((), device=device), 0
+        self.loss_sum, self.finite_steps = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.steps = 0  # steps taken, skipped ones included (they cost the same time)
         self.start, self.paused = time.perf_counter(), 0.0
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss
+    def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
+        """A step's mean loss; bad (0-d, 1.0 or 0.0): the step was not finite and its loss is left out."""
+        self.loss_sum += torch.where(bad > 0, torch.zeros_like(loss), loss)
+        self.finite_steps += 1 - bad
         self.steps += 1
 
     @contextlib.contextmanager

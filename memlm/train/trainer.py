@@ -136,7 +136,7 @@ class Trainer:
             model = LanguageModel(self.model_config)
         self.model = fsdp.prepare(model.to(self.device), c, info)  # activation checkpointing, FSDP sharding
         torch.manual_seed(resume.derived_seed(c.seed, info.rank))  # per-rank dropout / forgetful masks
-        self.optimizer = make_optimizer(self.model, c.lr, c.weight_decay, (c.beta1, c.beta2), self.device.type)
+        self.optimizer = make_optimizer(self.model, c.lr, c.weight_decay, (c.beta1, c.beta2))
         self.schedule = Schedule(c.lr, c.warmup_steps, c.schedule, c.min_lr_frac, c.decay_frac)
         self.tokens_per_step = c.batch_size * self.seq_len * c.grad_accum * info.world_size
         self.step = self.tokens = 0
@@ -146,6 +146,8 @@ class Trainer:
         self.best_evaluated_step: int | None = None  # the step whose evaluation set best_bpb
         self.skipped_steps = 0  # steps whose loss or gradient norm was not finite (no update)
         self.nonfinite_in_a_row = 0
+        # (step, 0-d device flag: 1 where the step was not finite and made no update) not read yet
+        self.unread_flags: list[tuple[int, torch.Tensor]] = []
         # test_weights=best: a device copy of the weights of the best validation so far, and its step
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.best_step: int | None = None
@@ -210,26 +212,28 @@ class Trainer:
                 lr = self.schedule(self.step, self.progress())
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, grad_norm, finite = self.train_step()
+                loss, grad_norm, bad = self.train_step()
                 self.step += 1
                 self.tokens += self.tokens_per_step
                 self.elapsed = self._clock()
                 if self.step == c.warmup_steps:
                     self.decay_start = self.elapsed
-                if finite:
-                    self.nonfinite_in_a_row = 0
-                    meter.add(loss)
-                else:
-                    self._skip_nonfinite_step()
+                meter.add(loss, bad)
+                self.unread_flags.append((self.step, bad))
+                self._read_flags(keep=1)  # the previous step's: the device has this step queued meanwhile
                 last = self.done()
                 if self.step % c.log_every == 0 or last:
+                    self._read_flags(keep=0)
                     self._log_train(meter, lr, grad_norm)
                     meter = Meter(self.device)
                 with meter.pause():
                     evaluate = last or self._due(c.eval_every)
+                    checkpoint_due = last or (self._due(c.checkpoint_every) if c.checkpoint_every else evaluate)
+                    if evaluate or checkpoint_due:
+                        self._read_flags(keep=0)
                     if evaluate:
                         self._evaluate()
-                    if last or (self._due(c.checkpoint_every) if c.checkpoint_every else evaluate):
+                    if checkpoint_due:
                         self.save()
                     if evaluate:
                         self.next_mark = self._next_mark()
@@ -314,9 +318,12 @@ class Trainer:
         budget = self.config.minutes * 60
         return (self.elapsed - self.decay_start) / max(budget - self.decay_start, 1e-9)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches: (mean loss, gradient norm before
-        clipping), as 0-d device tensors (reading them would wait for the device)."""
+        clipping, 1.0 where the loss or the gradient norm was not finite on some rank and the step
+        made no update, else 0.0), as 0-d device tensors. Nothing here reads the device: the fused
+        AdamW skips a non-finite step itself (its `found_inf` input, as under a GradScaler) and
+        the loop reads the flag a step later (`_read_flags`)."""
         accum = self.config.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -334,26 +341,42 @@ class Trainer:
             self.state = out.state.detach() if out.state is not None else None
         fsdp.reduce_replicated(self.model, self.info)  # FSDP: the parameters it leaves whole
         grad_norm = fsdp.clip_grad_norm_(self.model, self.config.grad_clip or math.inf)
-        # one device read a step: every rank sees the all-reduced gradients, and a rank whose own
-        # loss overflowed has non-finite gradients too; the sum keeps the decision identical everywhere
+        # every rank sees the all-reduced gradients, and a rank whose own loss overflowed has
+        # non-finite gradients too; the sum keeps the decision identical everywhere
         bad = (~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))).float()
-        finite = distributed.all_reduce_sum(self.info, bad).item() == 0
-        if finite:
+        bad = distributed.all_reduce_sum(self.info, bad).clamp_(max=1.0)
+        self.optimizer.found_inf = bad  # where 1 the fused step leaves weights, moments and step count as they are
+        try:
             self.optimizer.step()
-            self.model.after_optimizer_step()
+        finally:
+            del self.optimizer.found_inf
+        self.model.after_optimizer_step()  # clamps only: a skipped step leaves them in range
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / accum, grad_norm, finite
+        return loss_sum / accum, grad_norm, bad
 
-    def _skip_nonfinite_step(self) -> None:
-        """Count a step whose loss or gradient norm was not finite (no update was made); drop the
-        memory state it computed (its hidden states may be non-finite too); stop the run after
-        max_nonfinite_steps such steps in a row."""
+    def _read_flags(self, keep: int) -> None:
+        """Read the non-finite flags of the steps taken, all but the newest `keep`: count each
+        skipped step (`_skip_nonfinite_step`) or end a run of them. Reading waits for the device
+        to finish that step, so the loop reads a step's flag once the next step is queued."""
+        while len(self.unread_flags) > keep:
+            step, bad = self.unread_flags.pop(0)
+            if bad.item():
+                self._skip_nonfinite_step(step)
+            else:
+                self.nonfinite_in_a_row = 0
+
+    def _skip_nonfinite_step(self, step: int) -> None:
+        """Count a step whose loss or gradient norm was not finite (it made no update); drop the
+        memory state (its hidden states may be non-finite too); stop the run after
+        max_nonfinite_steps such steps in a row. The flag is read a step late, so the step after a
+        non-finite one has already read its state: if that state was poisoned, that step is not
+        finite either and is skipped and counted too."""
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
         if self.state is not None:
             self.state = self.model.init_state(self.config.batch_size, device=self.device)
         if self.info.main:
-            self.bar.log(f"step {self.step:>6} | loss or gradient norm not finite: step skipped "
+            self.bar.log(f"step {step:>6} | loss or gradient norm not finite: step skipped "
                          f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in all)")
         if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
             try:
@@ -361,7 +384,7 @@ class Trainer:
             except checkpoint.CheckpointError:
                 last = "no checkpoint was written"
             raise TrainingError(
-                f"stopped at step {self.step}: the loss or gradient norm was not finite in "
+                f"stopped at step {step}: the loss or gradient norm was not finite in "
                 f"{self.nonfinite_in_a_row} steps in a row (max_nonfinite_steps); {last}; lower --lr or "
                 f"raise --warmup_steps, then resume or start again")
 
@@ -380,13 +403,12 @@ class Trainer:
     # ----- logging, evaluation, samples -------------------------------------------------
     def _log_train(self, meter: Meter, lr: float, grad_norm: torch.Tensor) -> None:
         """A train record of the steps since the last one (loss averaged over steps and ranks)."""
-        steps = max(1, meter.steps)  # every step since the last record may have been skipped
-        loss = distributed.all_reduce_sum(self.info, meter.loss_sum.clone()).item() / (steps * self.info.world_size)
-        if meter.steps == 0:
-            loss = math.nan
+        finite = int(meter.finite_steps.item())  # every step since the last record may have been skipped
+        loss = distributed.all_reduce_sum(self.info, meter.loss_sum.clone()).item()
+        loss = loss / (finite * self.info.world_size) if finite else math.nan
         if not self.info.main:
             return
-        tokens_per_s = steps * self.tokens_per_step / meter.seconds()
+        tokens_per_s = meter.steps * self.tokens_per_step / meter.seconds()
         record = {"tokens": self.tokens, "elapsed": round(self.elapsed, 3), "loss": loss,
                   "bpb": loss / math.log(2) / corpus.bytes_per_token(self.corpus),
                   "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
