@@ -13,13 +13,13 @@ recorded once as a CUDA graph (`torch.cuda.CUDAGraph`) that every later token re
 launch.
 
 The step recomputes what the model's forward computes for one query, from the same modules:
-projections, QK-norm, RoPE/xPos on the cached (unrotated) keys at their distances from the
-query, T5 and TUPE biases, persistent memory (one softmax over cached and persistent keys,
+projections, QK-norm, RoPE/xPos (each key rotated once, when it is written, at its cache slot,
+and the query at its own slot: a score then sees the difference of two slots, which is the
+distance of the two positions, as the forward's relative rotation does), T5 and TUPE biases, persistent memory (one softmax over cached and persistent keys,
 equal to the forward's exact log-sum-exp merge), pre- or post-norm blocks. It attends over the
 whole buffer and masks positions not yet written, so the work per token is that of the
-buffer's length. Models whose state is more than a key/value cache (recurrent, compressive or
-kNN memory, memory tokens, adaptive span) are not supported (`unsupported_reason`); they
-decode through the model's forward.
+buffer's length. Models with recurrent memory decode through memlm.decode.static_memory, which
+builds on this step.
 
 Precision: with `dtype` (e.g. torch.bfloat16) the decoder runs its own copy of the model cast
 to that dtype, outside autocast, so each step reads half the bytes and launches no weight
@@ -52,6 +52,14 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if m.adaptive_span.enabled:
         return "adaptive span is not implemented in the static decode step"
     return None
+
+
+def rotated_keys(attention: nn.Module, k: torch.Tensor, first_slot: int) -> torch.Tensor:
+    """Keys (B, Hkv, n, D) as the cache holds them: rotated (RoPE / xPos) at their slots
+    first_slot..first_slot+n-1. The step rotates its query at its own slot, so a score sees the
+    difference of the two slots, which is the difference of their stream positions: what the
+    forward's relative rotation gives, with one rotation per key instead of one per key and step."""
+    return attention.rotary.rotate(k, first_slot, -1.0) if attention.rotary is not None else k
 
 
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -133,8 +141,8 @@ class StaticDecoder:
             raise ValueError(f"prompt length {T0} must lie in 1..{self.max_len} (the cache size)")
         with self._precision():
             out = self.model(prompt, state=self.model.init_state(B, device=prompt.device))
-        for i, layer in enumerate(out.state.layers):
-            self.k_cache[i, :, :, :T0].copy_(layer.k)
+        for i, (block, layer) in enumerate(zip(self.model.blocks, out.state.layers)):
+            self.k_cache[i, :, :, :T0].copy_(rotated_keys(block.attention, layer.k, 0))
             self.v_cache[i, :, :, :T0].copy_(layer.v)
         self.length = T0
         if self.model.tupe is not None:  # TUPE's key-side term depends only on the slot: once per prompt
@@ -255,20 +263,21 @@ class StaticDecoder:
         H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
         G = H // Hkv
         q, k, v = attention.project(h)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
-        where = (position if slot is None else slot).view(1)
+        where = (position if slot is None else slot).view(1)  # this position's slot
+        if attention.rotary is not None:
+            k = attention.rotary.rotate(k, where, -1.0)
         k_cache.index_copy_(2, where, k.to(k_cache.dtype))  # (B, Hkv, S, D)
         v_cache.index_copy_(2, where, v.to(v_cache.dtype))
         scale = attention.scale
         if attention.qk_scale is not None:
             q = q * attention.qk_scale.to(q.dtype)
             scale = 1.0
-        q_unrotated = q  # the query is at distance 0: rotary leaves it unchanged
+        q_unrotated = q  # for the position-free sources (persistent, registry, kNN)
+        if attention.rotary is not None:  # at its slot, as every cached key is: the scores see slot differences
+            q = attention.rotary.rotate(q, where, +1.0)
         q = q.view(B, Hkv, G, D)
         distance = self.key_positions - position  # (S,) <= 0 for every visible key
-        keys = k_cache.to(q.dtype)
-        if attention.rotary is not None:
-            keys = attention.rotary.rotate(keys, distance, -1.0)
-        scores = (q @ keys.transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
+        scores = (q @ k_cache.to(q.dtype).transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
         if bias is not None:
             scores = scores + bias.view(1, Hkv, G, -1).float()
         if attention.span is not None:  # adaptive span's soft mask over the distance

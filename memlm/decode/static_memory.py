@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memlm.decode.static import StaticDecoder
+from memlm.decode.static import StaticDecoder, rotated_keys
 from memlm.memory import xl
 from memlm.state import LayerState, State
 
@@ -209,7 +209,7 @@ class MemoryStaticDecoder(StaticDecoder):
         h = block.attn_norm(states) if block.pre_norm else states
         k, v = block.attention.project_kv(h.to(self.inputs.dtype))  # (B, Hkv, n, D)
         n = states.shape[1]
-        self.k_cache[i, :, :, first:first + n].copy_(k)
+        self.k_cache[i, :, :, first:first + n].copy_(rotated_keys(block.attention, k, first))
         self.v_cache[i, :, :, first:first + n].copy_(v)
 
     # ----- the step ---------------------------------------------------------------------
