@@ -4,7 +4,7 @@ in a CUDA graph.
 `memlm.decode.generate` decodes through the model's own forward with a growing cache: every token
 concatenates the cache and launches a few hundred small kernels from Python, so at batch 1 a
 small model spends its time on launches ("launch-bound"), not on reading its weights. This
-module keeps every layer's keys and values in one preallocated buffer (L, B, Hkv, S, D) and
+module keeps each layer's keys and values in one preallocated buffer (B, Hkv, S, D) and
 writes each new position in place, so the decode step has the same shapes at every position
 and takes the position as a tensor. One step then does no host work that depends on the
 position, which lets it be compiled once (`compile=True`, torch.compile with static shapes,
@@ -105,9 +105,11 @@ class StaticDecoder:
             raise ValueError("CUDA graphs need a CUDA model")
         cache_dtype = dtype or (torch.get_autocast_dtype("cuda") if device.type == "cuda"
                                 and torch.is_autocast_enabled("cuda") else next(self.model.parameters()).dtype)
-        shape = (c.layers, batch_size, c.kv_heads, max_len, c.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)  # (L, B, Hkv, S, D)
-        self.v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
+        # one tensor per layer, not one (L, ...) tensor: compiled, a write into a view of a stacked
+        # buffer became a copy of the whole layer's buffer per step (the H100 profile of 2026-12-06)
+        shape = (batch_size, c.kv_heads, max_len, c.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(c.layers)]  # L x (B, Hkv, S, D)
+        self.v_cache = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(c.layers)]
         self.key_positions = torch.arange(max_len, device=device)  # (S,)
         self._tupe_keys = None  # (S, H, D) TUPE key-side projections of every slot, set by prefill
         if self.model.tupe is not None:
@@ -142,8 +144,8 @@ class StaticDecoder:
         with self._precision():
             out = self.model(prompt, state=self.model.init_state(B, device=prompt.device))
         for i, (block, layer) in enumerate(zip(self.model.blocks, out.state.layers)):
-            self.k_cache[i, :, :, :T0].copy_(rotated_keys(block.attention, layer.k, 0))
-            self.v_cache[i, :, :, :T0].copy_(layer.v)
+            self.k_cache[i][:, :, :T0].copy_(rotated_keys(block.attention, layer.k, 0))
+            self.v_cache[i][:, :, :T0].copy_(layer.v)
         self.length = T0
         if self.model.tupe is not None:  # TUPE's key-side term depends only on the slot: once per prompt
             tupe = self.model.tupe
@@ -200,9 +202,10 @@ class StaticDecoder:
         self._cuda_graph = graph
         self._graph_pool = graph.pool()
 
-    def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor,
-              v_cache: torch.Tensor) -> torch.Tensor:
-        """ids (B, 1) at `position` (0-d long tensor) -> logits (B, V); writes the caches in place."""
+    def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: list[torch.Tensor],
+              v_cache: list[torch.Tensor]) -> torch.Tensor:
+        """ids (B, 1) at `position` (0-d long tensor) -> logits (B, V); writes the caches (one per
+        layer) in place."""
         model = self.model
         x = self._embed(ids, position)  # (B, 1, W)
         visible = self.key_positions <= position  # (S,)
@@ -266,8 +269,8 @@ class StaticDecoder:
         where = (position if slot is None else slot).view(1)  # this position's slot
         if attention.rotary is not None:
             k = attention.rotary.rotate(k, where, -1.0)
-        k_cache.index_copy_(2, where, k.to(k_cache.dtype))  # (B, Hkv, S, D)
-        v_cache.index_copy_(2, where, v.to(v_cache.dtype))
+        k_cache[:, :, where] = k.to(k_cache.dtype)  # (B, Hkv, S, D)
+        v_cache[:, :, where] = v.to(v_cache.dtype)
         scale = attention.scale
         if attention.qk_scale is not None:
             q = q * attention.qk_scale.to(q.dtype)

@@ -8,7 +8,7 @@ not change, so caching their keys and values instead is exact, and it is what th
 
 The eager path (`memlm.generate` through the model's forward) keeps a layer's memory as hidden
 states and projects all of them through the layer's key/value weights again for every new
-token. Here each layer's keys and values live in one preallocated buffer (L, B, Hkv, R + T, D):
+token. Here each layer's keys and values live in one preallocated buffer per layer (B, Hkv, R + T, D):
 
     slots 0 .. R-1      the memory the segment reads ([compressed | memory], right-aligned), its
                         keys and values projected once, when the segment starts
@@ -97,9 +97,11 @@ class MemoryStaticDecoder(StaticDecoder):
                          dtype=dtype)
         W, L, device = c.width, c.layers, self.device
         hidden = dtype or next(self.model.parameters()).dtype
-        self.inputs = torch.zeros(L, batch_size, self.segment, W, dtype=hidden, device=device)  # (L, B, T, W)
+        self.hidden_dtype = hidden
+        # per layer, as the caches (StaticDecoder): the step writes them in place
+        self.inputs = [torch.zeros(batch_size, self.segment, W, dtype=hidden, device=device) for _ in range(L)]  # L x (B, T, W)
         self.top = torch.zeros(batch_size, self.segment, W, dtype=hidden, device=device)  # (B, T, W)
-        self.added = torch.zeros(L, batch_size, self.segment, W, dtype=hidden, device=device)  # feedback add
+        self.added = [torch.zeros(batch_size, self.segment, W, dtype=hidden, device=device) for _ in range(L)]  # feedback add
         self.first_visible = torch.zeros(L, dtype=torch.long, device=device)  # (L,) oldest memory position
         self.row_start = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._segment_start = torch.zeros((), dtype=torch.long, device=device)
@@ -148,7 +150,7 @@ class MemoryStaticDecoder(StaticDecoder):
         done = self.length - self.segment_start
         if not done:
             return self._host
-        layers = [layer.replace(pending=self.inputs[i, :, :done].clone()) for i, layer in enumerate(self._host.layers)]
+        layers = [layer.replace(pending=self.inputs[i][:, :done].clone()) for i, layer in enumerate(self._host.layers)]
         layers[-1] = layers[-1].replace(top=self.top[:, :done].clone())
         return State(self.length, self._host.row_start, layers, self._host.masked, self._host.stores)
 
@@ -158,7 +160,7 @@ class MemoryStaticDecoder(StaticDecoder):
         host, model = self._host, self.model
         layers = [LayerState(cmem=layer.cmem, mem=layer.mem, feedback=layer.feedback, external=layer.external,
                              extensions=dict(layer.extensions)) for layer in host.layers]
-        inputs = [self.inputs[i].clone() for i in range(len(layers))]
+        inputs = [buffer.clone() for buffer in self.inputs]
         writable = {i: store for i, store in host.stores.items() if not store.shared}
         with self._precision():
             layers, _, completed = xl.next_layers(model, layers, inputs, self.top.clone(), writable, self.length)
@@ -190,11 +192,11 @@ class MemoryStaticDecoder(StaticDecoder):
                     self._project_into(i, block, memory, R - n)
                 if done:
                     self._project_into(i, block, layer.pending, R)
-                    self.inputs[i, :, :done].copy_(layer.pending)
+                    self.inputs[i][:, :done].copy_(layer.pending)
                 feedback = layer.feedback
                 self.added[i].zero_()
                 if feedback is not None:
-                    self.added[i, :, :feedback.shape[1]].copy_(feedback[:, :self.segment])
+                    self.added[i][:, :feedback.shape[1]].copy_(feedback[:, :self.segment])
             if done:
                 self.top[:, :done].copy_(state.layers[-1].top)
             self._sources = model._sources(state)
@@ -207,14 +209,14 @@ class MemoryStaticDecoder(StaticDecoder):
     def _project_into(self, i: int, block: nn.Module, states: torch.Tensor, first: int) -> None:
         """Keys and values of hidden states (B, n, W) into slots first..first+n-1 of layer i."""
         h = block.attn_norm(states) if block.pre_norm else states
-        k, v = block.attention.project_kv(h.to(self.inputs.dtype))  # (B, Hkv, n, D)
+        k, v = block.attention.project_kv(h.to(self.hidden_dtype))  # (B, Hkv, n, D)
         n = states.shape[1]
-        self.k_cache[i, :, :, first:first + n].copy_(rotated_keys(block.attention, k, first))
-        self.v_cache[i, :, :, first:first + n].copy_(v)
+        self.k_cache[i][:, :, first:first + n].copy_(rotated_keys(block.attention, k, first))
+        self.v_cache[i][:, :, first:first + n].copy_(v)
 
     # ----- the step ---------------------------------------------------------------------
-    def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor,
-              v_cache: torch.Tensor) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, position: torch.Tensor, k_cache: list[torch.Tensor],
+              v_cache: list[torch.Tensor]) -> torch.Tensor:
         """ids (B, 1) at `position` (0-d long) -> logits (B, V); writes keys, values and inputs
         of the position in place."""
         model = self.model
@@ -229,7 +231,7 @@ class MemoryStaticDecoder(StaticDecoder):
         for i, block in enumerate(model.blocks):
             if add_feedback:
                 h = h + self.added[i].index_select(1, offset).to(h.dtype)
-            self.inputs[i].index_copy_(1, offset, h.to(self.inputs.dtype))
+            self.inputs[i][:, offset] = h.to(self.hidden_dtype)
             visible = seen & (keys >= self.first_visible[i])[None, :]
             layer_bias = bias[0 if len(bias) == 1 else i] if bias else None
             store = self._host.stores.get(i) if block.attention.knn is not None else None
@@ -246,5 +248,5 @@ class MemoryStaticDecoder(StaticDecoder):
                 h = block.attn_norm(h + attend(h))
                 if block.feedforward is not None:
                     h = block.ff_norm(h + block.feedforward(h))
-        self.top.index_copy_(1, offset, h.to(self.top.dtype))
+        self.top[:, offset] = h.to(self.top.dtype)
         return model.head(model.final_norm(h))[:, -1]  # (B, V)

@@ -79,7 +79,7 @@ def test_bf16_copy_tracks_the_float32_model():
     model = build("rope")
     ids = torch.randint(0, 256, (1, 12))
     decoder = StaticDecoder(model, batch_size=1, max_len=12, dtype=torch.bfloat16)
-    assert decoder.k_cache.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    assert decoder.k_cache[0].dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
     decoder.prefill(ids[:, :4])
     last = [decoder.step(ids[:, t:t + 1]).float() for t in range(4, 12)][-1]
     reference = model(ids).logits[0, -1]
