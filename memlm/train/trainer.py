@@ -328,11 +328,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y, *flags = self.loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
+            x, y = self._to_device(x), self._to_device(y)  # (B, T)
             if self.state is not None:
                 forget = self._rows_to_forget(flags[0][:, 0], micro)
                 if forget is not None:
-                    self.state = self.state.reset(forget.to(self.device))
+                    self.state = self.state.reset(self._to_device(forget))
             fsdp.set_gradient_sync(self.train_model, self.model, micro == accum - 1)  # on the last micro-step only
             with self.autocast:
                 out = self.train_model(x, targets=y, state=self.state)
@@ -353,6 +353,14 @@ class Trainer:
         self.model.after_optimizer_step()  # clamps only: a skipped step leaves them in range
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / accum, grad_norm, bad
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A loader's CPU tensor on the training device. On CUDA through pinned memory: a copy from
+        pageable memory may wait for the device's queue to drain (CUDA's rules for staging it),
+        which would stall the host once a step as a read would."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _read_flags(self, keep: int) -> None:
         """Read the non-finite flags of the steps taken, all but the newest `keep`: count each

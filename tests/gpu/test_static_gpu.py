@@ -95,10 +95,20 @@ def memory_decode_and_forward(preset: str, extra: dict, compile: bool) -> tuple[
 @pytest.mark.parametrize("compile", [False, True], ids=["eager step", "compiled step"])
 @pytest.mark.parametrize("case", list(MEMORY_CASES))
 def test_memory_static_decode_equals_forward_fp32(case, compile):
+    """Every position to 1e-4, except, with kNN memory, a near-tie of the retrieval: two stored
+    keys whose scores differ by less than float32 rounding may rank either way (the forward
+    scores 64 queries at once, the step one), and a swapped k-th key moves that position's
+    logits by up to ~1e-3 (seen once in 345 positions for seed-knn-tiny on an H100). So with kNN:
+    at most 1% of positions past 1e-4, none past 1e-2."""
     got, full = memory_decode_and_forward(*MEMORY_CASES[case], compile)
-    diff = (got - full).abs().max().item()
-    print(f"memory static decode {case} {'compiled ' if compile else ''}fp32: max |d| {diff:.2e}")
-    assert diff < 1e-3
+    by_position = (got - full).abs().amax(dim=(0, 2))  # (365,)
+    off = int((by_position > 1e-4).sum())
+    print(f"memory static decode {case} {'compiled ' if compile else ''}fp32: max |d| {by_position.max():.2e}, "
+          f"positions past 1e-4: {off} of {len(by_position)}")
+    if "knn" in case:
+        assert off <= len(by_position) // 100 and by_position.max() < 1e-2
+    else:
+        assert off == 0
 
 
 @pytest.mark.parametrize("case", ["knn", "depth-xpos-knn"])
