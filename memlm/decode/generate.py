@@ -8,7 +8,7 @@ Decode paths (`decode`): `eager` runs the model's forward with its growing state
 uses memlm.decode.static (a fixed-size key/value cache, the step captured in a CUDA
 graph on CUDA); `compiled` is `static` with the step compiled by torch.compile first (worth
 its compile time only for long or repeated generation); `auto` takes `static` on CUDA for
-models it supports (`auto_static`: memory models too, except kNN and slot memories), `eager`
+models it supports (`auto_static`: memory models too, except slot memories), `eager`
 otherwise. A state passed in or asked back (a session continuing its stream) takes the static
 path only for models with recurrent memory (memlm.decode.static_memory loads and returns a
 State); the plain key/value cache of memlm.decode.static starts from the prompt alone.
@@ -113,12 +113,13 @@ def _decode_path(model, decode: str, ids: torch.Tensor, state: State | None, ret
 
 def auto_static(model) -> bool:
     """Whether `decode="auto"` takes the static path on CUDA for `model`: every model
-    memlm.decode.static serves, and the recurrent-memory models memlm.decode.static_memory serves
-    with one graph for the whole stream (kNN and slot memories, whose graph is captured again at
-    each segment's end, decode eagerly until that path is measured on a GPU)."""
+    memlm.decode.static serves, and the recurrent-memory models memlm.decode.static_memory
+    serves, kNN memory included (its graph is captured again at each segment's end; measured on
+    an H100, results/2026-12-06). Slot memories (the registry's mechanisms), whose graph is
+    captured per segment too, decode eagerly until their path is measured on a GPU."""
     if not getattr(getattr(model, "config", None), "recurrent", False):
         return static_decode.unsupported_reason(model) is None
-    return static_memory.unsupported_reason(model) is None and not static_memory.captured_per_segment(model)
+    return static_memory.unsupported_reason(model) is None and not getattr(model, "mechanisms", ())
 
 
 def static_decoder(model, batch_size: int, max_len: int, **options) -> static_decode.StaticDecoder:

@@ -112,9 +112,10 @@ def test_limits_and_unsupported_models():
 
 
 def test_auto_takes_the_static_path_on_cuda_for_models_one_graph_serves():
-    """decode="auto": static on CUDA for plain models and for memory models served by one graph
-    (XL, compressive); eager for kNN memory (its graph is captured per segment), memory tokens
-    (no static path), for a plain model with a state passed in or asked back, and on the CPU."""
+    """decode="auto": static on CUDA for plain models and for memory models (XL, compressive, kNN);
+    eager for slot memories (their graph is captured per segment, not yet measured on a GPU),
+    memory tokens (no static path), for a plain model with a state passed in or asked back, and
+    on the CPU."""
     from types import SimpleNamespace
 
     from memlm.decode.generate import _decode_path
@@ -124,13 +125,15 @@ def test_auto_takes_the_static_path_on_cuda_for_models_one_graph_serves():
     compressive = memlm.build("seed-compressive-tiny", **tiny_overrides())
     knn = memlm.build("seed-knn-tiny", **tiny_overrides(**{"memory.knn.layers": [1]}))
     tokens = memlm.build("seed-xl-tiny", **tiny_overrides(**{"memory.tokens.count": 4}))
-    assert [_decode_path(m, "auto", on_cuda, None, False) for m in (plain, xl, compressive, knn, tokens)] == \
-        ["static", "static", "static", "eager", "eager"]
+    slots = memlm.build("seed-xl-tiny", **tiny_overrides(**{"memory.ntm.layers": [1]}))
+    assert [_decode_path(m, "auto", on_cuda, None, False) for m in (plain, xl, compressive, knn, tokens, slots)] == \
+        ["static", "static", "static", "static", "eager", "eager"]
     assert _decode_path(xl, "auto", on_cpu, None, False) == "eager"
     # a state in or out (a session): the memory decoder loads and returns States, the plain cache does not
     assert _decode_path(xl, "auto", on_cuda, xl.init_state(1), False) == "static"
     assert _decode_path(xl, "auto", on_cuda, None, True) == "static"
     assert _decode_path(plain, "auto", on_cuda, plain.init_state(1), False) == "eager"
     assert _decode_path(plain, "auto", on_cuda, None, True) == "eager"
-    assert _decode_path(knn, "auto", on_cuda, knn.init_state(1), True) == "eager"
+    assert _decode_path(knn, "auto", on_cuda, knn.init_state(1), True) == "static"
+    assert _decode_path(slots, "auto", on_cuda, slots.init_state(1), True) == "eager"
     assert _decode_path(xl, "static", on_cpu, xl.init_state(1), True) == "static"
