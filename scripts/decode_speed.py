@@ -119,7 +119,8 @@ def profile(preset: str, B: int, args) -> None:
                 logits = decoder.step(logits.argmax(-1, keepdim=True))
             torch.cuda.synchronize()
     table = prof.key_averages()
-    cuda_us = sum(e.self_device_time_total for e in table) / args.profile
+    # the kernels themselves (an operator's row repeats its kernels' device time)
+    cuda_us = sum(e.self_device_time_total for e in table if e.device_type == torch.autograd.DeviceType.CUDA) / args.profile
     print(f"## {preset} B{B}: {seconds * 1e3:.3f} ms a step without graph (launch-bound), kernels {cuda_us:.0f} us "
           f"a step; frames compiled {counters['stats']['unique_graphs']}, graph breaks "
           f"{sum(counters['graph_break'].values())}", flush=True)
