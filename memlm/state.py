@@ -164,6 +164,19 @@ class State:
     def to(self, device: torch.device | str) -> "State":
         return self._map(lambda t: t.to(device))
 
+    def mark_static(self) -> "State":
+        """Mark every tensor of the layers static for torch.compile (torch._dynamo.mark_static),
+        before each compiled call; returns self. A memory longer than a segment fills over several
+        steps, and from its second length on dynamo would compile with the length symbolic
+        (automatic dynamic shapes), so the steady state, a full memory, would run a graph built
+        for any length. Marked static, each length while filling is one graph and the full memory
+        has its own. Not for adaptive span: its memory follows the learned spans, and one graph a
+        length would exhaust the recompile limit. Applied by whoever compiles (Trainer, bench)."""
+        for layer in self.layers:
+            for t in layer.tensors().values():
+                torch._dynamo.mark_static(t)
+        return self
+
     def reset(self, mask: torch.Tensor) -> "State":
         """Forget the past of the rows where mask (B,) is True: they start a new document."""
         if mask.shape != (self.batch_size,):

@@ -208,7 +208,8 @@ class StreamObjective(nn.Module):
     only while the memory fills and its tensors' shapes and strides settle (no memory, memory
     sliced from one segment, then from the rolled memory; compressed memory likewise): 3 graphs
     for seed-xl, 4 with compressive memory, 2 for kNN memory with filled stores, compiled
-    within `memory_warmup` steps. kNN store writes (`Store.write`, called in the model's forward
+    within `memory_warmup` steps; a memory longer than a segment adds one graph per length
+    while it fills, each static (State.mark_static, as the Trainer). kNN store writes (`Store.write`, called in the model's forward
     when a segment completes) are traced into the graph as in-place updates of the store's
     tensors. `fill_stores` fills them first, so that the timed steps search full stores, as
     most steps of a long run do."""
@@ -231,6 +232,8 @@ class StreamObjective(nn.Module):
                 allow_memory_recompiles()  # as the Trainer does: memories filling are new graphs
                 self.__dict__["compiled"] = torch.compile(self.model)
             model = self.compiled
+            if not self.model.config.memory.adaptive_span.enabled:  # as the Trainer: static memory shapes
+                self.state.mark_static()
         out = model(inputs, targets=targets, state=self.state)
         self.state = out.state.detach()
         self.steps += 1

@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 
+import memlm
+
 from memlm.state import (MEMORY_RECOMPILE_LIMIT, LayerState, State, allow_memory_recompiles, cleared_on_reset,
                          register_extension_state, slot)
 from memlm.memory.knn.stores import make_store
@@ -322,3 +324,34 @@ def test_states_at_other_positions_or_with_knn_stores_are_not_stacked():
     assert with_store.batch_key() is None
     with pytest.raises(ValueError, match="^a State with kNN stores cannot be split into rows$"):
         with_store.rows()
+
+
+def _compiled_memory_shapes(mark_static: bool) -> list[bool]:
+    """Per graph dynamo builds while an XL memory of 3 segments fills and then rolls: whether
+    any of its tensor inputs has a symbolic size (a graph for any memory length)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        values = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        graphs.append(any(isinstance(size, torch.SymInt) for t in values if isinstance(t, torch.Tensor)
+                          for size in t.shape))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = memlm.build("seed-xl-tiny", layers=1, width=32, seq_len=8, **{"attention.heads": 2,
+                                                                         "memory.xl.length": 24})
+    compiled = torch.compile(model, backend=record)
+    state = model.init_state(2)
+    for _ in range(6):
+        if mark_static:
+            state.mark_static()
+        state = compiled(torch.randint(0, 256, (2, 8)), state=state).state.detach()
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_mark_static_keeps_a_filling_memory_out_of_symbolic_shapes():
+    assert any(_compiled_memory_shapes(mark_static=False))  # dynamo's default: the length goes symbolic
+    marked = _compiled_memory_shapes(mark_static=True)
+    assert len(marked) >= 4 and not any(marked)  # one static graph per memory length (0, 8, 16, 24)

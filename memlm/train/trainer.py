@@ -162,6 +162,10 @@ class Trainer:
         self.next_mark = math.inf  # minutes budget: when the next evaluation is due (set by fit)
 
         self.train_model: torch.nn.Module = self.model
+        # compiled with memory: every memory length its own static graph (State.mark_static); memlm's
+        # models only (a peer's state is its own), and not with adaptive span (its lengths vary)
+        self.static_memory_shapes = bool(c.compile and self.stateful and isinstance(self.model_config, ModelConfig)
+                                         and not self.model_config.memory.adaptive_span.enabled)
         if c.compile:
             if self.stateful:  # filling memories and trimmed spans are new graphs
                 allow_memory_recompiles()
@@ -334,6 +338,8 @@ class Trainer:
                 if forget is not None:
                     self.state = self.state.reset(self._to_device(forget))
             fsdp.set_gradient_sync(self.train_model, self.model, micro == accum - 1)  # on the last micro-step only
+            if self.static_memory_shapes:
+                self.state.mark_static()
             with self.autocast:
                 out = self.train_model(x, targets=y, state=self.state)
             ((out.loss + out.aux_loss) / accum).backward()

@@ -57,6 +57,8 @@ def compile_warm_up(trainer, passes: int) -> float:
             elif i == 2:
                 starts[0] = True
             state = state.reset(starts.to(device))
+        if state is not None and trainer.static_memory_shapes:  # the graphs the steps will use
+            state.mark_static()
         with trainer.autocast:
             out = trainer.train_model(x, targets=y, state=state)
         (out.loss + out.aux_loss).backward()
