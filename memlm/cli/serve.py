@@ -38,6 +38,10 @@ class ServeCommand:
     """An idle server that receives a request waits this long for others to start with it."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
+    decode: Literal["auto", "eager", "static"] = "auto"
+    """eager: the forward, requests at one stream position batched; static: a static-cache decoder
+    per request (a CUDA graph a step on CUDA); auto: static on CUDA for models with recurrent
+    memory that memlm generate decodes that way, else eager."""
 
 
 def run(argv: list[str]) -> int:
@@ -62,8 +66,11 @@ def run(argv: list[str]) -> int:
     device = pick_device(args.device)
     model, saved = load_model(args.path, device)
     attach_memory(model, args.memory, device, args.memory_mode)
-    engine = Engine(model, device, saved["train"].get("precision", "auto"), load_tokenizer(args.path, saved),
-                    max_batch=args.max_batch, gather_ms=args.gather_ms)
+    try:
+        engine = Engine(model, device, saved["train"].get("precision", "auto"), load_tokenizer(args.path, saved),
+                        max_batch=args.max_batch, gather_ms=args.gather_ms, decode=args.decode)
+    except ValueError as error:  # --decode static for a model it cannot serve
+        raise UsageError(str(error))
     sessions = SessionStore(args.max_sessions, int(args.max_session_mb * 2 ** 20))
     app = create_app(engine, sessions, model_name=Path(args.path).name or "memlm", max_tokens=args.max_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -16,6 +16,13 @@ others to start with it. Limits: States sit at their own stream's position, so
 only requests at equal positions share a forward (new streams with prompts of one length,
 sessions at the same point); a model with kNN stores (external memory, one object per batch)
 decodes each request alone.
+
+Static decoding (`decode="static"`, and `"auto"` on CUDA for the recurrent-memory models
+`memlm.generate` decodes that way): each request gets a batch-1 MemoryStaticDecoder from a
+pool (memlm.decode.static_memory; a CUDA graph a step on CUDA), which reads the prompt from the
+session's State and gives the State back at the end, equal to the forward's. Requests then
+share no forward: each step replays one graph per request, which beats the eager batched
+forward unless many requests sit at one stream position.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import torch
 
 from memlm.data import ByteTokenizer, Tokenizer
 from memlm.decode import sample_next
+from memlm.decode import static_memory
+from memlm.decode.generate import auto_static
 from memlm.decode.streaming import TextStream
 from memlm.device import autocast
 from memlm.state import State
@@ -67,13 +76,31 @@ class _Job:
     """What the request's caller reads: text pieces, then _DONE (or an exception)."""
     logits: torch.Tensor | None = None
     """(1, V) the distribution of the next token."""
+    decoder: static_memory.MemoryStaticDecoder | None = None
+    """Static decoding: the request's decoder (its State lives there until the request ends)."""
     cancelled: bool = False
     finished: bool = False
 
 
 class Engine:
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "auto",
-                 tokenizer: Tokenizer | None = None, max_batch: int = 64, gather_ms: float = 2.0):
+                 tokenizer: Tokenizer | None = None, max_batch: int = 64, gather_ms: float = 2.0,
+                 decode: str = "auto"):
+        """decode: eager (the forward, requests at one position batched), static (a static
+        decoder per request) or auto (static on CUDA where memlm.generate would take it, for
+        models with recurrent memory and no knowledge memory; else eager)."""
+        if decode not in ("auto", "eager", "static"):
+            raise ValueError(f"decode must be auto, eager or static, got {decode!r}")
+        recurrent = getattr(getattr(model, "config", None), "recurrent", False)
+        knowledge = bool(getattr(model, "knowledge", None))
+        if decode == "static":
+            reason = static_memory.unsupported_reason(model) or (
+                "a knowledge memory is read through the forward only" if knowledge else None)
+            if reason is not None:
+                raise ValueError(f"decode='static' cannot serve this model: {reason}")
+        self.static = decode == "static" or (decode == "auto" and device.type == "cuda" and recurrent
+                                             and not knowledge and auto_static(model))
+        self._decoders: list[static_memory.MemoryStaticDecoder] = []  # idle ones, reused by later requests
         self.model = model.eval()
         self.device, self.precision = device, precision
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()  # the run's (load_tokenizer)
@@ -131,7 +158,11 @@ class Engine:
             if new:
                 self._run(self._prefill, new)
                 active += new
-            active = [job for job in active if not job.finished and not job.cancelled]
+            for job in active:
+                if job.cancelled and not job.finished:  # its caller went away: give its decoder back
+                    job.finished = True
+                    self._release(job)
+            active = [job for job in active if not job.finished]
             if active:
                 self._run(self._step, active)
 
@@ -144,9 +175,20 @@ class Engine:
                 if not job.finished:
                     job.finished = True
                     job.pieces.put(error)
+                    self._release(job, reuse=False)  # its decoder may be mid-step: not reused
 
     def _prefill(self, jobs: list[_Job]) -> None:
         """Read the new requests' prompts, those of one length from equal States in one forward."""
+        if self.static:
+            for job in jobs:
+                job.decoder = self._decoders.pop() if self._decoders else \
+                    static_memory.MemoryStaticDecoder(self.model, batch_size=1)
+                ids = torch.tensor([job.ids], device=self.device)  # (1, T)
+                with autocast(self.device, self.precision):
+                    job.logits = job.decoder.prefill(ids, job.state).float().clone()
+                job.state = None  # the decoder holds it now
+                self.forwards += 1
+            return
         for job in jobs:
             job.state = job.state if job.state is not None else self.model.init_state(1, device=self.device)
         self._feed(jobs, [job.ids for job in jobs])
@@ -154,7 +196,13 @@ class Engine:
     def _step(self, jobs: list[_Job]) -> None:
         """One token for every job: sample, feed it (batched by State), then stop or go on."""
         tokens = [int(sample_next(job.logits, job.temperature, None, job.top_p, job.generator)) for job in jobs]
-        self._feed(jobs, [[token] for token in tokens])
+        if self.static:
+            for job, token in zip(jobs, tokens):
+                with autocast(self.device, self.precision):  # the step's output is overwritten by its next replay
+                    job.logits = job.decoder.step(torch.tensor([[token]], device=self.device)).float().clone()
+                self.forwards += 1
+        else:
+            self._feed(jobs, [[token] for token in tokens])
         for job, token in zip(jobs, tokens):
             self._after(job, token)
 
@@ -189,8 +237,17 @@ class Engine:
             piece = job.text.finish()
             if piece:
                 job.pieces.put(piece)
-            job.result.state, job.finished = job.state, True
+            job.result.state = job.decoder.state() if job.decoder is not None else job.state
+            job.finished = True
+            self._release(job)
             job.pieces.put(_DONE)
+
+    def _release(self, job: _Job, reuse: bool = True) -> None:
+        """Give a finished request's decoder back to the pool (or drop it)."""
+        if job.decoder is not None:
+            if reuse:
+                self._decoders.append(job.decoder)
+            job.decoder = None
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

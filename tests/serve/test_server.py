@@ -215,3 +215,41 @@ def test_the_command_refuses_bad_options_before_loading(capsys):
     assert "--gather-ms must lie in" in capsys.readouterr().err
     assert cli.main(["serve", "no-such-run"]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,extra", [("seed-xl-tiny", {}), ("seed-knn-tiny", {"memory.knn.layers": [1],
+                                                                        "memory.knn.dtype": "float32"})],
+                         ids=["xl", "knn"])
+def test_static_decoding_serves_what_the_forward_serves(preset, extra):
+    """decode="static" (a pooled MemoryStaticDecoder per request, graph-free on the CPU): a new
+    stream, then a session continued from its State, give the texts and final States of the
+    eager engine, across memory rolls; finished requests' decoders are reused."""
+    from memlm.serve.engine import Completion
+    torch.manual_seed(0)
+    model = memlm.build(preset, **tiny_overrides(seq_len=16, **extra)).eval()
+    runs = {}
+    for decode in ("eager", "static"):
+        engine = Engine(model, torch.device("cpu"), gather_ms=0, decode=decode)
+        assert engine.static == (decode == "static")
+        first, second = Completion(), Completion()
+        text1 = "".join(engine.complete("def f(x):", 20, 1.0, seed=3, result=first))
+        text2 = "".join(engine.complete(" return", 20, 1.0, seed=4, state=first.state, result=second))
+        runs[decode] = (text1, text2, second.state, engine)
+    (eager1, eager2, eager_state, _), (text1, text2, state, engine) = runs["eager"], runs["static"]
+    assert (text1, text2) == (eager1, eager2) and len(text1) > 0
+    assert state.position == eager_state.position > 32  # the memory rolled twice
+    for a, b in zip(state.layers, eager_state.layers):
+        for key, tensor in b.tensors().items():
+            torch.testing.assert_close(a.tensors()[key], tensor, atol=1e-5, rtol=0, msg=key)
+    for layer, store in eager_state.stores.items():
+        torch.testing.assert_close(state.stores[layer].keys, store.keys, atol=1e-5, rtol=0)
+    assert len(engine._decoders) == 1  # the second request reused the first one's decoder
+
+
+def test_static_decoding_refuses_a_model_it_cannot_serve():
+    plain = memlm.build("seed-tiny", **tiny_overrides())
+    with pytest.raises(ValueError, match="cannot serve this model: it carries no recurrent memory"):
+        Engine(plain, torch.device("cpu"), decode="static")
+    assert not Engine(plain, torch.device("cpu")).static  # auto: eager off CUDA
+    with pytest.raises(ValueError, match="decode must be"):
+        Engine(plain, torch.device("cpu"), decode="graph")
