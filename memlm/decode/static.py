@@ -85,7 +85,10 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, compile: bool = False,
-                 graph: bool | None = None, dtype: torch.dtype | None = None):
+                 graph: bool | None = None, dtype: torch.dtype | None = None,
+                 cache_lengths: list[int] | None = None):
+        """cache_lengths: slots of each layer's cache (default max_len each); a shorter cache holds
+        the last slots of the max_len the positions are numbered over."""
         reason = self.unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"static-cache decoding does not support this model: {reason}")
@@ -107,9 +110,10 @@ class StaticDecoder:
                                 and torch.is_autocast_enabled("cuda") else next(self.model.parameters()).dtype)
         # one tensor per layer, not one (L, ...) tensor: compiled, a write into a view of a stacked
         # buffer became a copy of the whole layer's buffer per step (the H100 profile of 2026-12-06)
-        shape = (batch_size, c.kv_heads, max_len, c.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(c.layers)]  # L x (B, Hkv, S, D)
-        self.v_cache = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(c.layers)]
+        self.cache_lengths = cache_lengths if cache_lengths is not None else [max_len] * c.layers
+        shapes = [(batch_size, c.kv_heads, n, c.head_dim) for n in self.cache_lengths]
+        self.k_cache = [torch.zeros(shape, dtype=cache_dtype, device=device) for shape in shapes]  # L x (B, Hkv, S_i, D)
+        self.v_cache = [torch.zeros(shape, dtype=cache_dtype, device=device) for shape in shapes]
         self.key_positions = torch.arange(max_len, device=device)  # (S,)
         self._tupe_keys = None  # (S, H, D) TUPE key-side projections of every slot, set by prefill
         if self.model.tupe is not None:
@@ -255,12 +259,13 @@ class StaticDecoder:
 
     def _attention(self, attention, h: torch.Tensor, position: torch.Tensor, visible: torch.Tensor,
                    bias: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot: torch.Tensor | None = None, sources=(), store=None) -> torch.Tensor:
+                   slot: torch.Tensor | None = None, sources=(), store=None,
+                   key_positions: torch.Tensor | None = None) -> torch.Tensor:
         """One query per row: h (B, 1, W) -> (B, 1, W); writes this position's key and value at
         `slot` (0-d long; default: the position) of the caches (B, Hkv, S, D).
 
         visible: (S,) or (B, S) bool, the cache slots the query sees; their stream positions are
-        `self.key_positions` (S,). Persistent memory, the registry's per-row sources and the kNN
+        `key_positions` (S,), default `self.key_positions`. Persistent memory, the registry's per-row sources and the kNN
         store are merged as the model's attention merges them (memlm.nn.attention)."""
         B = h.shape[0]
         H, Hkv, D = attention.heads, attention.kv_heads, attention.head_dim
@@ -279,7 +284,8 @@ class StaticDecoder:
         if attention.rotary is not None:  # at its slot, as every cached key is: the scores see slot differences
             q = attention.rotary.rotate(q, where, +1.0)
         q = q.view(B, Hkv, G, D)
-        distance = self.key_positions - position  # (S,) <= 0 for every visible key
+        key_positions = self.key_positions if key_positions is None else key_positions
+        distance = key_positions - position  # (S,) <= 0 for every visible key
         scores = (q @ k_cache.to(q.dtype).transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
         if bias is not None:
             scores = scores + bias.view(1, Hkv, G, -1).float()

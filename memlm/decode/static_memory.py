@@ -8,14 +8,15 @@ not change, so caching their keys and values instead is exact, and it is what th
 
 The eager path (`memlm.generate` through the model's forward) keeps a layer's memory as hidden
 states and projects all of them through the layer's key/value weights again for every new
-token. Here each layer's keys and values live in one preallocated buffer per layer (B, Hkv, R + T, D):
+token. Here layer i's keys and values live in one preallocated buffer (B, Hkv, R_i + T, D):
 
-    slots 0 .. R-1      the memory the segment reads ([compressed | memory], right-aligned), its
-                        keys and values projected once, when the segment starts
-    slots R .. R+T-1    the segment's own positions, written in place as they are decoded
+    slots 0 .. R_i-1        the memory the segment reads ([compressed | memory], right-aligned),
+                            its keys and values projected once, when the segment starts
+    slots R_i .. R_i+T-1    the segment's own positions, written in place as they are decoded
 
-with T = seq_len and R the longest memory any layer keeps in evaluation plus the compressed
-memory's length. The stream position of every slot is in `key_positions` (S,); a key is visible
+with T = seq_len and R_i the memory layer i keeps in evaluation plus the compressed memory's
+length. The stream positions of the longest layer's slots are in `key_positions` (S,); a
+shorter layer's slots are the last R_i + T of them. A key is visible
 to the query at position p when it lies in the layer's memory window, at or before p, and at or
 after its row's document start (`State.reset`). The step (`StaticDecoder._attention`, shared
 with the plain decoder) therefore has the same shapes at every position, which is what
@@ -91,10 +92,14 @@ class MemoryStaticDecoder(StaticDecoder):
         c = model.config
         self.recapture = captured_per_segment(model)
         self.fullgraph = not self.recapture  # the kNN search may leave the compiled graph
-        self.memory_slots = max(c.memory_lengths(training=False)) + c.memory.compressive.length  # R
+        # R_i: the memory slots of layer i (its evaluation memory and the compressed memory); each
+        # layer's cache holds its own R_i + T slots, so a layer with a short memory reads no slots
+        # it never fills (depth-dependent lengths: 512 below, 2,048 above)
+        self.layer_slots = [length + c.memory.compressive.length for length in c.memory_lengths(training=False)]
+        self.memory_slots = max(self.layer_slots)  # R
         self.segment = c.seq_len  # T
         super().__init__(model, batch_size, self.memory_slots + self.segment, compile=compile, graph=graph,
-                         dtype=dtype)
+                         dtype=dtype, cache_lengths=[r + self.segment for r in self.layer_slots])
         W, L, device = c.width, c.layers, self.device
         hidden = dtype or next(self.model.parameters()).dtype
         self.hidden_dtype = hidden
@@ -185,13 +190,14 @@ class MemoryStaticDecoder(StaticDecoder):
                 parts = [t for t in (getattr(layer, name) for name in MEMORY_ONLY) if t is not None and t.shape[1]]
                 memory = torch.cat(parts, dim=1) if parts else None  # (B, n, W)
                 n = memory.shape[1] if memory is not None else 0
-                if n > R:
-                    raise ValueError(f"layer {i} holds {n} memory positions, the decoder has {R} slots")
+                slots = self.layer_slots[i]
+                if n > slots:
+                    raise ValueError(f"layer {i} holds {n} memory positions, the decoder has {slots} slots for it")
                 self.first_visible[i] = self.segment_start - n
                 if n:
-                    self._project_into(i, block, memory, R - n)
+                    self._project_into(i, block, memory, slots - n)
                 if done:
-                    self._project_into(i, block, layer.pending, R)
+                    self._project_into(i, block, layer.pending, slots)
                     self.inputs[i][:, :done].copy_(layer.pending)
                 feedback = layer.feedback
                 self.added[i].zero_()
@@ -222,8 +228,7 @@ class MemoryStaticDecoder(StaticDecoder):
         model = self.model
         x = self._embed(ids, position)  # (B, 1, W)
         offset = (position - self._segment_start).view(1)  # index within the segment
-        slot = self.memory_slots + offset
-        keys = self.key_positions  # (S,)
+        R, keys = self.memory_slots, self.key_positions  # (S,) positions of the longest layer's slots
         seen = (keys <= position)[None, :] & (keys[None, :] >= self.row_start[:, None])  # (B, S)
         bias = self._shared_bias(position)
         add_feedback = model.config.memory.feedback.mode == "add"
@@ -232,13 +237,16 @@ class MemoryStaticDecoder(StaticDecoder):
             if add_feedback:
                 h = h + self.added[i].index_select(1, offset).to(h.dtype)
             self.inputs[i][:, offset] = h.to(self.hidden_dtype)
-            visible = seen & (keys >= self.first_visible[i])[None, :]
-            layer_bias = bias[0 if len(bias) == 1 else i] if bias else None
+            first = R - self.layer_slots[i]  # layer i's cache holds the last S - first of those slots
+            layer_keys = keys[first:]  # (S_i,)
+            visible = seen[:, first:] & (layer_keys >= self.first_visible[i])[None, :]  # (B, S_i)
+            layer_bias = bias[0 if len(bias) == 1 else i][:, first:] if bias else None  # (H, S_i)
             store = self._host.stores.get(i) if block.attention.knn is not None else None
 
-            def attend(a, i=i, block=block, visible=visible, layer_bias=layer_bias, store=store):
+            def attend(a, i=i, block=block, visible=visible, layer_bias=layer_bias, store=store, layer_keys=layer_keys):
                 return self._attention(block.attention, a, position, visible, layer_bias, k_cache[i], v_cache[i],
-                                       slot=slot, sources=self._sources.get(i, ()), store=store)
+                                       slot=self.layer_slots[i] + offset, sources=self._sources.get(i, ()),
+                                       store=store, key_positions=layer_keys)
 
             if block.pre_norm:
                 h = h + attend(block.attn_norm(h))
