@@ -25,3 +25,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
     """AdamW over `param_groups`, the fused kernel (CUDA and CPU): it takes a `found_inf` flag on the
     device and skips a non-finite step without the host reading anything (the Trainer relies on it)."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
+
+
+def keep_fused(optimizer: torch.optim.AdamW) -> None:
+    """Switch a loaded optimizer back to the fused kernel: a state dict written before memlm fused
+    AdamW on the CPU carries `fused: False` in its groups, which `load_state_dict` restores, and the
+    plain kernels refuse the Trainer's `found_inf`."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None

@@ -19,6 +19,7 @@ import torch
 from memlm.config import ModelConfig
 from memlm.train import checkpoint, distributed, sharded_checkpoint
 from memlm.train.config import TrainConfig
+from memlm.train.optim import keep_fused
 
 
 def derived_seed(*values: int) -> int:
@@ -73,6 +74,7 @@ def load(trainer, found: Path) -> None:
     else:
         checkpoint.load_weights(trainer.model, found, trainer.device)
     restore(trainer, checkpoint.load_trainer_state(found))
+    keep_fused(trainer.optimizer)  # a checkpoint of an earlier memlm may say fused=False
 
 
 def rank_state(trainer) -> dict[str, Any]:

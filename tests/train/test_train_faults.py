@@ -361,3 +361,24 @@ def test_a_training_step_reads_nothing_from_the_device(corpus, tmp_path, monkeyp
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     trainer.close()
+
+
+def test_a_checkpoint_of_an_unfused_optimizer_resumes(corpus, tmp_path, monkeypatch):
+    """Runs before the Trainer fused AdamW on the CPU saved `fused: False`; loading it must not
+    bring back a kernel that refuses the non-finite flag."""
+    run = tmp_path / "run"
+    unfused = torch.optim.AdamW.state_dict
+
+    def state_dict(self):
+        saved = unfused(self)
+        for group in saved["param_groups"]:
+            group["fused"] = False
+        return saved
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "state_dict", state_dict)
+        train(tiny_model(), fast_config(corpus, run, steps=4, checkpoint_every=2))
+    saved = checkpoint.load_trainer_state(checkpoint.find(run))
+    assert saved["optimizer"]["param_groups"][0]["fused"] is False
+    summary = train(tiny_model(), fast_config(corpus, run, steps=8, checkpoint_every=2, resume=True))
+    assert summary["steps"] == 8 and math.isfinite(summary["test_bpb"])
