@@ -3,6 +3,7 @@ plot per claim into --out.
 
     memlm ablate --claims 1 15 --seeds 3 --shape tiny --minutes 1          # two claims on CPU
     memlm ablate --shape small --tokens 100000000 --devices cuda:0 cuda:1 --concurrent 2
+    memlm ablate --shape small --minutes 10 --concurrent 8 --alone-throughput  # shared, yet equal wall-clock
     memlm ablate --report-only --out runs/ablate                            # the report alone
     memlm ablate --list-claims
 """
@@ -25,6 +26,7 @@ from memlm_bench.ablate.plots import plot_claim
 from memlm_bench.ablate.pool import run_children, run_here
 from memlm_bench.ablate.results_md import results_markdown
 from memlm_bench.ablate.run import finished
+from memlm_bench.ablate.throughput import measure
 from memlm_bench.parallel import check_devices
 
 RESULTS = "RESULTS.md"
@@ -86,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         if config.devices is not None:
             check_devices(config.devices)
         device = pick_device(config.devices[0] if config.devices else config.train.device)
-        specs = plan(config, device.type)
+        if config.report_only:  # the report reads the JSONs in --out; nothing is planned or run
+            specs = []
+        else:
+            throughput = measure(config, str(device), log) if config.alone_throughput else None
+            specs = plan(config, device.type, throughput)
         done = [spec for spec in specs if finished(spec.path)]
         # the report reads whatever runs --out holds; only runs to be continued must match these settings
         mismatched = [] if config.report_only else [(spec, why) for spec in done if (why := stale(spec))]

@@ -6,7 +6,9 @@ Budgets (BUDGETS gives the defaults by shape):
     --tokens N         every run trains on N tokens (equal tokens, also for wall-clock claims)
     --minutes M        wall-clock claims train M minutes; token claims their shape's default tokens
     arms that share a device (--concurrent K > 1) slow one another down unevenly, so then every claim
-    runs at equal tokens, and the results say so.
+    runs at equal tokens, and the results say so; with --alone-throughput a wall-clock claim stays
+    one: each arm trains the tokens it trains alone in M minutes, its tokens/s measured alone first
+    (memlm_bench.ablate.throughput), and the results say that.
 Seeds pair the arms: seed k trains every arm with TrainConfig.seed = --seed + k (the same data
 order and initial random stream).
 """
@@ -22,7 +24,7 @@ from typing import Annotated, Any
 import tyro
 
 from memlm.train import TrainConfig
-from memlm_bench.ablate.claims import CLAIMS, SHAPES, TOKENS, Claim, arm_config, arm_overrides
+from memlm_bench.ablate.claims import CLAIMS, SHAPES, TOKENS, WALL_CLOCK, Claim, arm_config, arm_overrides
 from memlm_bench.report import slug
 
 BUDGETS = {"tiny": {"minutes": 1.0, "tokens": 1_000_000}, "small": {"minutes": 5.0, "tokens": 100_000_000},
@@ -59,6 +61,12 @@ class AblateConfig:
     devices: list[str] | None = None
     """Devices to spread the runs over (cpu, cuda, cuda:N), --concurrent runs on each; None = --device,
     in this process when --concurrent is 1."""
+    alone_throughput: bool = False
+    """With --concurrent > 1: keep wall-clock claims at equal wall-clock, each arm training the tokens
+    it trains alone in --minutes (its tokens/s measured alone first, one arm at a time on the first
+    device, kept in <out>/throughput.json so that a resumed ablation plans the same runs)."""
+    probe_steps: int = 20
+    """Timed training steps of each arm's throughput measurement (after its compile warm-up)."""
     decode_tokens: int | None = None
     """Tokens generated when a claim times decoding; None = 256 on CUDA, 32 on CPU (both within seq_len)."""
     keep_checkpoints: bool = False
@@ -119,8 +127,13 @@ def check(config: AblateConfig) -> None:
     """Raise ValueError for options that cannot run."""
     if config.shape not in SHAPES:
         raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, got {config.shape!r}")
-    if config.seeds < 1 or config.concurrent < 1:
-        raise ValueError("--seeds and --concurrent must be >= 1")
+    if config.seeds < 1 or config.concurrent < 1 or config.probe_steps < 1:
+        raise ValueError("--seeds, --concurrent and --probe-steps must be >= 1")
+    if config.alone_throughput and not shared(config):
+        raise ValueError("--alone-throughput converts wall-clock budgets of runs that share a device: "
+                         "it needs --concurrent > 1 (runs alone are held to equal wall-clock already)")
+    if config.alone_throughput and (config.train.steps is not None or config.train.tokens is not None):
+        raise ValueError("--alone-throughput takes its budget from --minutes, not --steps or --tokens")
     if config.train.resume:
         raise ValueError("an ablation resumes by skipping finished runs: drop --resume")
     for item in config.overrides:
@@ -135,9 +148,22 @@ def shared(config: AblateConfig) -> bool:
     return config.concurrent > 1
 
 
-def budget(config: AblateConfig, claim: Claim) -> dict[str, Any]:
-    """The claim's budget under these options (module docstring)."""
+def converted(config: AblateConfig, claim: Claim) -> bool:
+    """Whether the claim's runs share a device yet are held to equal wall-clock through each arm's
+    throughput measured alone (--alone-throughput)."""
+    return config.alone_throughput and shared(config) and claim.budget == WALL_CLOCK
+
+
+def budget(config: AblateConfig, claim: Claim, tokens_per_s: float | None = None) -> dict[str, Any]:
+    """The claim's budget under these options (module docstring); tokens_per_s: the arm's
+    throughput measured alone, for a converted wall-clock budget (`converted`)."""
     t, defaults, is_shared = config.train, BUDGETS[config.shape], shared(config)
+    if converted(config, claim):
+        if tokens_per_s is None or not tokens_per_s > 0:
+            raise ValueError(f"claim {claim.id}: no throughput measured alone for one of its arms")
+        minutes = t.minutes or defaults["minutes"]
+        return {"kind": WALL_CLOCK, "minutes": minutes, "tokens": round(tokens_per_s * minutes * 60),
+                "tokens_per_s": tokens_per_s, "shared": True}
     if t.steps is not None:
         return {"kind": TOKENS, "steps": t.steps, "shared": is_shared}
     if t.tokens is not None or is_shared or claim.budget == TOKENS:
@@ -156,19 +182,26 @@ def point_name(point: dict[str, Any]) -> str:
     return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items())
 
 
-def plan(config: AblateConfig, device_type: str) -> list[RunSpec]:
+def throughput_key(claim: Claim, arm_name: str) -> str:
+    """An arm's key in <out>/throughput.json."""
+    return f"{claim.id}/{arm_name}"
+
+
+def plan(config: AblateConfig, device_type: str, throughput: dict[str, float] | None = None) -> list[RunSpec]:
     """Every run of the selected claims, seed-major (seed 0 of every arm first, so that an interrupted
-    ablation leaves whole seeds)."""
+    ablation leaves whole seeds). throughput: tokens/s alone by `throughput_key`, for --alone-throughput."""
     overrides = dict(item.split("=", 1) for item in config.overrides)
     runs = []
     for claim in selected(config):
-        spend = budget(config, claim)
+        spends = {arm.name: budget(config, claim, (throughput or {}).get(throughput_key(claim, arm.name)))
+                  for arm in claim.arms}
         points = [dict([item]) for item in claim.sweep] or [{}]
         measures = {"eval_lengths": list(claim.eval_lengths), "eval_data": list(claim.eval_data),
                     "decode_tokens": (config.decode_tokens or (256 if device_type == "cuda" else 32))
                     if claim.decode else 0, "spans": claim.spans}
         for k in range(config.seeds):
             for arm in claim.arms:
+                spend = spends[arm.name]
                 model = arm_config(arm, config.shape, overrides)
                 for point in points:
                     name = f"seed{k}" + (f"-{point_name(point)}" if point else "")
@@ -176,7 +209,7 @@ def plan(config: AblateConfig, device_type: str) -> list[RunSpec]:
                     train = dataclasses.replace(
                         config.train, data=data_for(config, claim, device_type), seed=config.train.seed + k,
                         out=str(path.with_suffix("")), steps=spend.get("steps"), tokens=spend.get("tokens"),
-                        minutes=spend.get("minutes"), **arm.train, **point)
+                        minutes=None if "tokens" in spend else spend.get("minutes"), **arm.train, **point)
                     runs.append(RunSpec(claim.id, arm.name, k, point, arm.preset(config.shape),
                                         arm_overrides(arm, config.shape, overrides), model.to_dict(),
                                         train.validate().to_dict(), spend, measures, str(path),
@@ -196,6 +229,8 @@ def command(config: AblateConfig, claim_id: str) -> str:
         parts += ["--overrides", *config.overrides]
     if config.concurrent > 1:
         parts += ["--concurrent", str(config.concurrent)]
+    if config.alone_throughput:
+        parts += ["--alone-throughput", "--probe-steps", str(config.probe_steps)]
     defaults = ablate_training()
     for f in dataclasses.fields(config.train):
         value = getattr(config.train, f.name)

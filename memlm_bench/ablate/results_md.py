@@ -26,6 +26,9 @@ def budget_text(budget: dict[str, Any] | None, claim_budget: str) -> str:
     """How the runs were held equal, in words."""
     if budget is None:
         return f"equal {claim_budget}"
+    if "tokens_per_s" in budget:
+        return (f"equal wall-clock ({budget['minutes']:g} min per run), converted to tokens by each arm's "
+                f"throughput measured alone, since the arms shared a device (concurrent runs)")
     if "steps" in budget:
         text = f"equal tokens ({budget['steps']:,} steps per run)"
     elif "tokens" in budget:

@@ -155,3 +155,55 @@ def test_a_smoke_ablation_runs_resumes_and_reports(corpus, tmp_path, capsys):
     assert code == 0, err
     again = (out / "RESULTS.md").read_text()
     assert [line for line in again.splitlines() if line.startswith(("| 10 |", "| 15 |"))] == [rows["10"], rows["15"]]
+
+
+# ----- shared devices held to equal wall-clock (--alone-throughput) -----------------------
+
+def test_alone_throughput_turns_each_arms_minutes_into_its_own_tokens():
+    from memlm_bench.ablate.config import check
+    from memlm_bench.ablate.results_md import budget_text
+    config = AblateConfig(claims=["1", "11"], seeds=1, concurrent=4, alone_throughput=True)
+    config.train.minutes = 2.0
+    throughput = {"1/t5": 1000.0, "1/learned": 1500.0}
+    specs = plan(config, "cpu", throughput)
+    tokens = {s.arm: s.train["tokens"] for s in specs if s.claim == "1"}
+    assert tokens == {"t5": 1000 * 120, "learned": 1500 * 120}  # tokens/s alone x 2 minutes
+    assert all(s.train["minutes"] is None for s in specs)
+    assert {s.budget["kind"] for s in specs if s.claim == "1"} == {WALL_CLOCK}
+    assert {s.budget["kind"] for s in specs if s.claim == "11"} == {TOKENS}  # a token claim stays one
+    assert "throughput measured alone" in budget_text(specs[0].budget, WALL_CLOCK)
+    with pytest.raises(ValueError, match="no throughput measured alone"):
+        plan(config, "cpu", {"1/t5": 1000.0})
+    for bad in (AblateConfig(alone_throughput=True), AblateConfig(concurrent=2, alone_throughput=True, probe_steps=0)):
+        with pytest.raises(ValueError):
+            check(bad)
+    with_tokens = AblateConfig(concurrent=2, alone_throughput=True)
+    with_tokens.train.tokens = 1000
+    with pytest.raises(ValueError, match="not --steps or --tokens"):
+        check(with_tokens)
+
+
+def test_throughput_is_measured_once_per_arm_and_kept_for_a_resume(tmp_path):
+    from memlm_bench.ablate import throughput
+    config = AblateConfig(claims=["1", "11"], seeds=1, concurrent=2, alone_throughput=True)
+    config.train.out = str(tmp_path)
+    asked = []
+
+    def probe(config, claim, arm, device):
+        asked.append((claim.id, arm.name))
+        return 100.0 * len(asked)
+
+    first = throughput.measure(config, "cpu", lambda message: None, probe)
+    assert asked == [("1", "learned"), ("1", "t5")] and first == {"1/learned": 100.0, "1/t5": 200.0}
+    assert json.loads((tmp_path / throughput.THROUGHPUT).read_text()) == first
+    assert throughput.measure(config, "cpu", lambda message: None, probe) == first and len(asked) == 2
+
+
+def test_an_arms_throughput_alone_is_measured_by_training_it(corpus, tmp_path):
+    from memlm_bench.ablate import throughput
+    config = AblateConfig(claims=["10"], seeds=1, concurrent=2, alone_throughput=True, probe_steps=2,
+                          overrides=["layers=2", "width=32", "seq_len=32", "attention.heads=2"])
+    config.train.data, config.train.batch_size, config.train.fractions = str(corpus), 2, (0.8, 0.1, 0.1)
+    claim = CLAIMS["10"]
+    rate = throughput.arm_tokens_per_s(config, claim, claim.arms[0], "cpu")
+    assert 0 < rate < 1e9 and math.isfinite(rate)
