@@ -18,11 +18,13 @@ sessions at the same point); a model with kNN stores (external memory, one objec
 decodes each request alone.
 
 Static decoding (`decode="static"`, and `"auto"` on CUDA for the recurrent-memory models
-`memlm.generate` decodes that way): each request gets a batch-1 MemoryStaticDecoder from a
-pool (memlm.decode.static_memory; a CUDA graph a step on CUDA), which reads the prompt from the
-session's State and gives the State back at the end, equal to the forward's. Requests then
-share no forward: each step replays one graph per request, which beats the eager batched
-forward unless many requests sit at one stream position.
+`memlm.generate` decodes that way): requests that start together with prompts of one length
+from stackable States (new streams, sessions at one point) become the rows of one
+MemoryStaticDecoder taken from a pool (memlm.decode.static_memory; a CUDA graph a step on
+CUDA); any other request, and every request of a model with kNN stores (which later rows' writes
+would change), gets a decoder of its own. The decoder reads the prompts from the sessions' States
+and gives each request its row's State when it ends, equal to the forward's; a finished row is
+fed a filler token until its group ends.
 """
 
 from __future__ import annotations
@@ -76,10 +78,22 @@ class _Job:
     """What the request's caller reads: text pieces, then _DONE (or an exception)."""
     logits: torch.Tensor | None = None
     """(1, V) the distribution of the next token."""
-    decoder: static_memory.MemoryStaticDecoder | None = None
-    """Static decoding: the request's decoder (its State lives there until the request ends)."""
+    group: "_Group | None" = None
+    """Static decoding: the decoder whose row `row` the request is (its State lives there until it ends)."""
+    row: int = 0
     cancelled: bool = False
     finished: bool = False
+
+
+@dataclass(eq=False)
+class _Group:
+    """Static decoding: requests decoded as the rows of one decoder, row b being jobs[b]."""
+
+    decoder: static_memory.MemoryStaticDecoder
+    jobs: list[_Job]
+
+    def live(self) -> bool:
+        return any(not job.finished for job in self.jobs)
 
 
 class Engine:
@@ -100,7 +114,7 @@ class Engine:
                 raise ValueError(f"decode='static' cannot serve this model: {reason}")
         self.static = decode == "static" or (decode == "auto" and device.type == "cuda" and recurrent
                                              and not knowledge and auto_static(model))
-        self._decoders: list[static_memory.MemoryStaticDecoder] = []  # idle ones, reused by later requests
+        self._decoders: dict[int, list[static_memory.MemoryStaticDecoder]] = defaultdict(list)  # idle, by batch size
         self.model = model.eval()
         self.device, self.precision = device, precision
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()  # the run's (load_tokenizer)
@@ -180,14 +194,7 @@ class Engine:
     def _prefill(self, jobs: list[_Job]) -> None:
         """Read the new requests' prompts, those of one length from equal States in one forward."""
         if self.static:
-            for job in jobs:
-                job.decoder = self._decoders.pop() if self._decoders else \
-                    static_memory.MemoryStaticDecoder(self.model, batch_size=1)
-                ids = torch.tensor([job.ids], device=self.device)  # (1, T)
-                with autocast(self.device, self.precision):
-                    job.logits = job.decoder.prefill(ids, job.state).float().clone()
-                job.state = None  # the decoder holds it now
-                self.forwards += 1
+            self._prefill_static(jobs)
             return
         for job in jobs:
             job.state = job.state if job.state is not None else self.model.init_state(1, device=self.device)
@@ -197,14 +204,47 @@ class Engine:
         """One token for every job: sample, feed it (batched by State), then stop or go on."""
         tokens = [int(sample_next(job.logits, job.temperature, None, job.top_p, job.generator)) for job in jobs]
         if self.static:
-            for job, token in zip(jobs, tokens):
-                with autocast(self.device, self.precision):  # the step's output is overwritten by its next replay
-                    job.logits = job.decoder.step(torch.tensor([[token]], device=self.device)).float().clone()
-                self.forwards += 1
+            self._step_static(jobs, tokens)
         else:
             self._feed(jobs, [[token] for token in tokens])
         for job, token in zip(jobs, tokens):
             self._after(job, token)
+
+    def _prefill_static(self, jobs: list[_Job]) -> None:
+        """Static decoding: the new requests' prompts, grouped as `_feed` groups them (equal lengths,
+        stackable States) except with kNN stores, each group into a decoder of its batch size."""
+        groups: dict[object, list[_Job]] = defaultdict(list)
+        stores = bool(self.model.config.memory.knn.layers)
+        for job in jobs:
+            key = job.state.batch_key() if job.state is not None else "new stream"
+            groups[(len(job.ids), key) if key is not None and not stores else ("alone", id(job))].append(job)
+        for members in groups.values():
+            B = len(members)
+            pool = self._decoders[B]
+            decoder = pool.pop() if pool else static_memory.MemoryStaticDecoder(self.model, batch_size=B)
+            ids = torch.tensor([job.ids for job in members], device=self.device)  # (B, T)
+            states = [job.state for job in members]
+            state = None if states[0] is None else states[0] if B == 1 else State.cat(states)
+            with autocast(self.device, self.precision):
+                logits = decoder.prefill(ids, state).float()  # (B, V)
+            group = _Group(decoder, members)
+            for b, job in enumerate(members):
+                job.group, job.row, job.logits, job.state = group, b, logits[b:b + 1].clone(), None
+            self.forwards += 1
+
+    def _step_static(self, jobs: list[_Job], tokens: list[int]) -> None:
+        """Static decoding: one step of every group with a request in `jobs`; rows whose request
+        ended read a filler token (the end-of-document id), their output unused."""
+        by_group: dict[_Group, dict[int, int]] = defaultdict(dict)
+        for job, token in zip(jobs, tokens):
+            by_group[job.group][job.row] = token
+        for group, rows in by_group.items():
+            ids = [[rows.get(b, self.tokenizer.eod)] for b in range(len(group.jobs))]
+            with autocast(self.device, self.precision):  # the step's output is overwritten by its next replay
+                logits = group.decoder.step(torch.tensor(ids, device=self.device)).float()  # (B, V)
+            for b in rows:
+                group.jobs[b].logits = logits[b:b + 1].clone()
+            self.forwards += 1
 
     def _feed(self, jobs: list[_Job], ids: list[list[int]]) -> None:
         """Each job's State reads its ids: jobs with ids of one length and stackable States
@@ -237,17 +277,25 @@ class Engine:
             piece = job.text.finish()
             if piece:
                 job.pieces.put(piece)
-            job.result.state = job.decoder.state() if job.decoder is not None else job.state
+            job.result.state = self._row_state(job) if job.group is not None else job.state
             job.finished = True
             self._release(job)
             job.pieces.put(_DONE)
 
+    @staticmethod
+    def _row_state(job: _Job) -> State:
+        """Static decoding: the State of the request's row after its last token."""
+        state = job.group.decoder.state()
+        return state if len(job.group.jobs) == 1 else state.rows()[job.row]
+
     def _release(self, job: _Job, reuse: bool = True) -> None:
-        """Give a finished request's decoder back to the pool (or drop it)."""
-        if job.decoder is not None:
+        """A request has ended: once every row of its group has, the group's decoder goes back to
+        the pool (or, after an error, is dropped)."""
+        group, job.group = job.group, None
+        if group is not None and not group.live() and group.decoder is not None:
             if reuse:
-                self._decoders.append(job.decoder)
-            job.decoder = None
+                self._decoders[len(group.jobs)].append(group.decoder)
+            group.decoder = None
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -94,18 +94,20 @@ def test_streaming_sends_the_same_text_as_events(serve):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and len(chunks) > 2
 
 
-def test_requests_that_start_together_share_forwards_and_generate_what_they_would_alone(model):
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_requests_that_start_together_share_forwards_and_generate_what_they_would_alone(model, decode):
     """Four new streams with prompts of one length and a fifth of another length, sent at once:
     each text and final State equal the request served alone (its own seed), while the four
-    share their forwards (one for their prompts, one per step) and the fifth interleaves."""
+    share their forwards (one for their prompts, one per step: a batched forward, or, static, the
+    rows of one decoder) and the fifth interleaves."""
     from memlm.serve.engine import Completion
     prompts = ["abcd", "efgh", "ijkl", "mnop", "a longer prompt"]
     alone = []
     for seed, prompt in enumerate(prompts):
-        engine, result = Engine(model, torch.device("cpu"), gather_ms=0), Completion()
+        engine, result = Engine(model, torch.device("cpu"), gather_ms=0, decode=decode), Completion()
         alone.append(("".join(engine.complete(prompt, 24, 1.0, seed=seed, result=result)), result))
         assert engine.forwards == 1 + result.completion_tokens
-    engine = Engine(model, torch.device("cpu"), gather_ms=300)  # long enough for five threads to arrive
+    engine = Engine(model, torch.device("cpu"), gather_ms=300, decode=decode)  # five threads arrive meanwhile
     results = [Completion() for _ in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
         texts = list(pool.map(lambda i: "".join(engine.complete(prompts[i], 24, 1.0, seed=i, result=results[i])),
@@ -243,7 +245,7 @@ def test_static_decoding_serves_what_the_forward_serves(preset, extra):
             torch.testing.assert_close(a.tensors()[key], tensor, atol=1e-5, rtol=0, msg=key)
     for layer, store in eager_state.stores.items():
         torch.testing.assert_close(state.stores[layer].keys, store.keys, atol=1e-5, rtol=0)
-    assert len(engine._decoders) == 1  # the second request reused the first one's decoder
+    assert len(engine._decoders[1]) == 1  # the second request reused the first one's decoder
 
 
 def test_static_decoding_refuses_a_model_it_cannot_serve():
@@ -253,3 +255,29 @@ def test_static_decoding_refuses_a_model_it_cannot_serve():
     assert not Engine(plain, torch.device("cpu")).static  # auto: eager off CUDA
     with pytest.raises(ValueError, match="decode must be"):
         Engine(plain, torch.device("cpu"), decode="graph")
+
+
+def test_static_rows_that_end_early_keep_their_own_state(model):
+    """Rows of one static decoder end at 5, 10, 15 and 20 tokens: each text and final State equal
+    the request served alone, though the decoder goes on (filler tokens) for the others; the
+    decoder returns to the pool once all four have ended."""
+    from memlm.serve.engine import Completion
+    prompts, lengths = ["abcd", "efgh", "ijkl", "mnop"], [5, 10, 15, 20]
+
+    def serve_alone(i):
+        engine, result = Engine(model, torch.device("cpu"), gather_ms=0, decode="static"), Completion()
+        return "".join(engine.complete(prompts[i], lengths[i], 1.0, seed=i, result=result)), result
+
+    alone = [serve_alone(i) for i in range(4)]
+    engine = Engine(model, torch.device("cpu"), gather_ms=300, decode="static")
+    results = [Completion() for _ in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda i: "".join(engine.complete(prompts[i], lengths[i], 1.0, seed=i,
+                                                                result=results[i])), range(4)))
+    assert engine.forwards <= 1 + max(lengths)  # one prefill, then one step per token of the longest
+    for (text, result), got, mine in zip(alone, texts, results):
+        assert got == text and mine.state.position == result.state.position
+        for a, b in zip(mine.state.layers, result.state.layers):
+            for key, tensor in b.tensors().items():
+                torch.testing.assert_close(a.tensors()[key], tensor, atol=1e-5, rtol=0, msg=key)
+    assert len(engine._decoders[4]) == 1
