@@ -114,9 +114,9 @@ def _decode_path(model, decode: str, ids: torch.Tensor, state: State | None, ret
 def auto_static(model) -> bool:
     """Whether `decode="auto"` takes the static path on CUDA for `model`: every model
     memlm.decode.static serves, and the recurrent-memory models memlm.decode.static_memory
-    serves, kNN memory included (its graph is captured again at each segment's end; measured on
-    an H100, results/2026-12-06). Slot memories (the registry's mechanisms), whose graph is
-    captured per segment too, decode eagerly until their path is measured on a GPU."""
+    serves, kNN memory included (its graph is captured again at each segment's end; measured in
+    BENCHMARKS.md). Slot memories (the registry's mechanisms), whose graph is captured per
+    segment too, decode eagerly until their path is measured on a GPU."""
     if not getattr(getattr(model, "config", None), "recurrent", False):
         return static_decode.unsupported_reason(model) is None
     return static_memory.unsupported_reason(model) is None and not getattr(model, "mechanisms", ())

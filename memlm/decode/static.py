@@ -54,9 +54,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def rotated_keys(attention: nn.Module, k: torch.Tensor, first_slot: int) -> torch.Tensor:
+def rotated_keys(attention: nn.Module, k: torch.Tensor, first_slot: int | torch.Tensor) -> torch.Tensor:
     """Keys (B, Hkv, n, D) as the cache holds them: rotated (RoPE / xPos) at their slots
-    first_slot..first_slot+n-1. The step rotates its query at its own slot, so a score sees the
+    first_slot..first_slot+n-1 (or, given a tensor (n,), at those slots). The step rotates its query at its own slot, so a score sees the
     difference of the two slots, which is the difference of their stream positions: what the
     forward's relative rotation gives, with one rotation per key instead of one per key and step."""
     return attention.rotary.rotate(k, first_slot, -1.0) if attention.rotary is not None else k
@@ -109,7 +109,7 @@ class StaticDecoder:
         cache_dtype = dtype or (torch.get_autocast_dtype("cuda") if device.type == "cuda"
                                 and torch.is_autocast_enabled("cuda") else next(self.model.parameters()).dtype)
         # one tensor per layer, not one (L, ...) tensor: compiled, a write into a view of a stacked
-        # buffer became a copy of the whole layer's buffer per step (the H100 profile of 2026-12-06)
+        # buffer became a copy of the whole buffer per step (BENCHMARKS.md)
         self.cache_lengths = cache_lengths if cache_lengths is not None else [max_len] * c.layers
         shapes = [(batch_size, c.kv_heads, n, c.head_dim) for n in self.cache_lengths]
         self.k_cache = [torch.zeros(shape, dtype=cache_dtype, device=device) for shape in shapes]  # L x (B, Hkv, S_i, D)
@@ -272,9 +272,7 @@ class StaticDecoder:
         G = H // Hkv
         q, k, v = attention.project(h)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
         where = (position if slot is None else slot).view(1)  # this position's slot
-        if attention.rotary is not None:
-            k = attention.rotary.rotate(k, where, -1.0)
-        k_cache[:, :, where] = k.to(k_cache.dtype)  # (B, Hkv, S, D)
+        k_cache[:, :, where] = rotated_keys(attention, k, where).to(k_cache.dtype)  # (B, Hkv, S, D)
         v_cache[:, :, where] = v.to(v_cache.dtype)
         scale = attention.scale
         if attention.qk_scale is not None:

@@ -98,8 +98,8 @@ def test_memory_static_decode_equals_forward_fp32(case, compile):
     """Every position to 1e-4, except, with kNN memory, a near-tie of the retrieval: two stored
     keys whose scores differ by less than float32 rounding may rank either way (the forward
     scores 64 queries at once, the step one), and a swapped k-th key moves that position's
-    logits by up to ~1e-3 (seen once in 345 positions for seed-knn-tiny on an H100). So with kNN:
-    at most 1% of positions past 1e-4, none past 1e-2."""
+    logits by about 1e-3 (BENCHMARKS.md). So with kNN: at most 1% of positions past 1e-4, none
+    past 1e-2."""
     got, full = memory_decode_and_forward(*MEMORY_CASES[case], compile)
     by_position = (got - full).abs().amax(dim=(0, 2))  # (365,)
     off = int((by_position > 1e-4).sum())

@@ -342,8 +342,8 @@ def test_a_late_flag_still_stops_the_run_at_the_step_that_failed(corpus, tmp_pat
                                     {"memory.knn.layers": [1], "memory.knn.capacity": 64, "memory.knn.k": 4}],
                          ids=["none", "xl", "knn"])
 def test_a_training_step_reads_nothing_from_the_device(corpus, tmp_path, monkeypatch, memory):
-    """A host read in the step stalls a GPU every step (4.3 ms a step on an H100 when the
-    non-finite check was read there): the step, a non-finite one included, must not call any."""
+    """A host read in the step stalls a GPU every step (BENCHMARKS.md, where a memory row's step
+    goes): the step, a non-finite one included, must not call any."""
     config = tiny_model().replace(**memory)
     trainer = memlm.train.Trainer(config, fast_config(corpus, tmp_path / "run"), distributed.setup("cpu"),
                                   model=poisoned({2})(config))
