@@ -39,9 +39,9 @@ class ServeCommand:
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:N."""
     decode: Literal["auto", "eager", "static"] = "auto"
-    """eager: the forward, requests at one stream position batched; static: a static-cache decoder
-    per request (a CUDA graph a step on CUDA); auto: static on CUDA for models with recurrent
-    memory that memlm generate decodes that way, else eager."""
+    """eager: the forward, requests at one stream position batched; static: static-cache decoders
+    (a CUDA graph a step on CUDA), requests at one stream position as the rows of one; auto:
+    static on CUDA for models with recurrent memory that memlm generate decodes that way, else eager."""
 
 
 def run(argv: list[str]) -> int:

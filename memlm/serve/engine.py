@@ -85,6 +85,15 @@ class _Job:
     finished: bool = False
 
 
+def _share_groups(keys: Sequence[object | None], lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of the requests that can share a forward (or a decoder): equal key and equal
+    number of ids; a None key (kNN stores) is a group of its own."""
+    groups: dict[object, list[int]] = defaultdict(list)
+    for i, (key, n) in enumerate(zip(keys, lengths)):
+        groups[(n, key) if key is not None else ("alone", i)].append(i)
+    return list(groups.values())
+
+
 @dataclass(eq=False)
 class _Group:
     """Static decoding: requests decoded as the rows of one decoder, row b being jobs[b]."""
@@ -100,9 +109,10 @@ class Engine:
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "auto",
                  tokenizer: Tokenizer | None = None, max_batch: int = 64, gather_ms: float = 2.0,
                  decode: str = "auto"):
-        """decode: eager (the forward, requests at one position batched), static (a static
-        decoder per request) or auto (static on CUDA where memlm.generate would take it, for
-        models with recurrent memory and no knowledge memory; else eager)."""
+        """decode: eager (the forward, requests at one position batched), static (static
+        decoders, requests at one position as the rows of one) or auto (static on CUDA where
+        memlm.generate would take it, for models with recurrent memory and no knowledge memory;
+        else eager)."""
         if decode not in ("auto", "eager", "static"):
             raise ValueError(f"decode must be auto, eager or static, got {decode!r}")
         recurrent = getattr(getattr(model, "config", None), "recurrent", False)
@@ -213,12 +223,10 @@ class Engine:
     def _prefill_static(self, jobs: list[_Job]) -> None:
         """Static decoding: the new requests' prompts, grouped as `_feed` groups them (equal lengths,
         stackable States) except with kNN stores, each group into a decoder of its batch size."""
-        groups: dict[object, list[_Job]] = defaultdict(list)
         stores = bool(self.model.config.memory.knn.layers)
-        for job in jobs:
-            key = job.state.batch_key() if job.state is not None else "new stream"
-            groups[(len(job.ids), key) if key is not None and not stores else ("alone", id(job))].append(job)
-        for members in groups.values():
+        keys = [None if stores else job.state.batch_key() if job.state is not None else "new stream" for job in jobs]
+        for group_rows in _share_groups(keys, [len(job.ids) for job in jobs]):
+            members = [jobs[i] for i in group_rows]
             B = len(members)
             pool = self._decoders[B]
             decoder = pool.pop() if pool else static_memory.MemoryStaticDecoder(self.model, batch_size=B)
@@ -249,11 +257,7 @@ class Engine:
     def _feed(self, jobs: list[_Job], ids: list[list[int]]) -> None:
         """Each job's State reads its ids: jobs with ids of one length and stackable States
         (`State.batch_key`) share one forward."""
-        groups: dict[object, list[int]] = defaultdict(list)
-        for i, job in enumerate(jobs):
-            key = job.state.batch_key()
-            groups[(len(ids[i]), key) if key is not None else ("alone", i)].append(i)
-        for members in groups.values():
+        for members in _share_groups([job.state.batch_key() for job in jobs], [len(i) for i in ids]):
             batch = torch.tensor([ids[i] for i in members], device=self.device)  # (B, T)
             if len(members) == 1:
                 job = jobs[members[0]]

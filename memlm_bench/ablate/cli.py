@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             throughput = measure(config, str(device), log) if config.alone_throughput else None
             specs = plan(config, device.type, throughput)
         done = [spec for spec in specs if finished(spec.path)]
-        # the report reads whatever runs --out holds; only runs to be continued must match these settings
-        mismatched = [] if config.report_only else [(spec, why) for spec in done if (why := stale(spec))]
+        # only runs to be continued must match these settings (a report plans none)
+        mismatched = [(spec, why) for spec in done if (why := stale(spec))]
         if mismatched:
             spec, why = mismatched[0]
             raise ValueError(f"{len(mismatched)} finished run(s) in {config.out} were made with other settings "
