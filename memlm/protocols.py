@@ -15,12 +15,11 @@ from torch import nn
 
 
 class ScoreBias(Protocol):
-    """An additive score term over the keys that have positions (adaptive span's soft mask).
+    """An additive score term over the keys that have positions (adaptive span's soft mask)."""
 
-    `limit`: keys at distance >= limit get -inf for every head, so memory beyond it may be
-    dropped before the kernel (a Python int: no device sync)."""
-
-    limit: int
+    def window(self) -> torch.Tensor:
+        """0-d tensor: keys at distance >= window get -inf for every head, so a kernel may skip
+        them (the kernels' `max_distance`)."""
 
     def __call__(self, q_len: int, k_len: int, k_offset: int, device: torch.device) -> torch.Tensor:
         """(H, Tq, Tk) additive bias for queries 0..Tq-1 and keys k_offset..k_offset+Tk-1."""

@@ -27,9 +27,9 @@ MEMORY_RECOMPILE_LIMIT = 64
 
 def allow_memory_recompiles() -> None:
     """Raise torch._dynamo's recompile limit for a model that carries a state: memories fill,
-    compressed memories fill after them, learned spans trim memory to new lengths, and each is a
-    new graph (seed-mem-tiny compiles 7 while filling). Past dynamo's limit (8) the forward would
-    silently run eagerly for the rest of the run. Applied by whoever compiles (Trainer, bench)."""
+    compressed memories fill after them, and each length is a new graph. Past dynamo's limit (8)
+    the forward would silently run eagerly for the rest of the run. Applied by whoever compiles
+    (Trainer, bench)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MEMORY_RECOMPILE_LIMIT)
 
 
@@ -170,8 +170,8 @@ class State:
         steps, and from its second length on dynamo would compile with the length symbolic
         (automatic dynamic shapes), so the steady state, a full memory, would run a graph built
         for any length. Marked static, each length while filling is one graph and the full memory
-        has its own. Not for adaptive span: its memory follows the learned spans, and one graph a
-        length would exhaust the recompile limit. Applied by whoever compiles (Trainer, bench)."""
+        has its own (adaptive span too: its spans mask keys, they never change a memory's length).
+        Applied by whoever compiles (Trainer, bench)."""
         for layer in self.layers:
             for t in layer.tensors().values():
                 torch._dynamo.mark_static(t)

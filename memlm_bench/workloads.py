@@ -232,8 +232,7 @@ class StreamObjective(nn.Module):
                 allow_memory_recompiles()  # as the Trainer does: memories filling are new graphs
                 self.__dict__["compiled"] = torch.compile(self.model)
             model = self.compiled
-            if not self.model.config.memory.adaptive_span.enabled:  # as the Trainer: static memory shapes
-                self.state.mark_static()
+            self.state.mark_static()  # as the Trainer: static memory shapes
         out = model(inputs, targets=targets, state=self.state)
         self.state = out.state.detach()
         self.steps += 1

@@ -13,6 +13,10 @@ Variants, each compiled with torch.compile and checked against the eager referen
                  kernel takes no grouped heads; this checks whether reaching it pays)
   sdpa-lower-right  sdpa-expand with torch.nn.attention.bias.causal_lower_right in place of the
                  boolean mask (only with --no-key-mask and no --bias)
+  sdpa-causal-pad  sdpa's is_causal (flash) kernel over the queries padded at the front to the key length,
+                 the padded rows' outputs dropped: the Transformer-XL pattern through the flash kernel
+                 at the cost of the padded rows (only with --no-key-mask and no --bias; with
+                 --k-len equal to --q-len it is the plain causal kernel, the seed-small floor)
 and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a float mask).
 --no-key-mask drops the per-row key mask: the plain Transformer-XL case (causal with an offset).
 --dropout P gives sdpa-bool attention dropout (flex has none; memlm's auto backend takes sdpa then);
@@ -103,6 +107,11 @@ def main() -> None:
         from torch.nn.attention.bias import causal_lower_right
         return sdpa_expand(causal_lower_right(Tq, Tk))
 
+    def sdpa_causal_pad():
+        padded = torch.cat([q.new_zeros(B, H, Tk - Tq, D), q], dim=2) if Tk > Tq else q  # (B, H, Tk, D)
+        out = F.scaled_dot_product_attention(padded, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
+        return out[:, :, Tk - Tq:]
+
     variants = {
         "sdpa-bool": torch.compile(sdpa_bool),
         "sdpa-expand": torch.compile(sdpa_expand),
@@ -113,6 +122,7 @@ def main() -> None:
     }
     if args.no_key_mask and bias is None:
         variants["sdpa-lower-right"] = torch.compile(sdpa_lower_right)
+        variants["sdpa-causal-pad"] = torch.compile(sdpa_causal_pad)
     if args.only:
         wanted = args.only.split(",")
         missing = [name for name in wanted if name not in variants]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memlm.config.checks import ConfigError, choice, fraction, positive_int
+from memlm.config.checks import ConfigError, choice, positive_int
 from memlm.config.memory import MemoryConfig
 
 POSITION_KINDS = ("none", "learned", "sinusoidal", "rope", "xpos", "t5", "tupe")

@@ -125,18 +125,6 @@ class MemlmPreTrainedModel(PreTrainedModel):
             model._init_weights(module)
 
 
-def _build(config) -> LanguageModel:
-    """LanguageModel(config), on the CPU where transformers builds on the meta device and an init
-    reads tensor values (adaptive span's key limit): such a model loads with real tensors."""
-    try:
-        return LanguageModel(config)
-    except (RuntimeError, NotImplementedError):
-        if torch.empty(0).device.type != "meta":
-            raise
-        with torch.device("cpu"):
-            return LanguageModel(config)
-
-
 class MemlmForCausalLM(MemlmPreTrainedModel, GenerationMixin):
     """memlm's LanguageModel (`self.model`) behind the Hugging Face causal-LM interface.
 
@@ -148,14 +136,14 @@ class MemlmForCausalLM(MemlmPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MemlmConfig):
         super().__init__(config)
-        self.model = _build(config.memlm_config())
+        self.model = LanguageModel(config.memlm_config())
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         """PreTrainedModel.from_pretrained, then what memlm's own loading does after the weights
-        are in: learned adaptive spans clamped to range and their key limits read again (the
-        load_state_dict hook that memlm relies on is not called by transformers' loader)."""
+        are in: learned adaptive spans clamped to range (the load_state_dict hook that memlm
+        relies on is not called by transformers' loader)."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.model.after_optimizer_step()

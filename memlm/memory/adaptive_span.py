@@ -4,9 +4,13 @@ arXiv 1905.07799).
 Each head h learns a span z_h in [0, S]. The soft mask of a key at distance x is
 m_z(x) = clamp((R + z - x) / R, 0, 1); attention weights become m * exp(s) / sum(m * exp(s)),
 which is softmax(s + log m): the mask enters the kernels as one more additive score bias.
-The penalty (mean span in positions) goes into aux_loss, spans are clamped to [0, S] after
-each optimizer step (`clamp_`), and recurrent memory is trimmed to the longest span so short
-spans save compute. Departure: z is stored in positions rather than as a fraction of S.
+The penalty (mean span in positions) goes into aux_loss and spans are clamped to [0, S] after
+each optimizer step (`clamp_`). Short spans save compute through `window`: keys at that distance
+or more are masked for every head, which the kernels take as a sliding window (FlexAttention
+skips whole blocks beyond it), so memory keeps one shape for torch.compile whatever the spans.
+Departures: z is stored in positions rather than as a fraction of S; the paper drops keys beyond
+the span from the computation itself, here the saving is FlexAttention's block sparsity (128-key
+blocks) and the eager and sdpa kernels compute the masked scores.
 """
 
 from __future__ import annotations
@@ -22,19 +26,23 @@ class AdaptiveSpan(nn.Module):
         super().__init__()
         self.span_max, self.ramp = span_max, ramp
         self.span = nn.Parameter(torch.full((heads,), init * span_max))  # (H,) in positions
-        self.limit = self._limit()  # read from the float32 parameter, as every clamp_ reads it (CPU: no sync)
         self.register_load_state_dict_post_hook(lambda module, keys: module.clamp_())
 
-    def _limit(self) -> int:
-        """Keys at distance >= limit are masked for every head (a Python int: no device sync)."""
-        if self.span.is_meta:  # no values (a model built on the meta device to count parameters)
-            return self.span_max + self.ramp
-        return min(self.span_max + self.ramp, int(math.ceil(self.span.detach().max().item())) + self.ramp)
+    def window(self) -> torch.Tensor:
+        """0-d float tensor: keys at distance >= window have mask 0 for every head (the longest
+        span plus the ramp, at most span_max + ramp); a tensor, so reading it needs no device sync
+        and a compiled graph no guard on its value."""
+        return self.span.detach().clamp(0, self.span_max).max() + self.ramp
+
+    @property
+    def limit(self) -> int:
+        """`window` as the smallest integer distance that is masked for every head: a host read,
+        for reports and tests; the model itself uses `window`."""
+        return int(math.ceil(self.window().item()))
 
     @torch.no_grad()
     def clamp_(self) -> None:
         self.span.clamp_(0, self.span_max)
-        self.limit = self._limit()
 
     def mask(self, distance: torch.Tensor) -> torch.Tensor:
         """distance (Tq, Tk) -> soft mask (H, Tq, Tk) in [0, 1]."""

@@ -13,8 +13,8 @@ and xPos are always applied at distances measured from the current segment.
 
 Memory mechanisms plug in through three attributes (memlm.protocols), set by memlm.model from
 memlm.memory; this module imports none of them:
-- `span` (ScoreBias, adaptive span): one more additive score term; memory beyond its limit is
-  dropped before the kernel.
+- `span` (ScoreBias, adaptive span): one more additive score term, and a window beyond which
+  the kernel may skip keys (the memory keeps its length, so compiled graphs keep their shapes).
 - `persistent` (PositionlessSource, persistent memory): keys without position, scored against the
   unrotated queries and merged in exactly through the kernel's log-sum-exp.
 - `knn` (RetrievalSource, kNN memory): per-query retrieved pairs from the store of this layer in
@@ -72,10 +72,6 @@ class SegmentContext:
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
 """Keys and values (B, Hkv, T, D) each, unrotated: a key/value cache."""
-
-SPAN_TRIM_STEP = 64
-"""Memory trimmed to the longest adaptive span keeps a multiple of this many positions: the span
-changes a little at every step, and each new memory length would be a new shape to compile."""
 
 
 class Attention(nn.Module):
@@ -164,11 +160,6 @@ class Attention(nn.Module):
         """
         B, T, _ = h.shape
         q, k, v = self.project(h)
-        trimmed = 0  # memory positions dropped before the first key the kernel sees
-        if memory is not None and self.span is not None:  # keys past the longest span are masked anyway
-            keep = -(-self.span.limit // SPAN_TRIM_STEP) * SPAN_TRIM_STEP  # few distinct shapes: few recompiles
-            trimmed = max(0, memory.shape[1] - keep)
-            memory = memory[:, trimmed:]
         if memory is not None and memory.shape[1]:
             mk, mv = self.project_kv(memory)
             k = torch.cat([mk, k], dim=2)  # (B, Hkv, M + T, D)
@@ -193,15 +184,15 @@ class Attention(nn.Module):
         store = ctx.stores.get(self.layer) if self.knn is not None and ctx.stores else None
         sources = ctx.sources.get(self.layer, ())
         need_lse = persistent or bool(sources) or (store is not None and self.knn.combine == "joint")
-        bias = ctx.bias(self.layer, k_offset - trimmed, k.shape[2] + trimmed)  # in the untrimmed window (TUPE)
-        if bias is not None and trimmed:
-            bias = bias[..., trimmed:]
+        bias = ctx.bias(self.layer, k_offset, k.shape[2])
+        window = None
         if self.span is not None:
             span_bias = self.span(T, k.shape[2], k_offset, h.device)
             bias = span_bias if bias is None else bias + span_bias
+            window = self.span.window()
         y = attend(q, k, v, backend=self.backend, k_offset=k_offset, bias=bias,
-                   key_mask=ctx.key_mask(past, T, h.device), scale=scale, dropout_p=dropout,
-                   return_lse=need_lse)  # (B, H, T, D)
+                   key_mask=ctx.key_mask(past, T, h.device), max_distance=window, scale=scale,
+                   dropout_p=dropout, return_lse=need_lse)  # (B, H, T, D)
         lse = None
         if need_lse:
             y, lse = y

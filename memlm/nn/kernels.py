@@ -5,8 +5,10 @@ k_offset..k_offset+Tk-1 (k_offset <= 0 when a cache or memory precedes the segme
 
     out = softmax(scale * q k^T + bias, masked) v
 
-where key j is visible to query i iff k_offset + j <= i (causal) and, when a key mask is
-given, key_mask[b, j] is True or the key is the query itself (a token always sees itself).
+where key j is visible to query i iff k_offset + j <= i (causal), when a key mask is
+given key_mask[b, j] is True or the key is the query itself (a token always sees itself), and
+when a maximum distance is given i - (k_offset + j) < max_distance (a sliding window, a 0-d
+tensor: adaptive span's, read without a device sync; flex skips the blocks beyond it).
 `bias` is an additive (H or 1, Tq, Tk) score term (T5 relative bias, TUPE).
 Keys and values may have fewer heads than queries (grouped / multi-query attention).
 eager and flex can also return the log-sum-exp of the scores (B, H, Tq), which lets a second
@@ -31,18 +33,20 @@ BACKENDS = ("eager", "sdpa", "flex")
 
 
 def visibility(q_len: int, k_len: int, k_offset: int, key_mask: torch.Tensor | None,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, max_distance: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask (1 or B, 1, Tq, Tk): True where query i may attend key j."""
     q_pos = torch.arange(q_len, device=device)[:, None]
     k_pos = torch.arange(k_offset, k_offset + k_len, device=device)[None, :]
     causal = k_pos <= q_pos  # (Tq, Tk)
+    if max_distance is not None:
+        causal = causal & (q_pos - k_pos < max_distance)
     if key_mask is None:
         return causal[None, None]
     return causal & (key_mask[:, None, None, :] | (k_pos == q_pos))  # (B, 1, Tq, Tk)
 
 
-def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0,
-                    return_lse=False):
+def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, max_distance=None, scale=None,
+                    dropout_p=0.0, return_lse=False):
     """Reference: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -53,7 +57,7 @@ def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None
     scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, Tq, Tk)
     if bias is not None:
         scores = scores + bias.float()
-    scores = scores.masked_fill(~visibility(Tq, Tk, k_offset, key_mask, q.device), float("-inf"))
+    scores = scores.masked_fill(~visibility(Tq, Tk, k_offset, key_mask, q.device, max_distance), float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
@@ -61,17 +65,18 @@ def eager_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None
     return (out, scores.logsumexp(dim=-1)) if return_lse else out
 
 
-def sdpa_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0):
+def sdpa_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, max_distance=None, scale=None,
+                   dropout_p=0.0):
     """torch.nn.functional.scaled_dot_product_attention; flash/efficient kernels when plain causal."""
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
-    plain = bias is None and key_mask is None
+    plain = bias is None and key_mask is None and max_distance is None
     if plain and k_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               dropout_p=dropout_p, enable_gqa=gqa)
     if plain and k_offset + Tk <= 1:  # every key precedes or is the only query: nothing to mask
         return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
-    mask = visibility(Tq, Tk, k_offset, key_mask, q.device)
+    mask = visibility(Tq, Tk, k_offset, key_mask, q.device, max_distance)
     if bias is None:
         attn_mask = mask
     else:
@@ -106,20 +111,38 @@ def _causal_block_mask(q_len: int, k_len: int, k_offset: int, device: str):
     return create_block_mask(causal, None, None, q_len, k_len, device=device)
 
 
+def _window_block_mask(q_len: int, k_len: int, k_offset: int, max_distance: torch.Tensor):
+    """The causal block mask limited to keys closer than max_distance (0-d tensor): blocks wholly
+    beyond it are skipped. Not cached (the distance is a tensor that changes as spans learn);
+    under torch.compile it is computed inside the graph."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = _index_scalar(k_offset, max_distance.device)
+
+    def windowed(b, h, q_idx, kv_idx):
+        distance = q_idx - (kv_idx + offset)
+        return (distance >= 0) & (distance < max_distance)
+
+    return create_block_mask(windowed, None, None, q_len, k_len, device=max_distance.device)
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0,
-                   return_lse=False):
-    """FlexAttention: block mask for causality, score_mod for bias and key mask."""
+def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, max_distance=None, scale=None,
+                   dropout_p=0.0, return_lse=False):
+    """FlexAttention: block mask for causality and the window, score_mod for bias and key mask."""
     from torch.nn.attention.flex_attention import flex_attention as flex_eager
     if dropout_p > 0:
         raise ValueError("the flex attention backend has no dropout; use eager or sdpa")
     Tq, Tk = q.shape[2], k.shape[2]
-    block_mask = _causal_block_mask(Tq, Tk, k_offset, str(q.device))
+    if max_distance is None:
+        block_mask = _causal_block_mask(Tq, Tk, k_offset, str(q.device))
+    else:
+        block_mask = _window_block_mask(Tq, Tk, k_offset, max_distance.to(q.device))
 
     score_mod = None
     if bias is not None or key_mask is not None:
@@ -163,17 +186,17 @@ def choose_backend(requested: str, q: torch.Tensor, *, has_bias: bool, has_mask:
     return "sdpa"
 
 
-def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, scale=None, dropout_p=0.0,
-           return_lse=False):
+def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, max_distance=None, scale=None,
+           dropout_p=0.0, return_lse=False):
     """Dispatch to one kernel. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)
     [and the log-sum-exp (B, H, Tq) with return_lse; sdpa cannot give it, so eager stands in]."""
-    name = choose_backend(backend, q, has_bias=bias is not None, has_mask=key_mask is not None,
-                          dropout_p=dropout_p)
+    name = choose_backend(backend, q, has_bias=bias is not None,
+                          has_mask=key_mask is not None or max_distance is not None, dropout_p=dropout_p)
     if return_lse and name == "sdpa":  # flex from one 128-block of queries, as `choose_backend` decides
         name = "flex" if q.is_cuda and dropout_p == 0 and q.shape[2] >= 128 else "eager"
     kwargs = {"return_lse": True} if return_lse else {}
-    return KERNELS[name](q, k, v, k_offset=k_offset, bias=bias, key_mask=key_mask, scale=scale,
-                         dropout_p=dropout_p, **kwargs)
+    return KERNELS[name](q, k, v, k_offset=k_offset, bias=bias, key_mask=key_mask, max_distance=max_distance,
+                         scale=scale, dropout_p=dropout_p, **kwargs)
 
 
 def shared_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

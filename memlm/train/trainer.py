@@ -163,11 +163,10 @@ class Trainer:
 
         self.train_model: torch.nn.Module = self.model
         # compiled with memory: every memory length its own static graph (State.mark_static); memlm's
-        # models only (a peer's state is its own), and not with adaptive span (its lengths vary)
-        self.static_memory_shapes = bool(c.compile and self.stateful and isinstance(self.model_config, ModelConfig)
-                                         and not self.model_config.memory.adaptive_span.enabled)
+        # models only (a peer's state is its own)
+        self.static_memory_shapes = bool(c.compile and self.stateful and isinstance(self.model_config, ModelConfig))
         if c.compile:
-            if self.stateful:  # filling memories and trimmed spans are new graphs
+            if self.stateful:  # filling memories are new graphs
                 allow_memory_recompiles()
             self.train_model = torch.compile(self.train_model)
         if not fsdp.is_sharded(self.model):

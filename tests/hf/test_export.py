@@ -107,7 +107,7 @@ def test_the_directory_holds_what_transformers_loads(exported):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_logits_equal_memlm_forward(exported, preset):
     _, model, hf = exported[preset]
-    if model.spans() is not None:  # memlm's load_state_dict hook reads the key limit from the loaded spans
+    if model.spans() is not None:  # the windows follow the loaded (clamped) spans
         assert [b.attention.span.limit for b in hf.model.blocks] == [b.attention.span.limit for b in model.blocks]
         assert hf.model.spans() == model.spans() == [[3.0, 9.0]] * 2 and model.blocks[0].attention.span.limit == 41
     ids = torch.randint(0, 257, (2, 40))  # longer than seq_len 16

@@ -191,17 +191,53 @@ def test_span_penalty_clamping_and_gradient():
     assert model.blocks[0].attention.span.limit == 16 + 32  # span_max + ramp caps the limit
 
 
-def test_span_trimming_does_not_change_outputs():
-    model = build_tiny(**{"memory.xl.length": 24, "memory.adaptive_span.enabled": True, "memory.adaptive_span.ramp": 2}).eval()
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_the_window_masks_only_keys_the_soft_mask_zeroes(backend, monkeypatch):
+    """The kernels skip keys at distance >= the span's window (flex: whole blocks of them); the
+    outputs equal those with no window at all, through memory rolls."""
+    model = build_tiny(**{"memory.xl.length": 24, "memory.adaptive_span.enabled": True, "memory.adaptive_span.ramp": 2,
+                          "attention.backend": backend}).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attention.span.span.copy_(torch.tensor([1.0, 3.0, 2.0, 4.5]))
     model.after_optimizer_step()
     assert model.blocks[0].attention.span.limit == 7  # ceil(4.5) + 2
     ids = torch.randint(0, 256, (2, 40))
-    trimmed, state, _ = run_segments(model, ids)
-    assert state.layers[0].mem.shape[1] == 24  # stored in full, trimmed when read
-    for block in model.blocks:
-        block.attention.span.limit = 10_000
-    untrimmed, _, _ = run_segments(model, ids)
-    torch.testing.assert_close(trimmed, untrimmed, atol=1e-5, rtol=0)
+    with torch.no_grad():  # flex has no backward on a CPU
+        windowed, state, _ = run_segments(model, ids)
+        assert state.layers[0].mem.shape[1] == 24  # the memory keeps its length
+        monkeypatch.setattr(AdaptiveSpan, "window", lambda self: torch.tensor(10_000.0))
+        unwindowed, _, _ = run_segments(model, ids)
+    torch.testing.assert_close(windowed, unwindowed, atol=1e-5, rtol=0)
+
+
+def test_learning_spans_never_recompiles_a_compiled_model():
+    """Compiled, with the state's tensors marked static as the Trainer marks them: once the memory
+    is full, spans that change every step (and with them the window) reuse the same graphs, and
+    the compiled steps equal the eager ones."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = build_tiny(**{"memory.xl.length": 8, "memory.adaptive_span.enabled": True,
+                          "memory.adaptive_span.ramp": 2})
+    compiled = torch.compile(model, backend=counting_backend)
+    ids = torch.randint(0, 256, (2, 8 * 8))
+    state, eager_state = model.init_state(2), model.init_state(2)
+    counts = []
+    for step, spans in enumerate([0.5, 1.0, 2.0, 3.5, 5.0, 6.0, 7.5, 8.0]):
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attention.span.span.fill_(spans)
+        model.after_optimizer_step()
+        segment = ids[:, 8 * step:8 * step + 8]
+        out = compiled(segment, targets=segment, state=state.mark_static())
+        expected = model(segment, targets=segment, state=eager_state)
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=0)
+        state, eager_state = out.state.detach(), expected.state.detach()
+        counts.append(len(graphs))
+    assert len({b.attention.span.limit for b in model.blocks}) == 1 and model.blocks[0].attention.span.limit == 10
+    assert counts[2:] == [counts[2]] * 6, counts  # from the third step (memory full) on, no new graph

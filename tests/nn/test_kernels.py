@@ -163,22 +163,29 @@ def test_attend_with_log_sum_exp_on_cuda_replaces_sdpa(monkeypatch, backend, Tq,
                dropout_p=dropout_p, return_lse=True)
         picked = ("flex" if block else "eager") if chosen == "sdpa" else chosen
         assert [name for name, _ in calls] == [picked]
-        assert calls[0][1] == {"k_offset": -3, "bias": bias, "key_mask": key_mask, "scale": 0.5,
-                               "dropout_p": dropout_p, "return_lse": True}
+        assert calls[0][1] == {"k_offset": -3, "bias": bias, "key_mask": key_mask, "max_distance": None,
+                               "scale": 0.5, "dropout_p": dropout_p, "return_lse": True}
         # without the log-sum-exp the choice is choose_backend's and no return_lse is passed
         calls.clear()
         attend(q, "k", "v", backend=backend, bias=bias, key_mask=key_mask, dropout_p=dropout_p)
         assert [name for name, _ in calls] == [chosen]
-        assert calls[0][1] == {"k_offset": 0, "bias": bias, "key_mask": key_mask, "scale": None,
-                               "dropout_p": dropout_p}
+        assert calls[0][1] == {"k_offset": 0, "bias": bias, "key_mask": key_mask, "max_distance": None,
+                               "scale": None, "dropout_p": dropout_p}
+    # a window is a mask: auto takes flex for it from one 128-block, and it reaches the kernel
+    window = torch.tensor(5.0)
+    calls.clear()
+    attend(q, "k", "v", backend=backend, max_distance=window, dropout_p=dropout_p)
+    windowed = ("flex" if Tq >= 128 and dropout_p == 0 else "sdpa") if backend == "auto" else backend
+    assert [name for name, _ in calls] == [windowed] and calls[0][1]["max_distance"] is window
 
 
 # ----- every kernel against attention written out with loops in float64 -----------------------
 
-def brute_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None, drop=None,
+def brute_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, max_distance=None, scale=None, drop=None,
                     causal=True):
     """(out (B, H, Tq, D), lse (B, H, Tq)) by loops: query i sees key j iff k_offset + j <= i (when
-    causal) and key_mask[b, j] or k_offset + j == i; query head h reads key head h // (H / Hkv);
+    causal), key_mask[b, j] or k_offset + j == i, and i - (k_offset + j) < max_distance (when
+    given); query head h reads key head h // (H / Hkv);
     `drop` (B, H, Tq, Tk) multiplies the probabilities after the softmax."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -190,7 +197,8 @@ def brute_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None
             g = h // (H // Hkv)
             for i in range(Tq):
                 seen = [j for j in range(Tk) if (not causal or k_offset + j <= i)
-                        and (key_mask is None or bool(key_mask[b, j]) or k_offset + j == i)]
+                        and (key_mask is None or bool(key_mask[b, j]) or k_offset + j == i)
+                        and (max_distance is None or i - (k_offset + j) < float(max_distance))]
                 if not seen:
                     continue
                 logits = torch.tensor([scale * (q[b, h, i].double() @ k[min(b, k.shape[0] - 1), g, j].double())
@@ -207,10 +215,13 @@ def brute_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, scale=None
     return out, lse
 
 
-def kernel_case(Tq, Tk, k_offset, *, H=4, Hkv=2, bias_heads=0, mask=False, B=2, D=4, dtype=torch.float32):
+def kernel_case(Tq, Tk, k_offset, *, H=4, Hkv=2, bias_heads=0, mask=False, window=None, B=2, D=4,
+                dtype=torch.float32):
     q = torch.randn(B, H, Tq, D, dtype=dtype)
     k, v = torch.randn(B, Hkv, Tk, D, dtype=dtype), torch.randn(B, Hkv, Tk, D, dtype=dtype)
     extra = {"k_offset": k_offset}
+    if window is not None:
+        extra["max_distance"] = torch.tensor(window)
     if bias_heads:
         extra["bias"] = torch.randn(bias_heads, Tq, Tk)
     if mask:
@@ -235,11 +246,15 @@ KERNEL_CASES = {  # Tq, Tk, k_offset, options; 4 query heads over 2 key heads un
     "mask-square": (4, 4, 0, {"mask": True, "bias_heads": 4}),
     "mask-decode": (1, 5, -4, {"mask": True}),
     "bias-decode": (1, 5, -4, {"bias_heads": 4}),
+    "window": (4, 10, -6, {"window": 3.0}),  # a sliding window: keys at distance >= 3 masked
+    "window-fractional": (4, 10, -6, {"window": 2.5, "mask": True, "bias_heads": 4}),  # distance 2 seen, 3 not
+    "window-decode": (1, 8, -7, {"window": 4.0}),
 }
 
 
 FLEX_CASES = [("causal-square", None), ("memory-before", 0.37), ("bias-shared", None), ("bias-per-head", 0.37),
-              ("gqa-two-queries", None), ("mask", 0.37), ("mask-square", None)]
+              ("gqa-two-queries", None), ("mask", 0.37), ("mask-square", None), ("window", None),
+              ("window-fractional", 0.37)]
 """Fewer for flex, which is slow on a CPU."""
 
 
@@ -253,6 +268,20 @@ def test_kernel_matches_loops(backend, case, scale):
     out = KERNELS[backend](q, k, v, scale=scale, **extra)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_skips_the_blocks_beyond_the_window():
+    """Over several 128-blocks of queries and keys, the flex block mask built from max_distance
+    skips whole blocks (fewer than the causal mask keeps) and the output equals eager's."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q, k, v, extra = kernel_case(256, 640, -384, H=2, Hkv=1, mask=True, window=150.0, D=8)
+    out = KERNELS["flex"](q, k, v, **extra)
+    torch.testing.assert_close(out, eager_attention(q, k, v, **extra), atol=2e-5, rtol=1e-4)
+    windowed = kernels_module._window_block_mask(256, 640, -384, extra["max_distance"])
+    causal = create_block_mask(lambda b, h, i, j: j - 384 <= i, None, None, 256, 640, device="cpu")
+    assert 0 < windowed.kv_num_blocks.sum() + windowed.full_kv_num_blocks.sum() < \
+        causal.kv_num_blocks.sum() + causal.full_kv_num_blocks.sum()
 
 
 @pytest.mark.parametrize("backend,dtype", [("eager", torch.float64), ("sdpa", torch.float64), ("flex", torch.float64),

@@ -162,24 +162,6 @@ def test_tupe_with_memory_checks_max_positions_at_config_time():
                                        "memory.xl.eval_multiplier": 3.0}).config.positions_limit == 8 + 12
 
 
-def test_tupe_term_ignores_the_adaptive_span_trim(monkeypatch):
-    """Memory trimmed to the longest span (a speed-up) must not move the window positions."""
-    from memlm.nn import attention as attention_module
-
-    model = tupe_stream_model(**{"memory.xl.length": 12, "memory.adaptive_span.enabled": True, "memory.adaptive_span.ramp": 2,
-                                 "memory.adaptive_span.init": 0.0})
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attention.span.span.fill_(3.0)
-    model.after_optimizer_step()
-    monkeypatch.setattr(attention_module, "SPAN_TRIM_STEP", 4)
-    ids = torch.randint(0, 256, (2, 24))
-    trimmed, _ = by_segments(model, ids, 4)
-    monkeypatch.setattr(attention_module, "SPAN_TRIM_STEP", 1000)  # keeps the whole memory
-    untrimmed, _ = by_segments(model, ids, 4)
-    torch.testing.assert_close(trimmed, untrimmed, atol=1e-5, rtol=0)
-
-
 def test_tupe_logits_are_content_and_position_terms_each_over_sqrt_2d(monkeypatch):
     """TUPE (arXiv 2006.15595, eq. 5): (x W_q)(x W_k)^T / sqrt(2d) + (p U_q)(p U_k)^T / sqrt(2d),
     written out from the layer's weights and compared with what the kernel is given."""

@@ -339,8 +339,9 @@ def test_a_late_flag_still_stops_the_run_at_the_step_that_failed(corpus, tmp_pat
 
 
 @pytest.mark.parametrize("memory", [{}, {"memory.xl.length": 32},
-                                    {"memory.knn.layers": [1], "memory.knn.capacity": 64, "memory.knn.k": 4}],
-                         ids=["none", "xl", "knn"])
+                                    {"memory.knn.layers": [1], "memory.knn.capacity": 64, "memory.knn.k": 4},
+                                    {"memory.xl.length": 32, "memory.adaptive_span.enabled": True}],
+                         ids=["none", "xl", "knn", "span"])
 def test_a_training_step_reads_nothing_from_the_device(corpus, tmp_path, monkeypatch, memory):
     """A host read in the step stalls a GPU every step (BENCHMARKS.md, where a memory row's step
     goes): the step, a non-finite one included, must not call any."""
