@@ -10,6 +10,8 @@ max- and mean-pooling, a learned 1D convolution (kernel = stride = c) and most-u
 attention weight detached, so it trains the compressor and nothing else; the compressed
 memory enters the state detached, so the language-model loss never reaches the compressor
 (also when one call runs several segments, as memory tokens do).
+The convolution (kernel = stride = c) runs as one matrix product over groups of c states, which
+is the same function without the channels-first layout changes of a convolution kernel.
 Departures: when the overflow is not a multiple of c, its oldest (overflow mod c) states are
 dropped uncompressed. most-used ranks the leaving memories by the attention (the layer's
 content scores: QK-norm and its scale, no positions) that the queries of the segment which
@@ -32,8 +34,10 @@ class Compressor(nn.Module):
     def forward(self, old: torch.Tensor, usage: torch.Tensor | None = None) -> torch.Tensor:
         """old (B, n * c, W) -> (B, n, W); usage (B, n * c) attention received, for most_used."""
         c = self.rate
-        if self.kind == "conv":
-            return self.conv(old.transpose(1, 2)).transpose(1, 2)
+        if self.kind == "conv":  # kernel = stride = c: one matmul over each group of c states
+            B, n = old.shape[0], old.shape[1] // c
+            weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)  # (W, c * W), k-major
+            return F.linear(old[:, :n * c].reshape(B, n, -1), weight, self.conv.bias)  # (B, n, W)
         if self.kind == "max":
             return F.max_pool1d(old.transpose(1, 2), c).transpose(1, 2)
         if self.kind == "mean":

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import memlm
 from memlm.memory import compressive
@@ -293,3 +294,20 @@ def test_compress_sees_the_layers_attention_inputs(placement):
     out, loss = compressive.compress(block, Compressor("mean", 32, 2), segment, overflow, training=True)
     assert loss is None
     torch.testing.assert_close(out, overflow.view(2, 4, 2, 32).mean(2))
+
+
+def test_the_conv_compressor_equals_a_strided_convolution_with_its_gradients():
+    """The compressor computes its Conv1d (kernel = stride = rate) as one matrix product: the
+    output and the gradients of the input, weight and bias equal torch's convolution's."""
+    for rate, length in [(4, 12), (3, 10)]:  # 10: the last state is left over, as conv1d leaves it
+        compressor = Compressor("conv", 6, rate)
+        old = torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True)
+        compressor.double()
+        out = compressor(old)
+        expected = F.conv1d(old.transpose(1, 2), compressor.conv.weight, compressor.conv.bias, stride=rate).transpose(1, 2)
+        torch.testing.assert_close(out, expected)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (old, compressor.conv.weight, compressor.conv.bias), grad)
+        want = torch.autograd.grad(expected, (old, compressor.conv.weight, compressor.conv.bias), grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
