@@ -58,6 +58,10 @@ class BenchConfig:
     """Prompt length for generation (its prefill is not timed); None = 16 on CUDA, 8 on CPU."""
     gen_new_tokens: int | None = None
     """New tokens per generation call; None = 256 on CUDA, 8 on CPU. Past seq_len (prompt + new tokens), only models with recurrent memory generate (their memory rolls); the others are noted."""
+    profile_steps: int = 0
+    """After timing, profile this many more training steps of each row with torch.profiler: the
+    row's `profile` lists the kernels (CUDA; operators on a CPU) that take the most time a step,
+    with their share. 0 = no profile."""
     decode: DecodeMode = "eager"
     """Decode path of memlm and reference generation: eager, compile (torch.compile(model, dynamic=True)), or graph (memlm: static key/value cache, compiled step replayed as a CUDA graph over bf16 weights, memlm.decode.static; models it does not support and the reference decode eagerly)."""
     device: str = "auto"

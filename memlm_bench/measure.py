@@ -26,10 +26,11 @@ def random_tokens(vocab_size: int, size: tuple[int, ...], device: torch.device, 
 
 
 def measure_training(workload: Workload, shape: Shape, *, steps: int, warmup: int, repeats: int,
-                     compile: bool, device: torch.device, seed: int) -> dict:
+                     compile: bool, device: torch.device, seed: int, profile_steps: int = 0) -> dict:
     """Train the workload's objective and time it. Returns tokens (per timed run), seconds
-    (each run), tokens_per_s (of the median run), initial_loss (the first step's, at init) and
-    peak_mem_bytes (CUDA, timed runs only; None elsewhere)."""
+    (each run), tokens_per_s (of the median run), initial_loss (the first step's, at init),
+    peak_mem_bytes (CUDA, timed runs only; None elsewhere) and, with profile_steps, the profile
+    of that many more steps (`step_profile`)."""
     objective = workload.objective.train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(objective) if compile else objective
@@ -51,12 +52,45 @@ def measure_training(workload: Workload, shape: Shape, *, steps: int, warmup: in
         torch.cuda.reset_peak_memory_stats(device)
     runs = repeat_seconds(lambda: [train_step(i) for i in range(steps)], device, repeats)
     tokens = shape.batch_size * shape.seq_len * steps
-    return {
+    result = {
         "tokens": tokens,
         "seconds": runs,
         "tokens_per_s": tokens / median(runs),
         "initial_loss": initial_loss,
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    if profile_steps:
+        result["profile"] = step_profile(train_step, profile_steps, device)
+    return result
+
+
+def step_profile(train_step, steps: int, device: torch.device, top: int = 25) -> dict:
+    """torch.profiler over `steps` calls of train_step(i): what runs on the device (CUDA kernels;
+    on a CPU, the operators' own CPU time) by name, per step. Returns ms_per_step (the sum over
+    every name) and `top`: the `top` names by time, each {name, ms_per_step, calls_per_step,
+    share}."""
+    from torch.autograd import DeviceType
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(steps):
+            train_step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if device.type == "cuda":  # kernels: events that ran on the device
+        timed = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                 if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    else:  # operators, by their own CPU time (children excluded)
+        timed = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total_us = sum(us for _, us, _ in timed)
+    ranked = sorted(timed, key=lambda item: -item[1])[:top]
+    return {
+        "steps": steps,
+        "ms_per_step": total_us / 1e3 / steps,
+        "top": [{"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": count / steps,
+                 "share": us / total_us} for name, us, count in ranked],
     }
 
 

@@ -175,7 +175,7 @@ def measure_workload(row: dict, workload: Workload, shape: Shape, config: BenchC
     graphs = compiled_graphs()
     row["train"] = attempt(row, "train", lambda: measure_training(
         workload, shape, steps=config.steps, warmup=row["warmup"], repeats=config.repeats,
-        compile=row["compiled"], device=device, seed=config.seed))
+        compile=row["compiled"], device=device, seed=config.seed, profile_steps=config.profile_steps))
     if row["compiled"]:
         row["graphs_compiled"] = compiled_graphs() - graphs
     if row["train"] is not None:
@@ -220,7 +220,13 @@ def summary(row: dict) -> str:
     parts = [f"train {row['train']['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}"] if row["train"] else []
     parts += [f"gen {key} {rate:,.0f} tok/s" for key, rate in row["gen_tokens_per_s"].items()]
     parts += [f"{len(row['errors'])} failed"] if row["errors"] else []
-    return f"{row['model']}: {', '.join(parts) or 'nothing measured'} ({row['wall_s']:.0f} s)"
+    line = f"{row['model']}: {', '.join(parts) or 'nothing measured'} ({row['wall_s']:.0f} s)"
+    profile = (row["train"] or {}).get("profile")
+    if profile:  # the heaviest kernels of a step, under the row's line
+        line += f"\n  profile, {profile['ms_per_step']:.2f} ms a step on the device:" + "".join(
+            f"\n    {k['share']:6.1%} {k['ms_per_step']:8.3f} ms x{k['calls_per_step']:<5g} {k['name'][:100]}"
+            for k in profile["top"][:12])
+    return line
 
 
 def measure_all(config: BenchConfig, groups: list[Group], device: torch.device) -> dict:

@@ -17,7 +17,7 @@ from memlm_bench.config import resolve
 from memlm.train.warmup import memory_warmup
 from memlm_bench.workloads import (Entry, Shape, StreamObjective, Workload, dense_flops_per_token, fill_stores,
                                    memlm_loss)
-from memlm_bench.measure import measure_training, random_tokens
+from memlm_bench.measure import measure_training, random_tokens, step_profile
 from memlm_bench.peers import Peer
 
 TINY = dict(device="cpu", presets=["vanilla-tiny", "seed-tiny"], batch_size=2, seq_len=32, layers=2, width=32,
@@ -387,3 +387,24 @@ def test_graph_decode_mode_falls_back_to_eager_for_memory_tokens_and_says_so():
     assert any("decodes eagerly" in note for note in rows["memlm seed-xl-tiny memory.tokens.count=4"]["notes"])
     assert not any("decodes eagerly" in note for note in rows["memlm seed-xl-tiny"]["notes"])
     assert all(r["gen_tokens_per_s"]["b1"] > 0 for r in rows.values())
+
+
+def test_a_profile_accounts_for_every_operator_of_its_steps():
+    """--profile-steps: the profiled steps run after the timed ones (the state moves on by them),
+    the names are ranked by time and cover the whole measured time, and a per-step count is
+    exact: one embedding lookup a step."""
+    entry, shape = memory_entry("seed-compressive-tiny")
+    workload = entry.build(shape, CPU, "eager")
+    train = measure_training(workload, shape, steps=1, warmup=5, repeats=1, compile=False, device=CPU, seed=0,
+                             profile_steps=2)
+    assert workload.objective.steps == 5 + 1 + 2
+    profile = step_profile(lambda i: workload.objective(*segments(1, seed=i)[0]).backward(), 2, CPU, top=10_000)
+    assert train["profile"]["steps"] == 2 and len(train["profile"]["top"]) <= 25
+    for result in (train["profile"], profile):
+        assert sum(k["share"] for k in result["top"]) <= 1 + 1e-9
+        assert [k["ms_per_step"] for k in result["top"]] == sorted((k["ms_per_step"] for k in result["top"]),
+                                                                   reverse=True)
+    assert sum(k["ms_per_step"] for k in profile["top"]) == pytest.approx(profile["ms_per_step"])
+    assert sum(k["share"] for k in profile["top"]) == pytest.approx(1.0)
+    embedding = {k["name"]: k["calls_per_step"] for k in profile["top"]}["aten::embedding"]
+    assert embedding == 1  # one forward a step
