@@ -9,6 +9,9 @@ Variants, each compiled with torch.compile and checked against the eager referen
   flex-maskmod   FlexAttention, key mask and causality in a per-batch block mask (mask_mod)
   flex-expand    flex-score with the key/value heads repeated to the query heads (no GQA)
   flex-b64       flex-score with 64 x 64 tiles
+  flex-bwd-a/b/c flex-b64 with backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2) of
+                 32/64/64/32, 64/64/64/64 and 64/128/128/64 (the backward's own tiles)
+  flex-autotune  flex-score compiled with mode="max-autotune-no-cudagraphs" (every tile tried)
   sdpa-expand    sdpa-bool with the key/value heads repeated to the query heads (sdpa's memory-efficient
                  kernel takes no grouped heads; this checks whether reaching it pays)
   sdpa-lower-right  sdpa-expand with torch.nn.attention.bias.causal_lower_right in place of the
@@ -26,6 +29,7 @@ and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
@@ -119,7 +123,12 @@ def main() -> None:
         "flex-maskmod": torch.compile(lambda: flex_maskmod(q, k, v)),
         "flex-expand": torch.compile(lambda: flex_expand(q, k, v)),
         "flex-b64": torch.compile(lambda: flex_score(q, k, v, {"BLOCK_M": 64, "BLOCK_N": 64})),
+        "flex-autotune": torch.compile(lambda: flex_score(q, k, v), mode="max-autotune-no-cudagraphs"),
     }
+    for name, (m1, n1, m2, n2) in {"flex-bwd-a": (32, 64, 64, 32), "flex-bwd-b": (64, 64, 64, 64),
+                                   "flex-bwd-c": (64, 128, 128, 64)}.items():
+        options = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}
+        variants[name] = torch.compile(functools.partial(flex_score, q, k, v, options))
     if args.no_key_mask and bias is None:
         variants["sdpa-lower-right"] = torch.compile(sdpa_lower_right)
         variants["sdpa-causal-pad"] = torch.compile(sdpa_causal_pad)

@@ -20,6 +20,7 @@ CASES = {
     "forgetful(rope)": {"position.kind": "rope", "attention.forgetful": 0.3},
     "forgetful(t5)": {"position.kind": "t5", "attention.forgetful": 0.3},
     "persistent(xpos)": {"position.kind": "xpos", "memory.persistent.vectors": 8},
+    "span(rope)": {"position.kind": "rope", "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.2},
 }
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # relative L2 error
 RESULTS = []
