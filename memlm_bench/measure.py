@@ -88,6 +88,7 @@ def step_profile(train_step, steps: int, device: torch.device, top: int = 25) ->
     ranked = sorted(timed, key=lambda item: -item[1])[:top]
     return {
         "steps": steps,
+        "timed": "CUDA kernels" if device.type == "cuda" else "CPU operators (self time)",
         "ms_per_step": total_us / 1e3 / steps,
         "top": [{"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": count / steps,
                  "share": us / total_us} for name, us, count in ranked],

@@ -223,7 +223,7 @@ def summary(row: dict) -> str:
     line = f"{row['model']}: {', '.join(parts) or 'nothing measured'} ({row['wall_s']:.0f} s)"
     profile = (row["train"] or {}).get("profile")
     if profile:  # the heaviest kernels of a step, under the row's line
-        line += f"\n  profile, {profile['ms_per_step']:.2f} ms a step on the device:" + "".join(
+        line += f"\n  profile, {profile['ms_per_step']:.2f} ms a step of {profile['timed']}:" + "".join(
             f"\n    {k['share']:6.1%} {k['ms_per_step']:8.3f} ms x{k['calls_per_step']:<5g} {k['name'][:100]}"
             for k in profile["top"][:12])
     return line
