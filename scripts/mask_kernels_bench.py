@@ -20,7 +20,14 @@ Variants, each compiled with torch.compile and checked against the eager referen
                  the padded rows' outputs dropped: the Transformer-XL pattern through the flash kernel
                  at the cost of the padded rows (only with --no-key-mask and no --bias; with
                  --k-len equal to --q-len it is the plain causal kernel, the seed-small floor)
-and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a float mask).
+  sdpa-split-bound  sdpa over the memory keys (no mask) plus sdpa's causal kernel over the segment's keys, no
+                 merge: a lower bound on attention split into a memory part and a causal part merged
+                 through log-sum-exps (only with --no-key-mask and no --bias)
+and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a float mask);
+--bias-grad makes that bias a leaf that takes a gradient (adaptive span's dense soft mask as
+memlm passes it). --span adds adaptive span's soft mask computed inside the score_mod from the
+spans (H,) and the distance, without their gradient:
+  flex-span      flex-b64 with that score_mod (no dense bias read)
 --no-key-mask drops the per-row key mask: the plain Transformer-XL case (causal with an offset).
 --dropout P gives sdpa-bool attention dropout (flex has none; memlm's auto backend takes sdpa then);
 --only sdpa-bool,flex-b64 times just those variants.
@@ -49,6 +56,8 @@ def main() -> None:
     parser.add_argument("--k-len", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--bias-grad", action="store_true", help="the --bias takes a gradient")
+    parser.add_argument("--span", action="store_true", help="adds the flex-span variant (spans ~ Tk/2, ramp 32)")
     parser.add_argument("--no-key-mask", action="store_true", help="causality with an offset only")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
@@ -64,7 +73,9 @@ def main() -> None:
     key_mask = torch.arange(Tk, device=device)[None, :] >= torch.randint(0, Tk, (B, 1), device=device)  # (B, Tk)
     if args.no_key_mask:
         key_mask[:] = True
-    bias = torch.randn(H, Tq, Tk, device=device, dtype=torch.float32) if args.bias else None
+    bias = torch.randn(H, Tq, Tk, device=device, dtype=torch.float32, requires_grad=args.bias_grad) if args.bias else None
+    spans = torch.linspace(Tk / 4, 3 * Tk / 4, H, device=device)  # (H,) in positions
+    ramp = 32.0
     scale = 1.0 / math.sqrt(D)
 
     q_pos = torch.arange(Tq, device=device)[:, None]
@@ -116,6 +127,22 @@ def main() -> None:
         out = F.scaled_dot_product_attention(padded, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
         return out[:, :, Tk - Tq:]
 
+    def flex_span():
+        def span_mod(score, b, h, i, j):
+            distance = (i - j - offset).to(torch.float32)
+            soft = ((ramp + spans[h] - distance) / ramp).clamp(0, 1)
+            score = torch.where(soft > 0, score + soft.clamp_min(1e-30).log(), float("-inf"))
+            return torch.where(key_mask[b, j] | (j + offset == i), score, float("-inf"))
+        return flex_attention(q, k, v, score_mod=span_mod, block_mask=causal_block, scale=scale,
+                              enable_gqa=Hkv != H, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})
+
+    def sdpa_split_bound():
+        memory = Tk - Tq
+        mem = F.scaled_dot_product_attention(q, k[:, :, :memory], v[:, :, :memory], scale=scale, enable_gqa=Hkv != H)
+        seg = F.scaled_dot_product_attention(q, k[:, :, memory:], v[:, :, memory:], is_causal=True, scale=scale,
+                                             enable_gqa=Hkv != H)
+        return mem + seg  # not the attention: its kernels' cost only
+
     variants = {
         "sdpa-bool": torch.compile(sdpa_bool),
         "sdpa-expand": torch.compile(sdpa_expand),
@@ -132,28 +159,39 @@ def main() -> None:
     if args.no_key_mask and bias is None:
         variants["sdpa-lower-right"] = torch.compile(sdpa_lower_right)
         variants["sdpa-causal-pad"] = torch.compile(sdpa_causal_pad)
+        variants["sdpa-split-bound"] = torch.compile(sdpa_split_bound)
+    if args.span:
+        variants["flex-span"] = torch.compile(flex_span)
     if args.only:
         wanted = args.only.split(",")
         missing = [name for name in wanted if name not in variants]
         if missing:
             parser.error(f"--only {','.join(missing)}: not a variant of this run (variants: {', '.join(variants)})")
         variants = {name: variants[name] for name in wanted}
-    reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset,
-                                key_mask=None if args.no_key_mask else key_mask, scale=scale,
-                                bias=bias)
+    with torch.no_grad():
+        reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset,
+                                    key_mask=None if args.no_key_mask else key_mask, scale=scale,
+                                    bias=bias)
+        distance = (torch.arange(Tq, device=device)[:, None] - torch.arange(offset, offset + Tk, device=device)).float()
+        soft = ((ramp + spans[:, None, None] - distance.clamp_min(0)) / ramp).clamp(0, 1)  # (H, Tq, Tk)
+        span_reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset, key_mask=key_mask,
+                                         scale=scale, bias=torch.where(soft > 0, soft.clamp_min(1e-30).log(),
+                                                                       float("-inf")))
     print(f"B{B} H{H} Hkv{Hkv} Tq{Tq} Tk{Tk} D{D} bf16{' +bias' if bias is not None else ''}"
           f"{f' sdpa dropout {args.dropout}' if args.dropout else ''}: fwd / fwd+bwd ms, max |out - eager fp32|"
           f"{' (sdpa-bool: dropout, so not comparable)' if args.dropout else ''}")
     for name, fn in variants.items():
         try:
             out = fn()
-            error = (out.float() - reference).abs().max().item()
+            error = (out.float() - (span_reference if name == "flex-span" else reference)).abs().max().item()
             forward = cuda_ms(lambda: fn())
             both = cuda_ms(lambda: fn().backward(grad))
             print(f"  {name:13s} {forward:7.3f} {both:7.3f}   {error:.3g}")
         except Exception as exc:  # a variant that fails to compile is a row, not the end
             print(f"  {name:13s} failed: {type(exc).__name__}: {str(exc)[:200]}")
         q.grad = k.grad = v.grad = None
+        if bias is not None:
+            bias.grad = None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@
 Prints the step time, tokens/s, and torch.profiler's table of the CUDA kernels that take the
 most time (self CUDA time), grouped so that matmuls, attention and elementwise kernels can
 be told apart. Random tokens, bf16 autocast, AdamW fused, as `memlm bench` trains.
+
+--host: where the host's time goes instead: the step's wall time against its kernels' time, the
+operators and CUDA runtime calls by their own CPU time (launch counts among them), and whether
+a step synchronises with the device (torch.cuda.set_sync_debug_mode, which warns at each sync).
+--compile-mode MODE passes a torch.compile mode ("reduce-overhead": CUDA graphs).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--override", nargs="*", default=[], help="dotted model overrides key=value")
     parser.add_argument("--rows", type=int, default=25, help="kernels listed")
+    parser.add_argument("--host", action="store_true", help="profile the host side (see the docstring)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--reset", action="store_true",
                         help="stateful models: reset no row, but mark the state as reset (masked), as training on "
                              "documents does after the first document boundary")
@@ -35,7 +42,7 @@ def main() -> None:
     config = model.config
     B, T = args.batch_size, config.seq_len
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward = model if args.no_compile else torch.compile(model)
+    forward = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
     data = torch.randint(0, config.vocab_size, (args.steps, B, T + 1), device="cuda")
     state = model.init_state(B) if config.stateful else None
     if state is not None and args.reset:
@@ -62,11 +69,47 @@ def main() -> None:
     print(f"{args.preset} B{B} T{T}: {seconds * 1e3:.1f} ms/step, {B * T / seconds:,.0f} tokens/s, "
           f"{model.estimate_mfu(B * T / seconds, 1.0) / 1e12:.1f} TFLOP/s model FLOPs")
 
+    if args.host:
+        profile_host(step, args.rows)
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(3):
             step(i)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+
+
+def profile_host(step, rows: int, steps: int = 3) -> None:
+    """The host side of `steps` steps: CPU operators and CUDA runtime calls by self CPU time,
+    the kernels' total, and the syncs of one step (warnings from the sync debug mode)."""
+    from torch.autograd import DeviceType
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - started) * 1e3 / steps
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3 / steps
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key or "cuLaunch" in e.key) / steps
+    print(f"host profile: {wall:.1f} ms a step (profiled) against {kernels:.1f} ms of kernels; "
+          f"{launches:.0f} kernel launches a step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(0)
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message)[:160] for w in caught if "synchroniz" in str(w.message)]
+    print(f"syncs in one step: {len(syncs)}")
+    for message in syncs[:10]:
+        print("  ", message)
 
 
 if __name__ == "__main__":
