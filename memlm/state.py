@@ -161,6 +161,12 @@ class State:
         """A copy whose tensors carry no gradient history (no backpropagation through time)."""
         return self._map(lambda t: t.detach())
 
+    def clone(self) -> "State":
+        """A detached copy in memory of its own (the kNN stores shared, as by every State of one
+        stream): what a loop carries to the next step when the forward's outputs live in memory
+        that the next step overwrites (CUDA-graph replays, memlm.compile_modes)."""
+        return self._map(lambda t: t.detach().clone())
+
     def to(self, device: torch.device | str) -> "State":
         return self._map(lambda t: t.to(device))
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from memlm.compile_modes import COMPILE_MODES
 from memlm_bench.report import results_dir
 
 DecodeMode = Literal["eager", "compile", "graph"]
@@ -45,7 +46,9 @@ class BenchConfig:
     repeats: int = 3
     """Timed repeats of each measurement; the median is reported."""
     compile: bool = True
-    """torch.compile every model the same way (default mode) before timing; CUDA only, CPU runs stay eager."""
+    """torch.compile every model the same way before timing; CUDA only, CPU runs stay eager."""
+    compile_mode: str = "default"
+    """torch.compile's mode for every row alike: default, reduce-overhead (CUDA graphs: the step is replayed, not launched kernel by kernel), max-autotune or max-autotune-no-cudagraphs (memlm.compile_modes)."""
     peers: bool = True
     """Also measure the installed peer libraries (x-transformers, compressive/memorizing transformers)."""
     peer_names: list[str] | None = None
@@ -104,6 +107,8 @@ def _check(config: BenchConfig) -> None:
                          f"last prompt token), got {config.gen_prompt_len}")
     if any(b <= 0 for b in config.gen_batch_sizes):
         raise ValueError(f"bench: gen_batch_sizes must be positive, got {config.gen_batch_sizes}")
+    if config.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"bench: compile_mode must be one of {', '.join(COMPILE_MODES)}, got {config.compile_mode!r}")
     if config.decode not in DECODE_MODES:
         raise ValueError(f"bench: decode must be one of {', '.join(DECODE_MODES)}, got {config.decode!r}")
     for item in config.overrides:

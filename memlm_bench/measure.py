@@ -2,7 +2,9 @@
 
 Training: AdamW (fused on CUDA) over the objective, bf16 autocast on CUDA, random tokens
 already on the device, `warmup` untimed steps (torch.compile happens in the first), then
-`repeats` timed runs of `steps` steps with no host sync inside them.
+`repeats` timed runs of `steps` steps with no host sync inside them. In a CUDA-graph compile
+mode (memlm.compile_modes) each step is marked as a new one and what an objective carries to
+the next step is copied out of the replayed graph's memory (its `keep_outputs`).
 
 Generation: only the new tokens are counted. Each repeat prefills the cache with the prompt
 (all but its last token, not timed), then times n single-token steps that make n new tokens:
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from memlm_bench.workloads import Decoder, Shape, Workload
+from memlm.compile_modes import begin_step, compile_module
 from memlm.device import autocast, median, repeat_seconds, seconds
 
 
@@ -26,23 +29,31 @@ def random_tokens(vocab_size: int, size: tuple[int, ...], device: torch.device, 
 
 
 def measure_training(workload: Workload, shape: Shape, *, steps: int, warmup: int, repeats: int,
-                     compile: bool, device: torch.device, seed: int, profile_steps: int = 0) -> dict:
+                     compile: bool, device: torch.device, seed: int, profile_steps: int = 0,
+                     compile_mode: str = "default") -> dict:
     """Train the workload's objective and time it. Returns tokens (per timed run), seconds
     (each run), tokens_per_s (of the median run), initial_loss (the first step's, at init),
     peak_mem_bytes (CUDA, timed runs only; None elsewhere) and, with profile_steps, the profile
     of that many more steps (`step_profile`)."""
     objective = workload.objective.train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4, fused=device.type == "cuda")
-    forward = torch.compile(objective) if compile else objective
+    mode = compile_mode if compile else "default"
+    if hasattr(objective, "compile_mode"):  # an objective that compiles its model itself (StreamObjective)
+        objective.compile_mode = mode
+    forward = compile_module(objective, mode) if compile else objective
+    keep_outputs = getattr(objective, "keep_outputs", None)
     data = random_tokens(shape.vocab_size, (steps, shape.batch_size, shape.seq_len + 1), device, seed)
     inputs, targets = data[..., :-1].contiguous(), data[..., 1:].contiguous()  # (S, B, T) each
 
     def train_step(i: int) -> torch.Tensor:
+        begin_step(mode)
         with autocast(device):
             loss = forward(inputs[i % steps], targets[i % steps])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if keep_outputs is not None:
+            keep_outputs(mode)
         return loss.detach()
 
     initial_loss = train_step(0).item()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.compile_modes import keep
 from memlm_bench.workloads import (Decoder, Entry, Objective, Shape, Workload, count_params,
                                   dense_flops_per_token)
 
@@ -64,6 +65,11 @@ class RecurrentObjective(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss, self.memory = self.step(self.model, inputs, targets, self.memory)
         return loss
+
+    def keep_outputs(self, mode: str) -> None:
+        """After a step: the memory it returned, copied out of a replayed CUDA graph's memory in
+        the graph modes (the next replay overwrites it; memlm.compile_modes)."""
+        self.memory = keep(self.memory, mode)
 
 
 # ----- x-transformers ---------------------------------------------------------------------

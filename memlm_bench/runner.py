@@ -175,7 +175,8 @@ def measure_workload(row: dict, workload: Workload, shape: Shape, config: BenchC
     graphs = compiled_graphs()
     row["train"] = attempt(row, "train", lambda: measure_training(
         workload, shape, steps=config.steps, warmup=row["warmup"], repeats=config.repeats,
-        compile=row["compiled"], device=device, seed=config.seed, profile_steps=config.profile_steps))
+        compile=row["compiled"], device=device, seed=config.seed, profile_steps=config.profile_steps,
+        compile_mode=config.compile_mode))
     if row["compiled"]:
         row["graphs_compiled"] = compiled_graphs() - graphs
     if row["train"] is not None:

@@ -30,6 +30,7 @@ from torch import nn
 
 import memlm
 from memlm_bench import reference
+from memlm.compile_modes import compile_module, keep
 from memlm.config import ModelConfig
 from memlm.decode import static_decoder
 from memlm.decode.static import unsupported_reason as static_unsupported
@@ -201,7 +202,7 @@ class StreamObjective(nn.Module):
     torch.compile: the harness compiles this objective, but the state stays out of its graph.
     `forward` only asks whether it is being compiled and hands over to `_step`, which dynamo
     skips (torch.compiler.disable: one deliberate graph break); `_step` keeps the state in
-    Python and calls the model compiled on its own, torch.compile(model) in default mode, with
+    Python and calls the model compiled on its own, torch.compile(model) in `compile_mode`, with
     the state as an argument, exactly as the trainer calls it. As an argument (not an attribute
     of a module, whose ints dynamo always specialises), State.position, the int that grows every
     step, is an unspecialised int: it never causes a recompile. The compiled model recompiles
@@ -220,6 +221,7 @@ class StreamObjective(nn.Module):
         self.state = state
         self.steps = 0  # training steps taken, each one segment further along the streams
         self.__dict__["compiled"] = None  # torch.compile(model) once compiled; not a submodule
+        self.compile_mode = "default"  # set by measure_training: torch.compile's mode (memlm.compile_modes)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._step(inputs, targets, torch.compiler.is_compiling())
@@ -230,11 +232,11 @@ class StreamObjective(nn.Module):
         if compile:
             if self.compiled is None:
                 allow_memory_recompiles()  # as the Trainer does: memories filling are new graphs
-                self.__dict__["compiled"] = torch.compile(self.model)
+                self.__dict__["compiled"] = compile_module(self.model, self.compile_mode)
             model = self.compiled
             self.state.mark_static()  # as the Trainer: static memory shapes
         out = model(inputs, targets=targets, state=self.state)
-        self.state = out.state.detach()
+        self.state = keep(out.state, self.compile_mode if compile else "default")
         self.steps += 1
         return out.loss + out.aux_loss
 
@@ -291,7 +293,7 @@ def memlm_entry(preset: str, config: ModelConfig, baseline: str | None = None) -
             objective, warmup = Objective(model, memlm_loss), 0
         return Workload(
             objective=objective,
-            flops_per_token=model.flops_per_token(shape.seq_len),
+            flops_per_token=model.flops_per_token(),  # memory counted (LanguageModel.flops_per_token)
             params=model.num_parameters(),
             decoder=memlm_static_decoder(model, config.seq_len) if static
             else memlm_decoder(decode_step(model, "eager" if decode_mode == "graph" else decode_mode),

@@ -20,6 +20,7 @@ import time
 import torch
 
 import memlm
+from memlm.compile_modes import COMPILE_MODES, begin_step, compile_module, keep
 
 
 def main() -> None:
@@ -31,7 +32,8 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], help="dotted model overrides key=value")
     parser.add_argument("--rows", type=int, default=25, help="kernels listed")
     parser.add_argument("--host", action="store_true", help="profile the host side (see the docstring)")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode (reduce-overhead: CUDA graphs; memlm.compile_modes)")
     parser.add_argument("--reset", action="store_true",
                         help="stateful models: reset no row, but mark the state as reset (masked), as training on "
                              "documents does after the first document boundary")
@@ -42,7 +44,8 @@ def main() -> None:
     config = model.config
     B, T = args.batch_size, config.seq_len
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
+    mode = "default" if args.no_compile else args.compile_mode
+    forward = model if args.no_compile else compile_module(model, mode)
     data = torch.randint(0, config.vocab_size, (args.steps, B, T + 1), device="cuda")
     state = model.init_state(B) if config.stateful else None
     if state is not None and args.reset:
@@ -50,13 +53,14 @@ def main() -> None:
 
     def step(i: int) -> None:
         nonlocal state
+        begin_step(mode)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = forward(data[i, :, :-1], targets=data[i, :, 1:], state=state)
         (out.loss + out.aux_loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if state is not None:
-            state = out.state.detach()
+            state = keep(out.state, mode)
 
     for i in range(5):  # compile and warm up
         step(i % args.steps)

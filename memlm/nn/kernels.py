@@ -85,10 +85,11 @@ def sdpa_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, max_distanc
                                           dropout_p=dropout_p, enable_gqa=gqa)
 
 
-FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}
 """Tile sizes of the CUDA flex kernels: with a score_mod (a key mask or a score bias), FlexAttention's
-default 128 x 128 forward tiles are much slower than 64 x 64 ones on Hopper GPUs (measured by
-`scripts/mask_kernels_bench.py`; the numbers are in BENCHMARKS.md)."""
+default 128 x 128 forward tiles are much slower than 64 x 64 ones on Hopper GPUs, and 64 x 64 tiles
+in both of the backward's loops (M1/N1 for dK and dV, M2/N2 for dQ) beat its defaults (measured by
+`scripts/mask_kernels_bench.py`, variants flex-b64 and flex-bwd-*; the numbers are in BENCHMARKS.md)."""
 
 
 def _index_scalar(value: int, device) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memlm.compile_modes import COMPILE_MODES
 from memlm.config import ConfigError
 from memlm.data import DEFAULT_FRACTIONS, DataError
 from memlm.data.tokenizers import parse_spec as parse_tokenizer_spec
@@ -89,6 +90,8 @@ class TrainConfig:
     """Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32."""
     compile: bool | None = None
     """Wrap the model in torch.compile for training (evaluation and sampling run uncompiled); None = on CUDA only."""
+    compile_mode: str = "default"
+    """torch.compile's mode when compiling: default, reduce-overhead (the forward and backward replayed as CUDA graphs: a launch a graph instead of one a kernel, for steps the host cannot launch as fast as the GPU runs them), max-autotune (tiles searched, and CUDA graphs) or max-autotune-no-cudagraphs (memlm.compile_modes)."""
     parallel: str = "ddp"
     """How the ranks of a torchrun job share the work: ddp (a whole copy of the weights and optimizer on each rank, gradients all-reduced), or fsdp (FSDP2: weights, gradients and AdamW state sharded over the ranks, one block gathered at a time; distributed checkpoints that resume at any number of ranks; memlm.train.fsdp). Recorded with the run: a resume keeps it."""
     activation_checkpointing: bool = False
@@ -150,6 +153,8 @@ class TrainConfig:
                 raise ConfigError(name, getattr(self, name), "must be a positive integer")
         if self.test_weights not in ("last", "best"):
             raise ConfigError("test_weights", self.test_weights, "allowed: last, best")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError("compile_mode", self.compile_mode, f"allowed: {', '.join(COMPILE_MODES)}")
         for name in ("warmup_steps", "sample_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from memlm.compile_modes import begin_step, compile_module, keep
 from memlm.config import ModelConfig
 from memlm.data import RandomWindows, Streams
 from memlm.tasks import RecallStreams, distances_for, recall_by_mode, recall_markdown
@@ -164,11 +165,13 @@ class Trainer:
         self.train_model: torch.nn.Module = self.model
         # compiled with memory: every memory length its own static graph (State.mark_static); memlm's
         # models only (a peer's state is its own)
+        # what the step's loop does for CUDA-graph replays (memlm.compile_modes); "default" uncompiled
+        self.compile_mode = c.compile_mode if c.compile else "default"
         self.static_memory_shapes = bool(c.compile and self.stateful and isinstance(self.model_config, ModelConfig))
         if c.compile:
             if self.stateful:  # filling memories are new graphs
                 allow_memory_recompiles()
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = compile_module(self.train_model, c.compile_mode)
         if not fsdp.is_sharded(self.model):
             self.train_model = distributed.wrap(self.train_model, info, find_unused=self.stateful)
         self.log = None
@@ -339,11 +342,12 @@ class Trainer:
             fsdp.set_gradient_sync(self.train_model, self.model, micro == accum - 1)  # on the last micro-step only
             if self.static_memory_shapes:
                 self.state.mark_static()
+            begin_step(self.compile_mode)
             with self.autocast:
                 out = self.train_model(x, targets=y, state=self.state)
             ((out.loss + out.aux_loss) / accum).backward()
             loss_sum += out.loss.detach()
-            self.state = out.state.detach() if out.state is not None else None
+            self.state = keep(out.state, self.compile_mode) if out.state is not None else None
         fsdp.reduce_replicated(self.model, self.info)  # FSDP: the parameters it leaves whole
         grad_norm = fsdp.clip_grad_norm_(self.model, self.config.grad_clip or math.inf)
         # every rank sees the all-reduced gradients, and a rank whose own loss overflowed has

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from memlm.compile_modes import begin_step, keep
 from memlm.config import ModelConfig
 
 
@@ -59,10 +60,11 @@ def compile_warm_up(trainer, passes: int) -> float:
             state = state.reset(starts.to(device))
         if state is not None and trainer.static_memory_shapes:  # the graphs the steps will use
             state.mark_static()
+        begin_step(trainer.compile_mode)
         with trainer.autocast:
             out = trainer.train_model(x, targets=y, state=state)
         (out.loss + out.aux_loss).backward()
-        state = out.state.detach() if out.state is not None else None
+        state = keep(out.state, trainer.compile_mode) if out.state is not None else None
     trainer.optimizer.zero_grad(set_to_none=True)
     # the validation the clock starts with: evaluation runs the model uncompiled, but its flex attention
     # and fused kNN search are compiled or jitted per shape, which took an XL + kNN model ~60 s
