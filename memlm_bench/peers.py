@@ -109,10 +109,23 @@ def xl_step(model, inputs, targets, memory):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), memory
 
 
-def build_x_transformers_xl(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
-    model = x_transformer(shape, {}, max_mem_len=shape.seq_len).to(device)
-    return Workload(RecurrentObjective(model, xl_step), dense_flops_per_token(model, shape, shape.seq_len),
-                     count_params(model), notes=["XL memory = seq_len", "no cached decode with memory"])
+def x_transformers_xl_workload(features: dict, dropout: float, notes: list[str]):
+    """A bench builder of x-transformers with Transformer-XL memory of seq_len, trained on streams."""
+
+    def build(shape: Shape, device: torch.device, decode_mode: str) -> Workload:
+        model = x_transformer(shape, features, max_mem_len=shape.seq_len, dropout=dropout).to(device)
+        return Workload(RecurrentObjective(model, xl_step), dense_flops_per_token(model, shape, shape.seq_len),
+                        count_params(model), notes=["XL memory = seq_len"] + notes + ["no cached decode with memory"])
+    return build
+
+
+RACE_PEER_DROPOUT = 0.2
+"""The peers' dropout of the races in BENCHMARKS.md (`memlm race --peer-dropout 0.2`)."""
+
+build_x_transformers_xl = x_transformers_xl_workload({}, 0.0, [])
+build_x_transformers_xl_race = x_transformers_xl_workload(
+    {"rotary_pos_emb": True}, RACE_PEER_DROPOUT,
+    [f"as the race's x-transformers-XL: rotary, dropout {RACE_PEER_DROPOUT:g} (emb, ff, attn)"])
 
 
 # ----- compressive transformer ------------------------------------------------------------
@@ -171,6 +184,7 @@ PEERS = [
                        x_transformers_workload(SEED_FEATURES, ["rope, qk-norm, relu^2, 1 kv head, scalenorm"])),
          "x_transformers"),
     Peer(Entry("x-transformers XL", "peer", build_x_transformers_xl), "x_transformers"),
+    Peer(Entry("x-transformers XL race", "peer", build_x_transformers_xl_race), "x_transformers"),
     Peer(Entry("compressive-transformer-pytorch", "peer", build_compressive),
          "compressive_transformer_pytorch"),
     Peer(Entry("memorizing-transformers-pytorch", "peer", build_memorizing),

@@ -28,6 +28,9 @@ and, with --bias, the same with an additive (H, Tq, Tk) bias (sdpa gets it as a 
 memlm passes it). --span adds adaptive span's soft mask computed inside the score_mod from the
 spans (H,) and the distance, without their gradient:
   flex-span      flex-b64 with that score_mod (no dense bias read)
+  flex-relbias   flex-b64 with the bias read from a (H, Tq - offset) table by distance (adaptive span's
+                 soft mask depends on the head and the distance only), taking a gradient with
+                 --bias-grad: fewer bytes read than the dense bias, more atomic adds per address
 --no-key-mask drops the per-row key mask: the plain Transformer-XL case (causal with an offset).
 --dropout P gives sdpa-bool attention dropout (flex has none; memlm's auto backend takes sdpa then);
 --only sdpa-bool,flex-b64 times just those variants.
@@ -76,6 +79,7 @@ def main() -> None:
     bias = torch.randn(H, Tq, Tk, device=device, dtype=torch.float32, requires_grad=args.bias_grad) if args.bias else None
     spans = torch.linspace(Tk / 4, 3 * Tk / 4, H, device=device)  # (H,) in positions
     ramp = 32.0
+    relative = torch.randn(H, Tq - offset, device=device, requires_grad=args.bias_grad)  # (H, distances)
     scale = 1.0 / math.sqrt(D)
 
     q_pos = torch.arange(Tq, device=device)[:, None]
@@ -136,6 +140,14 @@ def main() -> None:
         return flex_attention(q, k, v, score_mod=span_mod, block_mask=causal_block, scale=scale,
                               enable_gqa=Hkv != H, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})
 
+    def flex_relbias():
+        def relative_mod(score, b, h, i, j):
+            distance = i - j - offset
+            score = score + relative[h, torch.where(distance >= 0, distance, 0)]  # future keys: masked after
+            return torch.where(key_mask[b, j] | (j + offset == i), score, float("-inf"))
+        return flex_attention(q, k, v, score_mod=relative_mod, block_mask=causal_block, scale=scale,
+                              enable_gqa=Hkv != H, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})
+
     def sdpa_split_bound():
         memory = Tk - Tq
         mem = F.scaled_dot_product_attention(q, k[:, :, :memory], v[:, :, :memory], scale=scale, enable_gqa=Hkv != H)
@@ -162,6 +174,7 @@ def main() -> None:
         variants["sdpa-split-bound"] = torch.compile(sdpa_split_bound)
     if args.span:
         variants["flex-span"] = torch.compile(flex_span)
+        variants["flex-relbias"] = torch.compile(flex_relbias)
     if args.only:
         wanted = args.only.split(",")
         missing = [name for name in wanted if name not in variants]
@@ -177,19 +190,24 @@ def main() -> None:
         span_reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset, key_mask=key_mask,
                                          scale=scale, bias=torch.where(soft > 0, soft.clamp_min(1e-30).log(),
                                                                        float("-inf")))
+        rel_index = distance.clamp_min(0).long()  # (Tq, Tk); future keys are masked anyway
+        relbias_reference = eager_attention(q.float(), k.float(), v.float(), k_offset=offset, key_mask=key_mask,
+                                            scale=scale, bias=relative[:, rel_index])
     print(f"B{B} H{H} Hkv{Hkv} Tq{Tq} Tk{Tk} D{D} bf16{' +bias' if bias is not None else ''}"
           f"{f' sdpa dropout {args.dropout}' if args.dropout else ''}: fwd / fwd+bwd ms, max |out - eager fp32|"
           f"{' (sdpa-bool: dropout, so not comparable)' if args.dropout else ''}")
     for name, fn in variants.items():
         try:
             out = fn()
-            error = (out.float() - (span_reference if name == "flex-span" else reference)).abs().max().item()
+            expected = {"flex-span": span_reference, "flex-relbias": relbias_reference}.get(name, reference)
+            error = (out.float() - expected).abs().max().item()
             forward = cuda_ms(lambda: fn())
             both = cuda_ms(lambda: fn().backward(grad))
             print(f"  {name:13s} {forward:7.3f} {both:7.3f}   {error:.3g}")
         except Exception as exc:  # a variant that fails to compile is a row, not the end
             print(f"  {name:13s} failed: {type(exc).__name__}: {str(exc)[:200]}")
         q.grad = k.grad = v.grad = None
+        relative.grad = None
         if bias is not None:
             bias.grad = None
 

@@ -408,3 +408,35 @@ def test_a_profile_accounts_for_every_operator_of_its_steps():
     assert sum(k["share"] for k in profile["top"]) == pytest.approx(1.0)
     embedding = {k["name"]: k["calls_per_step"] for k in profile["top"]}["aten::embedding"]
     assert embedding == 1  # one forward a step
+
+
+def test_the_race_like_x_transformers_xl_peer_has_the_races_rotary_and_dropout(monkeypatch):
+    """`x-transformers XL race` builds x-transformers as `memlm race --peer-dropout 0.2` trains its
+    x-transformers-XL (rotary, dropout 0.2 on embeddings, feed-forward and attention, memory
+    seq_len); `x-transformers XL` stays the plain one. A stand-in module records the arguments."""
+    import sys
+    import types
+
+    from memlm_bench import peers
+
+    built = []
+
+    class Recorder(nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            built.append(kwargs)
+            self.proj = nn.Linear(2, 2)
+
+    fake = types.SimpleNamespace(Decoder=lambda **kwargs: kwargs, TransformerWrapper=Recorder)
+    monkeypatch.setitem(sys.modules, "x_transformers", fake)
+    shape = Shape(batch_size=2, seq_len=16, layers=2, width=32, heads=2, vocab_size=257)
+    by_name = {peer.entry.name: peer.entry for peer in peers.PEERS}
+    race = by_name["x-transformers XL race"].build(shape, torch.device("cpu"), "eager")
+    plain = by_name["x-transformers XL"].build(shape, torch.device("cpu"), "eager")
+    (race_args, plain_args) = built
+    assert race_args["max_mem_len"] == plain_args["max_mem_len"] == 16
+    assert race_args["emb_dropout"] == 0.2 and plain_args["emb_dropout"] == 0.0
+    layers = race_args["attn_layers"]
+    assert layers["rotary_pos_emb"] is True and layers["ff_dropout"] == layers["attn_dropout"] == 0.2
+    assert "rotary_pos_emb" not in plain_args["attn_layers"] and "ff_dropout" not in plain_args["attn_layers"]
+    assert any("dropout 0.2" in note for note in race.notes) and not any("dropout" in n for n in plain.notes)
