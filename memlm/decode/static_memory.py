@@ -31,10 +31,12 @@ records each layer's input (and the top layer's output) in fixed buffers, as the
 Not supported (`unsupported_reason`): memory tokens (they change the key set at segment
 boundaries) and TUPE with memory (its positions are numbered in the attended window).
 
-CUDA graphs: every buffer above keeps its address, so one capture serves the whole stream. The
-kNN store's bookkeeping and the slot memories' readers are new tensors after each roll; for
-models with them the step is captured again at the first step of each segment (into the same
-memory pool), a few step-times per seq_len tokens.
+CUDA graphs: every buffer above keeps its address, so one capture serves the whole stream. An
+exact kNN store is written in place at each roll (its counts too) and a captured search covers
+its whole capacity (masked by the counts), so it is captured once as well, and again only when
+a State with other stores is loaded (a new session's). The slot memories' readers, and stores
+of other kinds, are new objects after each roll; for models with them the step is captured
+again at the first step of each segment (in a pool of its own), a few step-times per seq_len tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch import nn
 
 from memlm.decode.static import StaticDecoder, rotated_keys
 from memlm.memory import xl
+from memlm.memory.knn.exact import ExactStore
 from memlm.state import LayerState, State
 
 MEMORY_ONLY = tuple(name for name in xl.MEMORY_FIELDS if name != "pending")
@@ -66,9 +69,25 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 def captured_per_segment(model: nn.Module) -> bool:
     """Whether the step of `model` reads tensors that a segment's end replaces rather than
-    overwrites (the kNN store's bookkeeping, the slot memories' readers), so that a CUDA graph of
-    it is captured again after each roll."""
-    return bool(model.config.memory.knn.layers) or len(model.mechanisms) > 0
+    overwrites (the slot memories' readers), so that a CUDA graph of it is captured again after
+    each roll. kNN stores are judged by what they are (`store_signature`)."""
+    return len(model.mechanisms) > 0
+
+
+def store_signature(stores: dict) -> list | None:
+    """What a captured step reads of a State's kNN stores: by layer, each store's tensors that its
+    search reads (held, so that none is freed while a graph reads it); None when some store is
+    not an exact store written in place (a graph must then be captured again after every roll)."""
+    if any(not isinstance(store, ExactStore) for store in stores.values()):
+        return None
+    return [(i, store.tensors()) for i, store in sorted(stores.items())]
+
+
+def same_stores(a: list | None, b: list | None) -> bool:
+    """Whether two store signatures name the very same tensors (identity, not values)."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(i == j and len(x) == len(y) and all(s is t for s, t in zip(x, y)) for (i, x), (j, y) in zip(a, b))
 
 
 class MemoryStaticDecoder(StaticDecoder):
@@ -91,7 +110,8 @@ class MemoryStaticDecoder(StaticDecoder):
             raise ValueError(f"static-cache decoding does not support this model: {reason}")
         c = model.config
         self.recapture = captured_per_segment(model)
-        self.fullgraph = not self.recapture  # the kNN search may leave the compiled graph
+        self.fullgraph = not (self.recapture or c.memory.knn.layers)  # the kNN search may leave the compiled graph
+        self._captured_stores: list | None = None  # store_signature of the stores the captured step reads
         # R_i: the memory slots of layer i (its evaluation memory and the compressed memory); each
         # layer's cache holds its own R_i + T slots, so a layer with a short memory reads no slots
         # it never fills (depth-dependent lengths: 512 below, 2,048 above)
@@ -206,9 +226,12 @@ class MemoryStaticDecoder(StaticDecoder):
             if done:
                 self.top[:, :done].copy_(state.layers[-1].top)
             self._sources = model._sources(state)
-        if self.recapture:  # the step reads new tensors: capture it again at the next step, in a
-            # pool of its own (capturing into the pool of a graph already freed fails in the allocator)
+        stores = store_signature(state.stores)
+        if self.recapture or not same_stores(stores, self._captured_stores):
+            # the step would read new tensors: capture it again at the next step, in a pool of its
+            # own (capturing into the pool of a graph already freed fails in the allocator)
             self._cuda_graph, self._graph_pool = None, None
+            self._captured_stores = stores
         layers = [layer.replace(pending=None, top=None) for layer in state.layers]
         self._host = State(state.position, state.row_start, layers, state.masked, state.stores)
 

@@ -173,7 +173,7 @@ def test_unsupported_models_and_errors():
     tupe = memlm.build("seed-xl-tiny", **tiny_overrides(seq_len=SEQ, **{"position.kind": "tupe"}))
     assert "TUPE" in unsupported_reason(tupe)
     assert "no recurrent memory" in unsupported_reason(memlm.build("seed-tiny", **tiny_overrides()))
-    assert captured_per_segment(build("knn joint")) and captured_per_segment(build("ntm slots"))
+    assert captured_per_segment(build("ntm slots")) and not captured_per_segment(build("knn joint"))
     assert not captured_per_segment(build("seed-mem (feedback, span, compressive, persistent)"))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
         MemoryStaticDecoder(build("xl"), batch_size=1, graph=True)
@@ -182,3 +182,31 @@ def test_unsupported_models_and_errors():
         decoder.step(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="rows"):
         decoder.prefill(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_a_knn_step_is_captured_once_across_rolls_and_again_for_other_stores():
+    """An exact kNN store is written in place at every roll, so the decoder keeps its captured
+    step (a stand-in marks it) across rolls and row resets, and captures again only when a State
+    with other stores is loaded; slot memories capture again at every roll. The decoder's logits
+    still equal the forward's (the eager step runs on the CPU)."""
+    captured = object()
+    model = build("knn joint")
+    ids = torch.randint(0, 256, (2, 3 * SEQ))
+    decoder = MemoryStaticDecoder(model, batch_size=2)
+    decoder.prefill(ids[:, :5])
+    decoder._cuda_graph = captured
+    tensors = [t for store in decoder._host.stores.values() for t in store.tensors()]
+    for t in range(5, 3 * SEQ):  # two rolls
+        decoder.step(ids[:, t:t + 1])
+    decoder.reset(torch.tensor([True, False]))
+    assert decoder._cuda_graph is captured
+    assert all(a is b for a, b in zip(tensors, [t for s in decoder._host.stores.values() for t in s.tensors()]))
+    decoder.prefill(ids[:, :5])  # a new State: new stores
+    assert decoder._cuda_graph is None
+
+    slots = MemoryStaticDecoder(build("ntm slots"), batch_size=2)
+    slots.prefill(ids[:, :5])
+    slots._cuda_graph = captured
+    for t in range(5, SEQ + 1):  # one roll
+        slots.step(ids[:, t:t + 1])
+    assert slots._cuda_graph is None

@@ -19,6 +19,11 @@ def _fused_topk():
     return fused_topk
 
 
+def capturing_graph(device: torch.device) -> bool:
+    """Whether work on `device` is being captured into a CUDA graph now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class ExactStore(Store):
     """Exact top-k by batched matmul + torch.topk on the store's device.
 
@@ -51,8 +56,9 @@ class ExactStore(Store):
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, Hkv, N, D = x.shape
         # slots past `filled` were never written in any row; compiled code searches them all
-        # (masked by counts) rather than read the Python bound, whose changes would recompile it
-        C = self.capacity if torch.compiler.is_compiling() else self.filled
+        # (masked by counts) rather than read the Python bound, whose changes would recompile it,
+        # and so does a search captured in a CUDA graph, which later writes do not capture again
+        C = self.capacity if torch.compiler.is_compiling() or capturing_graph(self.device) else self.filled
         if C == 0:  # nothing written yet: nothing to score
             empty = torch.full((B, Hkv, N, k), -1, dtype=torch.long, device=self.device)
             return torch.full((B, Hkv, N, k), float("-inf"), dtype=self.dtype, device=self.device), empty

@@ -131,7 +131,7 @@ class Store:
         self.values[rows, :, slots] = values.transpose(1, 2)
         self.positions[rows, slots] = positions
         self.written += T
-        self.counts = self.written.clamp(max=self.capacity)
+        self.counts.copy_(self.written.clamp(max=self.capacity))  # in place: a captured decode step reads it
         # under torch.compile the bound is set, never read: a value that grows every step while the
         # store fills would be a new constant, so a recompilation, at every step (the compiled
         # search covers every slot instead, masked by counts)
@@ -183,7 +183,7 @@ class Store:
             raise ValueError(f"reset mask must have shape ({self.rows},), got {tuple(mask.shape)}")
         mask = mask.to(self.device, torch.bool)
         self.written.masked_fill_(mask, 0)
-        self.counts = self.written.clamp(max=self.capacity)
+        self.counts.copy_(self.written.clamp(max=self.capacity))
         self.positions.masked_fill_(mask[:, None], -1)  # keys/values of cleared rows are stale, never read
         self._index_reset(mask)
 
@@ -234,6 +234,12 @@ class Store:
         return save_store(self, directory)
 
     # ----- backend hooks --------------------------------------------------------------
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a search reads. `write` and `reset` change them in place (never rebind
+        them), so a CUDA graph that captured a search stays valid across writes
+        (memlm.decode.static_memory); `load_state_dict` may replace them."""
+        return (self.keys, self.values, self.positions, self.counts, self.written)
+
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, Hkv, N, D) -> scores, slots (B, Hkv, N, k); slot -1 where nothing was found."""
         raise NotImplementedError
