@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm import flops
 from memlm.config import ModelConfig
 from memlm.memory import feedback, tokens, xl
 from memlm.memory.adaptive_span import AdaptiveSpan
@@ -355,14 +356,9 @@ class LanguageModel(nn.Module):
         return total
 
     def flops_per_token(self, context: int | None = None) -> float:
-        """Training FLOPs per token: 6 x matmul weights + 12 x layers x heads x head_dim x context
-        (the PaLM / nanoGPT estimate; forward + backward)."""
-        c = self.config
-        context = context or c.seq_len
-        matmul = sum(block_linear.weight.numel() for block_linear in self.blocks.modules()
-                     if isinstance(block_linear, nn.Linear)) + self.head.weight.numel()
-        attention = 12 * c.layers * c.attention.heads * c.head_dim * context
-        return 6 * matmul + attention
+        """Training FLOPs per token, forward + backward (memlm.flops.flops_per_token): with memory
+        counted, or with an int `context`, the dense count of a model without memory."""
+        return flops.flops_per_token(self, context)
 
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float, context: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""

@@ -24,8 +24,8 @@ from memlm.tables import markdown_table
 RESULTS_ENV = "MEMLM_RESULTS"
 
 COLUMNS = ["model", "shape", "compiled", "train tok/s", "MFU", "peak mem"]
-"""The first columns; then one 'gen tok/s bN' per generation batch size, ratio, 'vs no memory'
-(only when some row has a baseline) and notes."""
+"""The first columns; then one 'gen tok/s bN' per generation batch size, ratio, 'vs no memory' and
+'FLOP limit vs no memory' (only when some row has a baseline) and notes."""
 
 
 def results_dir(given: str | Path | None = None) -> Path:
@@ -101,6 +101,12 @@ def baseline_cell(row: dict) -> str:
     return f"{row['baseline_ratio']:.2f}x {row['baseline'].removeprefix('memlm ')}"
 
 
+def flop_limit_cell(row: dict) -> str:
+    """'0.81x': the baseline's FLOPs per token over the row's (the 'vs no memory' the row would reach
+    at its baseline's MFU); '—' without a baseline."""
+    return _number(row.get("baseline_flop_ratio"), "{:.2f}x")
+
+
 def row_cells(row: dict, gen_batch_sizes: list[int], baselines: bool = False) -> list[str]:
     """One table row: the fixed columns, generation columns, ratios, and notes and errors last."""
     train = row["train"] or {}
@@ -108,7 +114,7 @@ def row_cells(row: dict, gen_batch_sizes: list[int], baselines: bool = False) ->
     remarks = row["notes"] + [error.splitlines()[0][:120] for error in row["errors"]]
     return [row["model"], row["shape"], "yes" if row["compiled"] else "no",
             _number(train.get("tokens_per_s")), _number(row["mfu"], "{:.1%}"), _bytes(train.get("peak_mem_bytes")),
-            *gen, _number(row["ratio"], "{:.2f}x"), *([baseline_cell(row)] if baselines else []),
+            *gen, _number(row["ratio"], "{:.2f}x"), *([baseline_cell(row), flop_limit_cell(row)] if baselines else []),
             "; ".join(remarks)]
 
 
@@ -118,7 +124,7 @@ def bench_markdown(result: dict) -> str:
     batch_sizes = config["gen_batch_sizes"]
     baselines = has_baselines(result["rows"])
     header = COLUMNS + [f"gen tok/s b{b}" for b in batch_sizes] + ["ratio"] + \
-        (["vs no memory"] if baselines else []) + ["notes"]
+        (["vs no memory", "FLOP limit vs no memory"] if baselines else []) + ["notes"]
     commit = f", commit {meta['commit']}" if meta["commit"] else ""
     lines = [
         f"## memlm bench, {meta['date']}",
@@ -131,7 +137,8 @@ def bench_markdown(result: dict) -> str:
         f"generation: greedy, prompt {config['gen_prompt_len']}, {config['gen_new_tokens']} new tokens, "
         f"{config['decode']} decode; ratio = train tok/s / reference GPT's at the same shape"
         + ("; vs no memory = train tok/s / the same family's preset of that size without memory, "
-           "in this run" if baselines else ""),
+           "in this run; FLOP limit vs no memory = that preset's FLOPs per token / the row's (memory "
+           "counted), the vs no memory the row reaches at that preset's MFU" if baselines else ""),
         "",
     ]
     lines += markdown_table(header, [row_cells(row, batch_sizes, baselines) for row in result["rows"]])

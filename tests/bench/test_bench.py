@@ -62,7 +62,7 @@ def test_mfu_is_tokens_per_second_times_flops_per_token_over_the_measured_peak(r
     for preset in ("vanilla-tiny", "seed-tiny"):
         model = memlm.build(preset, layers=L, width=W, seq_len=T)
         row = rows_by_model(result)[f"memlm {preset}"]
-        assert row["flops_per_token"] == model.flops_per_token(T)
+        assert row["flops_per_token"] == model.flops_per_token() == model.flops_per_token(T)  # no memory
         assert row["params"] == model.num_parameters()
 
 
@@ -324,9 +324,16 @@ def test_compiled_stream_training_recompiles_only_while_the_memory_fills(monkeyp
     assert store.written.tolist() == [65536 + objective.steps * T] * B  # written from the compiled graph
 
 
-def test_memory_rows_are_compared_with_their_family_without_memory():
-    entries = ["seed-tiny", "seed-xl-tiny", "seed-knn-tiny", "seed-tiny memory.persistent.vectors=4"]
-    result = run_bench(BenchConfig(**{**TINY, "presets": entries, "steps": 2, "repeats": 1, "generate": False}))
+MEMORY_ENTRIES = ["seed-tiny", "seed-xl-tiny", "seed-knn-tiny", "seed-tiny memory.persistent.vectors=4"]
+
+
+@pytest.fixture(scope="module")
+def memory_result():
+    return run_bench(BenchConfig(**{**TINY, "presets": MEMORY_ENTRIES, "steps": 2, "repeats": 1, "generate": False}))
+
+
+def test_memory_rows_are_compared_with_their_family_without_memory(memory_result):
+    entries, result = MEMORY_ENTRIES, memory_result
     rows = rows_by_model(result)
     assert list(rows) == ["reference GPT"] + [f"memlm {entry}" for entry in entries]
     base = rows["memlm seed-tiny"]["train"]["tokens_per_s"]
@@ -340,9 +347,32 @@ def test_memory_rows_are_compared_with_their_family_without_memory():
     assert rows["memlm seed-knn-tiny"]["notes"][1] == "kNN stores filled to 65,536/row"
     assert all(row["warmup"] == 1 and row["graphs_compiled"] is None for row in rows.values())  # CPU: eager
     header, *lines = table_lines(markdown(result))
-    assert header.split("|")[-3:-1] == [" vs no memory ", " notes "]
-    cells = {line.split("|")[1].strip(): line.split("|")[-3].strip() for line in lines}
+    assert header.split("|")[-4:-1] == [" vs no memory ", " FLOP limit vs no memory ", " notes "]
+    cells = {line.split("|")[1].strip(): line.split("|")[-4].strip() for line in lines}
     assert cells["memlm seed-xl-tiny"] == f"{rows['memlm seed-xl-tiny']['baseline_ratio']:.2f}x seed-tiny"
+    assert cells["memlm seed-tiny"] == cells["reference GPT"] == "—"
+
+
+def test_memory_rows_carry_their_flop_limit_and_its_ratio_to_the_family_without_memory(memory_result):
+    """limit_tokens_per_s = the run's peak / the row's FLOPs per token, memory counted; the FLOP
+    limit column = the baseline's FLOPs per token / the row's: both from models built here."""
+    peak, rows = memory_result["peak"]["flops"], rows_by_model(memory_result)
+    config = BenchConfig(**TINY)
+    flops = {entry: memlm.LanguageModel(runner.preset_config(entry, config)).flops_per_token()
+             for entry in MEMORY_ENTRIES}
+    assert flops["seed-xl-tiny"] > flops["seed-tiny"] and flops["seed-knn-tiny"] > flops["seed-tiny"]
+    for entry in MEMORY_ENTRIES:
+        row = rows[f"memlm {entry}"]
+        assert row["flops_per_token"] == flops[entry]
+        assert row["limit_tokens_per_s"] == pytest.approx(peak / flops[entry], rel=1e-12)
+        expected = None if entry == "seed-tiny" else pytest.approx(flops["seed-tiny"] / flops[entry], rel=1e-12)
+        assert row["baseline_flop_ratio"] == expected
+    reference = rows["reference GPT"]
+    assert reference["baseline_flop_ratio"] is None
+    assert reference["limit_tokens_per_s"] == pytest.approx(peak / reference["flops_per_token"], rel=1e-12)
+    _, *lines = table_lines(markdown(memory_result))
+    cells = {line.split("|")[1].strip(): line.split("|")[-3].strip() for line in lines}
+    assert cells["memlm seed-xl-tiny"] == f"{flops['seed-tiny'] / flops['seed-xl-tiny']:.2f}x"
     assert cells["memlm seed-tiny"] == cells["reference GPT"] == "—"
 
 
