@@ -133,6 +133,7 @@ def bench_markdown(result: dict) -> str:
         f"- torch {meta['torch']}, memlm {meta['memlm']}{commit}",
         f"- peak: {flop_rate(peak['flops'])} ({peak['dtype']} {peak['n']}^3 matmul, measured in this run)",
         f"- training: {config['steps']} steps x {config['repeats']} repeats (median), AdamW, "
+        f"torch.compile mode {config.get('compile_mode', 'default')} where compiled, "
         f"{'bf16 autocast' if meta['device_type'] == 'cuda' else 'float32'}, random tokens; "
         f"generation: greedy, prompt {config['gen_prompt_len']}, {config['gen_new_tokens']} new tokens, "
         f"{config['decode']} decode; ratio = train tok/s / reference GPT's at the same shape"

@@ -129,6 +129,7 @@ def test_markdown_has_one_row_per_model_and_names_device_and_torch(result):
         assert cells[-2] == f"{row['ratio']:.2f}x"
     assert header.split("|")[7:9] == [" gen tok/s b1 ", " gen tok/s b3 "]
     assert result["meta"]["device"] in text and torch.__version__ in text
+    assert f"torch.compile mode {result['config']['compile_mode']} where compiled" in text
 
 
 def test_json_and_markdown_files_round_trip(result, tmp_path):
@@ -163,6 +164,11 @@ def test_generation_past_seq_len_is_measured_for_memory_rows_only(tmp_path, caps
     assert rows["memlm seed-xl-tiny"]["gen_tokens_per_s"]["b2"] > 0  # its memory rolls past position 32
     assert rows["reference GPT"]["gen_tokens_per_s"] == {}
     assert any("exceed seq_len 32" in note for note in rows["reference GPT"]["notes"])
+
+
+def test_a_compile_mode_outside_torchs_is_rejected():
+    with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead"):
+        resolve(BenchConfig(compile_mode="fast"), torch.device("cpu"))
 
 
 def test_device_defaults():
