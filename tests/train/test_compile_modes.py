@@ -81,6 +81,17 @@ def recording_compile(calls: list):
     return compile
 
 
+def recording_states(forward, returned: list):
+    """forward, appending the State each call returns to `returned`."""
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        returned.append(out.state)
+        return out
+
+    return recording
+
+
 def test_train_config_names_the_allowed_compile_modes(tmp_path):
     with pytest.raises(ConfigError, match="compile_mode.*allowed: default, reduce-overhead"):
         fast_config(tmp_path, tmp_path / "run", compile_mode="fast").validate()
@@ -100,14 +111,7 @@ def test_trainer_compiles_in_its_mode_and_copies_the_state_it_carries(corpus, tm
         trainer = Trainer(model, fast_config(corpus, tmp_path / mode, steps=3, eval_every=3, compile=True,
                                              compile_mode=mode), distributed.setup("cpu"))
         returned = []
-        forward = trainer.train_model
-
-        def recording_forward(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            returned.append(out.state)
-            return out
-
-        trainer.train_model = recording_forward
+        trainer.train_model = recording_states(trainer.train_model, returned)
         losses[mode] = [trainer.train_step()[0].item() for _ in range(3)]
         carried = storages(trainer.state)
         assert torch.equal(trainer.state.layers[0].mem, returned[-1].layers[0].mem)
@@ -133,14 +137,7 @@ def test_bench_training_in_a_graph_mode_marks_steps_and_keeps_outputs(monkeypatc
     shape = Shape.of(config, batch_size=2)
     objective = StreamObjective(model, model.init_state(2))
     returned = []
-    model_forward = model.forward
-
-    def recording_forward(*args, **kwargs):
-        out = model_forward(*args, **kwargs)
-        returned.append(out.state)
-        return out
-
-    model.forward = recording_forward
+    model.forward = recording_states(model.forward, returned)
     measure_training(Workload(objective, 1.0, 1), shape, steps=2, warmup=2, repeats=1, compile=True,
                      device=torch.device("cpu"), seed=0, compile_mode="reduce-overhead")
     assert calls == ["reduce-overhead", "reduce-overhead"]  # the objective, then its model
