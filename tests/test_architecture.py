@@ -9,7 +9,7 @@ import memlm
 PACKAGE = Path(memlm.__file__).parent
 
 LAYERS = [
-    {"config", "fileio", "device", "tables"},
+    {"config", "fileio", "device", "tables", "compile_modes", "flops"},
     {"protocols", "state"},
     {"nn"},
     {"memory"},
