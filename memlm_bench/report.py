@@ -139,7 +139,7 @@ def bench_markdown(result: dict) -> str:
         f"{config['decode']} decode; ratio = train tok/s / reference GPT's at the same shape"
         + ("; vs no memory = train tok/s / the same family's preset of that size without memory, "
            "in this run; FLOP limit vs no memory = that preset's FLOPs per token / the row's (memory "
-           "counted), the vs no memory the row reaches at that preset's MFU" if baselines else ""),
+           "and the kNN search counted), the vs no memory the row reaches at that preset's MFU" if baselines else ""),
         "",
     ]
     lines += markdown_table(header, [row_cells(row, batch_sizes, baselines) for row in result["rows"]])

@@ -143,7 +143,8 @@ def attempt(row: dict, stage: str, fn: Callable):
 
 def empty_row(entry: Entry, shape: Shape, compiled: bool) -> dict:
     return {"model": entry.name, "kind": entry.kind, "shape": shape.label, "dims": dataclasses.asdict(shape),
-            "compiled": compiled, "params": None, "flops_per_token": None, "limit_tokens_per_s": None,
+            "compiled": compiled, "params": None, "flops_per_token": None, "search_flops_per_token": 0.0,
+            "limit_tokens_per_s": None,
             "train": None, "mfu": None, "gen_tokens_per_s": {}, "ratio": None, "baseline": entry.baseline,
             "baseline_ratio": None, "baseline_flop_ratio": None,
             "warmup": None, "graphs_compiled": None, "notes": [], "errors": [], "wall_s": None}
@@ -171,7 +172,8 @@ def measure_workload(row: dict, workload: Workload, shape: Shape, config: BenchC
                       device: torch.device, peak_flops: float) -> None:
     """Fill the row: its FLOP limit, training rate, MFU and peak memory, then generation at each batch size."""
     row.update(params=workload.params, flops_per_token=workload.flops_per_token, notes=workload.notes,
-               limit_tokens_per_s=flop_limit(workload.flops_per_token, peak_flops))
+               search_flops_per_token=workload.search_flops_per_token)
+    row["limit_tokens_per_s"] = flop_limit(limit_flops(row), peak_flops)
     # compiled rows warm up until their memory is full: its shapes change (and recompile) until then
     row["warmup"] = max(config.warmup, workload.warmup) if row["compiled"] else config.warmup
     graphs = compiled_graphs()
@@ -205,6 +207,12 @@ def flop_limit(flops_per_token: float, peak_flops: float) -> float | None:
     return peak_flops / flops_per_token if flops_per_token else None
 
 
+def limit_flops(row: dict) -> float | None:
+    """What bounds a row's rate in FLOPs a token: its model's, plus its kNN search's (retrieval
+    work the model's count leaves out, memlm.flops.search_flops_per_token)."""
+    return row["flops_per_token"] + row["search_flops_per_token"] if row["flops_per_token"] else None
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has compiled in this process so far (recompiles included)."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -214,19 +222,19 @@ def compiled_graphs() -> int:
 def add_ratios(rows: list[dict]) -> None:
     """ratio = train tokens/s over the reference GPT's at the same shape; baseline_ratio = over the
     row's baseline's (its family without memory); baseline_flop_ratio = the baseline's FLOPs per
-    token over the row's (the baseline_ratio the row reaches at the baseline's MFU); None where
-    either is missing."""
+    token over the row's, kNN search included (`limit_flops`: the baseline_ratio the row reaches at
+    the baseline's MFU); None where either is missing."""
     reference = next(row["train"] for row in rows if row["kind"] == "reference")
     trained = {row["model"]: row["train"] for row in rows}
-    flops = {row["model"]: row["flops_per_token"] for row in rows}
+    flops = {row["model"]: limit_flops(row) for row in rows}
     for row in rows:
         if row["train"] is not None and reference is not None:
             row["ratio"] = row["train"]["tokens_per_s"] / reference["tokens_per_s"]
         baseline = trained.get(row["baseline"])
         if row["train"] is not None and baseline is not None:
             row["baseline_ratio"] = row["train"]["tokens_per_s"] / baseline["tokens_per_s"]
-        if row["flops_per_token"] and flops.get(row["baseline"]):
-            row["baseline_flop_ratio"] = flops[row["baseline"]] / row["flops_per_token"]
+        if flops[row["model"]] and flops.get(row["baseline"]):
+            row["baseline_flop_ratio"] = flops[row["baseline"]] / flops[row["model"]]
 
 
 def summary(row: dict) -> str:

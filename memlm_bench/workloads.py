@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memlm
+from memlm import flops
 from memlm_bench import reference
 from memlm.compile_modes import compile_module, keep
 from memlm.config import ModelConfig
@@ -95,6 +96,8 @@ class Workload:
     warmup: int = 0
     """Untimed steps the row needs at least when compiled: a memory that fills over the first
     steps changes the shapes the compiled model sees until it is full."""
+    search_flops_per_token: float = 0.0
+    """FLOPs a token of a kNN memory's search over full stores (not model FLOPs; memlm.flops)."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,8 @@ def memlm_entry(preset: str, config: ModelConfig, baseline: str | None = None) -
             objective, warmup = Objective(model, memlm_loss), 0
         return Workload(
             objective=objective,
-            flops_per_token=model.flops_per_token(),  # memory counted (LanguageModel.flops_per_token)
+            flops_per_token=model.flops_per_token(),
+            search_flops_per_token=flops.search_flops_per_token(model),  # memory counted (LanguageModel.flops_per_token)
             params=model.num_parameters(),
             decoder=memlm_static_decoder(model, config.seq_len) if static
             else memlm_decoder(decode_step(model, "eager" if decode_mode == "graph" else decode_mode),

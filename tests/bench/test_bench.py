@@ -360,18 +360,23 @@ def test_memory_rows_are_compared_with_their_family_without_memory(memory_result
 
 
 def test_memory_rows_carry_their_flop_limit_and_its_ratio_to_the_family_without_memory(memory_result):
-    """limit_tokens_per_s = the run's peak / the row's FLOPs per token, memory counted; the FLOP
-    limit column = the baseline's FLOPs per token / the row's: both from models built here."""
+    """limit_tokens_per_s = the run's peak / the row's FLOPs per token, memory and the kNN search
+    counted; the FLOP limit column = the baseline's FLOPs per token / the row's: both from models
+    built here (the search: 2 x heads x head_dim x capacity a token per kNN layer)."""
     peak, rows = memory_result["peak"]["flops"], rows_by_model(memory_result)
     config = BenchConfig(**TINY)
-    flops = {entry: memlm.LanguageModel(runner.preset_config(entry, config)).flops_per_token()
-             for entry in MEMORY_ENTRIES}
+    models = {entry: memlm.LanguageModel(runner.preset_config(entry, config)) for entry in MEMORY_ENTRIES}
+    flops = {entry: model.flops_per_token() for entry, model in models.items()}
+    knn = models["seed-knn-tiny"].config
+    search = {entry: 0.0 for entry in MEMORY_ENTRIES}
+    search["seed-knn-tiny"] = 2 * knn.attention.heads * knn.head_dim * knn.memory.knn.capacity * len(knn.memory.knn.layers)
     assert flops["seed-xl-tiny"] > flops["seed-tiny"] and flops["seed-knn-tiny"] > flops["seed-tiny"]
     for entry in MEMORY_ENTRIES:
         row = rows[f"memlm {entry}"]
-        assert row["flops_per_token"] == flops[entry]
-        assert row["limit_tokens_per_s"] == pytest.approx(peak / flops[entry], rel=1e-12)
-        expected = None if entry == "seed-tiny" else pytest.approx(flops["seed-tiny"] / flops[entry], rel=1e-12)
+        total = flops[entry] + search[entry]
+        assert row["flops_per_token"] == flops[entry] and row["search_flops_per_token"] == search[entry]
+        assert row["limit_tokens_per_s"] == pytest.approx(peak / total, rel=1e-12)
+        expected = None if entry == "seed-tiny" else pytest.approx(flops["seed-tiny"] / total, rel=1e-12)
         assert row["baseline_flop_ratio"] == expected
     reference = rows["reference GPT"]
     assert reference["baseline_flop_ratio"] is None
