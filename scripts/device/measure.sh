@@ -1,6 +1,6 @@
 #!/bin/bash
 # On the device, detached (setsid nohup bash scripts/device/measure.sh STEP... &): the measurements
-# issue 19 still needs, in the order given (default: all), each log under /tmp/job and a line in
+# issues 19 and 21 still need, in the order given (default: all), each log under /tmp/job and a line in
 # /tmp/job/progress per step; "=== done" at the end. Poll with scripts/device/poll.sh.
 mkdir -p /tmp/job; cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,12 +27,26 @@ run_step() {
       timeout 500 python3 -m memlm_bench --presets seed-xl-small seed-compressive-small seed-mem-small seed-knn-small \
         depth-xpos-knn-small --no-peers --decode graph --gen-prompt-len 16 --gen-new-tokens 2048 \
         --gen-batch-sizes 1 16 --no-compile --steps 1 --warmup 1 --repeats 1 > /tmp/job/decode-bench.log 2>&1 ;;
+    serve)  # the server's figures (issue 21): a short seed-xl-small run served eagerly and through static decoding
+      timeout 200 python3 -m memlm.cli train --preset seed-xl-small --steps 30 --out /tmp/job/run-xl \
+        > /tmp/job/serve-train.log 2>&1
+      for mode in static eager; do
+        python3 -m memlm.cli serve /tmp/job/run-xl --decode $mode --port 8000 > /tmp/job/serve-$mode.log 2>&1 &
+        server=$!
+        for _ in $(seq 60); do curl -s http://127.0.0.1:8000/v1/models > /dev/null 2>&1 && break; sleep 2; done
+        for sessions in "" "--sessions"; do
+          echo "== $mode $sessions" >> /tmp/job/serve-load.log
+          timeout 240 python3 scripts/serve_load.py --clients 1 8 64 --requests 64 --max-tokens 64 $sessions \
+            >> /tmp/job/serve-load.log 2>&1
+        done
+        kill $server; wait $server 2>/dev/null
+      done ;;
     gpu-tests)
       timeout 400 python3 -m pytest -q tests/gpu -x > /tmp/job/gpu-tests.log 2>&1 ;;
     *) echo "unknown step $1" >> $P ;;
   esac
 }
-[ $# -eq 0 ] && set -- kernels train-graphs decode train-default gpu-tests
+[ $# -eq 0 ] && set -- gpu-tests kernels train-graphs decode train-default serve
 step start; nvidia-smi --query-gpu=name --format=csv,noheader >> $P
 for s in "$@"; do step "$s"; run_step "$s"; done
 step done
