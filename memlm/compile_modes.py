@@ -53,11 +53,16 @@ def begin_step(mode: str) -> None:
 def keep(value: Any, mode: str) -> Any:
     """An output that the loop carries into the next step (a State, a peer's list of memory
     tensors), copied out of the CUDA-graph pool in the graph modes (detached either way); in
-    the other modes the value itself, detached. A memlm State is copied by `State.clone`, which
-    leaves kNN stores in place (they are written in place, not replayed outputs)."""
+    the other modes the value itself, detached. An object with `detach` (a memlm State, the bench
+    peers' PeerState) is detached or copied by its own `detach` / `clone`: `State.clone` leaves kNN
+    stores in place (they are written in place, not replayed outputs)."""
     import torch
-    if hasattr(value, "clone") and hasattr(value, "detach") and not isinstance(value, torch.Tensor):
-        return value.clone() if uses_cuda_graphs(mode) else value.detach()
     copy = uses_cuda_graphs(mode)
+    if hasattr(value, "detach") and not isinstance(value, torch.Tensor):  # a State (memlm's, a peer's)
+        if not copy:
+            return value.detach()
+        if not hasattr(value, "clone"):
+            raise TypeError(f"{type(value).__name__} has no clone(): it cannot be carried across CUDA-graph replays")
+        return value.clone()
     return torch.utils._pytree.tree_map(
         lambda t: (t.detach().clone() if copy else t.detach()) if isinstance(t, torch.Tensor) else t, value)

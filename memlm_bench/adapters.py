@@ -141,7 +141,7 @@ class PeerState:
     """What a peer model carries from one segment to the next (one batch of streams). x-transformers
     hands its memory around as per-layer hidden states, not as memlm's typed per-layer `State`, so
     the adapter keeps its own; it offers what the Trainer and evaluator call on a state (batch_size,
-    detach, to, reset, state_dict)."""
+    detach, clone, to, reset, state_dict)."""
 
     position: int
     """Stream position of the next token (same for every row)."""
@@ -168,6 +168,10 @@ class PeerState:
 
     def detach(self) -> "PeerState":
         return self._map(lambda t: t.detach())
+
+    def clone(self) -> "PeerState":
+        """A detached copy in memory of its own (what a loop in a CUDA-graph mode carries on)."""
+        return self._map(lambda t: t.detach().clone())
 
     def to(self, device: torch.device | str) -> "PeerState":
         return self._map(lambda t: t.to(device))

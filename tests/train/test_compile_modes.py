@@ -151,3 +151,25 @@ def test_bench_training_in_a_graph_mode_marks_steps_and_keeps_outputs(monkeypatc
     measure_training(Workload(peer, 1.0, 1), shape, steps=2, warmup=2, repeats=1, compile=True,
                      device=torch.device("cpu"), seed=0, compile_mode="reduce-overhead")
     assert kept == ["reduce-overhead"] * 4
+
+
+def test_keep_detaches_any_state_by_its_own_methods_and_copies_only_in_the_graph_modes():
+    """An object with detach (a peer's state) is detached in the default mode, cloned in a graph
+    mode, and one without clone cannot be carried across replays."""
+    from memlm_bench.adapters import PeerState
+
+    mems = [torch.randn(2, 3, 4, requires_grad=True) * 2]
+    state = PeerState(position=3, rows=2, mems=mems)
+    detached = compile_modes.keep(state, "default")
+    assert not detached.mems[0].requires_grad and detached.mems[0].data_ptr() == mems[0].data_ptr()
+    copied = compile_modes.keep(state, "reduce-overhead")
+    assert not copied.mems[0].requires_grad and copied.mems[0].data_ptr() != mems[0].data_ptr()
+    assert torch.equal(copied.mems[0], mems[0]) and copied.position == 3
+
+    class DetachOnly:
+        def detach(self):
+            return "detached"
+
+    assert compile_modes.keep(DetachOnly(), "default") == "detached"
+    with pytest.raises(TypeError, match="DetachOnly has no clone"):
+        compile_modes.keep(DetachOnly(), "max-autotune")
