@@ -370,7 +370,7 @@ def attach_memory(attention: Attention, config: ModelConfig) -> None:
     m, layer = config.memory, attention.layer
     if m.adaptive_span.enabled:
         attention.span = AdaptiveSpan(config.attention.heads, config.span_max, m.adaptive_span.ramp,
-                                      m.adaptive_span.init)
+                                      m.adaptive_span.init, m.adaptive_span.gradient)
     if m.persistent.vectors:
         attention.persistent = PersistentMemory(config.kv_heads, m.persistent.vectors, config.head_dim,
                                                 config.init_std)

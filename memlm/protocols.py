@@ -24,6 +24,17 @@ class ScoreBias(Protocol):
     def __call__(self, q_len: int, k_len: int, k_offset: int, device: torch.device) -> torch.Tensor:
         """(H, Tq, Tk) additive bias for queries 0..Tq-1 and keys k_offset..k_offset+Tk-1."""
 
+    gradient: str
+    """"dense": the bias takes its gradient through the kernel; "band": the layer passes the bias
+    detached and calls `band_gradient` with an attention over each head's `band` of keys."""
+
+    def band(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high), (H,) each: the distances low <= d < high where the bias has a gradient."""
+
+    def band_gradient(self, out: torch.Tensor, lse: torch.Tensor | None, band_out: torch.Tensor,
+                      band_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """out, lse with zero-valued terms that carry the bias's parameters' gradient."""
+
 
 class PositionlessSource(Protocol):
     """Keys and values without positions, visible to every query (persistent memory): its partial

@@ -135,10 +135,14 @@ class AdaptiveSpanConfig:
     """Initial span as a fraction of max."""
     penalty: float = 2e-6
     """Weight of the span penalty (mean learned span in positions, summed over layers) in aux_loss."""
+    gradient: str = "dense"
+    """How the spans get their gradient in training: dense (through the attention kernel's gradient of the whole (H, Tq, Tk) soft-mask bias) or band (the kernel takes the bias detached, and a second attention over only each head's ramp band gives the spans' exact gradient; without attention dropout; memlm.memory.adaptive_span)."""
 
     def validate(self, model: "ModelConfig") -> None:
         if not self.enabled:
             return
+        if self.gradient not in ("dense", "band"):
+            raise ConfigError("memory.adaptive_span.gradient", self.gradient, "allowed: dense, band")
         if self.max is not None:
             positive_int("memory.adaptive_span.max", self.max)
         positive_int("memory.adaptive_span.ramp", self.ramp)

@@ -11,6 +11,15 @@ skips whole blocks beyond it), so memory keeps one shape for torch.compile whate
 Departures: z is stored in positions rather than as a fraction of S; the paper drops keys beyond
 the span from the computation itself, here the saving is FlexAttention's block sparsity (128-key
 blocks) and the eager and sdpa kernels compute the masked scores.
+
+The spans' gradient (`gradient` "dense", the default) flows through the kernel's gradient of the
+whole (H, Tq, Tk) bias, which FlexAttention accumulates with an atomic add per score. With
+`gradient` "band" the kernel takes the bias detached and the gradient comes from the ramp band
+alone, exactly: only keys at distance z <= d < z + R have d(log m)/dz = 1 / (R m) != 0, and there
+P_ij / (R m_ij) = exp(s_ij - lse_i) / R, whatever m is (s the score without the soft mask). So, with
+out2 and lse2 an attention over each query's band keys only (`band_attention`, no soft mask) and
+A_i = exp(lse2_i - lse_i) / R, dL/dz = sum_i A_i dO_i . (out2_i - O_i), and d lse_i / dz = A_i:
+`band_gradient` adds terms worth zero whose gradients are those.
 """
 
 from __future__ import annotations
@@ -22,9 +31,9 @@ from torch import nn
 
 
 class AdaptiveSpan(nn.Module):
-    def __init__(self, heads: int, span_max: int, ramp: int, init: float):
+    def __init__(self, heads: int, span_max: int, ramp: int, init: float, gradient: str = "dense"):
         super().__init__()
-        self.span_max, self.ramp = span_max, ramp
+        self.span_max, self.ramp, self.gradient = span_max, ramp, gradient
         self.span = nn.Parameter(torch.full((heads,), init * span_max))  # (H,) in positions
         self.register_load_state_dict_post_hook(lambda module, keys: module.clamp_())
 
@@ -54,6 +63,25 @@ class AdaptiveSpan(nn.Module):
         k_pos = torch.arange(k_offset, k_offset + k_len, device=device)
         m = self.mask((q_pos[:, None] - k_pos[None, :]).clamp_min(0).float())
         return torch.where(m > 0, m.clamp_min(1e-30).log(), float("-inf"))  # clamp: no NaN gradient at 0
+
+    def band(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's ramp band, (low, high) (H,) each, detached: the distances d with
+        low <= d < high have a soft mask strictly below 1 (or exactly 1 at d = z, where the clamp
+        still passes the gradient) and above 0."""
+        low = self.span.detach()
+        return low, low + self.ramp
+
+    def band_gradient(self, out: torch.Tensor, lse: torch.Tensor | None, band_out: torch.Tensor,
+                      band_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention's result `out` (B, H, T, D) and log-sum-exp (B, H, T) (or None), computed
+        with this span's bias detached, plus terms of value zero that give the spans their exact
+        gradient: band_out, band_lse (B, H, T, D), (B, H, T) from `band_attention` over the
+        same queries and keys (see the module docstring)."""
+        weight = ((band_lse.float() - lse.float().detach()).exp() / self.ramp).detach()  # (B, H, T): A
+        moved = (self.span - self.span.detach())[None, :, None]  # (1, H, 1), zero-valued
+        change = weight[..., None] * (band_out.float() - out.detach().float())  # (B, H, T, D)
+        out = out + (moved[..., None] * change).to(out.dtype)
+        return out, (None if lse is None else lse + moved * weight)
 
     def penalty(self) -> torch.Tensor:
         return self.span.mean()

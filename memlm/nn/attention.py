@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from memlm.config import ModelConfig
-from memlm.nn.kernels import attend, merge_partials
+from memlm.nn.kernels import attend, band_attention, merge_partials
 from memlm.nn.positions import Rotary
 from memlm.protocols import PositionlessSource, RetrievalSource, ScoreBias
 
@@ -185,17 +185,25 @@ class Attention(nn.Module):
         sources = ctx.sources.get(self.layer, ())
         need_lse = persistent or bool(sources) or (store is not None and self.knn.combine == "joint")
         bias = ctx.bias(self.layer, k_offset, k.shape[2])
-        window = None
+        other_bias, window, span_band = bias, None, None
         if self.span is not None:
             span_bias = self.span(T, k.shape[2], k_offset, h.device)
+            if self.span.gradient == "band" and dropout == 0 and torch.is_grad_enabled():
+                span_band, span_bias = self.span.band(), span_bias.detach()  # the spans' gradient: below
             bias = span_bias if bias is None else bias + span_bias
             window = self.span.window()
-        y = attend(q, k, v, backend=self.backend, k_offset=k_offset, bias=bias,
-                   key_mask=ctx.key_mask(past, T, h.device), max_distance=window, scale=scale,
-                   dropout_p=dropout, return_lse=need_lse)  # (B, H, T, D)
+        key_mask = ctx.key_mask(past, T, h.device)
+        y = attend(q, k, v, backend=self.backend, k_offset=k_offset, bias=bias, key_mask=key_mask,
+                   max_distance=window, scale=scale, dropout_p=dropout,
+                   return_lse=need_lse or span_band is not None)  # (B, H, T, D)
         lse = None
-        if need_lse:
+        if need_lse or span_band is not None:
             y, lse = y
+        if span_band is not None:  # adaptive span's exact gradient from its ramp band alone
+            band = band_attention(q, k, v, k_offset=k_offset, low=span_band[0], high=span_band[1],
+                                  bias=None if other_bias is None else other_bias.detach(), key_mask=key_mask,
+                                  scale=scale)
+            y, lse = self.span.band_gradient(y, lse, *band)
         if persistent:  # no position: scored against the unrotated queries, no bias, never masked
             y, lse = merge_partials(y, lse, *self.persistent(q_unrotated, scale, dropout, self.qk_scale is not None))
         for read in sources:  # per-row memories without position (the registry's mechanisms)

@@ -200,6 +200,54 @@ def attend(q, k, v, *, backend="auto", k_offset=0, bias=None, key_mask=None, max
                          scale=scale, dropout_p=dropout_p, **kwargs)
 
 
+@torch.no_grad()
+def band_attention(q, k, v, *, k_offset: int, low: torch.Tensor, high: torch.Tensor, bias=None, key_mask=None,
+                   scale: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, H, Tq, D) over only the keys k/v (B, Hkv, Tk, D) whose distance d to the
+    query lies in each head's band, low[h] <= d < high[h] (low, high: (H,) float), among those it
+    may see (causal, key mask; `bias` (H or 1, Tq, Tk) added): (out (B, H, Tq, D), its log-sum-exp
+    (B, H, Tq)); a query without such keys gets out 0 and lse -inf. No gradient: adaptive span's
+    gradient (memlm.memory.adaptive_span) reads it. Flex on CUDA, where the block mask skips every
+    block outside all bands; the eager reference elsewhere (`backend` "eager" or "flex" forces one)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "eager"
+    if backend == "eager":
+        distance = (torch.arange(Tq, device=q.device)[:, None]
+                    - torch.arange(k_offset, k_offset + Tk, device=q.device)[None, :]).float()  # (Tq, Tk)
+        inside = (distance >= low[:, None, None]) & (distance < high[:, None, None])  # (H, Tq, Tk)
+        band = torch.zeros(inside.shape, device=q.device).masked_fill(~inside, float("-inf"))
+        out, lse = eager_attention(q, k, v, k_offset=k_offset, bias=band if bias is None else band + bias.float(),
+                                   key_mask=key_mask, scale=scale, return_lse=True)
+        return torch.nan_to_num(out, nan=0.0), lse
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex_eager
+    offset = _index_scalar(k_offset, q.device)
+
+    def in_band(b, h, q_idx, kv_idx):  # per head, for every row: the block mask stays small
+        distance = q_idx - (kv_idx + offset)
+        return (distance >= 0) & (distance >= low[h]) & (distance < high[h])
+
+    block_mask = create_block_mask(in_band, None, q.shape[1], Tq, Tk, device=q.device)
+    score_mod = None
+    if bias is not None or key_mask is not None:  # as flex_attention: the per-row key mask in the score_mod
+        bias_heads = 0 if bias is None else bias.shape[0]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if bias is not None:
+                score = score + bias[h if bias_heads > 1 else 0, q_idx, kv_idx].to(score.dtype)
+            if key_mask is not None:
+                keep = key_mask[b, kv_idx] | (kv_idx + offset == q_idx)
+                score = torch.where(keep, score, float("-inf"))
+            return score
+
+    kernel = _compiled_flex() if q.is_cuda else functools.partial(_quiet, flex_eager)
+    out, lse = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                      enable_gqa=k.shape[1] != q.shape[1], return_lse=True,
+                      kernel_options=FLEX_KERNEL_OPTIONS if q.is_cuda else None)
+    return out, lse
+
+
 def shared_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                          dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, H, Tq, D) over keys every query may see, k/v (B or 1, Hkv, P, D):

@@ -20,6 +20,10 @@ run_step() {
       timeout 900 python3 -m memlm_bench --presets $ROWS --peer-names "x-transformers XL race" --no-generate \
         --steps 10 --warmup 3 --repeats 2 --profile-steps 3 --compile-mode reduce-overhead \
         > /tmp/job/train-bench-graphs.log 2>&1 ;;
+    span)  # seed-mem-small with the spans' gradient through the dense bias against the ramp band alone
+      timeout 600 python3 -m memlm_bench --presets seed-small seed-mem-small \
+        "seed-mem-small memory.adaptive_span.gradient=band" --no-peers --no-generate --steps 10 --warmup 3 \
+        --repeats 2 --profile-steps 3 > /tmp/job/train-bench-span.log 2>&1 ;;
     train-default)  # the same rows in torch.compile's default mode
       timeout 900 python3 -m memlm_bench --presets $ROWS --peer-names "x-transformers XL race" --no-generate \
         --steps 10 --warmup 3 --repeats 2 > /tmp/job/train-bench-default.log 2>&1 ;;
@@ -46,7 +50,7 @@ run_step() {
     *) echo "unknown step $1" >> $P ;;
   esac
 }
-[ $# -eq 0 ] && set -- gpu-tests kernels train-graphs decode train-default serve
+[ $# -eq 0 ] && set -- gpu-tests kernels span train-graphs decode train-default serve
 step start; nvidia-smi --query-gpu=name --format=csv,noheader >> $P
 for s in "$@"; do step "$s"; run_step "$s"; done
 step done

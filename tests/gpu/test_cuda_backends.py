@@ -21,6 +21,9 @@ CASES = {
     "forgetful(t5)": {"position.kind": "t5", "attention.forgetful": 0.3},
     "persistent(xpos)": {"position.kind": "xpos", "memory.persistent.vectors": 8},
     "span(rope)": {"position.kind": "rope", "memory.adaptive_span.enabled": True, "memory.adaptive_span.init": 0.2},
+    "span band(rope, persistent)": {"position.kind": "rope", "memory.adaptive_span.enabled": True,
+                                    "memory.adaptive_span.init": 0.2, "memory.adaptive_span.gradient": "band",
+                                    "memory.persistent.vectors": 8},
 }
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # relative L2 error
 RESULTS = []

@@ -241,3 +241,87 @@ def test_learning_spans_never_recompiles_a_compiled_model():
         counts.append(len(graphs))
     assert len({b.attention.span.limit for b in model.blocks}) == 1 and model.blocks[0].attention.span.limit == 10
     assert counts[2:] == [counts[2]] * 6, counts  # from the third step (memory full) on, no new graph
+
+
+# ----- the spans' gradient from the ramp band alone (gradient="band") ---------------------
+
+def test_band_attention_is_attention_over_each_heads_band_of_keys():
+    """band_attention against scores written out by hand: out and lse over the keys with
+    low[h] <= distance < high[h] that the query may see; out 0 and lse -inf without such keys;
+    its flex form (block mask per head, run eagerly on the CPU) equals its eager form."""
+    from memlm.nn.kernels import band_attention
+
+    B, H, Hkv, Tq, Tk, D, offset = 2, 4, 2, 6, 14, 8, -8
+    q, k, v = torch.randn(B, H, Tq, D), torch.randn(B, Hkv, Tk, D), torch.randn(B, Hkv, Tk, D)
+    low, high = torch.tensor([0.0, 2.5, 3.0, 30.0]), torch.tensor([2.0, 5.5, 6.0, 32.0])  # head 3: no key
+    key_mask = torch.ones(B, Tk, dtype=torch.bool)
+    key_mask[1, :5] = False
+    bias = torch.randn(H, Tq, Tk)
+    out, lse = band_attention(q, k, v, k_offset=offset, low=low, high=high, bias=bias, key_mask=key_mask,
+                              scale=0.3, backend="eager")
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                keys = [j for j in range(Tk) if low[h] <= i - (offset + j) < high[h] and i - (offset + j) >= 0
+                        and (key_mask[b, j] or i == offset + j)]
+                if not keys:
+                    assert lse[b, h, i] == float("-inf") and torch.all(out[b, h, i] == 0)
+                    continue
+                kv = h // (H // Hkv)
+                scores = torch.stack([q[b, h, i] @ k[b, kv, j] * 0.3 + bias[h, i, j] for j in keys])
+                weights = scores.softmax(0)
+                torch.testing.assert_close(lse[b, h, i], scores.logsumexp(0), atol=1e-5, rtol=0)
+                torch.testing.assert_close(out[b, h, i], sum(w * v[b, kv, j] for w, j in zip(weights, keys)),
+                                           atol=1e-5, rtol=0)
+    flex_out, flex_lse = band_attention(q, k, v, k_offset=offset, low=low, high=high, bias=bias, key_mask=key_mask,
+                                        scale=0.3, backend="flex")
+    torch.testing.assert_close(flex_out, out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flex_lse, lse, atol=1e-5, rtol=0)
+
+
+def span_model(gradient: str, **extra):
+    model = build_tiny(**{"memory.xl.length": 16, "memory.adaptive_span.enabled": True,
+                          "memory.adaptive_span.ramp": 3, "memory.adaptive_span.gradient": gradient,
+                          "attention.backend": "eager", **extra}).train()
+    with torch.no_grad():  # fractional and whole spans (a whole one puts a key at d = z, the clamp's edge)
+        for i, block in enumerate(model.blocks):
+            block.attention.span.span.copy_(torch.tensor([1.5, 4.0, 7.25, 12.0]) + i)
+    return model
+
+
+@pytest.mark.parametrize("extra", [{}, {"memory.persistent.vectors": 4}, {"position.kind": "t5"},
+                                   {"attention.kv_heads": 2, "memory.feedback.mode": "memory"}],
+                         ids=["xl", "persistent (the lse merge)", "t5 bias", "grouped heads, feedback"])
+def test_band_gradient_equals_the_dense_one(extra):
+    """Training with gradient="band" gives the loss and every parameter's gradient of the dense
+    path (the spans' included) over segments with the memory rolling and a row reset; the
+    spans' gradients are not zero."""
+    torch.manual_seed(0)
+    dense = span_model("dense", **extra)
+    band = span_model("band", **extra)
+    band.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, 256, (2, 32))
+    losses = {}
+    for name, model in (("dense", dense), ("band", band)):
+        state, total = model.init_state(2), 0.0
+        for start in range(0, 32, 8):
+            if start == 16:
+                state = state.reset(torch.tensor([True, False]))
+            out = model(ids[:, start:start + 8], targets=ids[:, start + 1:start + 9] if start + 9 <= 32
+                        else ids[:, start:start + 8], state=state)
+            total = total + out.loss
+            state = out.state.detach()
+        total.backward()
+        losses[name] = total.item()
+    assert losses["band"] == pytest.approx(losses["dense"], rel=1e-6)
+    grads = dict(band.named_parameters())
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert all(block.attention.span.span.grad.abs().sum() > 0 for block in band.blocks)
+
+
+def test_the_span_gradient_setting_is_checked():
+    from memlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="memory.adaptive_span.gradient.*allowed: dense, band"):
+        build_tiny(**{"memory.adaptive_span.enabled": True, "memory.adaptive_span.gradient": "sparse"})
