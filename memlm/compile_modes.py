@@ -36,7 +36,7 @@ def uses_cuda_graphs(mode: str) -> bool:
     return check_mode(mode) in _GRAPH_MODES
 
 
-def compile_module(module, mode: str = "default"):
+def compile_module(module, mode: str):
     """torch.compile(module) in `mode` ("default": no mode argument, torch's default)."""
     import torch
     return torch.compile(module) if check_mode(mode) == "default" else torch.compile(module, mode=mode)

@@ -38,6 +38,8 @@ OWN_TESTS: dict[str, list[str]] = {
     "memlm.nn.norms": ["tests/nn/test_norms.py", "tests/test_model.py"],
     "memlm.nn.feedforward": ["tests/nn/test_feedforward.py", "tests/test_model.py"],
     "memlm.memory.adaptive_span": ["tests/memory/test_adaptive_span.py"],
+    "memlm.compile_modes": ["tests/train/test_compile_modes.py"],
+    "memlm.flops": ["tests/test_flops.py"],
     "memlm.memory.compressive": ["tests/memory/test_compressive.py"],
     "memlm.memory.xl": ["tests/memory/test_xl.py"],
     "memlm.memory.feedback": ["tests/memory/test_xl.py", "tests/memory/test_tokens_combined.py"],

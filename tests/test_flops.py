@@ -87,6 +87,13 @@ EXACT = {
                                                    "memory.compressive.fn": "max"}),
     "compressive, most_used": ("seed-compressive-tiny", {"memory.xl.length": T, "memory.compressive.length": 4,
                                                          "memory.compressive.fn": "most_used"}),
+    "compressive, mean": ("seed-compressive-tiny", {"memory.xl.length": T, "memory.compressive.length": 4,
+                                                    "memory.compressive.fn": "mean"}),
+    "compressive, most_used, a rate that does not divide the segment": (
+        "seed-compressive-tiny", {"memory.xl.length": T, "memory.compressive.rate": 3,
+                                  "memory.compressive.length": 5, "memory.compressive.fn": "most_used"}),
+    "XL with a compressed length but no compression": ("seed-xl-tiny", {"memory.xl.length": T,
+                                                                        "memory.compressive.length": 4}),
     "NTM slots": ("seed-tiny", {"memory.ntm.layers": [1], "memory.ntm.slots": 4}),
 }
 
@@ -116,6 +123,7 @@ def test_compressive_conv_is_counted_but_for_the_query_gradient_its_content_atte
     ("seed-knn-tiny", {"layers": 4, "memory.knn.combine": "joint"}),
     ("seed-knn-tiny", {"layers": 4, "memory.knn.straight_through": True}),
     ("depth-xpos-knn-tiny", {"layers": 4, "memory.xl.lengths": [16, 16, 64, 64], "position.rope_dim": 4}),
+    ("seed-knn-tiny", {"layers": 4, "memory.knn.layers": [1, 3]}),
 ])
 def test_knn_adds_the_search_and_counts_retrieved_pairs_as_keys(preset, overrides):
     """Each kNN query also runs the exact search over its row's full store (`search_flops_per_token`,
@@ -123,11 +131,11 @@ def test_knn_adds_the_search_and_counts_retrieved_pairs_as_keys(preset, override
     straight_through: 8, not 12, x heads x head_dim per retrieved pair."""
     model = build(preset, **{**overrides, "memory.knn.capacity": 4 * T, "memory.knn.k": 4})
     knn = model.config.memory.knn
-    assert knn.layers == [2]
-    unused_gradients = 0 if knn.straight_through else 4 * HD * knn.k
+    layers = len(knn.layers)
+    unused_gradients = 0 if knn.straight_through else 4 * HD * knn.k * layers
     expected = model.flops_per_token() - unused_gradients + flops.search_flops_per_token(model)
     assert counted_flops_per_token(model) == pytest.approx(expected, rel=1e-9)
-    assert flops.search_flops_per_token(model) == 2 * HD * 4 * T
+    assert flops.search_flops_per_token(model) == 2 * HD * 4 * T * layers
 
 
 def test_attended_keys_add_each_memory_to_the_segment():
