@@ -31,8 +31,8 @@ class ScoreBias(Protocol):
     def band(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(low, high), (H,) each: the distances low <= d < high where the bias has a gradient."""
 
-    def band_gradient(self, out: torch.Tensor, lse: torch.Tensor | None, band_out: torch.Tensor,
-                      band_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def band_gradient(self, out: torch.Tensor, lse: torch.Tensor, band_out: torch.Tensor,
+                      band_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """out, lse with zero-valued terms that carry the bias's parameters' gradient."""
 
 

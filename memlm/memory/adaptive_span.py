@@ -31,7 +31,7 @@ from torch import nn
 
 
 class AdaptiveSpan(nn.Module):
-    def __init__(self, heads: int, span_max: int, ramp: int, init: float, gradient: str = "dense"):
+    def __init__(self, heads: int, span_max: int, ramp: int, init: float, gradient: str):
         super().__init__()
         self.span_max, self.ramp, self.gradient = span_max, ramp, gradient
         self.span = nn.Parameter(torch.full((heads,), init * span_max))  # (H,) in positions
@@ -71,9 +71,9 @@ class AdaptiveSpan(nn.Module):
         low = self.span.detach()
         return low, low + self.ramp
 
-    def band_gradient(self, out: torch.Tensor, lse: torch.Tensor | None, band_out: torch.Tensor,
-                      band_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attention's result `out` (B, H, T, D) and log-sum-exp (B, H, T) (or None), computed
+    def band_gradient(self, out: torch.Tensor, lse: torch.Tensor, band_out: torch.Tensor,
+                      band_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's result `out` (B, H, T, D) and log-sum-exp (B, H, T), computed
         with this span's bias detached, plus terms of value zero that give the spans their exact
         gradient: band_out, band_lse (B, H, T, D), (B, H, T) from `band_attention` over the
         same queries and keys (see the module docstring)."""
@@ -81,7 +81,7 @@ class AdaptiveSpan(nn.Module):
         moved = (self.span - self.span.detach())[None, :, None]  # (1, H, 1), zero-valued
         change = weight[..., None] * (band_out.float() - out.detach().float())  # (B, H, T, D)
         out = out + (moved[..., None] * change).to(out.dtype)
-        return out, (None if lse is None else lse + moved * weight)
+        return out, lse + moved * weight
 
     def penalty(self) -> torch.Tensor:
         return self.span.mean()

@@ -36,7 +36,7 @@ def brute_bias(spans: list[float], ramp: int, q_len: int, k_len: int, k_offset: 
 
 
 def with_spans(spans, span_max, ramp):
-    module = AdaptiveSpan(heads=len(spans), span_max=span_max, ramp=ramp, init=0.0)
+    module = AdaptiveSpan(heads=len(spans), span_max=span_max, ramp=ramp, init=0.0, gradient="dense")
     with torch.no_grad():
         module.span.copy_(torch.tensor(spans))
     module.clamp_()
@@ -46,7 +46,7 @@ def with_spans(spans, span_max, ramp):
 @pytest.mark.parametrize("heads,span_max,ramp,init", [(3, 8, 2, 0.5), (2, 16, 4, 0.25), (1, 10, 3, 1.0),
                                                       (4, 12, 5, 0.0), (2, 20, 2, 0.375)])
 def test_initial_span_and_limit_follow_their_definitions(heads, span_max, ramp, init):
-    module = AdaptiveSpan(heads=heads, span_max=span_max, ramp=ramp, init=init)
+    module = AdaptiveSpan(heads=heads, span_max=span_max, ramp=ramp, init=init, gradient="dense")
     expected_span = init * span_max  # init is a fraction of span_max, the span is stored in positions
     assert module.span.shape == (heads,)
     assert module.span.tolist() == [expected_span] * heads
@@ -105,7 +105,7 @@ def test_bias_gradient_is_one_over_ramp_inside_the_ramp_and_never_nan():
 
 
 def test_bias_is_built_on_the_device_asked_for():
-    module = AdaptiveSpan(heads=2, span_max=8, ramp=2, init=0.5).to("meta")  # a device that is not the default
+    module = AdaptiveSpan(heads=2, span_max=8, ramp=2, init=0.5, gradient="dense").to("meta")  # not the default device
     bias = module(3, 5, -2, torch.device("meta"))
     assert bias.device.type == "meta" and bias.shape == (2, 3, 5)
 
@@ -139,7 +139,7 @@ def test_clamp_after_an_optimizer_step_and_the_limit():
 
 @pytest.mark.parametrize("loaded", [[-2.0, 3.5, 50.0], [1.0, 2.25, 0.0], [-1.0, -0.5, -3.0]])
 def test_loading_a_state_dict_clamps_the_spans_and_updates_the_limit(loaded):
-    module = AdaptiveSpan(heads=3, span_max=10, ramp=2, init=0.5)
+    module = AdaptiveSpan(heads=3, span_max=10, ramp=2, init=0.5, gradient="dense")
     module.load_state_dict({"span": torch.tensor(loaded)})
     expected = [min(max(z, 0.0), 10.0) for z in loaded]
     assert module.span.tolist() == expected
@@ -147,7 +147,7 @@ def test_loading_a_state_dict_clamps_the_spans_and_updates_the_limit(loaded):
 
 
 def test_span_mask_equals_the_formula():
-    span = AdaptiveSpan(heads=3, span_max=20, ramp=4, init=0.0)
+    span = AdaptiveSpan(heads=3, span_max=20, ramp=4, init=0.0, gradient="dense")
     with torch.no_grad():
         span.span.copy_(torch.tensor([0.0, 5.5, 20.0]))
     x = torch.arange(0, 30).float()
@@ -163,7 +163,7 @@ def test_span_mask_equals_the_formula():
 
 def test_log_mask_bias_reweights_attention_like_the_paper():
     """softmax(s + log m) == m * exp(s) / sum(m * exp(s))."""
-    span = AdaptiveSpan(heads=2, span_max=8, ramp=3, init=0.3)
+    span = AdaptiveSpan(heads=2, span_max=8, ramp=3, init=0.3, gradient="dense")
     q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     out = eager_attention(q, k, v, k_offset=-2, bias=span(4, 6, -2, torch.device("cpu")))
     distance = (torch.arange(4)[:, None] - torch.arange(-2, 4)[None, :]).float()
@@ -325,3 +325,15 @@ def test_the_span_gradient_setting_is_checked():
 
     with pytest.raises(ConfigError, match="memory.adaptive_span.gradient.*allowed: dense, band"):
         build_tiny(**{"memory.adaptive_span.enabled": True, "memory.adaptive_span.gradient": "sparse"})
+
+
+def test_the_window_clamps_each_span_to_its_range_first():
+    """window = the longest span clamped to [0, span_max], plus the ramp, also for raw spans
+    outside that range (before `clamp_` runs)."""
+    module = AdaptiveSpan(heads=2, span_max=20, ramp=4, init=0.0, gradient="dense")
+    with torch.no_grad():
+        module.span.copy_(torch.tensor([-3.0, 50.0]))
+    assert module.window().item() == 24.0
+    with torch.no_grad():
+        module.span.copy_(torch.tensor([-3.0, -5.0]))
+    assert module.window().item() == 4.0
