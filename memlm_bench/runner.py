@@ -173,7 +173,8 @@ def measure_workload(row: dict, workload: Workload, shape: Shape, config: BenchC
     """Fill the row: its FLOP limit, training rate, MFU and peak memory, then generation at each batch size."""
     row.update(params=workload.params, flops_per_token=workload.flops_per_token, notes=workload.notes,
                search_flops_per_token=workload.search_flops_per_token)
-    row["limit_tokens_per_s"] = flop_limit(limit_flops(row), peak_flops)
+    bound = bounding_flops(row)  # tokens/s if every FLOP ran at the measured matmul peak
+    row["limit_tokens_per_s"] = peak_flops / bound if bound else None
     # compiled rows warm up until their memory is full: its shapes change (and recompile) until then
     row["warmup"] = max(config.warmup, workload.warmup) if row["compiled"] else config.warmup
     graphs = compiled_graphs()
@@ -201,15 +202,9 @@ def measure_workload(row: dict, workload: Workload, shape: Shape, config: BenchC
             row["gen_tokens_per_s"][f"b{batch_size}"] = rate
 
 
-def flop_limit(flops_per_token: float, peak_flops: float) -> float | None:
-    """Training tokens/s if every FLOP of a token ran at the measured matmul peak: peak / FLOPs per
-    token (None without a count)."""
-    return peak_flops / flops_per_token if flops_per_token else None
-
-
-def limit_flops(row: dict) -> float | None:
+def bounding_flops(row: dict) -> float | None:
     """What bounds a row's rate in FLOPs a token: its model's, plus its kNN search's (retrieval
-    work the model's count leaves out, memlm.flops.search_flops_per_token)."""
+    work the model's count leaves out, memlm.flops.search_flops_per_token); None without a count."""
     return row["flops_per_token"] + row["search_flops_per_token"] if row["flops_per_token"] else None
 
 
@@ -222,11 +217,11 @@ def compiled_graphs() -> int:
 def add_ratios(rows: list[dict]) -> None:
     """ratio = train tokens/s over the reference GPT's at the same shape; baseline_ratio = over the
     row's baseline's (its family without memory); baseline_flop_ratio = the baseline's FLOPs per
-    token over the row's, kNN search included (`limit_flops`: the baseline_ratio the row reaches at
+    token over the row's, kNN search included (`bounding_flops`: the baseline_ratio the row reaches at
     the baseline's MFU); None where either is missing."""
     reference = next(row["train"] for row in rows if row["kind"] == "reference")
     trained = {row["model"]: row["train"] for row in rows}
-    flops = {row["model"]: limit_flops(row) for row in rows}
+    flops = {row["model"]: bounding_flops(row) for row in rows}
     for row in rows:
         if row["train"] is not None and reference is not None:
             row["ratio"] = row["train"]["tokens_per_s"] / reference["tokens_per_s"]

@@ -136,7 +136,6 @@ def _compiled_flex():
 def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, max_distance=None, scale=None,
                    dropout_p=0.0, return_lse=False):
     """FlexAttention: block mask for causality and the window, score_mod for bias and key mask."""
-    from torch.nn.attention.flex_attention import flex_attention as flex_eager
     if dropout_p > 0:
         raise ValueError("the flex attention backend has no dropout; use eager or sdpa")
     Tq, Tk = q.shape[2], k.shape[2]
@@ -144,7 +143,15 @@ def flex_attention(q, k, v, *, k_offset=0, bias=None, key_mask=None, max_distanc
         block_mask = _causal_block_mask(Tq, Tk, k_offset, str(q.device))
     else:
         block_mask = _window_block_mask(Tq, Tk, k_offset, max_distance.to(q.device))
+    return _flex_call(q, k, v, block_mask, k_offset=k_offset, bias=bias, key_mask=key_mask, scale=scale,
+                      return_lse=return_lse)
 
+
+def _flex_call(q, k, v, block_mask, *, k_offset, bias, key_mask, scale, return_lse):
+    """FlexAttention over `block_mask` with the bias (H or 1, Tq, Tk) and the per-row key mask
+    (B, Tk) in a score_mod (none without either): compiled with memlm's tiles on CUDA, the unfused
+    reference elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention as flex_eager
     score_mod = None
     if bias is not None or key_mask is not None:
         bias_heads = 0 if bias is None else bias.shape[0]
@@ -221,7 +228,6 @@ def band_attention(q, k, v, *, k_offset: int, low: torch.Tensor, high: torch.Ten
                                    key_mask=key_mask, scale=scale, return_lse=True)
         return torch.nan_to_num(out, nan=0.0), lse
     from torch.nn.attention.flex_attention import create_block_mask
-    from torch.nn.attention.flex_attention import flex_attention as flex_eager
     offset = _index_scalar(k_offset, q.device)
 
     def in_band(b, h, q_idx, kv_idx):  # per head, for every row: the block mask stays small
@@ -229,23 +235,8 @@ def band_attention(q, k, v, *, k_offset: int, low: torch.Tensor, high: torch.Ten
         return (distance >= 0) & (distance >= low[h]) & (distance < high[h])
 
     block_mask = create_block_mask(in_band, None, q.shape[1], Tq, Tk, device=q.device)
-    score_mod = None
-    if bias is not None or key_mask is not None:  # as flex_attention: the per-row key mask in the score_mod
-        bias_heads = 0 if bias is None else bias.shape[0]
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            if bias is not None:
-                score = score + bias[h if bias_heads > 1 else 0, q_idx, kv_idx].to(score.dtype)
-            if key_mask is not None:
-                keep = key_mask[b, kv_idx] | (kv_idx + offset == q_idx)
-                score = torch.where(keep, score, float("-inf"))
-            return score
-
-    kernel = _compiled_flex() if q.is_cuda else functools.partial(_quiet, flex_eager)
-    out, lse = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                      enable_gqa=k.shape[1] != q.shape[1], return_lse=True,
-                      kernel_options=FLEX_KERNEL_OPTIONS if q.is_cuda else None)
-    return out, lse
+    return _flex_call(q, k, v, block_mask, k_offset=k_offset, bias=bias, key_mask=key_mask, scale=scale,
+                      return_lse=True)
 
 
 def shared_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -163,15 +163,15 @@ class Trainer:
         self.next_mark = math.inf  # minutes budget: when the next evaluation is due (set by fit)
 
         self.train_model: torch.nn.Module = self.model
-        # compiled with memory: every memory length its own static graph (State.mark_static); memlm's
-        # models only (a peer's state is its own)
         # what the step's loop does for CUDA-graph replays (memlm.compile_modes); "default" uncompiled
         self.compile_mode = c.compile_mode if c.compile else "default"
+        # compiled with memory: every memory length its own static graph (State.mark_static); memlm's
+        # models only (a peer's state is its own)
         self.static_memory_shapes = bool(c.compile and self.stateful and isinstance(self.model_config, ModelConfig))
         if c.compile:
             if self.stateful:  # filling memories are new graphs
                 allow_memory_recompiles()
-            self.train_model = compile_module(self.train_model, c.compile_mode)
+            self.train_model = compile_module(self.train_model, self.compile_mode)
         if not fsdp.is_sharded(self.model):
             self.train_model = distributed.wrap(self.train_model, info, find_unused=self.stateful)
         self.log = None
